@@ -1,0 +1,11 @@
+//! marlin-rs: MARLIN (Masked Autoencoder for facial video Representation LearnINg, CVPR 2023)
+//! on burn. The model ([`model::Marlin`]) is numerically equal to `marlin-pytorch` and loads its
+//! official checkpoints.
+
+pub mod backend;
+pub mod cli;
+pub mod hub;
+pub mod model;
+pub mod util;
+
+pub use model::{Marlin, MarlinConfig};

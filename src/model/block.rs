@@ -1,0 +1,177 @@
+//! The pre-norm transformer block shared by encoder and decoder:
+//! x += gamma_1 * Attn(LN1(x)); x += gamma_2 * MLP(LN2(x)).
+
+use super::load::{Exporter, Loader};
+use super::weights::WeightsError;
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Multi-head self-attention with one bias-free `qkv` projection; when qkv_bias is on, the bias
+/// is concat(q_bias, 0, v_bias): k never has a bias.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub qkv: Linear<B>,
+    pub q_bias: Option<Param<Tensor<B, 1>>>,
+    pub v_bias: Option<Param<Tensor<B, 1>>>,
+    pub proj: Linear<B>,
+    pub num_heads: usize,
+    /// Scale of q·k: qk_scale or head_dim^-0.5.
+    pub scale: f64,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn load(
+        l: &Loader<B>,
+        prefix: &str,
+        num_heads: usize,
+        qkv_bias: bool,
+        qk_scale: Option<f64>,
+    ) -> Result<Self, WeightsError> {
+        let qkv = l.linear(&format!("{prefix}.qkv"), false)?;
+        let dim = qkv.weight.dims()[0];
+        let (q_bias, v_bias) = if qkv_bias {
+            (
+                Some(l.param(&format!("{prefix}.q_bias"))?),
+                Some(l.param(&format!("{prefix}.v_bias"))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            qkv,
+            q_bias,
+            v_bias,
+            proj: l.linear(&format!("{prefix}.proj"), true)?,
+            num_heads,
+            scale: qk_scale.unwrap_or(((dim / num_heads) as f64).powf(-0.5)),
+        })
+    }
+
+    pub fn export(&self, e: &mut Exporter, prefix: &str) {
+        e.linear(&format!("{prefix}.qkv"), &self.qkv);
+        if let (Some(q), Some(v)) = (&self.q_bias, &self.v_bias) {
+            e.tensor(&format!("{prefix}.q_bias"), &q.val());
+            e.tensor(&format!("{prefix}.v_bias"), &v.val());
+        }
+        e.linear(&format!("{prefix}.proj"), &self.proj);
+    }
+
+    /// [B, N, D] -> [B, N, D]
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        let hd = d / h;
+        let bias = match (&self.q_bias, &self.v_bias) {
+            (Some(q), Some(v)) => {
+                let zeros = Tensor::zeros([d], &x.device());
+                Some(Tensor::cat(vec![q.val(), zeros, v.val()], 0))
+            }
+            _ => None,
+        };
+        let qkv = burn::tensor::module::linear(x, self.qkv.weight.val(), bias);
+        // [B, N, 3, H, hd] -> [3, B, H, N, hd]
+        let qkv = qkv.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+        let mut parts = qkv.chunk(3, 0).into_iter().map(|t| t.squeeze_dim::<4>(0));
+        // chunk(3) of a size-3 dim yields exactly three parts.
+        let (q, k, v) = (
+            parts.next().expect("q"),
+            parts.next().expect("k"),
+            parts.next().expect("v"),
+        );
+        let opts = AttentionModuleOptions {
+            scale: Some(self.scale),
+            softcap: None,
+            is_causal: false,
+        };
+        let out = attention(q, k, v, None, None, opts); // [B, H, N, hd]
+        let out = out.swap_dims(1, 2).reshape([b, n, d]);
+        self.proj.forward(out)
+    }
+}
+
+/// Linear(D, hidden) -> exact GELU -> Linear(hidden, D).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// Pre-norm transformer block with optional layer scale (gamma_1, gamma_2).
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    pub gamma_1: Option<Param<Tensor<B, 1>>>,
+    pub gamma_2: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn load(
+        l: &Loader<B>,
+        prefix: &str,
+        num_heads: usize,
+        qkv_bias: bool,
+        qk_scale: Option<f64>,
+        layer_scale: bool,
+    ) -> Result<Self, WeightsError> {
+        let (gamma_1, gamma_2) = if layer_scale {
+            (
+                Some(l.param(&format!("{prefix}.gamma_1"))?),
+                Some(l.param(&format!("{prefix}.gamma_2"))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            norm1: l.layer_norm(&format!("{prefix}.norm1"))?,
+            attn: Attention::load(l, &format!("{prefix}.attn"), num_heads, qkv_bias, qk_scale)?,
+            norm2: l.layer_norm(&format!("{prefix}.norm2"))?,
+            mlp: Mlp {
+                fc1: l.linear(&format!("{prefix}.mlp.layers.0.linear"), true)?,
+                fc2: l.linear(&format!("{prefix}.mlp.layers.1.linear"), true)?,
+            },
+            gamma_1,
+            gamma_2,
+        })
+    }
+
+    pub fn export(&self, e: &mut Exporter, prefix: &str) {
+        e.layer_norm(&format!("{prefix}.norm1"), &self.norm1);
+        self.attn.export(e, &format!("{prefix}.attn"));
+        e.layer_norm(&format!("{prefix}.norm2"), &self.norm2);
+        e.linear(&format!("{prefix}.mlp.layers.0.linear"), &self.mlp.fc1);
+        e.linear(&format!("{prefix}.mlp.layers.1.linear"), &self.mlp.fc2);
+        if let (Some(g1), Some(g2)) = (&self.gamma_1, &self.gamma_2) {
+            e.tensor(&format!("{prefix}.gamma_1"), &g1.val());
+            e.tensor(&format!("{prefix}.gamma_2"), &g2.val());
+        }
+    }
+
+    /// [B, N, D] -> [B, N, D]
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let a = self.attn.forward(self.norm1.forward(x.clone()));
+        let a = match &self.gamma_1 {
+            Some(g) => a * g.val().unsqueeze::<3>(),
+            None => a,
+        };
+        let x = x + a;
+        let m = self.mlp.forward(self.norm2.forward(x.clone()));
+        let m = match &self.gamma_2 {
+            Some(g) => m * g.val().unsqueeze::<3>(),
+            None => m,
+        };
+        x + m
+    }
+}

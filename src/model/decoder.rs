@@ -1,0 +1,95 @@
+//! The MARLIN decoder: projected visible tokens + positions, then mask tokens + positions of the
+//! masked tubelets (visible first, masked last, each in ascending index order); blocks; the last
+//! N_masked tokens through LayerNorm and the pixel head.
+
+use super::block::Block;
+use super::config::MarlinConfig;
+use super::load::{Exporter, Loader};
+use super::weights::WeightsError;
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// Learned mask token `[1, 1, D_dec]`.
+    pub mask_token: Param<Tensor<B, 3>>,
+    /// Fixed sin-cos table `[1, N, D_dec]`.
+    pub pos_embedding: Param<Tensor<B, 3>>,
+    pub blocks: Vec<Block<B>>,
+    pub norm: LayerNorm<B>,
+    /// Pixel head D_dec -> 3*tubelet*patch*patch.
+    pub head: Linear<B>,
+}
+
+/// Gather rows `idx` `[B, K]` of `x` `[B, N, D]` (broadcast over B when x has batch 1).
+pub(crate) fn gather_tokens<B: Backend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let [b, k] = idx.dims();
+    let d = x.dims()[2];
+    let x = if x.dims()[0] == 1 && b > 1 {
+        let n = x.dims()[1];
+        x.expand([b, n, d])
+    } else {
+        x
+    };
+    x.gather(1, idx.unsqueeze_dim::<3>(2).expand([b, k, d]))
+}
+
+impl<B: Backend> Decoder<B> {
+    pub fn load(l: &Loader<B>, cfg: &MarlinConfig) -> Result<Self, WeightsError> {
+        let blocks = (0..cfg.decoder.depth)
+            .map(|i| {
+                Block::load(
+                    l,
+                    &format!("decoder.blocks.{i}"),
+                    cfg.decoder.num_heads,
+                    cfg.qkv_bias,
+                    cfg.qk_scale,
+                    cfg.init_values > 0.0,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            mask_token: l.param("decoder.mask_token")?,
+            pos_embedding: l
+                .param("decoder.pos_embedding.emb")?
+                .set_require_grad(false),
+            blocks,
+            norm: l.layer_norm("decoder.norm")?,
+            head: l.linear("decoder.head", true)?,
+        })
+    }
+
+    pub fn export(&self, e: &mut Exporter) {
+        e.tensor("decoder.mask_token", &self.mask_token.val());
+        e.tensor("decoder.pos_embedding.emb", &self.pos_embedding.val());
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.export(e, &format!("decoder.blocks.{i}"));
+        }
+        e.layer_norm("decoder.norm", &self.norm);
+        e.linear("decoder.head", &self.head);
+    }
+
+    /// `x` `[B, n_vis, D_dec]` (projected encoder output), `visible` `[B, n_vis]` and `masked`
+    /// `[B, n_mask]` token indices -> predicted pixels of the masked tubelets `[B, n_mask, P]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        visible: Tensor<B, 2, Int>,
+        masked: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let [b, n_mask] = masked.dims();
+        let d = x.dims()[2];
+        let pos = self.pos_embedding.val();
+        let pos_vis = gather_tokens(pos.clone(), visible);
+        let pos_mask = gather_tokens(pos, masked);
+        let mask_tokens = self.mask_token.val().expand([b, n_mask, d]) + pos_mask;
+        let mut x = Tensor::cat(vec![x + pos_vis, mask_tokens], 1);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let n = x.dims()[1];
+        let x = x.slice([0..b, n - n_mask..n, 0..d]);
+        self.head.forward(self.norm.forward(x))
+    }
+}

@@ -1,0 +1,240 @@
+//! The MARLIN model: encoder, decoder, encoder-to-decoder projection and discriminator, generic
+//! over the burn backend so the same code runs on CPU, CUDA and under autodiff.
+
+pub mod block;
+pub mod config;
+pub mod decoder;
+pub mod discriminator;
+pub mod encoder;
+pub mod load;
+pub mod patch_embed;
+pub mod weights;
+
+pub use config::MarlinConfig;
+pub use patch_embed::{patchify, unpatchify, TubeletShape};
+pub use weights::{Part, StateDict, WeightsError};
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use decoder::Decoder;
+use discriminator::Discriminator;
+use encoder::Encoder;
+use load::{Exporter, Loader};
+
+/// A MARLIN model. `decoder`/`enc_dec_proj` are present for full checkpoints (reconstruction),
+/// `discriminator` for training checkpoints.
+#[derive(Module, Debug)]
+pub struct Marlin<B: Backend> {
+    pub encoder: Encoder<B>,
+    pub enc_dec_proj: Option<Linear<B>>,
+    pub decoder: Option<Decoder<B>>,
+    pub discriminator: Option<Discriminator<B>>,
+    pub config: MarlinConfig,
+}
+
+/// What loading found beside the expected weights.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Keys in the checkpoint that no part of the model uses (warned, not fatal).
+    pub unknown_keys: Vec<String>,
+}
+
+/// Token indices of a visibility mask: visible and masked, each ascending, per clip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskIndices {
+    pub batch: usize,
+    pub visible: Vec<i64>,
+    pub masked: Vec<i64>,
+}
+
+impl MaskIndices {
+    /// From a row-major `[B, N]` visibility mask (true = visible). Every clip must have the same
+    /// number of visible tokens, as the batched reference requires.
+    pub fn from_bools(mask: &[bool], batch: usize) -> Result<Self, String> {
+        if batch == 0 || mask.len() % batch != 0 {
+            return Err(format!("mask of {} values is not [B={batch}, N]", mask.len()));
+        }
+        let n = mask.len() / batch;
+        let mut visible = Vec::new();
+        let mut masked = Vec::new();
+        let mut n_vis = None;
+        for (b, row) in mask.chunks(n).enumerate() {
+            let before = visible.len();
+            for (i, &v) in row.iter().enumerate() {
+                if v {
+                    visible.push(i as i64)
+                } else {
+                    masked.push(i as i64)
+                }
+            }
+            let k = visible.len() - before;
+            match n_vis {
+                None => n_vis = Some(k),
+                Some(m) if m != k => {
+                    return Err(format!(
+                        "clip {b} has {k} visible tokens but clip 0 has {m}: every clip of a batch needs the same count"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if n_vis == Some(0) || n_vis == Some(n) {
+            return Err("a mask must leave at least one token visible and one masked".into());
+        }
+        Ok(Self {
+            batch,
+            visible,
+            masked,
+        })
+    }
+
+    pub fn num_visible(&self) -> usize {
+        self.visible.len() / self.batch
+    }
+
+    pub fn num_masked(&self) -> usize {
+        self.masked.len() / self.batch
+    }
+
+    /// `([B, n_vis], [B, n_mask])` index tensors on `device`.
+    pub fn to_tensors<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let vis = Tensor::from_data(
+            TensorData::new(self.visible.clone(), [self.batch, self.num_visible()]),
+            device,
+        );
+        let mask = Tensor::from_data(
+            TensorData::new(self.masked.clone(), [self.batch, self.num_masked()]),
+            device,
+        );
+        (vis, mask)
+    }
+}
+
+impl<B: Backend> Marlin<B> {
+    /// Build from a state dict, checking every key of `parts` against `cfg` first (one error
+    /// naming the key and both shapes). Keys no part knows are returned as warnings.
+    pub fn from_state_dict(
+        cfg: &MarlinConfig,
+        sd: &StateDict,
+        parts: &[Part],
+        device: &B::Device,
+    ) -> Result<(Self, LoadReport), WeightsError> {
+        let mut all = vec![Part::Encoder];
+        all.extend(parts.iter().copied().filter(|p| *p != Part::Encoder));
+        let parts = &all[..];
+        let unknown_keys = sd.check(cfg, parts)?;
+        let l = Loader::<B>::new(sd, device);
+        let encoder = Encoder::load(&l, cfg)?;
+        let (enc_dec_proj, decoder) = if parts.contains(&Part::Decoder) {
+            (
+                Some(l.linear("enc_dec_proj", false)?),
+                Some(Decoder::load(&l, cfg)?),
+            )
+        } else {
+            (None, None)
+        };
+        let discriminator = if parts.contains(&Part::Discriminator) {
+            Some(Discriminator::load(&l)?)
+        } else {
+            None
+        };
+        Ok((
+            Self {
+                encoder,
+                enc_dec_proj,
+                decoder,
+                discriminator,
+                config: cfg.clone(),
+            },
+            LoadReport { unknown_keys },
+        ))
+    }
+
+    /// Read a checkpoint file and build the parts it holds that `want` asks for (the encoder
+    /// always). Asking for the decoder from an encoder-only file is an error naming the file.
+    pub fn load_file(
+        cfg: &MarlinConfig,
+        path: &std::path::Path,
+        want: &[Part],
+        device: &B::Device,
+    ) -> Result<(Self, LoadReport), WeightsError> {
+        let sd = StateDict::load(path)?;
+        let mut parts = vec![Part::Encoder];
+        parts.extend(want.iter().copied().filter(|p| *p != Part::Encoder));
+        Self::from_state_dict(cfg, &sd, &parts, device)
+    }
+
+    /// Fresh weights with the reference initialisation (deterministic in `seed`).
+    pub fn init(cfg: &MarlinConfig, parts: &[Part], seed: u64, device: &B::Device) -> Self {
+        let sd = StateDict::init(cfg, parts, seed);
+        // The state dict was generated from the same specs the check uses: it always fits.
+        Self::from_state_dict(cfg, &sd, parts, device)
+            .expect("initialised weights fit their config")
+            .0
+    }
+
+    /// All weights with official key names, PyTorch layout.
+    pub fn to_state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new(self.config.name());
+        let mut e = Exporter { sd: &mut sd };
+        self.encoder.export(&mut e);
+        if let (Some(p), Some(d)) = (&self.enc_dec_proj, &self.decoder) {
+            e.linear("enc_dec_proj", p);
+            d.export(&mut e);
+        }
+        if let Some(d) = &self.discriminator {
+            d.export(&mut e);
+        }
+        sd
+    }
+
+    pub fn parts(&self) -> Vec<Part> {
+        let mut p = vec![Part::Encoder];
+        if self.decoder.is_some() {
+            p.push(Part::Decoder);
+        }
+        if self.discriminator.is_some() {
+            p.push(Part::Discriminator);
+        }
+        p
+    }
+
+    /// Features of clips `[B, 3, T, H, W]` (RGB in [0, 1]): keep_seq -> `[B, N, D]`, else the
+    /// pooled feature `[B, 1, D]` (LayerNorm of the token mean).
+    pub fn extract_features(&self, clip: Tensor<B, 5>, keep_seq: bool) -> Tensor<B, 3> {
+        self.encoder.extract_features(clip, keep_seq)
+    }
+
+    /// Reconstruction: clips `[B, 3, T, H, W]` and a visibility mask `[B, N]` (true = visible,
+    /// the same count per clip) -> predicted pixels of the masked tubelets `[B, N_masked, P]`,
+    /// values in (c, pt, ph, pw) order, tubelets in ascending index order.
+    pub fn forward(&self, clip: Tensor<B, 5>, visible_mask: Tensor<B, 2, Bool>) -> Result<Tensor<B, 3>, String> {
+        let [b, _] = visible_mask.dims();
+        let bools = visible_mask
+            .into_data()
+            .into_vec::<bool>()
+            .map_err(|e| format!("{e:?}"))?;
+        let idx = MaskIndices::from_bools(&bools, b)?;
+        self.forward_indices(clip, &idx)
+    }
+
+    /// [`Marlin::forward`] with precomputed mask indices.
+    pub fn forward_indices(&self, clip: Tensor<B, 5>, idx: &MaskIndices) -> Result<Tensor<B, 3>, String> {
+        let (Some(proj), Some(decoder)) = (&self.enc_dec_proj, &self.decoder) else {
+            return Err("reconstruction needs the decoder: load a full checkpoint (`--full`)".into());
+        };
+        let (vis, mask) = idx.to_tensors::<B>(&clip.device());
+        let x = self.encoder.forward(clip, vis.clone());
+        Ok(decoder.forward(proj.forward(x), vis, mask))
+    }
+
+    /// The reconstruction target: pixels of the masked tubelets `[B, N_masked, P]`.
+    pub fn target(&self, clip: Tensor<B, 5>, idx: &MaskIndices) -> Tensor<B, 3> {
+        let (_, mask) = idx.to_tensors::<B>(&clip.device());
+        decoder::gather_tokens(patchify(clip, self.encoder.tubelet), mask)
+    }
+}
