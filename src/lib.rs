@@ -3,9 +3,11 @@
 //! official checkpoints.
 
 pub mod backend;
+pub mod extract;
 pub mod cli;
 pub mod hub;
 pub mod model;
 pub mod util;
+pub mod video;
 
 pub use model::{Marlin, MarlinConfig};

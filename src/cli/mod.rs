@@ -1,1 +1,144 @@
-pub fn main() -> i32 { 0 }
+//! The `marlin` command line: parses arguments, calls the library, reports.
+
+mod extract;
+mod model_args;
+
+use crate::hub;
+use crate::model::weights::{count_params, StateDict};
+use crate::model::{MarlinConfig, Part};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+pub use model_args::ModelArgs;
+
+#[derive(Parser, Debug)]
+#[command(name = "marlin", version, about = "MARLIN facial video features, in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Videos or frame folders to MARLIN features (.npy), as marlin-pytorch's extract_video.
+    Extract(Box<extract::ExtractArgs>),
+    /// Download official weights into the cache.
+    Download {
+        /// marlin_vit_small_ytf, marlin_vit_base_ytf or marlin_vit_large_ytf
+        name: String,
+        /// The full model (encoder + decoder), for reconstruction.
+        #[arg(long)]
+        full: bool,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// What a checkpoint holds: parts, matching config, parameter counts.
+    Info {
+        file: PathBuf,
+        /// A custom config (YAML) to check the file against.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The weights cache ($MARLIN_HOME, else the platform cache dir).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheAction {
+    /// List cached files.
+    List,
+    /// Remove every cached file.
+    Clean,
+}
+
+/// Entry point; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Extract(args) => extract::run(*args),
+        Command::Download { name, full, quiet } => hub::fetch(&name, full, !quiet)
+            .map(|p| {
+                println!("{}", p.display());
+                0
+            })
+            .map_err(|e| e.to_string()),
+        Command::Info { file, config } => info(&file, config.as_deref()).map(|_| 0),
+        Command::Cache { action } => cache(action).map(|_| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+fn millions(n: usize) -> String {
+    format!("{:.2}M", n as f64 / 1e6)
+}
+
+fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), String> {
+    let sd = StateDict::load(file).map_err(|e| e.to_string())?;
+    let s = sd.summary();
+    let kind = match (s.has_encoder, s.has_decoder, s.has_discriminator) {
+        (true, true, true) => "training checkpoint (encoder + decoder + discriminator)",
+        (true, true, false) => "full (encoder + decoder)",
+        (true, false, _) => "encoder-only",
+        _ => "incomplete (no encoder)",
+    };
+    println!("file:       {}", file.display());
+    println!("content:    {kind}");
+    println!("tensors:    {} ({} values)", s.num_tensors, millions(s.num_values));
+    let parts = sd.parts();
+    let cfg = match config {
+        Some(p) => {
+            let cfg = MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?;
+            sd.check(&cfg, &parts).map_err(|e| e.to_string())?;
+            Some(cfg)
+        }
+        None => sd.detect_config(),
+    };
+    match cfg {
+        Some(cfg) => {
+            println!("config:     {}", cfg.name());
+            for (label, part) in [
+                ("encoder", Part::Encoder),
+                ("decoder", Part::Decoder),
+                ("discriminator", Part::Discriminator),
+            ] {
+                if parts.contains(&part) {
+                    println!("  {label:<13} {} parameters", millions(count_params(&cfg, &[part])));
+                }
+            }
+            let unknown = sd.check(&cfg, &parts).map_err(|e| e.to_string())?;
+            for k in unknown {
+                println!("  warning: unknown key '{k}'");
+            }
+        }
+        None => println!(
+            "config:     fits no released model (pass --config YAML for a custom one)"
+        ),
+    }
+    Ok(())
+}
+
+fn cache(action: CacheAction) -> Result<(), String> {
+    let dir = hub::cache_dir();
+    match action {
+        CacheAction::List => {
+            println!("cache: {}", dir.display());
+            for (p, len) in hub::cached_files() {
+                println!("  {:>10}  {}", len, p.file_name().unwrap_or_default().to_string_lossy());
+            }
+        }
+        CacheAction::Clean => {
+            let (n, bytes) = hub::clean_cache().map_err(|e| e.to_string())?;
+            println!("removed {n} files ({:.1} MB) from {}", bytes as f64 / 1e6, dir.display());
+        }
+    }
+    Ok(())
+}

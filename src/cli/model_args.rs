@@ -1,0 +1,41 @@
+//! Options that choose a model and its weights, shared by the subcommands.
+
+use crate::backend::DeviceSpec;
+use crate::hub;
+use crate::model::MarlinConfig;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Released model name; its weights are downloaded on first use unless --weights is given.
+    #[arg(long, default_value = "marlin_vit_base_ytf")]
+    pub model: String,
+    /// A custom model config (reference YAML format); needs --weights.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Checkpoint file (.pt, Lightning .ckpt or .safetensors).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+impl ModelArgs {
+    /// The config and the weights file, downloading official weights when none are given.
+    pub fn resolve(&self, full: bool, progress: bool) -> Result<(MarlinConfig, PathBuf), String> {
+        let cfg = match &self.config {
+            Some(p) => MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?,
+            None => MarlinConfig::from_name(&self.model).map_err(|e| e.to_string())?,
+        };
+        let weights = match &self.weights {
+            Some(w) => w.clone(),
+            None if self.config.is_some() => {
+                return Err("a custom --config needs --weights FILE".into())
+            }
+            None => hub::fetch(&self.model, full, progress).map_err(|e| e.to_string())?,
+        };
+        Ok((cfg, weights))
+    }
+}

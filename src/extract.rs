@@ -1,0 +1,293 @@
+//! Video -> clips -> features, as marlin-pytorch's `extract_video`, streaming: frames are decoded
+//! once, in order, and only the frames of pending windows are held in memory.
+
+use crate::model::Marlin;
+use crate::video::{self, windows, Frame, FrameReader, VideoError};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use ndarray::{ArrayD, Axis, IxDyn};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How per-clip features are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Reduction {
+    /// One row per clip: `[n_clips, D]` (`[n_clips, N, D]` with keep_seq).
+    #[default]
+    None,
+    /// Mean over clips: `[D]` (`[N, D]`).
+    Mean,
+    /// Max over clips: `[D]` (`[N, D]`).
+    Max,
+}
+
+/// Options of [`Marlin::extract_video`], the reference's arguments and defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtractOptions {
+    /// Keep every sample_rate-th frame (reference default 2).
+    pub sample_rate: usize,
+    /// Window step in kept frames (reference default 16).
+    pub stride: usize,
+    /// Token features `[N, D]` per clip instead of the pooled `[D]`.
+    pub keep_seq: bool,
+    pub reduction: Reduction,
+    /// Clips per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        Self {
+            sample_rate: 2,
+            stride: 16,
+            keep_seq: false,
+            reduction: Reduction::None,
+            batch_size: 4,
+        }
+    }
+}
+
+/// An input: a video file or a folder of frames.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Input {
+    Video(PathBuf),
+    Frames(PathBuf),
+}
+
+impl Input {
+    /// A folder is a frame folder; anything else is taken as a video file.
+    pub fn from_path(p: &Path) -> Self {
+        if p.is_dir() {
+            Input::Frames(p.to_path_buf())
+        } else {
+            Input::Video(p.to_path_buf())
+        }
+    }
+    pub fn path(&self) -> &Path {
+        match self {
+            Input::Video(p) | Input::Frames(p) => p,
+        }
+    }
+}
+
+/// One clip ready for the model: `[3, T, H, W]` float32 in [0, 1].
+#[derive(Debug, Clone)]
+pub struct ClipData {
+    pub data: Vec<f32>,
+}
+
+/// What reading an input's clips found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClipStats {
+    /// Frame count from the container (or images in the folder).
+    pub frames: usize,
+    pub clips_planned: usize,
+    pub clips: usize,
+    /// Source frame size (before resizing).
+    pub source_size: (usize, usize),
+    /// Frames actually decoded (fewer than `frames` for a truncated file).
+    pub decoded: usize,
+}
+
+/// Frames `[H, W, 3]` u8 -> clip `[3, T, H, W]` f32 / 255.
+fn to_clip(frames: &[Arc<Frame>]) -> ClipData {
+    let t = frames.len();
+    let (h, w) = (frames[0].height, frames[0].width);
+    let mut data = vec![0f32; 3 * t * h * w];
+    let plane = t * h * w;
+    for (ti, f) in frames.iter().enumerate() {
+        for (p, px) in f.data.chunks_exact(3).enumerate() {
+            let o = ti * h * w + p;
+            data[o] = px[0] as f32 / 255.0;
+            data[plane + o] = px[1] as f32 / 255.0;
+            data[2 * plane + o] = px[2] as f32 / 255.0;
+        }
+    }
+    ClipData { data }
+}
+
+/// Read the clips of `input` (frames resized to `size` x `size`), calling `emit` for each in
+/// order. `stop` is polled between frames (Ctrl-C).
+pub fn read_clips(
+    input: &Input,
+    clip_frames: usize,
+    size: usize,
+    opts: &ExtractOptions,
+    stop: &dyn Fn() -> bool,
+    emit: &mut dyn FnMut(ClipData),
+) -> Result<ClipStats, VideoError> {
+    let target = Some((size, size));
+    let (mut reader, frames, source_size): (Box<dyn FrameReader>, usize, (usize, usize)) =
+        match input {
+            Input::Video(p) => {
+                let info = video::probe(p)?;
+                let r = video::FfmpegReader::open(p, &info, target)?;
+                (Box::new(r), info.frames, (info.width, info.height))
+            }
+            Input::Frames(d) => {
+                let files = video::list_frames(d)?;
+                let n = files.len();
+                let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
+                    path: files[0].display().to_string(),
+                    msg: format!("cannot read image: {e}"),
+                })?;
+                (
+                    Box::new(video::FolderReader::open(files, target)),
+                    n,
+                    (first.0 as usize, first.1 as usize),
+                )
+            }
+        };
+    let plan = windows::plan(frames, clip_frames, opts.sample_rate, opts.stride);
+    let mut stats = ClipStats {
+        frames,
+        clips_planned: plan.len(),
+        source_size,
+        ..Default::default()
+    };
+    let last_needed = plan
+        .iter()
+        .filter_map(|w| w.frames.last())
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let mut held: BTreeMap<usize, Arc<Frame>> = BTreeMap::new();
+    let mut next_window = 0;
+    let mut last_frame: Option<Arc<Frame>> = None;
+    let needed = |i: usize, from: usize| plan[from..].iter().any(|w| w.frames.binary_search(&i).is_ok());
+    let mut ended = false;
+    for i in 0..=last_needed {
+        if next_window >= plan.len() || stop() {
+            break;
+        }
+        if needed(i, next_window) {
+            match reader.next_frame()? {
+                Some(f) => {
+                    let f = Arc::new(f);
+                    held.insert(i, f.clone());
+                    last_frame = Some(f);
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        } else if !reader.skip_frame()? {
+            ended = true;
+            break;
+        }
+        stats.decoded = i + 1;
+        while next_window < plan.len() && *plan[next_window].frames.last().unwrap_or(&0) == i {
+            let w = &plan[next_window];
+            let frames: Vec<Arc<Frame>> = w.frames.iter().map(|f| held[f].clone()).collect();
+            emit(to_clip(&frames));
+            stats.clips += 1;
+            next_window += 1;
+            let keep_from = plan.get(next_window).map(|w| w.frames[0]).unwrap_or(usize::MAX);
+            held.retain(|&k, _| k >= keep_from);
+        }
+    }
+    if ended {
+        // The stream ended before the container's frame count: pad short-video windows with the
+        // last decoded frame; sliding windows that cannot complete are dropped (as the reference).
+        for w in &plan[next_window..] {
+            if !w.pad_short || stop() {
+                continue;
+            }
+            let Some(last) = &last_frame else { break };
+            let frames: Vec<Arc<Frame>> = w
+                .frames
+                .iter()
+                .map(|f| held.get(f).cloned().unwrap_or_else(|| last.clone()))
+                .collect();
+            emit(to_clip(&frames));
+            stats.clips += 1;
+        }
+    }
+    if stats.decoded == 0 || last_frame.is_none() {
+        return Err(VideoError::Other {
+            path: input.path().display().to_string(),
+            msg: "no frame could be decoded".into(),
+        });
+    }
+    Ok(stats)
+}
+
+/// Per-clip feature rows -> the output array: `[n_clips, D]` / `[n_clips, N, D]`, or reduced
+/// over clips to `[D]` / `[N, D]`.
+pub fn assemble(rows: Vec<Vec<f32>>, row_shape: &[usize], reduction: Reduction) -> ArrayD<f32> {
+    let n = rows.len();
+    let mut shape = vec![n];
+    shape.extend_from_slice(row_shape);
+    let flat: Vec<f32> = rows.into_iter().flatten().collect();
+    // The rows were produced with row_shape, so the sizes agree.
+    let a = ArrayD::from_shape_vec(IxDyn(&shape), flat).expect("feature rows fit their shape");
+    match reduction {
+        Reduction::None => a,
+        Reduction::Mean => a.mean_axis(Axis(0)).unwrap_or(a),
+        Reduction::Max => a.fold_axis(Axis(0), f32::NEG_INFINITY, |m, &v| m.max(v)),
+    }
+}
+
+impl<B: Backend> Marlin<B> {
+    /// Features of a batch of clips: one row per clip, `[D]` or `[N, D]` (keep_seq).
+    pub fn extract_clips(&self, clips: &[ClipData], keep_seq: bool) -> (Vec<Vec<f32>>, Vec<usize>) {
+        let c = &self.config;
+        let (t, s) = (c.clip_frames, c.img_size);
+        let b = clips.len();
+        let mut flat = Vec::with_capacity(b * 3 * t * s * s);
+        for clip in clips {
+            flat.extend_from_slice(&clip.data);
+        }
+        let device = self.encoder.norm.gamma.device();
+        let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [b, 3, t, s, s]), &device);
+        let f = self.extract_features(x, keep_seq);
+        let [_, n, d] = f.dims();
+        let data = f.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        let row = n * d;
+        let rows = data.chunks(row).map(<[f32]>::to_vec).collect();
+        (rows, if keep_seq { vec![n, d] } else { vec![d] })
+    }
+
+    /// Features of one video file or frame folder, as marlin-pytorch's `extract_video`:
+    /// `[n_clips, D]` (`[n_clips, N, D]` with keep_seq), or reduced over clips.
+    pub fn extract_video(
+        &self,
+        path: &Path,
+        opts: &ExtractOptions,
+    ) -> Result<(ArrayD<f32>, ClipStats), VideoError> {
+        let input = Input::from_path(path);
+        let mut pending = Vec::new();
+        let mut rows = Vec::new();
+        let mut row_shape = vec![];
+        let bs = opts.batch_size.max(1);
+        let stats = read_clips(
+            &input,
+            self.config.clip_frames,
+            self.config.img_size,
+            opts,
+            &|| false,
+            &mut |clip| {
+                pending.push(clip);
+                if pending.len() == bs {
+                    let (r, s) = self.extract_clips(&pending, opts.keep_seq);
+                    rows.extend(r);
+                    row_shape = s;
+                    pending.clear();
+                }
+            },
+        )?;
+        if !pending.is_empty() {
+            let (r, s) = self.extract_clips(&pending, opts.keep_seq);
+            rows.extend(r);
+            row_shape = s;
+        }
+        if rows.is_empty() {
+            return Err(VideoError::Other {
+                path: path.display().to_string(),
+                msg: format!("no complete clip ({} frames decoded of {})", stats.decoded, stats.frames),
+            });
+        }
+        Ok((assemble(rows, &row_shape, opts.reduction), stats))
+    }
+}

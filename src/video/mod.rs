@@ -1,0 +1,395 @@
+//! Reading frames: video files through FFmpeg (a streaming rgb24 pipe, any codec) and frame
+//! folders through the `image` crate.
+
+pub mod windows;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+/// One RGB frame, row-major `[H, W, 3]`, 8-bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VideoError {
+    #[error("{0}: no such file or folder")]
+    Missing(String),
+    #[error("{0}: empty file")]
+    Empty(String),
+    #[error("FFmpeg is not installed ({0} not found on PATH): install it (Debian/Ubuntu: `apt-get install ffmpeg`, macOS: `brew install ffmpeg`)")]
+    NoFfmpeg(&'static str),
+    #[error("{path}: not a video FFmpeg can read ({msg})")]
+    Unreadable { path: String, msg: String },
+    #[error("{path}: {msg}")]
+    Other { path: String, msg: String },
+}
+
+/// What ffprobe tells of a video's first video stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoInfo {
+    /// Frame size as decoded, after applying the rotation flag.
+    pub width: usize,
+    pub height: usize,
+    /// Frame count from the container (counted by demuxing when the container has none).
+    pub frames: usize,
+    pub fps: f64,
+    /// Rotation flag in degrees (FFmpeg applies it while decoding).
+    pub rotation: i64,
+    pub codec: String,
+}
+
+fn run_tool(tool: &'static str, args: &[&str]) -> Result<std::process::Output, VideoError> {
+    Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VideoError::NoFfmpeg(tool),
+            _ => VideoError::Other {
+                path: tool.into(),
+                msg: e.to_string(),
+            },
+        })
+}
+
+fn check_file(path: &Path) -> Result<(), VideoError> {
+    let p = path.display().to_string();
+    match std::fs::metadata(path) {
+        Err(_) => Err(VideoError::Missing(p)),
+        Ok(m) if m.is_file() && m.len() == 0 => Err(VideoError::Empty(p)),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Probe a video file with ffprobe.
+pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
+    check_file(path)?;
+    let p = path.display().to_string();
+    let out = run_tool(
+        "ffprobe",
+        &[
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_streams",
+            "-of",
+            "json",
+            &p,
+        ],
+    )?;
+    let unreadable = |msg: String| VideoError::Unreadable {
+        path: p.clone(),
+        msg,
+    };
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        let msg = msg
+            .lines()
+            .last()
+            .unwrap_or("ffprobe failed")
+            .trim()
+            .trim_start_matches(&format!("{p}: "))
+            .to_string();
+        return Err(unreadable(msg));
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| unreadable(e.to_string()))?;
+    let Some(s) = json["streams"].get(0) else {
+        return Err(unreadable("no video stream".into()));
+    };
+    let num = |v: &serde_json::Value| -> Option<usize> {
+        v.as_u64()
+            .map(|x| x as usize)
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+    };
+    let (mut width, mut height) = (
+        num(&s["width"]).unwrap_or(0),
+        num(&s["height"]).unwrap_or(0),
+    );
+    if width == 0 || height == 0 {
+        return Err(unreadable("video stream has no frame size".into()));
+    }
+    let rotation = s["side_data_list"]
+        .as_array()
+        .and_then(|l| l.iter().find_map(|d| d["rotation"].as_i64()))
+        .or_else(|| s["tags"]["rotate"].as_str().and_then(|r| r.parse().ok()))
+        .unwrap_or(0);
+    if rotation.rem_euclid(180) == 90 {
+        std::mem::swap(&mut width, &mut height);
+    }
+    let fps = s["avg_frame_rate"]
+        .as_str()
+        .or(s["r_frame_rate"].as_str())
+        .and_then(|r| {
+            let (a, b) = r.split_once('/')?;
+            let (a, b): (f64, f64) = (a.parse().ok()?, b.parse().ok()?);
+            (b > 0.0).then_some(a / b)
+        })
+        .unwrap_or(0.0);
+    let frames = match num(&s["nb_frames"]) {
+        Some(n) if n > 0 => n,
+        _ => count_packets(path)?,
+    };
+    Ok(VideoInfo {
+        width,
+        height,
+        frames,
+        fps,
+        rotation,
+        codec: s["codec_name"].as_str().unwrap_or("?").to_string(),
+    })
+}
+
+/// Frame count by demuxing (for containers without nb_frames, e.g. Matroska/WebM).
+fn count_packets(path: &Path) -> Result<usize, VideoError> {
+    let p = path.display().to_string();
+    let out = run_tool(
+        "ffprobe",
+        &[
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-count_packets",
+            "-show_entries",
+            "stream=nb_read_packets",
+            "-of",
+            "csv=p=0",
+            &p,
+        ],
+    )?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_end_matches(',')
+        .parse()
+        .map_err(|_| VideoError::Unreadable {
+            path: p,
+            msg: "cannot count its frames".into(),
+        })
+}
+
+/// A source of frames in order.
+pub trait FrameReader {
+    /// The next frame, or None at the end.
+    fn next_frame(&mut self) -> Result<Option<Frame>, VideoError>;
+    /// Skip one frame without converting it (as cheap as the source allows).
+    fn skip_frame(&mut self) -> Result<bool, VideoError> {
+        Ok(self.next_frame()?.is_some())
+    }
+}
+
+/// Decodes a video through `ffmpeg ... -f rawvideo -pix_fmt rgb24 -`, one frame at a time.
+pub struct FfmpegReader {
+    child: Child,
+    stdout: ChildStdout,
+    width: usize,
+    height: usize,
+    path: String,
+}
+
+impl FfmpegReader {
+    /// Start decoding. Frames come out at `size` (w, h) when given (bilinear), else as decoded.
+    pub fn open(path: &Path, info: &VideoInfo, size: Option<(usize, usize)>) -> Result<Self, VideoError> {
+        let p = path.display().to_string();
+        let (width, height) = size.unwrap_or((info.width, info.height));
+        let mut args: Vec<String> = vec![
+            "-nostdin".into(),
+            "-v".into(),
+            "error".into(),
+            "-i".into(),
+            p.clone(),
+            "-map".into(),
+            "0:v:0".into(),
+        ];
+        if (width, height) != (info.width, info.height) {
+            args.push("-vf".into());
+            args.push(format!("scale={width}:{height}:flags=bilinear"));
+        }
+        args.extend(
+            ["-f", "rawvideo", "-pix_fmt", "rgb24", "-vsync", "passthrough", "-"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        let mut child = Command::new("ffmpeg")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => VideoError::NoFfmpeg("ffmpeg"),
+                _ => VideoError::Other {
+                    path: p.clone(),
+                    msg: e.to_string(),
+                },
+            })?;
+        let stdout = child.stdout.take().ok_or_else(|| VideoError::Other {
+            path: p.clone(),
+            msg: "no ffmpeg output pipe".into(),
+        })?;
+        Ok(Self {
+            child,
+            stdout,
+            width,
+            height,
+            path: p,
+        })
+    }
+
+    fn read_raw(&mut self, buf: &mut [u8]) -> Result<bool, VideoError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.stdout.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(VideoError::Other {
+                        path: self.path.clone(),
+                        msg: format!("reading decoded frames: {e}"),
+                    })
+                }
+            }
+        }
+        Ok(got == buf.len())
+    }
+}
+
+impl FrameReader for FfmpegReader {
+    fn next_frame(&mut self) -> Result<Option<Frame>, VideoError> {
+        let mut data = vec![0u8; self.width * self.height * 3];
+        Ok(self.read_raw(&mut data)?.then(|| Frame {
+            width: self.width,
+            height: self.height,
+            data,
+        }))
+    }
+}
+
+impl Drop for FfmpegReader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Image files of a frame folder in natural order (`2.jpg` before `10.jpg`).
+pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, VideoError> {
+    let d = dir.display().to_string();
+    let rd = std::fs::read_dir(dir).map_err(|_| VideoError::Missing(d.clone()))?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_image(p))
+        .collect();
+    if files.is_empty() {
+        return Err(VideoError::Other {
+            path: d,
+            msg: "no .jpg/.jpeg/.png/.bmp frames in this folder".into(),
+        });
+    }
+    files.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
+    Ok(files)
+}
+
+pub fn is_image(p: &Path) -> bool {
+    matches!(
+        p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).as_deref(),
+        Some("jpg" | "jpeg" | "png" | "bmp")
+    )
+}
+
+/// Compare strings with digit runs taken as numbers.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, _) => return std::cmp::Ordering::Less,
+            (_, None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let la = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let lb = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (&a[..la], &b[..lb]);
+                let strip = |s: &[u8]| -> Vec<u8> {
+                    let z = s.iter().take_while(|&&c| c == b'0').count();
+                    s[z.min(s.len().saturating_sub(1))..].to_vec()
+                };
+                let (sa, sb) = (strip(na), strip(nb));
+                let ord = sa.len().cmp(&sb.len()).then(sa.cmp(&sb)).then(la.cmp(&lb));
+                if ord != std::cmp::Ordering::Equal {
+                    return ord;
+                }
+                a = &a[la..];
+                b = &b[lb..];
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+/// Reads a frame folder's images in natural order, resized to `size` when given.
+pub struct FolderReader {
+    files: std::vec::IntoIter<PathBuf>,
+    size: Option<(usize, usize)>,
+}
+
+impl FolderReader {
+    pub fn open(files: Vec<PathBuf>, size: Option<(usize, usize)>) -> Self {
+        Self {
+            files: files.into_iter(),
+            size,
+        }
+    }
+}
+
+impl FrameReader for FolderReader {
+    fn next_frame(&mut self) -> Result<Option<Frame>, VideoError> {
+        let Some(p) = self.files.next() else {
+            return Ok(None);
+        };
+        let img = image::open(&p)
+            .map_err(|e| VideoError::Other {
+                path: p.display().to_string(),
+                msg: format!("cannot read image: {e}"),
+            })?
+            .to_rgb8();
+        let img = match self.size {
+            Some((w, h)) if (img.width() as usize, img.height() as usize) != (w, h) => {
+                image::imageops::resize(&img, w as u32, h as u32, image::imageops::FilterType::Triangle)
+            }
+            _ => img,
+        };
+        Ok(Some(Frame {
+            width: img.width() as usize,
+            height: img.height() as usize,
+            data: img.into_raw(),
+        }))
+    }
+
+    fn skip_frame(&mut self) -> Result<bool, VideoError> {
+        Ok(self.files.next().is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn natural_order() {
+        let mut v = vec!["f10.jpg", "f2.jpg", "f1.jpg", "f002.jpg", "g1.jpg"];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(v, ["f1.jpg", "f2.jpg", "f002.jpg", "f10.jpg", "g1.jpg"]);
+    }
+}

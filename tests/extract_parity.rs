@@ -1,0 +1,61 @@
+//! `Marlin::extract_video` against marlin-pytorch's `extract_video` on videos the project made
+//! (`tools/make_video_fixtures.py`): window counts equal, features within 1e-4 max abs diff.
+//! Needs the ffmpeg/ffprobe programs (`.ci/run` installs them).
+
+use marlin::backend::Cpu;
+use marlin::extract::{ExtractOptions, Reduction};
+use marlin::model::weights::read_safetensors_file;
+use marlin::{Marlin, MarlinConfig};
+use std::path::{Path, PathBuf};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video")
+}
+
+fn model() -> Marlin<Cpu> {
+    let cfg = MarlinConfig::from_yaml_file(&dir().join("tiny224.yaml")).unwrap();
+    Marlin::<Cpu>::load_file(&cfg, &dir().join("tiny224.pt"), &[], &Default::default())
+        .unwrap()
+        .0
+}
+
+#[test]
+fn features_and_window_counts_match_peer() {
+    let model = model();
+    let expected = read_safetensors_file(&dir().join("expected.safetensors")).unwrap();
+    assert_eq!(expected.len(), 14);
+    for (key, peer) in &expected {
+        let mut parts = key.split('|');
+        let video = parts.next().unwrap();
+        let mut opts = ExtractOptions::default();
+        match parts.next().unwrap() {
+            "sr2_s16" => {}
+            "sr1_s8" => {
+                opts.sample_rate = 1;
+                opts.stride = 8;
+            }
+            other => panic!("unknown case {other}"),
+        }
+        match parts.next() {
+            Some("seq") => opts.keep_seq = true,
+            Some("mean") => opts.reduction = Reduction::Mean,
+            Some("max") => opts.reduction = Reduction::Max,
+            None => {}
+            Some(other) => panic!("unknown case {other}"),
+        }
+        for batch_size in [1, 3] {
+            opts.batch_size = batch_size;
+            let (ours, stats) = model.extract_video(&dir().join(video), &opts).unwrap();
+            assert_eq!(ours.shape(), &peer.shape[..], "{key}: shape (window count) differs");
+            let diff = ours
+                .iter()
+                .zip(&peer.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            if batch_size == 1 {
+                eprintln!("{key}: {} clips, max abs diff {diff:.2e}", stats.clips);
+            }
+            assert!(diff <= 1e-4, "{key} (batch {batch_size}): max abs diff {diff}");
+        }
+    }
+}
