@@ -71,6 +71,9 @@ mod tests {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
         assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
         assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
-        assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("unknown device 'tpu'"));
+        assert!("tpu"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .contains("unknown device 'tpu'"));
     }
 }

@@ -154,7 +154,11 @@ pub fn read_clips(
     let mut held: BTreeMap<usize, Arc<Frame>> = BTreeMap::new();
     let mut next_window = 0;
     let mut last_frame: Option<Arc<Frame>> = None;
-    let needed = |i: usize, from: usize| plan[from..].iter().any(|w| w.frames.binary_search(&i).is_ok());
+    let needed = |i: usize, from: usize| {
+        plan[from..]
+            .iter()
+            .any(|w| w.frames.binary_search(&i).is_ok())
+    };
     let mut ended = false;
     for i in 0..=last_needed {
         if next_window >= plan.len() || stop() {
@@ -183,7 +187,10 @@ pub fn read_clips(
             emit(to_clip(&frames));
             stats.clips += 1;
             next_window += 1;
-            let keep_from = plan.get(next_window).map(|w| w.frames[0]).unwrap_or(usize::MAX);
+            let keep_from = plan
+                .get(next_window)
+                .map(|w| w.frames[0])
+                .unwrap_or(usize::MAX);
             held.retain(|&k, _| k >= keep_from);
         }
     }
@@ -243,7 +250,11 @@ impl<B: Backend> Marlin<B> {
         let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [b, 3, t, s, s]), &device);
         let f = self.extract_features(x, keep_seq);
         let [_, n, d] = f.dims();
-        let data = f.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        let data = f
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
         let row = n * d;
         let rows = data.chunks(row).map(<[f32]>::to_vec).collect();
         (rows, if keep_seq { vec![n, d] } else { vec![d] })
@@ -285,7 +296,10 @@ impl<B: Backend> Marlin<B> {
         if rows.is_empty() {
             return Err(VideoError::Other {
                 path: path.display().to_string(),
-                msg: format!("no complete clip ({} frames decoded of {})", stats.decoded, stats.frames),
+                msg: format!(
+                    "no complete clip ({} frames decoded of {})",
+                    stats.decoded, stats.frames
+                ),
             });
         }
         Ok((assemble(rows, &row_shape, opts.reduction), stats))

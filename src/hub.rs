@@ -130,7 +130,9 @@ pub fn download(url: &str, dest: &Path, progress: bool) -> Result<(), HubError> 
         }
     }
     bar.abandon();
-    Err(err(format!("gave up after {ATTEMPTS} attempts: {last_err}")))
+    Err(err(format!(
+        "gave up after {ATTEMPTS} attempts: {last_err}"
+    )))
 }
 
 enum AttemptError {
@@ -186,7 +188,10 @@ fn attempt_once(
             Ok(n) => n,
             Err(e) => {
                 let _ = file.flush();
-                return Err(Retry(format!("transfer broke after {} bytes: {e}", offset + got)));
+                return Err(Retry(format!(
+                    "transfer broke after {} bytes: {e}",
+                    offset + got
+                )));
             }
         };
         file.write_all(&buf[..n])

@@ -3,8 +3,8 @@
 //! official checkpoints.
 
 pub mod backend;
-pub mod extract;
 pub mod cli;
+pub mod extract;
 pub mod hub;
 pub mod model;
 pub mod util;

@@ -67,7 +67,15 @@ fn bad_inputs_fail_one_line_each_and_the_batch_goes_on() {
     let full = std::fs::read(fixtures().join("h264_143.mp4")).unwrap();
     std::fs::write(d.join("cut_moov.mp4"), &full[..full.len() / 3]).unwrap();
     let fast = d.join("fast.mp4");
-    ffmpeg(&["-i", fixtures().join("h264_143.mp4").to_str().unwrap(), "-c", "copy", "-movflags", "+faststart", fast.to_str().unwrap()]);
+    ffmpeg(&[
+        "-i",
+        fixtures().join("h264_143.mp4").to_str().unwrap(),
+        "-c",
+        "copy",
+        "-movflags",
+        "+faststart",
+        fast.to_str().unwrap(),
+    ]);
     let bytes = std::fs::read(&fast).unwrap();
     std::fs::write(d.join("cut_data.mp4"), &bytes[..bytes.len() * 2 / 5]).unwrap();
     std::fs::remove_file(&fast).unwrap();
@@ -75,30 +83,58 @@ fn bad_inputs_fail_one_line_each_and_the_batch_goes_on() {
 
     let out = d.join("out");
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();
-    let inputs = [p("missing.mp4"), p("text.mp4"), p("empty.mp4"), p("no_images"), p("cut_moov.mp4"), p("cut_data.mp4"), good.to_str().unwrap().to_string()];
+    let inputs = [
+        p("missing.mp4"),
+        p("text.mp4"),
+        p("empty.mp4"),
+        p("no_images"),
+        p("cut_moov.mp4"),
+        p("cut_data.mp4"),
+        good.to_str().unwrap().to_string(),
+    ];
     let args: Vec<&str> = inputs.iter().map(String::as_str).collect();
     let o = extract(&args, &out);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("missing.mp4: no such file or folder"), "{err}");
-    assert!(err.contains("text.mp4: not a video FFmpeg can read (Invalid data found when processing input)"), "{err}");
+    assert!(
+        err.contains(
+            "text.mp4: not a video FFmpeg can read (Invalid data found when processing input)"
+        ),
+        "{err}"
+    );
     assert!(err.contains("empty.mp4: empty file"), "{err}");
     assert!(err.contains("no_images: no videos matching"), "{err}");
-    assert!(err.contains("cut_moov.mp4: not a video FFmpeg can read"), "{err}");
+    assert!(
+        err.contains("cut_moov.mp4: not a video FFmpeg can read"),
+        "{err}"
+    );
     // The good video and the decodable part of the truncated one are written.
     assert_eq!(read(&out.join("h264_100.npy")).shape(), &[3, 32]);
     let cut = read(&out.join("cut_data.npy"));
-    assert!(cut.shape()[0] >= 1 && cut.shape()[0] < 4, "{:?}", cut.shape());
+    assert!(
+        cut.shape()[0] >= 1 && cut.shape()[0] < 4,
+        "{:?}",
+        cut.shape()
+    );
     assert!(err.contains("cut_data.mp4: decoded"), "{err}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("failures.json")).unwrap()).unwrap();
-    let files: Vec<&str> = report.as_array().unwrap().iter().map(|r| r["file"].as_str().unwrap()).collect();
+    let files: Vec<&str> = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["file"].as_str().unwrap())
+        .collect();
     assert_eq!(files.len(), 5, "{report}");
     for r in report.as_array().unwrap() {
         assert_eq!(r["error"].as_str().unwrap().lines().count(), 1, "{r}");
     }
     // Nothing half-written.
-    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
 }
 
@@ -107,28 +143,84 @@ fn large_rotated_and_tiny_videos_are_resized_and_read() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let k4 = d.join("uhd.mp4");
-    ffmpeg(&["-f", "lavfi", "-i", "testsrc2=size=3840x2160:rate=25", "-frames:v", "12", "-c:v", "libx264", "-preset", "ultrafast", k4.to_str().unwrap()]);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=3840x2160:rate=25",
+        "-frames:v",
+        "12",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        k4.to_str().unwrap(),
+    ]);
     let plain = d.join("plain.mp4");
-    ffmpeg(&["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25", "-frames:v", "40", "-c:v", "libx264", "-preset", "ultrafast", plain.to_str().unwrap()]);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=320x240:rate=25",
+        "-frames:v",
+        "40",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        plain.to_str().unwrap(),
+    ]);
     let rot = d.join("rotated.mp4");
-    ffmpeg(&["-i", plain.to_str().unwrap(), "-c", "copy", "-metadata:s:v:0", "rotate=90", rot.to_str().unwrap()]);
+    ffmpeg(&[
+        "-i",
+        plain.to_str().unwrap(),
+        "-c",
+        "copy",
+        "-metadata:s:v:0",
+        "rotate=90",
+        rot.to_str().unwrap(),
+    ]);
     let one = d.join("one.mp4");
-    ffmpeg(&["-f", "lavfi", "-i", "testsrc2=size=224x224:rate=25", "-frames:v", "1", "-c:v", "libx264", one.to_str().unwrap()]);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=224x224:rate=25",
+        "-frames:v",
+        "1",
+        "-c:v",
+        "libx264",
+        one.to_str().unwrap(),
+    ]);
 
     let info = marlin::video::probe(&rot).unwrap();
-    assert_eq!((info.width, info.height, info.rotation.rem_euclid(180)), (240, 320, 90));
+    assert_eq!(
+        (info.width, info.height, info.rotation.rem_euclid(180)),
+        (240, 320, 90)
+    );
 
     let out = d.join("out");
     let o = marlin(
-        &["extract", k4.to_str().unwrap(), rot.to_str().unwrap(), one.to_str().unwrap(),
-          "--config", fixtures().join("tiny224.yaml").to_str().unwrap(),
-          "--weights", fixtures().join("tiny224.pt").to_str().unwrap(),
-          "--out", out.to_str().unwrap()],
+        &[
+            "extract",
+            k4.to_str().unwrap(),
+            rot.to_str().unwrap(),
+            one.to_str().unwrap(),
+            "--config",
+            fixtures().join("tiny224.yaml").to_str().unwrap(),
+            "--weights",
+            fixtures().join("tiny224.pt").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("3840x2160 frames; frames are resized to 224x224"), "{err}");
+    assert!(
+        err.contains("3840x2160 frames; frames are resized to 224x224"),
+        "{err}"
+    );
     assert_eq!(read(&out.join("uhd.npy")).shape(), &[1, 32]);
     assert_eq!(read(&out.join("rotated.npy")).shape(), &[1, 32]);
     assert_eq!(read(&out.join("one.npy")).shape(), &[1, 32]);
@@ -148,7 +240,10 @@ fn resume_skips_finished_outputs_and_overwrite_recomputes() {
     let o = extract(&[v.to_str().unwrap(), "--reduction", "mean"], &out);
     assert!(o.status.success());
     assert_eq!(read(&npy).shape(), &[1]);
-    let o = extract(&[v.to_str().unwrap(), "--reduction", "mean", "--overwrite"], &out);
+    let o = extract(
+        &[v.to_str().unwrap(), "--reduction", "mean", "--overwrite"],
+        &out,
+    );
     assert!(o.status.success());
     assert_eq!(read(&npy).shape(), &[32]);
     assert!(!out.join("failures.json").exists());
@@ -166,7 +261,11 @@ fn directories_keep_relative_paths_and_frame_folders_are_inputs() {
     let frames = root.join("person/0");
     std::fs::create_dir_all(&frames).unwrap();
     for i in 1..=20 {
-        std::fs::copy(fixtures().join(format!("frames_40/{i}.png")), frames.join(format!("{i}.png"))).unwrap();
+        std::fs::copy(
+            fixtures().join(format!("frames_40/{i}.png")),
+            frames.join(format!("{i}.png")),
+        )
+        .unwrap();
     }
     let out = t.path().join("out");
     let list = t.path().join("list.txt");
@@ -186,21 +285,49 @@ fn missing_ffmpeg_and_offline_weights_get_one_clear_error() {
     let empty_path = t.path().join("bin");
     std::fs::create_dir(&empty_path).unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_marlin"));
-    c.args(["extract", v.to_str().unwrap(), "--out", t.path().join("o").to_str().unwrap()])
-        .env("PATH", &empty_path);
+    c.args([
+        "extract",
+        v.to_str().unwrap(),
+        "--out",
+        t.path().join("o").to_str().unwrap(),
+    ])
+    .env("PATH", &empty_path);
     let o = c.output().unwrap();
     let err = stderr(&o);
     assert!(!o.status.success());
-    assert!(err.contains("FFmpeg is not installed") && err.contains("apt-get install ffmpeg"), "{err}");
+    assert!(
+        err.contains("FFmpeg is not installed") && err.contains("apt-get install ffmpeg"),
+        "{err}"
+    );
 
     let home = t.path().join("cache");
     let o = marlin(
-        &["extract", v.to_str().unwrap(), "--out", t.path().join("o").to_str().unwrap(), "--quiet"],
-        &[("MARLIN_HOME", home.to_str().unwrap()), ("MARLIN_DOWNLOAD_BASE", "http://127.0.0.1:9")],
+        &[
+            "extract",
+            v.to_str().unwrap(),
+            "--out",
+            t.path().join("o").to_str().unwrap(),
+            "--quiet",
+        ],
+        &[
+            ("MARLIN_HOME", home.to_str().unwrap()),
+            ("MARLIN_DOWNLOAD_BASE", "http://127.0.0.1:9"),
+        ],
     );
     let err = stderr(&o);
     assert!(!o.status.success());
-    assert!(err.contains("cannot download http://127.0.0.1:9/marlin_vit_base_ytf.encoder.pt"), "{err}");
+    assert!(
+        err.contains("cannot download http://127.0.0.1:9/marlin_vit_base_ytf.encoder.pt"),
+        "{err}"
+    );
     assert!(err.contains("pass --weights FILE"), "{err}");
-    assert!(err.contains(&home.join("marlin_vit_base_ytf.encoder.pt").display().to_string()), "{err}");
+    assert!(
+        err.contains(
+            &home
+                .join("marlin_vit_base_ytf.encoder.pt")
+                .display()
+                .to_string()
+        ),
+        "{err}"
+    );
 }

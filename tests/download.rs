@@ -7,10 +7,13 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+/// Each request's (path, Range start).
+type RequestLog = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// Serves `body` at any path. The first GET of each path sends headers for the whole file but
 /// only `cut` bytes, then closes. Range requests get 206 with the rest. Logs each request's
 /// (path, range) and serves `max_requests` requests at most.
-fn serve(body: Vec<u8>, cut: usize, max_requests: usize) -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
+fn serve(body: Vec<u8>, cut: usize, max_requests: usize) -> (String, RequestLog) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -35,7 +38,9 @@ fn serve(body: Vec<u8>, cut: usize, max_requests: usize) -> (String, Arc<Mutex<V
             }
             log2.lock().unwrap().push((path.clone(), range.clone()));
             if path.contains("missing") {
-                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = s.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
                 continue;
             }
             match range.and_then(|r| r.parse::<usize>().ok()) {
@@ -45,7 +50,11 @@ fn serve(body: Vec<u8>, cut: usize, max_requests: usize) -> (String, Arc<Mutex<V
                     let _ = s.write_all(rest);
                 }
                 None => {
-                    let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
                     if seen.insert(path) {
                         let _ = s.write_all(&body[..cut]); // broken transfer
                     } else {
@@ -59,7 +68,9 @@ fn serve(body: Vec<u8>, cut: usize, max_requests: usize) -> (String, Arc<Mutex<V
 }
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model")
+        .join(name)
 }
 
 #[test]
@@ -72,7 +83,11 @@ fn download_resumes_after_a_cut_transfer_and_loads() {
     assert_eq!(std::fs::read(&dest).unwrap(), body);
     let reqs = log.lock().unwrap().clone();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
-    assert_eq!(reqs[1].1.as_deref(), Some((body.len() / 3).to_string().as_str()), "{reqs:?}");
+    assert_eq!(
+        reqs[1].1.as_deref(),
+        Some((body.len() / 3).to_string().as_str()),
+        "{reqs:?}"
+    );
     assert!(!t.path().join("w/tiny_a.full.pt.part").exists());
 
     let cfg = marlin::MarlinConfig::from_yaml_file(&fixture("tiny_a.yaml")).unwrap();
@@ -89,7 +104,10 @@ fn download_resumes_after_a_cut_transfer_and_loads() {
     let e = marlin::hub::download(&format!("{base}/missing.pt"), &t.path().join("m.pt"), false)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("HTTP 404") && e.contains("pass --weights FILE"), "{e}");
+    assert!(
+        e.contains("HTTP 404") && e.contains("pass --weights FILE"),
+        "{e}"
+    );
     assert!(!t.path().join("m.pt").exists());
 }
 
@@ -110,21 +128,34 @@ fn cli_download_fills_the_cache_and_cache_clean_empties_it() {
     let o = run(&["download", "marlin_vit_small_ytf", "--quiet"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cached = home.join("marlin_vit_small_ytf.encoder.pt");
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), cached.display().to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        cached.display().to_string()
+    );
     assert_eq!(std::fs::read(&cached).unwrap(), body);
     assert_eq!(log.lock().unwrap()[0].0, "/marlin_vit_small_ytf.encoder.pt");
     // Cached: no second request.
     let n = log.lock().unwrap().len();
-    assert!(run(&["download", "marlin_vit_small_ytf", "--quiet"]).status.success());
+    assert!(run(&["download", "marlin_vit_small_ytf", "--quiet"])
+        .status
+        .success());
     assert_eq!(log.lock().unwrap().len(), n);
 
     let o = run(&["info", cached.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("content:    encoder-only"), "{out}");
     assert!(out.contains("fits no released model"), "{out}");
-    let o = run(&["info", cached.to_str().unwrap(), "--config", fixture("tiny_a.yaml").to_str().unwrap()]);
+    let o = run(&[
+        "info",
+        cached.to_str().unwrap(),
+        "--config",
+        fixture("tiny_a.yaml").to_str().unwrap(),
+    ]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("config:     tiny") && out.contains("encoder       0.04M parameters"), "{out}");
+    assert!(
+        out.contains("config:     tiny") && out.contains("encoder       0.04M parameters"),
+        "{out}"
+    );
 
     let o = run(&["cache", "clean"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("removed 1 files"));

@@ -46,7 +46,11 @@ fn features_and_window_counts_match_peer() {
         for batch_size in [1, 3] {
             opts.batch_size = batch_size;
             let (ours, stats) = model.extract_video(&dir().join(video), &opts).unwrap();
-            assert_eq!(ours.shape(), &peer.shape[..], "{key}: shape (window count) differs");
+            assert_eq!(
+                ours.shape(),
+                &peer.shape[..],
+                "{key}: shape (window count) differs"
+            );
             let diff = ours
                 .iter()
                 .zip(&peer.data)
@@ -55,7 +59,10 @@ fn features_and_window_counts_match_peer() {
             if batch_size == 1 {
                 eprintln!("{key}: {} clips, max abs diff {diff:.2e}", stats.clips);
             }
-            assert!(diff <= 1e-4, "{key} (batch {batch_size}): max abs diff {diff}");
+            assert!(
+                diff <= 1e-4,
+                "{key} (batch {batch_size}): max abs diff {diff}"
+            );
         }
     }
 }

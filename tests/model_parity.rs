@@ -14,7 +14,9 @@ const TOL: f32 = 1e-4;
 const CASES: [&str; 4] = ["tiny_a", "tiny_b", "tiny_ls", "tiny_nobias"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/model")
+        .join(name)
 }
 
 fn io(case: &str) -> BTreeMap<String, HostTensor> {
@@ -26,7 +28,11 @@ fn tensor<B: Backend, const D: usize>(t: &HostTensor, dev: &B::Device) -> Tensor
 }
 
 fn max_abs_diff<B: Backend, const D: usize>(ours: Tensor<B, D>, peer: &HostTensor) -> f32 {
-    assert_eq!(ours.dims().to_vec(), peer.shape, "shape differs from the peer's");
+    assert_eq!(
+        ours.dims().to_vec(),
+        peer.shape,
+        "shape differs from the peer's"
+    );
     let ours = ours.into_data().into_vec::<f32>().unwrap();
     ours.iter()
         .zip(&peer.data)
@@ -57,7 +63,9 @@ fn features_and_reconstruction_match_peer() {
 
         let seq = model.extract_features(clip.clone(), true);
         let d_seq = max_abs_diff(seq, &io["features_seq"]);
-        let pooled = model.extract_features(clip.clone(), false).squeeze_dim::<2>(1);
+        let pooled = model
+            .extract_features(clip.clone(), false)
+            .squeeze_dim::<2>(1);
         let d_pool = max_abs_diff(pooled, &io["features_pooled"]);
         let idx = mask_indices(&io);
         let pred = model.forward_indices(clip.clone(), &idx).unwrap();
@@ -98,7 +106,10 @@ fn every_file_format_gives_the_same_features() {
         "tiny_a.hf.safetensors",
     ] {
         let model = load("tiny_a", file, &[]);
-        let d = max_abs_diff(model.extract_features(clip.clone(), true), &io["features_seq"]);
+        let d = max_abs_diff(
+            model.extract_features(clip.clone(), true),
+            &io["features_seq"],
+        );
         assert!(d <= TOL, "{file}: features differ by {d}");
     }
     // Encoder-only vs full vs training checkpoint are told apart.
@@ -110,7 +121,11 @@ fn every_file_format_gives_the_same_features() {
         vec![Part::Encoder, Part::Decoder, Part::Discriminator]
     );
     // The training checkpoint's discriminator loads too.
-    let m = load("tiny_a", "tiny_a.ckpt", &[Part::Decoder, Part::Discriminator]);
+    let m = load(
+        "tiny_a",
+        "tiny_a.ckpt",
+        &[Part::Decoder, Part::Discriminator],
+    );
     assert!(m.discriminator.is_some());
 }
 
@@ -136,7 +151,9 @@ fn mismatched_checkpoints_get_one_clear_error() {
     let dev = Default::default();
     let path = fixture("tiny_a.full.pt");
     let small = MarlinConfig::from_name("marlin_vit_small_ytf").unwrap();
-    let e = Marlin::<Cpu>::load_file(&small, &path, &[], &dev).unwrap_err().to_string();
+    let e = Marlin::<Cpu>::load_file(&small, &path, &[], &dev)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("tiny_a.full.pt"), "{e}");
     assert!(
         e.contains("key 'encoder.patch_embedding.projection.weight' has shape [32, 3, 2, 8, 8] but config 'marlin_vit_small_ytf' expects [384, 3, 2, 16, 16]"),
@@ -147,10 +164,19 @@ fn mismatched_checkpoints_get_one_clear_error() {
     let cfg = MarlinConfig::from_yaml_file(&fixture("tiny_a.yaml")).unwrap();
     let mut sd = StateDict::load(&path).unwrap();
     let norm = sd.tensors.remove("encoder.blocks.1.norm2.bias").unwrap();
-    let e = Marlin::<Cpu>::from_state_dict(&cfg, &sd, &[], &dev).unwrap_err().to_string();
-    assert!(e.contains("missing key 'encoder.blocks.1.norm2.bias' (expected shape [32])"), "{e}");
-    sd.tensors.insert("encoder.blocks.1.norm2.bias".into(), norm);
-    sd.tensors.insert("encoder.extra.thing".into(), HostTensor::new(vec![1], vec![0.0]));
+    let e = Marlin::<Cpu>::from_state_dict(&cfg, &sd, &[], &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing key 'encoder.blocks.1.norm2.bias' (expected shape [32])"),
+        "{e}"
+    );
+    sd.tensors
+        .insert("encoder.blocks.1.norm2.bias".into(), norm);
+    sd.tensors.insert(
+        "encoder.extra.thing".into(),
+        HostTensor::new(vec![1], vec![0.0]),
+    );
     let (_, report) = Marlin::<Cpu>::from_state_dict(&cfg, &sd, &[], &dev).unwrap();
     assert_eq!(report.unknown_keys, vec!["encoder.extra.thing".to_string()]);
 
@@ -158,11 +184,17 @@ fn mismatched_checkpoints_get_one_clear_error() {
     let e = Marlin::<Cpu>::load_file(&cfg, &fixture("tiny_a.encoder.pt"), &[Part::Decoder], &dev)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("missing key 'decoder.mask_token'") && e.contains("encoder-only"), "{e}");
+    assert!(
+        e.contains("missing key 'decoder.mask_token'") && e.contains("encoder-only"),
+        "{e}"
+    );
 
     // Not a checkpoint at all.
     let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in [("empty.pt", &b""[..]), ("text.pt", &b"hello world, not torch"[..])] {
+    for (name, bytes) in [
+        ("empty.pt", &b""[..]),
+        ("text.pt", &b"hello world, not torch"[..]),
+    ] {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         let e = StateDict::load(&p).unwrap_err().to_string();
@@ -170,11 +202,17 @@ fn mismatched_checkpoints_get_one_clear_error() {
         assert_eq!(e.lines().count(), 1, "{e}");
     }
     let mut other = StateDict::new("x");
-    other.tensors.insert("resnet.fc.weight".into(), HostTensor::new(vec![2], vec![1.0, 2.0]));
+    other.tensors.insert(
+        "resnet.fc.weight".into(),
+        HostTensor::new(vec![2], vec![1.0, 2.0]),
+    );
     let p = dir.path().join("resnet.safetensors");
     other.save_safetensors(&p, None).unwrap();
     let e = StateDict::load(&p).unwrap_err().to_string();
-    assert!(e.contains("resnet.safetensors: not a MARLIN checkpoint"), "{e}");
+    assert!(
+        e.contains("resnet.safetensors: not a MARLIN checkpoint"),
+        "{e}"
+    );
     assert!(e.contains("resnet.fc.weight"), "{e}");
 }
 
@@ -185,9 +223,13 @@ fn reconstruction_gradient_matches_peer() {
     for case in ["tiny_a", "tiny_ls"] {
         let io = io(case);
         let cfg = MarlinConfig::from_yaml_file(&fixture(&format!("{case}.yaml"))).unwrap();
-        let (model, _) =
-            Marlin::<A>::load_file(&cfg, &fixture(&format!("{case}.full.pt")), &[Part::Decoder], &dev)
-                .unwrap();
+        let (model, _) = Marlin::<A>::load_file(
+            &cfg,
+            &fixture(&format!("{case}.full.pt")),
+            &[Part::Decoder],
+            &dev,
+        )
+        .unwrap();
         let clip: Tensor<A, 5> = tensor(&io["clip"], &dev);
         let idx = mask_indices(&io);
         let pred = model.forward_indices(clip.clone(), &idx).unwrap();
@@ -195,7 +237,10 @@ fn reconstruction_gradient_matches_peer() {
         let loss = (pred - target).powi_scalar(2).mean();
         let peer_loss = io["loss"].data[0];
         let ours_loss = loss.clone().into_scalar();
-        assert!((ours_loss - peer_loss).abs() <= TOL, "{case}: loss {ours_loss} vs {peer_loss}");
+        assert!(
+            (ours_loss - peer_loss).abs() <= TOL,
+            "{case}: loss {ours_loss} vs {peer_loss}"
+        );
         let grads = loss.backward();
         let sd_grads = |key: &str| -> Tensor<Cpu, 1> {
             let g = match key {
@@ -209,7 +254,14 @@ fn reconstruction_gradient_matches_peer() {
                 "encoder.blocks.1.norm2.weight" => {
                     model.encoder.blocks[1].norm2.gamma.grad(&grads).unwrap()
                 }
-                "encoder.norm.bias" => model.encoder.norm.beta.as_ref().unwrap().grad(&grads).unwrap(),
+                "encoder.norm.bias" => model
+                    .encoder
+                    .norm
+                    .beta
+                    .as_ref()
+                    .unwrap()
+                    .grad(&grads)
+                    .unwrap(),
                 "decoder.head.bias" => model
                     .decoder
                     .as_ref()
@@ -221,12 +273,24 @@ fn reconstruction_gradient_matches_peer() {
                     .grad(&grads)
                     .unwrap(),
                 "decoder.mask_token" => {
-                    let g = model.decoder.as_ref().unwrap().mask_token.grad(&grads).unwrap();
+                    let g = model
+                        .decoder
+                        .as_ref()
+                        .unwrap()
+                        .mask_token
+                        .grad(&grads)
+                        .unwrap();
                     return g.flatten(0, 2);
                 }
                 "enc_dec_proj.weight" => {
                     // burn stores [in, out]; the peer [out, in].
-                    let g = model.enc_dec_proj.as_ref().unwrap().weight.grad(&grads).unwrap();
+                    let g = model
+                        .enc_dec_proj
+                        .as_ref()
+                        .unwrap()
+                        .weight
+                        .grad(&grads)
+                        .unwrap();
                     return g.transpose().flatten(0, 1);
                 }
                 _ => unreachable!(),
@@ -246,7 +310,10 @@ fn reconstruction_gradient_matches_peer() {
             let scale = peer.data.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = max_abs_diff(sd_grads(key), &flat);
             eprintln!("{case}: grad {key}: max abs diff {d:.2e} (max |grad| {scale:.2e})");
-            assert!(d <= TOL.max(1e-4 * scale), "{case}: gradient of {key} differs by {d}");
+            assert!(
+                d <= TOL.max(1e-4 * scale),
+                "{case}: gradient of {key} differs by {d}"
+            );
         }
     }
 }

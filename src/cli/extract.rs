@@ -27,7 +27,10 @@ pub struct ExtractArgs {
     #[arg(long, short)]
     pub out: PathBuf,
     /// File patterns of videos when walking a directory (comma-separated).
-    #[arg(long, default_value = "*.mp4,*.avi,*.mov,*.mkv,*.webm,*.m4v,*.mpg,*.mpeg,*.flv")]
+    #[arg(
+        long,
+        default_value = "*.mp4,*.avi,*.mov,*.mkv,*.webm,*.m4v,*.mpg,*.mpeg,*.flv"
+    )]
     pub glob: String,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -76,7 +79,10 @@ fn glob_set(globs: &str) -> Result<globset::GlobSet, String> {
 
 fn has_images(dir: &Path) -> bool {
     std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().is_file() && video::is_image(&e.path())))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.path().is_file() && video::is_image(&e.path()))
+        })
         .unwrap_or(false)
 }
 
@@ -106,29 +112,54 @@ fn discover(args: &ExtractArgs, failures: &mut Vec<(String, String)>) -> Result<
     let mut items = Vec::new();
     for p in paths {
         if !p.exists() {
-            failures.push((p.display().to_string(), VideoError::Missing(p.display().to_string()).to_string()));
+            failures.push((
+                p.display().to_string(),
+                VideoError::Missing(p.display().to_string()).to_string(),
+            ));
             continue;
         }
         let name = PathBuf::from(p.file_name().unwrap_or(p.as_os_str()));
         if p.is_file() {
-            items.push(Item { input: Input::Video(p.clone()), out: args.out.join(npy_name(&name)) });
+            items.push(Item {
+                input: Input::Video(p.clone()),
+                out: args.out.join(npy_name(&name)),
+            });
         } else if has_images(&p) {
-            items.push(Item { input: Input::Frames(p.clone()), out: args.out.join(npy_name(&name)) });
+            items.push(Item {
+                input: Input::Frames(p.clone()),
+                out: args.out.join(npy_name(&name)),
+            });
         } else {
             let before = items.len();
-            for e in walkdir::WalkDir::new(&p).sort_by_file_name().into_iter().filter_map(|e| e.ok()) {
+            for e in walkdir::WalkDir::new(&p)
+                .sort_by_file_name()
+                .into_iter()
+                .filter_map(|e| e.ok())
+            {
                 let ep = e.path();
                 let rel = ep.strip_prefix(&p).unwrap_or(ep).to_path_buf();
-                if e.file_type().is_file() && globs.is_match(ep.file_name().map(Path::new).unwrap_or(ep)) {
-                    items.push(Item { input: Input::Video(ep.to_path_buf()), out: args.out.join(npy_name(&rel)) });
+                if e.file_type().is_file()
+                    && globs.is_match(ep.file_name().map(Path::new).unwrap_or(ep))
+                {
+                    items.push(Item {
+                        input: Input::Video(ep.to_path_buf()),
+                        out: args.out.join(npy_name(&rel)),
+                    });
                 } else if e.file_type().is_dir() && ep != p && has_images(ep) {
-                    items.push(Item { input: Input::Frames(ep.to_path_buf()), out: args.out.join(npy_name(&rel)) });
+                    items.push(Item {
+                        input: Input::Frames(ep.to_path_buf()),
+                        out: args.out.join(npy_name(&rel)),
+                    });
                 }
             }
             if items.len() == before {
                 failures.push((
                     p.display().to_string(),
-                    format!("{}: no videos matching '{}' and no frame folders inside", p.display(), args.glob),
+                    format!(
+                        "{}: no videos matching '{}' and no frame folders inside",
+                        p.display(),
+                        args.glob
+                    ),
                 ));
             }
         }
@@ -142,7 +173,11 @@ fn discover(args: &ExtractArgs, failures: &mut Vec<(String, String)>) -> Result<
         } else {
             failures.push((
                 it.input.path().display().to_string(),
-                format!("{}: another input already writes {}", it.input.path().display(), it.out.display()),
+                format!(
+                    "{}: another input already writes {}",
+                    it.input.path().display(),
+                    it.out.display()
+                ),
             ));
         }
     }
@@ -175,18 +210,24 @@ impl BackendTask for Job {
     type Output = Result<Outcome, String>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (model, report) = Marlin::<B>::load_file(&self.cfg, &self.weights, &[Part::Encoder], &device)
-            .map_err(|e| e.to_string())?;
+        let (model, report) =
+            Marlin::<B>::load_file(&self.cfg, &self.weights, &[Part::Encoder], &device)
+                .map_err(|e| e.to_string())?;
         for k in &report.unknown_keys {
-            eprintln!("warning: {}: unknown key '{k}' ignored", self.weights.display());
+            eprintln!(
+                "warning: {}: unknown key '{k}' ignored",
+                self.weights.display()
+            );
         }
         let bar = if self.quiet {
             ProgressBar::hidden()
         } else {
             let b = ProgressBar::new(self.items.len() as u64);
             b.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} videos  {msg}  elapsed {elapsed}  ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} videos  {msg}  elapsed {elapsed}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             b
         };
@@ -202,9 +243,16 @@ impl BackendTask for Job {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let r = read_clips(&it.input, clip_frames, size, &opts, &|| stop.load(Ordering::Relaxed), &mut |c| {
-                    let _ = tx.send(Msg::Clip(i, c));
-                });
+                let r = read_clips(
+                    &it.input,
+                    clip_frames,
+                    size,
+                    &opts,
+                    &|| stop.load(Ordering::Relaxed),
+                    &mut |c| {
+                        let _ = tx.send(Msg::Clip(i, c));
+                    },
+                );
                 if tx.send(Msg::Done(i, r)).is_err() {
                     break;
                 }
@@ -220,7 +268,9 @@ impl BackendTask for Job {
         let started = Instant::now();
         let bs = self.opts.batch_size.max(1);
 
-        let flush = |batch: &mut Vec<(usize, ClipData)>, rows: &mut BTreeMap<usize, Vec<Vec<f32>>>, row_shape: &mut Vec<usize>| {
+        let flush = |batch: &mut Vec<(usize, ClipData)>,
+                     rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                     row_shape: &mut Vec<usize>| {
             if batch.is_empty() {
                 return;
             }
@@ -233,7 +283,11 @@ impl BackendTask for Job {
             batch.clear();
         };
 
-        let finish = |i: usize, stats: &ClipStats, rows: Vec<Vec<f32>>, row_shape: &[usize], out: &mut Outcome| {
+        let finish = |i: usize,
+                      stats: &ClipStats,
+                      rows: Vec<Vec<f32>>,
+                      row_shape: &[usize],
+                      out: &mut Outcome| {
             let it = &items[i];
             if rows.is_empty() {
                 out.failures.push((
@@ -272,14 +326,32 @@ impl BackendTask for Job {
             }
         };
 
-        let complete = |done: &mut BTreeMap<usize, ClipStats>, rows: &mut BTreeMap<usize, Vec<Vec<f32>>>, batch: &[(usize, ClipData)], row_shape: &[usize], out: &mut Outcome| {
-            let ready: Vec<usize> = done.keys().copied().filter(|i| !batch.iter().any(|(b, _)| b == i)).collect();
+        let complete = |done: &mut BTreeMap<usize, ClipStats>,
+                        rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                        batch: &[(usize, ClipData)],
+                        row_shape: &[usize],
+                        out: &mut Outcome| {
+            let ready: Vec<usize> = done
+                .keys()
+                .copied()
+                .filter(|i| !batch.iter().any(|(b, _)| b == i))
+                .collect();
             for i in ready {
                 let stats = done.remove(&i).unwrap_or_default();
-                finish(i, &stats, rows.remove(&i).unwrap_or_default(), row_shape, out);
+                finish(
+                    i,
+                    &stats,
+                    rows.remove(&i).unwrap_or_default(),
+                    row_shape,
+                    out,
+                );
                 bar.inc(1);
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!("{} clips, {:.2} clips/s", out.clips, out.clips as f64 / secs));
+                bar.set_message(format!(
+                    "{} clips, {:.2} clips/s",
+                    out.clips,
+                    out.clips as f64 / secs
+                ));
             }
         };
 
@@ -315,7 +387,8 @@ impl BackendTask for Job {
                 Msg::Done(i, Err(e)) => {
                     batch.retain(|(b, _)| *b != i);
                     rows.remove(&i);
-                    out.failures.push((items[i].input.path().display().to_string(), e.to_string()));
+                    out.failures
+                        .push((items[i].input.path().display().to_string(), e.to_string()));
                     bar.inc(1);
                 }
             }
@@ -355,8 +428,9 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     let mut failures = Vec::new();
     let all = discover(&args, &mut failures)?;
     let total = all.len();
-    let (items, skipped): (Vec<Item>, Vec<Item>) =
-        all.into_iter().partition(|it| args.overwrite || !it.out.exists());
+    let (items, skipped): (Vec<Item>, Vec<Item>) = all
+        .into_iter()
+        .partition(|it| args.overwrite || !it.out.exists());
     if items.iter().any(|it| matches!(it.input, Input::Video(_))) {
         check_ffmpeg()?;
     }
@@ -416,11 +490,17 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             args.out.display(),
             skipped.len(),
             failures.len(),
-            if failures.is_empty() { String::new() } else { format!(" (see {})", report.display()) }
+            if failures.is_empty() {
+                String::new()
+            } else {
+                format!(" (see {})", report.display())
+            }
         );
     }
     if interrupted {
-        eprintln!("interrupted: finished outputs are complete; run the same command again to resume");
+        eprintln!(
+            "interrupted: finished outputs are complete; run the same command again to resume"
+        );
         return Ok(130);
     }
     Ok(if failures.is_empty() { 0 } else { 1 })

@@ -1,5 +1,6 @@
 //! The `marlin` command line: parses arguments, calls the library, reports.
 
+mod bench;
 mod extract;
 mod model_args;
 
@@ -12,7 +13,11 @@ use std::path::PathBuf;
 pub use model_args::ModelArgs;
 
 #[derive(Parser, Debug)]
-#[command(name = "marlin", version, about = "MARLIN facial video features, in Rust")]
+#[command(
+    name = "marlin",
+    version,
+    about = "MARLIN facial video features, in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +27,8 @@ struct Cli {
 enum Command {
     /// Videos or frame folders to MARLIN features (.npy), as marlin-pytorch's extract_video.
     Extract(Box<extract::ExtractArgs>),
+    /// Time feature extraction on this machine (random weights), optionally per operation.
+    Bench(bench::BenchArgs),
     /// Download official weights into the cache.
     Download {
         /// marlin_vit_small_ytf, marlin_vit_base_ytf or marlin_vit_large_ytf
@@ -59,6 +66,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Extract(args) => extract::run(*args),
+        Command::Bench(args) => bench::run(args),
         Command::Download { name, full, quiet } => hub::fetch(&name, full, !quiet)
             .map(|p| {
                 println!("{}", p.display());
@@ -92,7 +100,11 @@ fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), 
     };
     println!("file:       {}", file.display());
     println!("content:    {kind}");
-    println!("tensors:    {} ({} values)", s.num_tensors, millions(s.num_values));
+    println!(
+        "tensors:    {} ({} values)",
+        s.num_tensors,
+        millions(s.num_values)
+    );
     let parts = sd.parts();
     let cfg = match config {
         Some(p) => {
@@ -111,7 +123,10 @@ fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), 
                 ("discriminator", Part::Discriminator),
             ] {
                 if parts.contains(&part) {
-                    println!("  {label:<13} {} parameters", millions(count_params(&cfg, &[part])));
+                    println!(
+                        "  {label:<13} {} parameters",
+                        millions(count_params(&cfg, &[part]))
+                    );
                 }
             }
             let unknown = sd.check(&cfg, &parts).map_err(|e| e.to_string())?;
@@ -119,9 +134,9 @@ fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), 
                 println!("  warning: unknown key '{k}'");
             }
         }
-        None => println!(
-            "config:     fits no released model (pass --config YAML for a custom one)"
-        ),
+        None => {
+            println!("config:     fits no released model (pass --config YAML for a custom one)")
+        }
     }
     Ok(())
 }
@@ -132,12 +147,20 @@ fn cache(action: CacheAction) -> Result<(), String> {
         CacheAction::List => {
             println!("cache: {}", dir.display());
             for (p, len) in hub::cached_files() {
-                println!("  {:>10}  {}", len, p.file_name().unwrap_or_default().to_string_lossy());
+                println!(
+                    "  {:>10}  {}",
+                    len,
+                    p.file_name().unwrap_or_default().to_string_lossy()
+                );
             }
         }
         CacheAction::Clean => {
             let (n, bytes) = hub::clean_cache().map_err(|e| e.to_string())?;
-            println!("removed {n} files ({:.1} MB) from {}", bytes as f64 / 1e6, dir.display());
+            println!(
+                "removed {n} files ({:.1} MB) from {}",
+                bytes as f64 / 1e6,
+                dir.display()
+            );
         }
     }
     Ok(())

@@ -218,7 +218,10 @@ impl MarlinConfig {
                 msg,
             })
         };
-        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0
+            || self.img_size == 0
+            || !self.img_size.is_multiple_of(self.patch_size)
+        {
             return err(format!(
                 "patch_size {} must divide img_size {}",
                 self.patch_size, self.img_size
@@ -226,7 +229,7 @@ impl MarlinConfig {
         }
         if self.tubelet_size == 0
             || self.clip_frames == 0
-            || self.clip_frames % self.tubelet_size != 0
+            || !self.clip_frames.is_multiple_of(self.tubelet_size)
         {
             return err(format!(
                 "tubelet_size {} must divide clip_frames {}",
@@ -250,7 +253,7 @@ impl MarlinConfig {
         if self.encoder.depth == 0 {
             return err("encoder.depth must be at least 1".into());
         }
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             return err(format!("mlp_ratio {} must be positive", self.mlp_ratio));
         }
         if self.norm_layer != "LayerNorm" {
@@ -330,11 +333,23 @@ mod tests {
         assert_eq!(c, back);
         let bad = c.to_yaml().replace("num_heads: 6", "num_heads: 5");
         let e = MarlinConfig::from_yaml_str(&bad, "bad.yaml").unwrap_err();
-        assert!(e.to_string().contains("num_heads 5 must divide encoder.embed_dim 384"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("num_heads 5 must divide encoder.embed_dim 384"),
+            "{e}"
+        );
         let bad = c.to_yaml().replace("patch_size: 16", "patch_size: 15");
         let e = MarlinConfig::from_yaml_str(&bad, "bad.yaml").unwrap_err();
-        assert!(e.to_string().contains("patch_size 15 must divide img_size 224"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("patch_size 15 must divide img_size 224"),
+            "{e}"
+        );
         let e = MarlinConfig::from_yaml_str("img_size: [", "broken.yaml").unwrap_err();
-        assert!(e.to_string().starts_with("broken.yaml: not a MARLIN config"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("broken.yaml: not a MARLIN config"),
+            "{e}"
+        );
     }
 }

@@ -29,6 +29,7 @@ impl<B: Backend> Discriminator<B> {
 
     /// Patches `[B, K, P]` -> scores `[B, K, 1]`.
     pub fn forward(&self, patches: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(leaky_relu(self.fc1.forward(patches), 0.01))
+        self.fc2
+            .forward(leaky_relu(self.fc1.forward(patches), 0.01))
     }
 }

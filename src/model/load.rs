@@ -20,12 +20,15 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 
     fn host(&self, key: &str) -> Result<&HostTensor, WeightsError> {
-        self.sd.tensors.get(key).ok_or_else(|| WeightsError::Missing {
-            file: self.sd.source.clone(),
-            key: key.to_string(),
-            expected: vec![],
-            hint: String::new(),
-        })
+        self.sd
+            .tensors
+            .get(key)
+            .ok_or_else(|| WeightsError::Missing {
+                file: self.sd.source.clone(),
+                key: key.to_string(),
+                expected: vec![],
+                hint: String::new(),
+            })
     }
 
     /// A tensor as stored (PyTorch layout).

@@ -52,8 +52,11 @@ impl MaskIndices {
     /// From a row-major `[B, N]` visibility mask (true = visible). Every clip must have the same
     /// number of visible tokens, as the batched reference requires.
     pub fn from_bools(mask: &[bool], batch: usize) -> Result<Self, String> {
-        if batch == 0 || mask.len() % batch != 0 {
-            return Err(format!("mask of {} values is not [B={batch}, N]", mask.len()));
+        if batch == 0 || !mask.len().is_multiple_of(batch) {
+            return Err(format!(
+                "mask of {} values is not [B={batch}, N]",
+                mask.len()
+            ));
         }
         let n = mask.len() / batch;
         let mut visible = Vec::new();
@@ -212,7 +215,11 @@ impl<B: Backend> Marlin<B> {
     /// Reconstruction: clips `[B, 3, T, H, W]` and a visibility mask `[B, N]` (true = visible,
     /// the same count per clip) -> predicted pixels of the masked tubelets `[B, N_masked, P]`,
     /// values in (c, pt, ph, pw) order, tubelets in ascending index order.
-    pub fn forward(&self, clip: Tensor<B, 5>, visible_mask: Tensor<B, 2, Bool>) -> Result<Tensor<B, 3>, String> {
+    pub fn forward(
+        &self,
+        clip: Tensor<B, 5>,
+        visible_mask: Tensor<B, 2, Bool>,
+    ) -> Result<Tensor<B, 3>, String> {
         let [b, _] = visible_mask.dims();
         let bools = visible_mask
             .into_data()
@@ -223,9 +230,15 @@ impl<B: Backend> Marlin<B> {
     }
 
     /// [`Marlin::forward`] with precomputed mask indices.
-    pub fn forward_indices(&self, clip: Tensor<B, 5>, idx: &MaskIndices) -> Result<Tensor<B, 3>, String> {
+    pub fn forward_indices(
+        &self,
+        clip: Tensor<B, 5>,
+        idx: &MaskIndices,
+    ) -> Result<Tensor<B, 3>, String> {
         let (Some(proj), Some(decoder)) = (&self.enc_dec_proj, &self.decoder) else {
-            return Err("reconstruction needs the decoder: load a full checkpoint (`--full`)".into());
+            return Err(
+                "reconstruction needs the decoder: load a full checkpoint (`--full`)".into(),
+            );
         };
         let (vis, mask) = idx.to_tensors::<B>(&clip.device());
         let x = self.encoder.forward(clip, vis.clone());

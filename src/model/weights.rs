@@ -33,7 +33,9 @@ impl HostTensor {
 pub enum WeightsError {
     #[error("{file}: cannot read checkpoint: {msg}")]
     Read { file: String, msg: String },
-    #[error("{file}: not a MARLIN checkpoint: no key ends in '{probe}' (found {n} tensors{sample})")]
+    #[error(
+        "{file}: not a MARLIN checkpoint: no key ends in '{probe}' (found {n} tensors{sample})"
+    )]
     NotMarlin {
         file: String,
         probe: String,
@@ -74,7 +76,9 @@ pub enum Init {
     /// Xavier-uniform over (fan_in, fan_out) of a Linear weight `[out, in]`.
     Xavier,
     /// PyTorch's default Conv3d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    ConvDefault { fan_in: usize },
+    ConvDefault {
+        fan_in: usize,
+    },
     Zeros,
     Ones,
     /// Constant (layer scale gamma = init_values).
@@ -170,8 +174,22 @@ fn push_blocks(
         }
         push_linear(out, part, &format!("{p}.attn.proj"), d, d, true);
         push_norm(out, part, &format!("{p}.norm2"), d);
-        push_linear(out, part, &format!("{p}.mlp.layers.0.linear"), d, hidden, true);
-        push_linear(out, part, &format!("{p}.mlp.layers.1.linear"), hidden, d, true);
+        push_linear(
+            out,
+            part,
+            &format!("{p}.mlp.layers.0.linear"),
+            d,
+            hidden,
+            true,
+        );
+        push_linear(
+            out,
+            part,
+            &format!("{p}.mlp.layers.1.linear"),
+            hidden,
+            d,
+            true,
+        );
     }
 }
 
@@ -227,7 +245,14 @@ pub fn param_specs(cfg: &MarlinConfig, parts: &[Part]) -> Vec<ParamSpec> {
     if parts.contains(&Part::Discriminator) {
         let part = Part::Discriminator;
         let h = cfg.discriminator_hidden();
-        push_linear(&mut out, part, "discriminator.layers.0.linear", cfg.patch_dim(), h, true);
+        push_linear(
+            &mut out,
+            part,
+            "discriminator.layers.0.linear",
+            cfg.patch_dim(),
+            h,
+            true,
+        );
         push_linear(&mut out, part, "discriminator.layers.1.linear", h, 1, true);
     }
     out
@@ -309,10 +334,7 @@ impl StateDict {
 
     /// Normalise raw names: keep the Lightning `state_dict.` entries when present, then strip any
     /// prefix that stands before the official names (`marlin.`, `model.`, `_orig_mod.` ...).
-    fn from_raw(
-        raw: BTreeMap<String, LazyTensor>,
-        file: String,
-    ) -> Result<Self, WeightsError> {
+    fn from_raw(raw: BTreeMap<String, LazyTensor>, file: String) -> Result<Self, WeightsError> {
         let probes = [
             "encoder.patch_embedding.projection.weight",
             "decoder.mask_token",
@@ -546,8 +568,9 @@ fn read_torch(path: &Path) -> Result<BTreeMap<String, LazyTensor>, String> {
             .into_iter()
             .map(|(k, v)| (k, LazyTensor::Snapshot(v)))
             .collect()),
-        Err(burn_err) => read_torch_candle(path, Some("state_dict"))
-            .map_err(|_| burn_err.to_string()),
+        Err(burn_err) => {
+            read_torch_candle(path, Some("state_dict")).map_err(|_| burn_err.to_string())
+        }
     }
 }
 

@@ -195,7 +195,11 @@ pub struct FfmpegReader {
 
 impl FfmpegReader {
     /// Start decoding. Frames come out at `size` (w, h) when given (bilinear), else as decoded.
-    pub fn open(path: &Path, info: &VideoInfo, size: Option<(usize, usize)>) -> Result<Self, VideoError> {
+    pub fn open(
+        path: &Path,
+        info: &VideoInfo,
+        size: Option<(usize, usize)>,
+    ) -> Result<Self, VideoError> {
         let p = path.display().to_string();
         let (width, height) = size.unwrap_or((info.width, info.height));
         let mut args: Vec<String> = vec![
@@ -212,9 +216,17 @@ impl FfmpegReader {
             args.push(format!("scale={width}:{height}:flags=bilinear"));
         }
         args.extend(
-            ["-f", "rawvideo", "-pix_fmt", "rgb24", "-vsync", "passthrough", "-"]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-vsync",
+                "passthrough",
+                "-",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         );
         let mut child = Command::new("ffmpeg")
             .args(&args)
@@ -264,9 +276,10 @@ impl FfmpegReader {
 impl FrameReader for FfmpegReader {
     fn next_frame(&mut self) -> Result<Option<Frame>, VideoError> {
         let mut data = vec![0u8; self.width * self.height * 3];
-        Ok(self.read_raw(&mut data)?.then(|| Frame {
-            width: self.width,
-            height: self.height,
+        let (width, height) = (self.width, self.height);
+        Ok(self.read_raw(&mut data)?.then_some(Frame {
+            width,
+            height,
             data,
         }))
     }
@@ -299,7 +312,9 @@ pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, VideoError> {
 
 pub fn is_image(p: &Path) -> bool {
     matches!(
-        p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .as_deref(),
         Some("jpg" | "jpeg" | "png" | "bmp")
     )
 }
@@ -367,7 +382,12 @@ impl FrameReader for FolderReader {
             .to_rgb8();
         let img = match self.size {
             Some((w, h)) if (img.width() as usize, img.height() as usize) != (w, h) => {
-                image::imageops::resize(&img, w as u32, h as u32, image::imageops::FilterType::Triangle)
+                image::imageops::resize(
+                    &img,
+                    w as u32,
+                    h as u32,
+                    image::imageops::FilterType::Triangle,
+                )
             }
             _ => img,
         };

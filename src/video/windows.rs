@@ -54,7 +54,19 @@ mod tests {
     #[test]
     fn window_counts_follow_the_reference() {
         // (frames, expected clips) at sample_rate 2, stride 16.
-        for (n, clips) in [(1, 1), (10, 1), (16, 1), (20, 1), (32, 1), (33, 1), (64, 1), (65, 2), (100, 3), (143, 4), (300, 9)] {
+        for (n, clips) in [
+            (1, 1),
+            (10, 1),
+            (16, 1),
+            (20, 1),
+            (32, 1),
+            (33, 1),
+            (64, 1),
+            (65, 2),
+            (100, 3),
+            (143, 4),
+            (300, 9),
+        ] {
             assert_eq!(plan(n, 16, 2, 16).len(), clips, "n = {n}");
         }
         assert!(plan(0, 16, 2, 16).is_empty());

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Side-by-side CPU benchmarks of marlin-rs and marlin-pytorch, same machine, same thread count,
+# one run. PEER_PY is a python with marlin-pytorch and torch (a throw-away venv, see
+# tools/make_model_fixtures.py).
+#
+#   PEER_PY=/opt/venv/peer/bin/python bench/cpu.sh [threads]
+#
+# 1. ViT-B extract_features, seconds per clip (batch 1, random weights).
+# 2. End to end: a 10 s, 30 fps, 224x224 H.264 video (300 frames -> 9 clips) through
+#    `marlin extract` and the peer's extract_video, ViT-B weights from the same .pt file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${1:-2}
+PEER_PY=${PEER_PY:-python3}
+export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+cargo build --release -q
+bin=target/release/marlin
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads; $(date -u +%F)"
+echo "== 1. ViT-B extract_features, batch 1"
+ours=$($bin bench --model marlin_vit_base_ytf --iters 3 | sed -n 's/^seconds per clip: \([0-9.]*\).*/\1/p')
+peer=$("$PEER_PY" bench/peer_features.py --threads "$threads" --iters 3 | sed -n 's/^peer seconds per clip: \([0-9.]*\).*/\1/p')
+echo "marlin-rs      $ours s/clip"
+echo "marlin-pytorch $peer s/clip"
+python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"
+
+echo "== 2. end to end, 10 s 30 fps 224x224 video"
+ffmpeg -v error -y -f lavfi -i testsrc2=size=224x224:rate=30 -frames:v 300 -c:v libx264 -pix_fmt yuv420p "$work/v.mp4"
+"$PEER_PY" bench/peer_extract.py --save-weights "$work/vitb.pt" --threads "$threads" >/dev/null
+t0=$(date +%s.%N)
+$bin extract "$work/v.mp4" --weights "$work/vitb.pt" --out "$work/out" --quiet --batch-size 1
+t1=$(date +%s.%N)
+ours=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+peer=$("$PEER_PY" bench/peer_extract.py --weights "$work/vitb.pt" --video "$work/v.mp4" --threads "$threads" | sed -n 's/^peer seconds: //p')
+echo "marlin extract         $ours s (process start, weights load, decode, 9 clips, write)"
+echo "peer extract_video     $peer s (weights load, decode, 9 clips)"
+python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"

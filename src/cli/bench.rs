@@ -1,0 +1,147 @@
+//! `marlin bench`: seconds per clip of feature extraction on this machine (random weights; the
+//! arithmetic is the same as with real ones), with a per-operation breakdown of one block.
+
+use crate::backend::{run_on, BackendTask, DeviceSpec};
+use crate::model::{Marlin, MarlinConfig, Part};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use clap::Args;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Released model name.
+    #[arg(long, default_value = "marlin_vit_base_ytf")]
+    pub model: String,
+    /// A custom config (YAML) instead.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Clips per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Timed forward passes (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Also time the parts of one transformer block.
+    #[arg(long)]
+    pub profile: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+struct Bench {
+    cfg: MarlinConfig,
+    args: BenchArgs,
+}
+
+fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    // Reading one value waits for queued device work.
+    let _ = t.clone().slice_dim(0, 0..1).into_data();
+    t
+}
+
+fn time<B: Backend, const D: usize>(label: &str, reps: usize, f: impl Fn() -> Tensor<B, D>) -> f64 {
+    sync(f());
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        sync(f());
+    }
+    let s = t0.elapsed().as_secs_f64() / reps as f64;
+    println!("  {label:<28} {:>9.2} ms", s * 1e3);
+    s
+}
+
+impl BackendTask for Bench {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) {
+        let (cfg, a) = (self.cfg, self.args);
+        let model = Marlin::<B>::init(&cfg, &[Part::Encoder], 0, &device);
+        let b = a.batch_size.max(1);
+        let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
+        let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), &device);
+        println!(
+            "{} on {}: batch {b}, {} threads (RAYON_NUM_THREADS={})",
+            cfg.name(),
+            a.device,
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+        );
+        sync(model.extract_features(clip.clone(), false));
+        let t0 = Instant::now();
+        for _ in 0..a.iters.max(1) {
+            sync(model.extract_features(clip.clone(), false));
+        }
+        let per_clip = t0.elapsed().as_secs_f64() / (a.iters.max(1) * b) as f64;
+        println!(
+            "seconds per clip: {per_clip:.3}  (clips/s {:.2})",
+            1.0 / per_clip
+        );
+        if !a.profile {
+            return;
+        }
+        println!("one block, batch {b}:");
+        let x = model.encoder.embed(clip.clone());
+        let blk = &model.encoder.blocks[0];
+        let [bb, n, d] = x.dims();
+        let h = cfg.encoder.num_heads;
+        let reps = 2;
+        let mut total = 0.0;
+        total += time("embed (patchify+linear)", reps, || {
+            model.encoder.embed(clip.clone())
+        }) / cfg.encoder.depth as f64;
+        total += time("norm1", reps, || blk.norm1.forward(x.clone()));
+        total += time("qkv linear", reps, || blk.attn.qkv.forward(x.clone()));
+        let q = Tensor::<B, 4>::random([bb, h, n, d / h], Distribution::Default, &device);
+        total += time("attention (fused op)", reps, || {
+            burn::tensor::module::attention(
+                q.clone(),
+                q.clone(),
+                q.clone(),
+                None,
+                None,
+                Default::default(),
+            )
+        });
+        time("attention (matmul+softmax)", reps, || {
+            let s = q.clone().matmul(q.clone().swap_dims(2, 3)) * ((d / h) as f64).powf(-0.5);
+            burn::tensor::activation::softmax(s, 3).matmul(q.clone())
+        });
+        time("  head split (reshape/permute)", reps, || {
+            blk.attn
+                .qkv
+                .forward(x.clone())
+                .reshape([bb, n, 3, h, d / h])
+                .permute([2, 0, 3, 1, 4])
+                .slice_dim(0, 0..1)
+                .squeeze_dim::<4>(0)
+        });
+        total += time("proj linear", reps, || blk.attn.proj.forward(x.clone()));
+        total += time("norm2", reps, || blk.norm2.forward(x.clone()));
+        let hdn = blk.mlp.fc1.forward(x.clone());
+        total += time("fc1 linear", reps, || blk.mlp.fc1.forward(x.clone()));
+        total += time("gelu", reps, || burn::tensor::activation::gelu(hdn.clone()));
+        total += time("fc2 linear", reps, || blk.mlp.fc2.forward(hdn.clone()));
+        total += time("residual adds (x2)", reps, || {
+            x.clone() + x.clone() + x.clone()
+        });
+        let whole = time("whole block", reps, || blk.forward(x.clone()));
+        println!(
+            "  sum of parts {:.2} ms vs block {:.2} ms; x{} blocks = {:.2} s per batch",
+            total * 1e3,
+            whole * 1e3,
+            cfg.encoder.depth,
+            whole * cfg.encoder.depth as f64
+        );
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<i32, String> {
+    let cfg = match &args.config {
+        Some(p) => MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?,
+        None => MarlinConfig::from_name(&args.model).map_err(|e| e.to_string())?,
+    };
+    let device = args.device;
+    run_on(device, Bench { cfg, args })?;
+    Ok(0)
+}
