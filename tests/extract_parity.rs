@@ -66,3 +66,48 @@ fn features_and_window_counts_match_peer() {
         }
     }
 }
+
+/// FNV-1a 64, as `tools/make_video_fixtures.py` computes it.
+fn fnv1a64(h: &mut u64, data: &[u8]) {
+    for &b in data {
+        *h = (*h ^ b as u64).wrapping_mul(0x100000001B3);
+    }
+}
+
+#[test]
+fn decoded_frames_are_bit_identical_to_pyav_and_opencv() {
+    use marlin::video::{probe, FfmpegReader, FrameReader};
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap())
+            .unwrap();
+    let hashes = manifest["frame_hashes"].as_object().unwrap();
+    assert!(!hashes.is_empty());
+    for (name, want) in hashes {
+        let path = dir().join(name);
+        let info = probe(&path).unwrap();
+        let mut r = FfmpegReader::open(&path, &info, None).unwrap();
+        let mut h = 0xCBF29CE484222325u64;
+        let mut n = 0;
+        while let Some(f) = r.next_frame().unwrap() {
+            fnv1a64(&mut h, &f.data);
+            n += 1;
+        }
+        assert_eq!(
+            n,
+            want["frames"].as_u64().unwrap() as usize,
+            "{name}: frame count"
+        );
+        assert_eq!(info.frames, n, "{name}: container frame count");
+        let ours = format!("{h:016x}");
+        assert_eq!(
+            ours,
+            want["pyav"].as_str().unwrap(),
+            "{name}: frames differ from PyAV's"
+        );
+        assert_eq!(
+            ours,
+            want["opencv"].as_str().unwrap(),
+            "{name}: frames differ from OpenCV's"
+        );
+    }
+}

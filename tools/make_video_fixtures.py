@@ -59,6 +59,30 @@ def encode(out: Path, frames: int, codec: str, pattern: str):
     subprocess.run(args + [str(out)], check=True)
 
 
+def fnv1a64(data: bytes, h: int = 0xCBF29CE484222325) -> int:
+    # Small, dependency-free hash; tests/extract_parity.rs computes the same.
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def frame_hashes(path: str):
+    """FNV-1a of all rgb24 frames as PyAV (the peer's short-video path) and OpenCV (its
+    sliding-window path) decode them."""
+    import cv2
+    with av.open(path) as c:
+        pyav = b"".join(f.to_ndarray(format="rgb24").tobytes() for f in c.decode(video=0))
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB).tobytes())
+    return {"pyav": f"{fnv1a64(pyav):016x}", "opencv": f"{fnv1a64(b''.join(frames)):016x}",
+            "frames": len(frames)}
+
+
 def windows(n, t=16, s=2, stride=16):
     if n <= t:
         return [[min(i, n - 1) for i in range(t)]]
@@ -124,6 +148,8 @@ def main(out: Path):
         clips.append(model.extract_features(v.unsqueeze(0), keep_seq=False))
     record("frames_40|sr2_s16", torch.cat(clips), video="frames_40", sample_rate=2, stride=16)
 
+    manifest["frame_hashes"] = {name: frame_hashes(str(out / name))
+                                for name in ["h264_33.mp4", "mpeg4_20.mp4"]}
     save_file(expected, str(out / "expected.safetensors"))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -125,6 +125,10 @@ impl BackendTask for Bench {
         total += time("residual adds (x2)", reps, || {
             x.clone() + x.clone() + x.clone()
         });
+        time("attn module (as used)", reps, || {
+            blk.attn.forward(x.clone())
+        });
+        time("mlp module (as used)", reps, || blk.mlp.forward(x.clone()));
         let whole = time("whole block", reps, || blk.forward(x.clone()));
         println!(
             "  sum of parts {:.2} ms vs block {:.2} ms; x{} blocks = {:.2} s per batch",
