@@ -125,6 +125,26 @@ impl BackendTask for Bench {
         total += time("residual adds (x2)", reps, || {
             x.clone() + x.clone() + x.clone()
         });
+        let qkv_out = blk.attn.qkv.forward(x.clone());
+        time("qkv output to host", reps, || {
+            let v = qkv_out
+                .clone()
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap_or_default();
+            Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(v[..8].to_vec(), [8]), &device)
+        });
+        let host = vec![0f32; bb * n * d];
+        time("host output to tensor", reps, || {
+            Tensor::<B, 3>::from_data(
+                burn::tensor::TensorData::new(host.clone(), [bb, n, d]),
+                &device,
+            )
+        });
+        let bias = Tensor::<B, 1>::zeros([3 * d], &device);
+        time("qkv linear with bias", reps, || {
+            burn::tensor::module::linear(x.clone(), blk.attn.qkv.weight.val(), Some(bias.clone()))
+        });
         time("attn module (as used)", reps, || {
             blk.attn.forward(x.clone())
         });

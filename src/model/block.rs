@@ -9,7 +9,6 @@ use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor};
-use rayon::prelude::*;
 
 /// Multi-head self-attention with one bias-free `qkv` projection; when qkv_bias is on, the bias
 /// is concat(q_bias, 0, v_bias): k never has a bias.
@@ -74,6 +73,14 @@ impl<B: Backend> Attention<B> {
             _ => None,
         };
         let qkv = burn::tensor::module::linear(x, self.qkv.weight.val(), bias);
+        if is_plain_cpu::<B>() {
+            let device = qkv.device();
+            if let Ok(data) = qkv.clone().into_data().into_vec::<f32>() {
+                let out = super::cpu_kernels::attention(&data, b, n, h, hd, self.scale as f32);
+                let out = Tensor::from_data(burn::tensor::TensorData::new(out, [b, n, d]), &device);
+                return self.proj.forward(out);
+            }
+        }
         // [B, N, 3, H, hd] -> [3, B, H, N, hd]
         let qkv = qkv.reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]);
         let mut parts = qkv.chunk(3, 0).into_iter().map(|t| t.squeeze_dim::<4>(0));
@@ -88,11 +95,7 @@ impl<B: Backend> Attention<B> {
             softcap: None,
             is_causal: false,
         };
-        let out = if cpu_split::<B>(b * h) > 1 {
-            parallel_attention(q, k, v, opts)
-        } else {
-            attention(q, k, v, None, None, opts)
-        }; // [B, H, N, hd]
+        let out = attention(q, k, v, None, None, opts); // [B, H, N, hd]
         let out = out.swap_dims(1, 2).reshape([b, n, d]);
         self.proj.forward(out)
     }
@@ -107,67 +110,25 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, n, d] = x.dims();
-        let parts = cpu_split::<B>(n);
-        if parts <= 1 {
-            return self.fc2.forward(gelu(self.fc1.forward(x)));
+        let h = self.fc1.forward(x);
+        if is_plain_cpu::<B>() {
+            // The CPU backend's GELU is scalar and single-threaded: ours is neither.
+            let dims = h.dims();
+            let device = h.device();
+            if let Ok(mut v) = h.clone().into_data().into_vec::<f32>() {
+                super::cpu_kernels::gelu_in_place(&mut v);
+                let h = Tensor::from_data(burn::tensor::TensorData::new(v, dims), &device);
+                return self.fc2.forward(h);
+            }
         }
-        // Token chunks in parallel: the CPU backend's GELU runs on one thread per call.
-        let x = x.reshape([b * n, d]);
-        let rows = b * n;
-        let step = rows.div_ceil(parts);
-        let chunks: Vec<Tensor<B, 2>> = (0..rows)
-            .step_by(step)
-            .map(|s| x.clone().slice_dim(0, s..(s + step).min(rows)))
-            .collect();
-        let outs: Vec<Tensor<B, 2>> = chunks
-            .into_par_iter()
-            .map(|c| self.fc2.forward(gelu(self.fc1.forward(c))))
-            .collect();
-        Tensor::cat(outs, 0).reshape([b, n, d])
+        self.fc2.forward(gelu(h))
     }
 }
 
-/// How many parallel pieces to cut `work` independent items into: the CPU backend (plain
-/// `Flex`, not under autodiff) runs some ops on one thread, so there we split across the rayon
-/// pool; other backends (CUDA, autodiff) get 1, the plain op.
-fn cpu_split<B: Backend>(work: usize) -> usize {
-    if B::name(&Default::default()) != "flex" {
-        return 1;
-    }
-    rayon::current_num_threads().min(work)
-}
-
-/// Attention with the (batch x head) pairs split across the rayon pool. [B, H, N, hd] each.
-fn parallel_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    opts: AttentionModuleOptions,
-) -> Tensor<B, 4> {
-    let [b, h, n, hd] = q.dims();
-    let bh = b * h;
-    let parts = cpu_split::<B>(bh);
-    let step = bh.div_ceil(parts);
-    let flat = |t: Tensor<B, 4>| t.reshape([1, bh, n, hd]);
-    let (q, k, v) = (flat(q), flat(k), flat(v));
-    let outs: Vec<Tensor<B, 4>> = (0..bh)
-        .step_by(step)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|s| {
-            let r = s..(s + step).min(bh);
-            attention(
-                q.clone().slice_dim(1, r.clone()),
-                k.clone().slice_dim(1, r.clone()),
-                v.clone().slice_dim(1, r),
-                None,
-                None,
-                opts,
-            )
-        })
-        .collect();
-    Tensor::cat(outs, 1).reshape([b, h, n, hd])
+/// The plain CPU backend (`Flex`, not under autodiff): where our CPU kernels replace burn ops
+/// that run on one thread. Other backends (CUDA, autodiff) take the generic path.
+fn is_plain_cpu<B: Backend>() -> bool {
+    B::name(&Default::default()) == "flex"
 }
 
 /// Pre-norm transformer block with optional layer scale (gamma_1, gamma_2).

@@ -1,0 +1,332 @@
+//! CPU kernels for the two ops that burn-flex 0.21 runs on one thread with scalar math:
+//! attention (half of a ViT-B block at 1568 tokens) and the exact GELU.
+//!
+//! Attention comes straight from the fused `qkv` projection. This kernel reads q, k and v in place from the `[B, N, 3, H, hd]`
+//! output of the qkv Linear (strided matrix products, no permutes), computes a row block of
+//! scores at a time with `gemm`, a vectorised softmax (AVX-512 or AVX2 chosen at run time), and
+//! writes `[B, N, H*hd]`, the layout the output projection takes. (batch, head) pairs run in
+//! parallel on the rayon pool. Results agree with the reference within float rounding: exp is
+//! a degree-6 polynomial after exact range reduction (relative error < 4e-7, about 3 ulp).
+
+use rayon::prelude::*;
+
+/// Query rows per block of scores: 512 x 1568 floats (3.2 MB) per thread measured fastest
+/// (64: 75 ms, 128: 70 ms, 256: 63 ms, 512: 59 ms per ViT-B block on the 2-core EPYC).
+const ROWS: usize = 512;
+
+/// A raw pointer that may cross threads; each task writes a disjoint part of the output.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// softmax(q·kᵀ·scale)·v for every (batch, head). `qkv`: `[b, n, 3, h, hd]` row-major;
+/// returns `[b, n, h*hd]`.
+pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
+    let d = h * hd;
+    assert_eq!(
+        qkv.len(),
+        b * n * 3 * d,
+        "qkv buffer does not match [B, N, 3, H, hd]"
+    );
+    let mut out = vec![0f32; b * n * d];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each(|bh| {
+        let out_ptr = out_ptr;
+        let (bi, hi) = (bh / h, bh % h);
+        let base = bi * n * 3 * d + hi * hd;
+        let q = qkv[base..].as_ptr();
+        let k = qkv[base + d..].as_ptr();
+        let v = qkv[base + 2 * d..].as_ptr();
+        let row_stride = (3 * d) as isize;
+        let mut scores = vec![0f32; ROWS * n];
+        let mut sums = vec![0f32; ROWS];
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = ROWS.min(n - r0);
+            // SAFETY: all pointers address `rows` x `n` / `n` x `hd` blocks inside `qkv`,
+            // `scores` and this (batch, head)'s columns of `out`, with the strides given.
+            unsafe {
+                // scores[rows, n] = scale * Q[r0.., :] · Kᵀ
+                gemm::gemm(
+                    rows,
+                    n,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q.offset(r0 as isize * row_stride),
+                    1,
+                    row_stride,
+                    k,
+                    row_stride,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, row) in scores.chunks_mut(n).take(rows).enumerate() {
+                sums[r] = softmax_unnormalised(row);
+            }
+            let dst = unsafe { out_ptr.0.add((bi * n + r0) * d + hi * hd) };
+            unsafe {
+                // out[r0.., head cols] = P · V
+                gemm::gemm(
+                    rows,
+                    hd,
+                    n,
+                    dst,
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    n as isize,
+                    v,
+                    1,
+                    row_stride,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                for r in 0..rows {
+                    let inv = 1.0 / sums[r];
+                    let o = std::slice::from_raw_parts_mut(dst.add(r * d), hd);
+                    o.iter_mut().for_each(|x| *x *= inv);
+                }
+            }
+            r0 += rows;
+        }
+    });
+    out
+}
+
+/// row <- exp(row - max(row)); returns the sum (normalisation is folded into P·V).
+fn softmax_unnormalised(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { softmax_avx512(row) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { softmax_avx2(row) };
+        }
+    }
+    softmax_generic(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_avx512(row: &mut [f32]) -> f32 {
+    softmax_generic(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(row: &mut [f32]) -> f32 {
+    softmax_generic(row)
+}
+
+/// Written in 16 independent lanes so the compiler vectorises it for the target features of
+/// the function it is inlined into.
+#[inline(always)]
+fn softmax_generic(row: &mut [f32]) -> f32 {
+    const L: usize = 16;
+    let mut m = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut max = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &x in chunks.remainder() {
+        max = max.max(x);
+    }
+    let mut s = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for i in 0..L {
+            let e = exp_poly(c[i] - max);
+            c[i] = e;
+            s[i] += e;
+        }
+    }
+    let mut sum: f32 = s.iter().sum();
+    for x in chunks.into_remainder() {
+        let e = exp_poly(*x - max);
+        *x = e;
+        sum += e;
+    }
+    sum
+}
+
+/// e^x for x <= 0 (scores minus their row max): 2^n · e^r with n = round(x·log2 e),
+/// r = x - n·ln 2 in [-0.35, 0.35], e^r by its degree-6 Taylor polynomial.
+#[inline(always)]
+fn exp_poly(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    // ln 2 split in two for an exact reduction.
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// Exact (erf) GELU in place, on all cores: x * 0.5 * (1 + erf(x / sqrt 2)).
+pub fn gelu_in_place(xs: &mut [f32]) {
+    xs.par_chunks_mut(1 << 14).for_each(gelu_chunk);
+}
+
+fn gelu_chunk(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { gelu_avx512(xs) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { gelu_avx2(xs) };
+        }
+    }
+    gelu_generic(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gelu_avx512(xs: &mut [f32]) {
+    gelu_generic(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(xs: &mut [f32]) {
+    gelu_generic(xs)
+}
+
+#[inline(always)]
+fn gelu_generic(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), branch-free.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let p = 1.061_405_4;
+    let p = p * t - 1.453_152_1;
+    let p = p * t + 1.421_413_8;
+    let p = p * t - 0.284_496_72;
+    let p = p * t + 0.254_829_6;
+    let y = 1.0 - p * t * exp_poly(-a * a);
+    y.copysign(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_poly_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 4.3e-4;
+            let rel = ((exp_poly(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 4e-7, "relative error {worst}");
+        assert_eq!(exp_poly(f32::NEG_INFINITY), exp_poly(-87.0));
+    }
+
+    #[test]
+    fn gelu_matches_exact_erf() {
+        // erf from its Taylor series in f64 (|x| <= 3) and 1 - erfc asymptotics beyond.
+        fn erf64(x: f64) -> f64 {
+            if x.abs() > 3.0 {
+                let a = x.abs();
+                let s = 1.0
+                    - (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * (1.0 - 0.5 / (a * a));
+                return s.copysign(x);
+            }
+            let (mut term, mut sum, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -x * x / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        let mut xs: Vec<f32> = (0..20_001).map(|i| (i as f32 - 10_000.0) * 1e-3).collect();
+        let orig = xs.clone();
+        gelu_in_place(&mut xs);
+        let worst = orig
+            .iter()
+            .zip(&xs)
+            .map(|(&x, &g)| {
+                let x = x as f64;
+                (g as f64 - 0.5 * x * (1.0 + erf64(x / 2f64.sqrt()))).abs()
+            })
+            .fold(0f64, f64::max);
+        assert!(worst < 1e-6, "max abs error {worst}");
+    }
+
+    #[test]
+    fn matches_naive_attention() {
+        let (b, n, h, hd) = (2, 150, 3, 8);
+        let d = h * hd;
+        let qkv: Vec<f32> = (0..b * n * 3 * d)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let scale = (hd as f32).powf(-0.5);
+        let out = attention(&qkv, b, n, h, hd, scale);
+        let at = |bi: usize, t: usize, part: usize, hi: usize, c: usize| {
+            qkv[((bi * n + t) * 3 + part) * d + hi * hd + c] as f64
+        };
+        let mut worst = 0f64;
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..n {
+                    let s: Vec<f64> = (0..n)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|c| at(bi, i, 0, hi, c) * at(bi, j, 1, hi, c))
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        let want: f64 = (0..n).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
+                        let got = out[(bi * n + i) * d + hi * hd + c] as f64;
+                        worst = worst.max((got - want).abs());
+                    }
+                }
+            }
+        }
+        assert!(worst < 1e-5, "max abs diff {worst}");
+    }
+}
