@@ -19,11 +19,16 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads; $(date -u +%F)"
-echo "== 1. ViT-B extract_features, batch 1"
-ours=$($bin bench --model marlin_vit_base_ytf --iters 3 | sed -n 's/^seconds per clip: \([0-9.]*\).*/\1/p')
-peer=$("$PEER_PY" bench/peer_features.py --threads "$threads" --iters 3 | sed -n 's/^peer seconds per clip: \([0-9.]*\).*/\1/p')
-echo "marlin-rs      $ours s/clip"
-echo "marlin-pytorch $peer s/clip"
+median() { python3 -c "import sys, statistics; print(statistics.median(map(float, sys.argv[1:])))" "$@"; }
+echo "== 1. ViT-B extract_features, batch 1 (3 alternating rounds of 3 clips each; medians)"
+o=(); p=()
+for round in 1 2 3; do
+  o+=("$($bin bench --model marlin_vit_base_ytf --iters 3 | sed -n 's/^seconds per clip: \([0-9.]*\).*/\1/p')")
+  p+=("$("$PEER_PY" bench/peer_features.py --threads "$threads" --iters 3 | sed -n 's/^peer seconds per clip: \([0-9.]*\).*/\1/p')")
+done
+ours=$(median "${o[@]}"); peer=$(median "${p[@]}")
+echo "marlin-rs      $ours s/clip (rounds: ${o[*]})"
+echo "marlin-pytorch $peer s/clip (rounds: ${p[*]})"
 python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"
 
 echo "== 2. end to end, 10 s 30 fps 224x224 video"
