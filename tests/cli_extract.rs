@@ -331,3 +331,79 @@ fn missing_ffmpeg_and_offline_weights_get_one_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn ctrl_c_leaves_only_whole_outputs_and_a_rerun_finishes() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("videos");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..12 {
+        std::fs::copy(
+            fixtures().join("h264_143.mp4"),
+            src.join(format!("v{i:02}.mp4")),
+        )
+        .unwrap();
+    }
+    let out = t.path().join("out");
+    let (cfg, w) = (
+        fixtures().join("tiny224.yaml"),
+        fixtures().join("tiny224.pt"),
+    );
+    let args = [
+        "extract",
+        src.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "1",
+        "--quiet",
+    ];
+    let child = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first outputs exist.
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) < 2
+        && started.elapsed().as_secs() < 60
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    let written: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        written
+            .iter()
+            .all(|p| p.extension().is_some_and(|e| e == "npy")),
+        "{written:?}"
+    );
+    for p in &written {
+        assert_eq!(read(p).shape(), &[4, 32], "{}", p.display());
+    }
+    eprintln!("interrupted after {} of 12 outputs", written.len());
+    if written.len() < 12 {
+        assert_eq!(o.status.code(), Some(130), "{err}");
+        assert!(err.contains("interrupted"), "{err}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 12);
+}
