@@ -47,6 +47,23 @@ fn ffmpeg(args: &[&str]) {
     assert!(ok, "ffmpeg {args:?}");
 }
 
+/// An H.264 test-pattern video of `frames` frames at `size`.
+fn pattern_video(out: &Path, size: &str, frames: usize) {
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &format!("testsrc2=size={size}:rate=25"),
+        "-frames:v",
+        &frames.to_string(),
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        out.to_str().unwrap(),
+    ]);
+}
+
 fn read(p: &Path) -> ArrayD<f32> {
     ndarray_npy::read_npy(p).unwrap()
 }
@@ -143,33 +160,9 @@ fn large_rotated_and_tiny_videos_are_resized_and_read() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let k4 = d.join("uhd.mp4");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc2=size=3840x2160:rate=25",
-        "-frames:v",
-        "12",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        k4.to_str().unwrap(),
-    ]);
+    pattern_video(&k4, "3840x2160", 12);
     let plain = d.join("plain.mp4");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc2=size=320x240:rate=25",
-        "-frames:v",
-        "40",
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        plain.to_str().unwrap(),
-    ]);
+    pattern_video(&plain, "320x240", 40);
     let rot = d.join("rotated.mp4");
     ffmpeg(&[
         "-i",
@@ -181,17 +174,7 @@ fn large_rotated_and_tiny_videos_are_resized_and_read() {
         rot.to_str().unwrap(),
     ]);
     let one = d.join("one.mp4");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc2=size=224x224:rate=25",
-        "-frames:v",
-        "1",
-        "-c:v",
-        "libx264",
-        one.to_str().unwrap(),
-    ]);
+    pattern_video(&one, "224x224", 1);
 
     let info = marlin::video::probe(&rot).unwrap();
     assert_eq!(

@@ -33,14 +33,7 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Self, WeightsError> {
         let qkv = l.linear(&format!("{prefix}.qkv"), false)?;
         let dim = qkv.weight.dims()[0];
-        let (q_bias, v_bias) = if qkv_bias {
-            (
-                Some(l.param(&format!("{prefix}.q_bias"))?),
-                Some(l.param(&format!("{prefix}.v_bias"))?),
-            )
-        } else {
-            (None, None)
-        };
+        let (q_bias, v_bias) = l.optional_pair(prefix, ("q_bias", "v_bias"), qkv_bias)?;
         Ok(Self {
             qkv,
             q_bias,
@@ -151,14 +144,7 @@ impl<B: Backend> Block<B> {
         qk_scale: Option<f64>,
         layer_scale: bool,
     ) -> Result<Self, WeightsError> {
-        let (gamma_1, gamma_2) = if layer_scale {
-            (
-                Some(l.param(&format!("{prefix}.gamma_1"))?),
-                Some(l.param(&format!("{prefix}.gamma_2"))?),
-            )
-        } else {
-            (None, None)
-        };
+        let (gamma_1, gamma_2) = l.optional_pair(prefix, ("gamma_1", "gamma_2"), layer_scale)?;
         Ok(Self {
             norm1: l.layer_norm(&format!("{prefix}.norm1"))?,
             attn: Attention::load(l, &format!("{prefix}.attn"), num_heads, qkv_bias, qk_scale)?,

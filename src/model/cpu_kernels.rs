@@ -20,6 +20,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    // A method call makes closures capture the whole (Send) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// softmax(q·kᵀ·scale)·v for every (batch, head). `qkv`: `[b, n, 3, h, hd]` row-major;
 /// returns `[b, n, h*hd]`.
 pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
@@ -32,7 +39,6 @@ pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f3
     let mut out = vec![0f32; b * n * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each(|bh| {
-        let out_ptr = out_ptr;
         let (bi, hi) = (bh / h, bh % h);
         let base = bi * n * 3 * d + hi * hd;
         let q = qkv[base..].as_ptr();
@@ -73,7 +79,7 @@ pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f3
             for (r, row) in scores.chunks_mut(n).take(rows).enumerate() {
                 sums[r] = softmax_unnormalised(row);
             }
-            let dst = unsafe { out_ptr.0.add((bi * n + r0) * d + hi * hd) };
+            let dst = unsafe { out_ptr.get().add((bi * n + r0) * d + hi * hd) };
             unsafe {
                 // out[r0.., head cols] = P · V
                 gemm::gemm(
@@ -97,8 +103,8 @@ pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f3
                     false,
                     gemm::Parallelism::None,
                 );
-                for r in 0..rows {
-                    let inv = 1.0 / sums[r];
+                for (r, &sum) in sums.iter().enumerate().take(rows) {
+                    let inv = 1.0 / sum;
                     let o = std::slice::from_raw_parts_mut(dst.add(r * d), hd);
                     o.iter_mut().for_each(|x| *x *= inv);
                 }

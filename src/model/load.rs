@@ -8,6 +8,9 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 /// LayerNorm epsilon of the reference (torch default).
 pub const LN_EPS: f64 = 1e-5;
 
+/// Two optional vector parameters.
+pub type OptionalPair<B> = (Option<Param<Tensor<B, 1>>>, Option<Param<Tensor<B, 1>>>);
+
 /// Builds burn parameters from a checked state dict.
 pub struct Loader<'a, B: Backend> {
     pub sd: &'a StateDict,
@@ -42,6 +45,22 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     pub fn param<const D: usize>(&self, key: &str) -> Result<Param<Tensor<B, D>>, WeightsError> {
         Ok(Param::from_tensor(self.tensor(key)?))
+    }
+
+    /// Two optional vectors `{prefix}.{a}`, `{prefix}.{b}` (q/v bias, layer-scale gammas).
+    pub fn optional_pair(
+        &self,
+        prefix: &str,
+        (a, b): (&str, &str),
+        present: bool,
+    ) -> Result<OptionalPair<B>, WeightsError> {
+        if !present {
+            return Ok((None, None));
+        }
+        Ok((
+            Some(self.param(&format!("{prefix}.{a}"))?),
+            Some(self.param(&format!("{prefix}.{b}"))?),
+        ))
     }
 
     /// A Linear layer: PyTorch `[out, in...]` weight (a Linear's, or a Conv whose kernel equals
