@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod cli;
 pub mod extract;
+pub mod face;
 pub mod hub;
 pub mod model;
 pub mod util;

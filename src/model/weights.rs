@@ -597,7 +597,20 @@ fn read_torch_candle(
 
 fn read_safetensors(path: &Path) -> Result<BTreeMap<String, LazyTensor>, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
+    read_safetensors_raw(&bytes)
+}
+
+/// Every tensor of safetensors bytes as float32 host tensors, names as stored (embedded
+/// weights, e.g. the face detector's).
+pub fn read_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, HostTensor>, String> {
+    read_safetensors_raw(bytes)?
+        .into_iter()
+        .map(|(k, v)| v.materialise().map(|t| (k, t)))
+        .collect()
+}
+
+fn read_safetensors_raw(bytes: &[u8]) -> Result<BTreeMap<String, LazyTensor>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
