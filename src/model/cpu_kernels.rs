@@ -115,34 +115,44 @@ pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f3
     out
 }
 
-/// row <- exp(row - max(row)); returns the sum (normalisation is folded into P·V).
-fn softmax_unnormalised(row: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { softmax_avx512(row) };
+/// Defines `fn $name(xs: &mut [f32]) -> $ret` running `$generic` compiled for AVX-512,
+/// AVX2+FMA or the baseline, whichever the CPU has (checked at run time).
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* $name:ident, $generic:ident, $ret:ty) => {
+        $(#[$doc])*
+        fn $name(xs: &mut [f32]) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512(xs: &mut [f32]) -> $ret {
+                    $generic(xs)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(xs: &mut [f32]) -> $ret {
+                    $generic(xs)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512(xs) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2(xs) };
+                }
+            }
+            $generic(xs)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { softmax_avx2(row) };
-        }
-    }
-    softmax_generic(row)
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn softmax_avx512(row: &mut [f32]) -> f32 {
-    softmax_generic(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(row: &mut [f32]) -> f32 {
-    softmax_generic(row)
-}
+simd_dispatch!(
+    /// row <- exp(row - max(row)); returns the sum (normalisation is folded into P·V).
+    softmax_unnormalised,
+    softmax_generic,
+    f32
+);
 
 /// Written in 16 independent lanes so the compiler vectorises it for the target features of
 /// the function it is inlined into.
@@ -201,33 +211,7 @@ pub fn gelu_in_place(xs: &mut [f32]) {
     xs.par_chunks_mut(1 << 14).for_each(gelu_chunk);
 }
 
-fn gelu_chunk(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { gelu_avx512(xs) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { gelu_avx2(xs) };
-        }
-    }
-    gelu_generic(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn gelu_avx512(xs: &mut [f32]) {
-    gelu_generic(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(xs: &mut [f32]) {
-    gelu_generic(xs)
-}
+simd_dispatch!(gelu_chunk, gelu_generic, ());
 
 #[inline(always)]
 fn gelu_generic(xs: &mut [f32]) {
