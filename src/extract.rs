@@ -154,17 +154,19 @@ pub fn read_clips(
     let mut held: BTreeMap<usize, Arc<Frame>> = BTreeMap::new();
     let mut next_window = 0;
     let mut last_frame: Option<Arc<Frame>> = None;
-    let needed = |i: usize, from: usize| {
-        plan[from..]
-            .iter()
-            .any(|w| w.frames.binary_search(&i).is_ok())
-    };
+    // Which source frames any window uses, computed once (not searched per frame).
+    let mut needed = vec![false; last_needed + 1];
+    for w in &plan {
+        for &f in &w.frames {
+            needed[f] = true;
+        }
+    }
     let mut ended = false;
-    for i in 0..=last_needed {
+    for (i, &is_needed) in needed.iter().enumerate() {
         if next_window >= plan.len() || stop() {
             break;
         }
-        if needed(i, next_window) {
+        if is_needed {
             match reader.next_frame()? {
                 Some(f) => {
                     let f = Arc::new(f);

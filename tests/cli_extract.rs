@@ -18,23 +18,29 @@ fn marlin(args: &[&str], envs: &[(&str, &str)]) -> Output {
     c.output().unwrap()
 }
 
+/// Arguments of `extract` with the tiny 224-px fixture model.
+fn extract_args(extra: &[&str], out: &Path) -> Vec<String> {
+    let f = fixtures();
+    let mut args: Vec<String> = vec![
+        "extract".into(),
+        "--config".into(),
+        f.join("tiny224.yaml").display().to_string(),
+        "--weights".into(),
+        f.join("tiny224.pt").display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--quiet".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// `extract` with the tiny 224-px fixture model.
 fn extract(extra: &[&str], out: &Path) -> Output {
-    let f = fixtures();
-    let cfg = f.join("tiny224.yaml");
-    let w = f.join("tiny224.pt");
-    let mut args = vec![
-        "extract",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--weights",
-        w.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    marlin(&args, &[])
+    Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(extract_args(extra, out))
+        .output()
+        .unwrap()
 }
 
 fn ffmpeg(args: &[&str]) {
@@ -328,25 +334,9 @@ fn ctrl_c_leaves_only_whole_outputs_and_a_rerun_finishes() {
         .unwrap();
     }
     let out = t.path().join("out");
-    let (cfg, w) = (
-        fixtures().join("tiny224.yaml"),
-        fixtures().join("tiny224.pt"),
-    );
-    let args = [
-        "extract",
-        src.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--weights",
-        w.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "1",
-        "--quiet",
-    ];
+    let args = extract_args(&[src.to_str().unwrap(), "--batch-size", "1"], &out);
     let child = Command::new(env!("CARGO_BIN_EXE_marlin"))
-        .args(args)
+        .args(&args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -384,7 +374,7 @@ fn ctrl_c_leaves_only_whole_outputs_and_a_rerun_finishes() {
         assert!(err.contains("interrupted"), "{err}");
     }
     let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
-        .args(args)
+        .args(&args)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));

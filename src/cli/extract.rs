@@ -274,13 +274,12 @@ impl BackendTask for Job {
             if batch.is_empty() {
                 return;
             }
-            let clips: Vec<ClipData> = batch.iter().map(|(_, c)| c.clone()).collect();
+            let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
             let (r, s) = model.extract_clips(&clips, self.opts.keep_seq);
             *row_shape = s;
-            for ((i, _), row) in batch.iter().zip(r) {
-                rows.entry(*i).or_default().push(row);
+            for (i, row) in ids.into_iter().zip(r) {
+                rows.entry(i).or_default().push(row);
             }
-            batch.clear();
         };
 
         let finish = |i: usize,

@@ -57,6 +57,14 @@ fn run_tool(tool: &'static str, args: &[&str]) -> Result<std::process::Output, V
         })
 }
 
+/// `ffprobe -v error -select_streams v:0 ARGS PATH` (the first video stream).
+fn ffprobe(path: &str, args: &[&str]) -> Result<std::process::Output, VideoError> {
+    let mut all = vec!["-v", "error", "-select_streams", "v:0"];
+    all.extend_from_slice(args);
+    all.push(path);
+    run_tool("ffprobe", &all)
+}
+
 fn check_file(path: &Path) -> Result<(), VideoError> {
     let p = path.display().to_string();
     match std::fs::metadata(path) {
@@ -70,19 +78,7 @@ fn check_file(path: &Path) -> Result<(), VideoError> {
 pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
     check_file(path)?;
     let p = path.display().to_string();
-    let out = run_tool(
-        "ffprobe",
-        &[
-            "-v",
-            "error",
-            "-select_streams",
-            "v:0",
-            "-show_streams",
-            "-of",
-            "json",
-            &p,
-        ],
-    )?;
+    let out = ffprobe(&p, &["-show_streams", "-of", "json"])?;
     let unreadable = |msg: String| VideoError::Unreadable {
         path: p.clone(),
         msg,
@@ -149,19 +145,14 @@ pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
 /// Frame count by demuxing (for containers without nb_frames, e.g. Matroska/WebM).
 fn count_packets(path: &Path) -> Result<usize, VideoError> {
     let p = path.display().to_string();
-    let out = run_tool(
-        "ffprobe",
+    let out = ffprobe(
+        &p,
         &[
-            "-v",
-            "error",
-            "-select_streams",
-            "v:0",
             "-count_packets",
             "-show_entries",
             "stream=nb_read_packets",
             "-of",
             "csv=p=0",
-            &p,
         ],
     )?;
     String::from_utf8_lossy(&out.stdout)
