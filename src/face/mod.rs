@@ -1,8 +1,8 @@
-//! Faces in the wild: the MTCNN detector (P-Net, R-Net, O-Net) on burn, with its pretrained
-//! weights embedded in the binary.
-//!
-//! Status: the three networks load the embedded weights and equal facenet-pytorch's networks on
-//! the same input (tests/face_nets.rs). The detection pipeline around them (image pyramid,
-//! NMS, box calibration), cropping and the `--crop-face` / `crop` / `detect` commands come next.
+//! Faces in the wild: the MTCNN detector (P-Net, R-Net, O-Net) on burn with its pretrained
+//! weights embedded in the binary, per-video face tracks (selection, gap filling, smoothing)
+//! and the reference's square crop.
 
+pub mod detect;
 pub mod mtcnn;
+
+pub use detect::{iou, DetectOptions, Detector, Face};

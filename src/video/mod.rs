@@ -345,6 +345,26 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     }
 }
 
+/// An image file as 8-bit RGB.
+pub fn read_rgb(p: &Path) -> Result<image::RgbImage, VideoError> {
+    Ok(image::open(p)
+        .map_err(|e| VideoError::Other {
+            path: p.display().to_string(),
+            msg: format!("cannot read image: {e}"),
+        })?
+        .to_rgb8())
+}
+
+/// An image file as a [`Frame`].
+pub fn read_image(p: &Path) -> Result<Frame, VideoError> {
+    let img = read_rgb(p)?;
+    Ok(Frame {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.into_raw(),
+    })
+}
+
 /// Reads a frame folder's images in natural order, resized to `size` when given.
 pub struct FolderReader {
     files: std::vec::IntoIter<PathBuf>,
@@ -365,12 +385,7 @@ impl FrameReader for FolderReader {
         let Some(p) = self.files.next() else {
             return Ok(None);
         };
-        let img = image::open(&p)
-            .map_err(|e| VideoError::Other {
-                path: p.display().to_string(),
-                msg: format!("cannot read image: {e}"),
-            })?
-            .to_rgb8();
+        let img = read_rgb(&p)?;
         let img = match self.size {
             Some((w, h)) if (img.width() as usize, img.height() as usize) != (w, h) => {
                 image::imageops::resize(

@@ -1,0 +1,62 @@
+//! The MTCNN detection pipeline (pyramid, NMS, calibration, landmarks) against facenet-pytorch
+//! 2.6's `detect_face` on fixture images (tools/make_face_fixtures.py): the same number of faces,
+//! boxes and landmarks within 0.05 px, scores within 1e-4.
+
+use marlin::backend::Cpu;
+use marlin::face::{DetectOptions, Detector, Face};
+use marlin::video::read_image;
+use std::path::Path;
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face")
+}
+
+#[test]
+fn detections_match_facenet_pytorch() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("detections.json")).unwrap())
+            .unwrap();
+    let det = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
+    let names = ["astronaut256", "two_faces", "no_face"];
+    let frames: Vec<_> = names
+        .iter()
+        .map(|n| read_image(&fixtures().join(format!("{n}.png"))).unwrap())
+        .collect();
+    // All three in one call: frames of different sizes are grouped internally.
+    let got = det.detect(&frames.iter().collect::<Vec<_>>());
+    let (mut box_diff, mut score_diff) = (0f32, 0f32);
+    for (name, faces) in names.iter().zip(&got) {
+        let want: Vec<Face> = serde_json::from_value(expected[name].clone()).unwrap();
+        assert_eq!(faces.len(), want.len(), "{name}: {faces:?} vs {want:?}");
+        for (a, b) in faces.iter().zip(&want) {
+            for k in 0..4 {
+                box_diff = box_diff.max((a.bbox[k] - b.bbox[k]).abs());
+            }
+            for k in 0..5 {
+                for c in 0..2 {
+                    box_diff = box_diff.max((a.landmarks[k][c] - b.landmarks[k][c]).abs());
+                }
+            }
+            score_diff = score_diff.max((a.score - b.score).abs());
+        }
+    }
+    eprintln!("detections: max coordinate diff {box_diff:.2e} px, score diff {score_diff:.2e}");
+    assert!(box_diff <= 0.05, "coordinates differ by {box_diff} px");
+    assert!(score_diff <= 1e-4, "scores differ by {score_diff}");
+}
+
+#[test]
+fn batching_does_not_change_results() {
+    let det = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
+    let f = read_image(&fixtures().join("two_faces.png")).unwrap();
+    let one = det.detect(&[&f]);
+    let three = det.detect(&[&f, &f, &f]);
+    for faces in &three {
+        assert_eq!(faces.len(), 2);
+        for (a, b) in faces.iter().zip(&one[0]) {
+            for k in 0..4 {
+                assert!((a.bbox[k] - b.bbox[k]).abs() < 1e-3);
+            }
+        }
+    }
+}
