@@ -1,6 +1,7 @@
 //! Video -> clips -> features, as marlin-pytorch's `extract_video`, streaming: frames are decoded
 //! once, in order, and only the frames of pending windows are held in memory.
 
+use crate::face::{self, crop, crop::CropBox, track::Track, track::TrackOptions, Detector};
 use crate::model::Marlin;
 use crate::video::{self, windows, Frame, FrameReader, VideoError};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -106,38 +107,85 @@ fn to_clip(frames: &[Arc<Frame>]) -> ClipData {
     ClipData { data }
 }
 
-/// Read the clips of `input` (frames resized to `size` x `size`), calling `emit` for each in
-/// order. `stop` is polled between frames (Ctrl-C).
+/// Open an input for reading: the reader (frames at `size` (w, h) when given, else as
+/// decoded), its frame count and its source frame size.
+#[allow(clippy::type_complexity)]
+pub fn open_input(
+    input: &Input,
+    size: Option<(usize, usize)>,
+) -> Result<(Box<dyn FrameReader>, usize, (usize, usize)), VideoError> {
+    Ok(match input {
+        Input::Video(p) => {
+            let info = video::probe(p)?;
+            let r = video::FfmpegReader::open(p, &info, size)?;
+            (Box::new(r), info.frames, (info.width, info.height))
+        }
+        Input::Frames(d) => {
+            let files = video::list_frames(d)?;
+            let n = files.len();
+            let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
+                path: files[0].display().to_string(),
+                msg: format!("cannot read image: {e}"),
+            })?;
+            (
+                Box::new(video::FolderReader::open(files, size)),
+                n,
+                (first.0 as usize, first.1 as usize),
+            )
+        }
+    })
+}
+
+/// Which source frames the windows of a `frames`-frame input use.
+pub fn needed_frames(frames: usize, clip_frames: usize, opts: &ExtractOptions) -> Vec<bool> {
+    let plan = windows::plan(frames, clip_frames, opts.sample_rate, opts.stride);
+    let last = plan.iter().filter_map(|w| w.frames.last()).max().copied();
+    let mut needed = vec![false; last.map_or(0, |l| l + 1)];
+    for w in &plan {
+        for &f in &w.frames {
+            needed[f] = true;
+        }
+    }
+    needed
+}
+
+/// Detect and track the face over the frames the windows of `input` use (frames decoded at
+/// their own size), for [`read_clips`]' `crops`. A video without any face is an error.
+pub fn face_track<B: Backend>(
+    input: &Input,
+    clip_frames: usize,
+    opts: &ExtractOptions,
+    detector: &Detector<B>,
+    track: &TrackOptions,
+    stop: &dyn Fn() -> bool,
+) -> Result<Track, VideoError> {
+    let (mut reader, frames, _) = open_input(input, None)?;
+    let needed = needed_frames(frames, clip_frames, opts);
+    let det = face::track::detect_frames(reader.as_mut(), &needed, detector, track, stop)?;
+    face::track::plan_track(&det, &needed, track).map_err(|msg| VideoError::Other {
+        path: input.path().display().to_string(),
+        msg,
+    })
+}
+
+/// Read the clips of `input`, calling `emit` for each in order. Frames are resized to `size` x
+/// `size`, or, with `crops` (a crop per frame index, from [`face_track`]), cut out of the
+/// full frame and resized. `stop` is polled between frames (Ctrl-C).
 pub fn read_clips(
     input: &Input,
     clip_frames: usize,
     size: usize,
     opts: &ExtractOptions,
+    crops: Option<&[Option<CropBox>]>,
     stop: &dyn Fn() -> bool,
     emit: &mut dyn FnMut(ClipData),
 ) -> Result<ClipStats, VideoError> {
-    let target = Some((size, size));
-    let (mut reader, frames, source_size): (Box<dyn FrameReader>, usize, (usize, usize)) =
-        match input {
-            Input::Video(p) => {
-                let info = video::probe(p)?;
-                let r = video::FfmpegReader::open(p, &info, target)?;
-                (Box::new(r), info.frames, (info.width, info.height))
-            }
-            Input::Frames(d) => {
-                let files = video::list_frames(d)?;
-                let n = files.len();
-                let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
-                    path: files[0].display().to_string(),
-                    msg: format!("cannot read image: {e}"),
-                })?;
-                (
-                    Box::new(video::FolderReader::open(files, target)),
-                    n,
-                    (first.0 as usize, first.1 as usize),
-                )
-            }
-        };
+    let target = if crops.is_some() {
+        None
+    } else {
+        Some((size, size))
+    };
+    let (mut reader, frames, source_size) = open_input(input, target)?;
     let plan = windows::plan(frames, clip_frames, opts.sample_rate, opts.stride);
     let mut stats = ClipStats {
         frames,
@@ -145,22 +193,11 @@ pub fn read_clips(
         source_size,
         ..Default::default()
     };
-    let last_needed = plan
-        .iter()
-        .filter_map(|w| w.frames.last())
-        .max()
-        .copied()
-        .unwrap_or(0);
     let mut held: BTreeMap<usize, Arc<Frame>> = BTreeMap::new();
     let mut next_window = 0;
     let mut last_frame: Option<Arc<Frame>> = None;
     // Which source frames any window uses, computed once (not searched per frame).
-    let mut needed = vec![false; last_needed + 1];
-    for w in &plan {
-        for &f in &w.frames {
-            needed[f] = true;
-        }
-    }
+    let needed = needed_frames(frames, clip_frames, opts);
     let mut ended = false;
     for (i, &is_needed) in needed.iter().enumerate() {
         if next_window >= plan.len() || stop() {
@@ -169,6 +206,18 @@ pub fn read_clips(
         if is_needed {
             match reader.next_frame()? {
                 Some(f) => {
+                    let f = match crops {
+                        Some(c) => match c.get(i).copied().flatten() {
+                            Some(bx) => crop::crop_resize(&f, &bx, size),
+                            None => {
+                                return Err(VideoError::Other {
+                                    path: input.path().display().to_string(),
+                                    msg: format!("no face crop for frame {i}"),
+                                })
+                            }
+                        },
+                        None => f,
+                    };
                     let f = Arc::new(f);
                     held.insert(i, f.clone());
                     last_frame = Some(f);
@@ -279,6 +328,7 @@ impl<B: Backend> Marlin<B> {
             self.config.clip_frames,
             self.config.img_size,
             opts,
+            None,
             &|| false,
             &mut |clip| {
                 pending.push(clip);

@@ -46,6 +46,26 @@ fn detections_match_facenet_pytorch() {
 }
 
 #[test]
+fn burn_path_equals_host_path() {
+    // The CPU backend runs the networks on the host (im2col + gemm); other backends run them
+    // through burn. Both must find the same faces.
+    let host = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
+    let burn = Detector::<Cpu>::new(&Default::default(), DetectOptions::default())
+        .unwrap()
+        .without_host_nets();
+    let f = read_image(&fixtures().join("two_faces.png")).unwrap();
+    let (a, b) = (host.detect(&[&f]), burn.detect(&[&f]));
+    assert_eq!(a[0].len(), 2);
+    assert_eq!(a[0].len(), b[0].len());
+    for (x, y) in a[0].iter().zip(&b[0]) {
+        for k in 0..4 {
+            assert!((x.bbox[k] - y.bbox[k]).abs() < 0.05, "{x:?} vs {y:?}");
+        }
+        assert!((x.score - y.score).abs() < 1e-4);
+    }
+}
+
+#[test]
 fn batching_does_not_change_results() {
     let det = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
     let f = read_image(&fixtures().join("two_faces.png")).unwrap();

@@ -1,8 +1,12 @@
 //! `marlin extract`: inputs -> `.npy` features, batched across videos, resumable.
 
+use super::face_args::FaceArgs;
 use super::model_args::ModelArgs;
 use crate::backend::{run_on, BackendTask};
-use crate::extract::{assemble, read_clips, ClipData, ClipStats, ExtractOptions, Input, Reduction};
+use crate::extract::{
+    assemble, face_track, read_clips, ClipData, ClipStats, ExtractOptions, Input, Reduction,
+};
+use crate::face::Detector;
 use crate::model::{Marlin, Part};
 use crate::util::write_atomic;
 use crate::video::{self, VideoError};
@@ -49,6 +53,12 @@ pub struct ExtractArgs {
     /// Clips per forward pass (across videos).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Faces in the wild: detect the face (built-in MTCNN, same device as the encoder), crop
+    /// the reference's square around it and extract from the crops.
+    #[arg(long)]
+    pub crop_face: bool,
+    #[command(flatten)]
+    pub face: FaceArgs,
     /// Recompute outputs that already exist.
     #[arg(long)]
     pub overwrite: bool,
@@ -57,11 +67,11 @@ pub struct ExtractArgs {
     pub quiet: bool,
 }
 
-/// One unit of work: an input and where its features go.
+/// One unit of work: an input and where its output goes.
 #[derive(Debug, Clone)]
-struct Item {
-    input: Input,
-    out: PathBuf,
+pub(super) struct Item {
+    pub input: Input,
+    pub out: PathBuf,
 }
 
 fn glob_set(globs: &str) -> Result<globset::GlobSet, String> {
@@ -95,11 +105,20 @@ fn npy_name(rel: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Expand the command-line inputs into items; paths that do not exist become failures.
-fn discover(args: &ExtractArgs, failures: &mut Vec<(String, String)>) -> Result<Vec<Item>, String> {
-    let globs = glob_set(&args.glob)?;
-    let mut paths = args.inputs.clone();
-    if let Some(list) = &args.list {
+/// Expand command-line inputs (files, frame folders, directories to walk for videos matching
+/// `glob` and frame folders, a `list` file) into items whose output is `out` joined with
+/// `name(relative path)`; paths that do not exist become failures.
+pub(super) fn discover(
+    inputs: &[PathBuf],
+    list: Option<&Path>,
+    glob: &str,
+    out: &Path,
+    name: &dyn Fn(&Path) -> PathBuf,
+    failures: &mut Vec<(String, String)>,
+) -> Result<Vec<Item>, String> {
+    let globs = glob_set(glob)?;
+    let mut paths = inputs.to_vec();
+    if let Some(list) = list {
         let text = std::fs::read_to_string(list)
             .map_err(|e| format!("{}: cannot read list: {e}", list.display()))?;
         paths.extend(
@@ -118,16 +137,16 @@ fn discover(args: &ExtractArgs, failures: &mut Vec<(String, String)>) -> Result<
             ));
             continue;
         }
-        let name = PathBuf::from(p.file_name().unwrap_or(p.as_os_str()));
+        let file_name = PathBuf::from(p.file_name().unwrap_or(p.as_os_str()));
         if p.is_file() {
             items.push(Item {
                 input: Input::Video(p.clone()),
-                out: args.out.join(npy_name(&name)),
+                out: out.join(name(&file_name)),
             });
         } else if has_images(&p) {
             items.push(Item {
                 input: Input::Frames(p.clone()),
-                out: args.out.join(npy_name(&name)),
+                out: out.join(name(&file_name)),
             });
         } else {
             let before = items.len();
@@ -143,12 +162,12 @@ fn discover(args: &ExtractArgs, failures: &mut Vec<(String, String)>) -> Result<
                 {
                     items.push(Item {
                         input: Input::Video(ep.to_path_buf()),
-                        out: args.out.join(npy_name(&rel)),
+                        out: out.join(name(&rel)),
                     });
                 } else if e.file_type().is_dir() && ep != p && has_images(ep) {
                     items.push(Item {
                         input: Input::Frames(ep.to_path_buf()),
-                        out: args.out.join(npy_name(&rel)),
+                        out: out.join(name(&rel)),
                     });
                 }
             }
@@ -158,7 +177,7 @@ fn discover(args: &ExtractArgs, failures: &mut Vec<(String, String)>) -> Result<
                     format!(
                         "{}: no videos matching '{}' and no frame folders inside",
                         p.display(),
-                        args.glob
+                        glob
                     ),
                 ));
             }
@@ -196,6 +215,8 @@ struct Job {
     opts: ExtractOptions,
     quiet: bool,
     stop: Arc<AtomicBool>,
+    /// Detect and crop faces first (`--crop-face`).
+    face: Option<FaceArgs>,
 }
 
 #[derive(Default)]
@@ -237,18 +258,41 @@ impl BackendTask for Job {
         let opts = self.opts.clone();
         let stop = self.stop.clone();
         let decode_items = items.clone();
-        // Decoding runs in its own thread, overlapping the model.
+        let detector = match &self.face {
+            Some(f) => {
+                Some(Detector::<B>::new(&device, f.detect_options()).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        let track_opts = self.face.as_ref().map(|f| f.track_options());
+        // Decoding (and face detection) runs in its own thread, overlapping the model.
         let decoder = std::thread::spawn(move || {
             for (i, it) in decode_items.iter().enumerate() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
+                let halt = || stop.load(Ordering::Relaxed);
+                let track = match (&detector, &track_opts) {
+                    (Some(d), Some(t)) => {
+                        match face_track(&it.input, clip_frames, &opts, d, t, &halt) {
+                            Ok(tr) => Some(tr.crops()),
+                            Err(e) => {
+                                if tx.send(Msg::Done(i, Err(e))).is_err() {
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let r = read_clips(
                     &it.input,
                     clip_frames,
                     size,
                     &opts,
-                    &|| stop.load(Ordering::Relaxed),
+                    track.as_deref(),
+                    &halt,
                     &mut |c| {
                         let _ = tx.send(Msg::Clip(i, c));
                     },
@@ -368,7 +412,7 @@ impl BackendTask for Job {
                 }
                 Msg::Done(i, Ok(stats)) => {
                     let (w, h) = stats.source_size;
-                    if !resized_note && (w, h) != (size, size) {
+                    if !resized_note && self.face.is_none() && (w, h) != (size, size) {
                         resized_note = true;
                         if !self.quiet {
                             bar.suspend(|| {
@@ -424,8 +468,16 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     if args.sample_rate == 0 || args.stride == 0 || args.batch_size == 0 {
         return Err("--sample-rate, --stride and --batch-size must be at least 1".into());
     }
+    args.face.check()?;
     let mut failures = Vec::new();
-    let all = discover(&args, &mut failures)?;
+    let all = discover(
+        &args.inputs,
+        args.list.as_deref(),
+        &args.glob,
+        &args.out,
+        &npy_name,
+        &mut failures,
+    )?;
     let total = all.len();
     let (items, skipped): (Vec<Item>, Vec<Item>) = all
         .into_iter()
@@ -460,6 +512,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             },
             quiet: args.quiet,
             stop: stop.clone(),
+            face: args.crop_face.then(|| args.face.clone()),
         };
         outcome = run_on(args.model.device, job)??;
     }
@@ -467,7 +520,29 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     for n in &outcome.notes {
         eprintln!("note: {n}");
     }
-    let report = args.out.join("failures.json");
+    report(
+        &args.out,
+        &failures,
+        outcome.written,
+        total,
+        skipped.len(),
+        stop.load(Ordering::Relaxed),
+        args.quiet,
+    )
+}
+
+/// End of a batch job: `failures.json` in `out` (removed when all went well), one line per
+/// failure, a summary, and the exit code (0, 1 with failures, 130 when interrupted).
+pub(super) fn report(
+    out: &Path,
+    failures: &[(String, String)],
+    written: usize,
+    total: usize,
+    skipped: usize,
+    interrupted: bool,
+    quiet: bool,
+) -> Result<i32, String> {
+    let report = out.join("failures.json");
     if failures.is_empty() {
         let _ = std::fs::remove_file(&report);
     } else {
@@ -477,17 +552,14 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             .collect();
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
         write_atomic(&report, text.as_bytes()).map_err(|e| format!("{}: {e}", report.display()))?;
-        for (_, e) in &failures {
+        for (_, e) in failures {
             eprintln!("failed: {e}");
         }
     }
-    let interrupted = stop.load(Ordering::Relaxed);
-    if !args.quiet || !failures.is_empty() || interrupted {
+    if !quiet || !failures.is_empty() || interrupted {
         eprintln!(
-            "{} of {total} inputs written to {}, {} skipped (already there), {} failed{}",
-            outcome.written,
-            args.out.display(),
-            skipped.len(),
+            "{written} of {total} inputs written to {}, {skipped} skipped (already there), {} failed{}",
+            out.display(),
             failures.len(),
             if failures.is_empty() {
                 String::new()

@@ -2,6 +2,8 @@
 
 mod bench;
 mod extract;
+mod face;
+mod face_args;
 mod model_args;
 
 use crate::hub;
@@ -27,6 +29,10 @@ struct Cli {
 enum Command {
     /// Videos or frame folders to MARLIN features (.npy), as marlin-pytorch's extract_video.
     Extract(Box<extract::ExtractArgs>),
+    /// Faces in the wild -> face videos (or frame folders) and their tracks (JSON).
+    Crop(Box<face::CropArgs>),
+    /// Detect faces in an image or video; draw them (--draw) so a person can look.
+    Detect(Box<face::DetectArgs>),
     /// Time feature extraction on this machine (random weights), optionally per operation.
     Bench(bench::BenchArgs),
     /// Download official weights into the cache.
@@ -67,6 +73,8 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Extract(args) => extract::run(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Crop(args) => face::crop(*args),
+        Command::Detect(args) => face::detect(*args),
         Command::Download { name, full, quiet } => hub::fetch(&name, full, !quiet)
             .map(|p| {
                 println!("{}", p.display());

@@ -4,6 +4,7 @@
 //! backend's device, batched over frames and candidates; the bookkeeping (resizing, NMS, box
 //! calibration) is plain Rust on the host.
 
+use super::cpu_nets::HostMtcnn;
 use super::mtcnn::Mtcnn;
 use crate::model::weights::WeightsError;
 use crate::video::Frame;
@@ -84,6 +85,8 @@ struct Cand {
 /// MTCNN on a backend: the three networks and the settings.
 pub struct Detector<B: Backend> {
     nets: Mtcnn<B>,
+    /// The networks on the host for the default CPU backend (much faster than its conv2d).
+    host: Option<HostMtcnn>,
     device: B::Device,
     pub opts: DetectOptions,
 }
@@ -91,11 +94,21 @@ pub struct Detector<B: Backend> {
 impl<B: Backend> Detector<B> {
     /// The detector with the embedded pretrained weights.
     pub fn new(device: &B::Device, opts: DetectOptions) -> Result<Self, WeightsError> {
+        let nets = Mtcnn::embedded(device)?;
+        let host = (B::name(device) == "flex").then(|| HostMtcnn::new(&nets));
         Ok(Self {
-            nets: Mtcnn::embedded(device)?,
+            nets,
+            host,
             device: device.clone(),
             opts,
         })
+    }
+
+    /// Run the networks through burn even on the CPU backend (the path a GPU takes; tests
+    /// compare it with the host path).
+    pub fn without_host_nets(mut self) -> Self {
+        self.host = None;
+        self
     }
 
     /// The pyramid scales for a `h` x `w` frame (facenet-pytorch's loop, in f64).
@@ -133,6 +146,30 @@ impl<B: Backend> Detector<B> {
         out
     }
 
+    /// `[n, h, w, 3]` host data -> an `[n, 3, h, w]` tensor on the device.
+    fn nchw(&self, x: Vec<f32>, n: usize, h: usize, w: usize) -> Tensor<B, 4> {
+        Tensor::<B, 4>::from_data(TensorData::new(x, [n, h, w, 3]), &self.device)
+            .permute([0, 3, 1, 2])
+    }
+
+    /// P-Net on `[n, h, w, 3]` -> (regression `[n, 4, ph, pw]`, face probability
+    /// `[n, ph, pw]`, ph, pw).
+    fn pnet(
+        &self,
+        x: Vec<f32>,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> (Vec<f32>, Vec<f32>, usize, usize) {
+        if let Some(hn) = &self.host {
+            return hn.pnet(&x, n, h, w);
+        }
+        let (reg, prob) = self.nets.pnet.forward(self.nchw(x, n, h, w));
+        let [_, _, ph, pw] = prob.dims();
+        let prob = prob.narrow(1, 1, 1);
+        (host(reg), host(prob), ph, pw)
+    }
+
     fn detect_same_size(&self, frames: &[&Frame]) -> Vec<Vec<Face>> {
         let n = frames.len();
         if n == 0 || frames[0].width == 0 || frames[0].height == 0 {
@@ -150,17 +187,13 @@ impl<B: Backend> Detector<B> {
                 .par_iter()
                 .flat_map_iter(|f| area_resize(f, [0, 0, w, h], oh, ow))
                 .collect();
-            let x = Tensor::<B, 4>::from_data(TensorData::new(data, [n, 3, oh, ow]), &self.device);
-            let (reg, prob) = self.nets.pnet.forward(x);
-            let [_, _, ph, pw] = prob.dims();
-            let prob = host(prob);
-            let reg = host(reg);
+            let (reg, prob, ph, pw) = self.pnet(data, n, oh, ow);
             let plane = ph * pw;
             for img in 0..n {
                 let mut found = Vec::new();
                 for y in 0..ph {
                     for x in 0..pw {
-                        let p = prob[(img * 2 + 1) * plane + y * pw + x];
+                        let p = prob[img * plane + y * pw + x];
                         if p < t1 {
                             continue;
                         }
@@ -201,9 +234,15 @@ impl<B: Backend> Detector<B> {
             .collect();
 
         // Stage 2: R-Net on 24x24 crops; NMS 0.7; calibrate; square.
-        let (cands, out) = self.run_net(frames, cands, 24, |x| {
-            let (reg, prob) = self.nets.rnet.forward(x);
-            vec![host(reg), host(prob)]
+        let (cands, out) = self.run_net(frames, cands, 24, |x, n| match &self.host {
+            Some(h) => {
+                let (reg, prob) = h.rnet(&x, n);
+                vec![reg, prob]
+            }
+            None => {
+                let (reg, prob) = self.nets.rnet.forward(self.nchw(x, n, 24, 24));
+                vec![host(reg), host(prob)]
+            }
         });
         let mut next = Vec::new();
         for (c, o) in cands.into_iter().zip(out) {
@@ -225,9 +264,15 @@ impl<B: Backend> Detector<B> {
             .collect();
 
         // Stage 3: O-Net on 48x48 crops: scores, landmarks, calibrated boxes; NMS "Min" 0.7.
-        let (cands, out) = self.run_net(frames, cands, 48, |x| {
-            let (reg, lm, prob) = self.nets.onet.forward(x);
-            vec![host(reg), host(lm), host(prob)]
+        let (cands, out) = self.run_net(frames, cands, 48, |x, n| match &self.host {
+            Some(h) => {
+                let (reg, lm, prob) = h.onet(&x, n);
+                vec![reg, lm, prob]
+            }
+            None => {
+                let (reg, lm, prob) = self.nets.onet.forward(self.nchw(x, n, 48, 48));
+                vec![host(reg), host(lm), host(prob)]
+            }
         });
         let mut faces: Vec<(usize, Face)> = Vec::new();
         for (c, o) in cands.into_iter().zip(out) {
@@ -284,7 +329,7 @@ impl<B: Backend> Detector<B> {
         frames: &[&Frame],
         cands: Vec<Cand>,
         size: usize,
-        net: impl Fn(Tensor<B, 4>) -> Vec<Vec<f32>>,
+        net: impl Fn(Vec<f32>, usize) -> Vec<Vec<f32>>,
     ) -> (Vec<Cand>, Vec<Vec<Vec<f32>>>) {
         let (w, h) = (frames[0].width as i64, frames[0].height as i64);
         let kept: Vec<(Cand, [usize; 4])> = cands
@@ -308,11 +353,7 @@ impl<B: Backend> Detector<B> {
                 .par_iter()
                 .flat_map_iter(|(c, r)| area_resize(frames[c.image], *r, size, size))
                 .collect();
-            let x = Tensor::<B, 4>::from_data(
-                TensorData::new(data, [chunk.len(), 3, size, size]),
-                &self.device,
-            );
-            let res = net(x);
+            let res = net(data, chunk.len());
             for i in 0..chunk.len() {
                 outs.push(
                     res.iter()
@@ -336,7 +377,7 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// Region `[x0, y0, x1, y1)` of an RGB frame -> `[3, oh, ow]` by area averaging (PyTorch's
+/// Region `[x0, y0, x1, y1)` of an RGB frame -> `[oh, ow, 3]` by area averaging (PyTorch's
 /// `interpolate(mode="area")`, i.e. adaptive average pooling), scaled as MTCNN expects:
 /// (v - 127.5) / 128.
 pub fn area_resize(f: &Frame, region: [usize; 4], oh: usize, ow: usize) -> Vec<f32> {
@@ -361,18 +402,18 @@ pub fn area_resize(f: &Frame, region: [usize; 4], oh: usize, ow: usize) -> Vec<f
             }
         }
     }
-    let mut out = vec![0f32; 3 * oh * ow];
+    let mut out = vec![0f32; oh * ow * 3];
     for i in 0..oh {
         let (a, b) = span(i, rh, oh);
         let inv = 1.0 / (b - a) as f32;
-        for j in 0..ow {
-            for c in 0..3 {
-                let mut s = 0f32;
-                for y in a..b {
-                    s += tmp[(y * ow + j) * 3 + c];
-                }
-                out[(c * oh + i) * ow + j] = (s * inv - 127.5) * 0.0078125;
+        let dst = &mut out[i * ow * 3..(i + 1) * ow * 3];
+        for y in a..b {
+            for (d, &v) in dst.iter_mut().zip(&tmp[y * ow * 3..(y + 1) * ow * 3]) {
+                *d += v;
             }
+        }
+        for d in dst.iter_mut() {
+            *d = (*d * inv - 127.5) * 0.0078125;
         }
     }
     out
@@ -460,9 +501,9 @@ mod tests {
         };
         let out = area_resize(&f, [0, 0, 4, 2], 1, 2);
         let back: Vec<f32> = out.iter().map(|v| v / 0.0078125 + 127.5).collect();
-        // Columns {0,1} and {2,3}, rows {0,1}: means 5.5 and 25.5.
+        // Columns {0,1} and {2,3}, rows {0,1}: means 5.5 and 25.5 (HWC: pixel 1 at index 3).
         assert!(
-            (back[0] - 5.5).abs() < 1e-4 && (back[1] - 25.5).abs() < 1e-4,
+            (back[0] - 5.5).abs() < 1e-4 && (back[3] - 25.5).abs() < 1e-4,
             "{back:?}"
         );
     }

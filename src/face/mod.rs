@@ -2,7 +2,13 @@
 //! weights embedded in the binary, per-video face tracks (selection, gap filling, smoothing)
 //! and the reference's square crop.
 
+pub mod cpu_nets;
+pub mod crop;
 pub mod detect;
+pub mod draw;
 pub mod mtcnn;
+pub mod track;
 
+pub use crop::{crop_resize, CropBox};
 pub use detect::{iou, DetectOptions, Detector, Face};
+pub use track::{FaceSelect, Track, TrackOptions};

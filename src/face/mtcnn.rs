@@ -58,14 +58,14 @@ fn flatten_whc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
 /// Proposal network: fully convolutional over the whole image (12x12 receptive field).
 #[derive(Module, Debug)]
 pub struct PNet<B: Backend> {
-    conv1: Conv<B>,
-    prelu1: Param<Tensor<B, 1>>,
-    conv2: Conv<B>,
-    prelu2: Param<Tensor<B, 1>>,
-    conv3: Conv<B>,
-    prelu3: Param<Tensor<B, 1>>,
-    conv4_1: Conv<B>,
-    conv4_2: Conv<B>,
+    pub(crate) conv1: Conv<B>,
+    pub(crate) prelu1: Param<Tensor<B, 1>>,
+    pub(crate) conv2: Conv<B>,
+    pub(crate) prelu2: Param<Tensor<B, 1>>,
+    pub(crate) conv3: Conv<B>,
+    pub(crate) prelu3: Param<Tensor<B, 1>>,
+    pub(crate) conv4_1: Conv<B>,
+    pub(crate) conv4_2: Conv<B>,
 }
 
 impl<B: Backend> PNet<B> {
@@ -82,16 +82,16 @@ impl<B: Backend> PNet<B> {
 /// Refinement network on 24x24 candidate crops.
 #[derive(Module, Debug)]
 pub struct RNet<B: Backend> {
-    conv1: Conv<B>,
-    prelu1: Param<Tensor<B, 1>>,
-    conv2: Conv<B>,
-    prelu2: Param<Tensor<B, 1>>,
-    conv3: Conv<B>,
-    prelu3: Param<Tensor<B, 1>>,
-    dense4: Linear<B>,
-    prelu4: Param<Tensor<B, 1>>,
-    dense5_1: Linear<B>,
-    dense5_2: Linear<B>,
+    pub(crate) conv1: Conv<B>,
+    pub(crate) prelu1: Param<Tensor<B, 1>>,
+    pub(crate) conv2: Conv<B>,
+    pub(crate) prelu2: Param<Tensor<B, 1>>,
+    pub(crate) conv3: Conv<B>,
+    pub(crate) prelu3: Param<Tensor<B, 1>>,
+    pub(crate) dense4: Linear<B>,
+    pub(crate) prelu4: Param<Tensor<B, 1>>,
+    pub(crate) dense5_1: Linear<B>,
+    pub(crate) dense5_2: Linear<B>,
 }
 
 impl<B: Backend> RNet<B> {
@@ -109,19 +109,19 @@ impl<B: Backend> RNet<B> {
 /// Output network on 48x48 crops: boxes, 5 landmarks, probability.
 #[derive(Module, Debug)]
 pub struct ONet<B: Backend> {
-    conv1: Conv<B>,
-    prelu1: Param<Tensor<B, 1>>,
-    conv2: Conv<B>,
-    prelu2: Param<Tensor<B, 1>>,
-    conv3: Conv<B>,
-    prelu3: Param<Tensor<B, 1>>,
-    conv4: Conv<B>,
-    prelu4: Param<Tensor<B, 1>>,
-    dense5: Linear<B>,
-    prelu5: Param<Tensor<B, 1>>,
-    dense6_1: Linear<B>,
-    dense6_2: Linear<B>,
-    dense6_3: Linear<B>,
+    pub(crate) conv1: Conv<B>,
+    pub(crate) prelu1: Param<Tensor<B, 1>>,
+    pub(crate) conv2: Conv<B>,
+    pub(crate) prelu2: Param<Tensor<B, 1>>,
+    pub(crate) conv3: Conv<B>,
+    pub(crate) prelu3: Param<Tensor<B, 1>>,
+    pub(crate) conv4: Conv<B>,
+    pub(crate) prelu4: Param<Tensor<B, 1>>,
+    pub(crate) dense5: Linear<B>,
+    pub(crate) prelu5: Param<Tensor<B, 1>>,
+    pub(crate) dense6_1: Linear<B>,
+    pub(crate) dense6_2: Linear<B>,
+    pub(crate) dense6_3: Linear<B>,
 }
 
 impl<B: Backend> ONet<B> {

@@ -2,6 +2,7 @@
 //! folders through the `image` crate.
 
 pub mod windows;
+pub mod writer;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
