@@ -1,82 +1,11 @@
 //! `marlin extract` as a user runs it: many inputs, bad ones among them, resume, layouts.
 //! Needs the ffmpeg/ffprobe programs (`.ci/run` installs them).
 
-use ndarray::ArrayD;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video")
-}
-
-fn marlin(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_marlin"));
-    c.args(args);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-/// Arguments of `extract` with the tiny 224-px fixture model.
-fn extract_args(extra: &[&str], out: &Path) -> Vec<String> {
-    let f = fixtures();
-    let mut args: Vec<String> = vec![
-        "extract".into(),
-        "--config".into(),
-        f.join("tiny224.yaml").display().to_string(),
-        "--weights".into(),
-        f.join("tiny224.pt").display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-        "--quiet".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-/// `extract` with the tiny 224-px fixture model.
-fn extract(extra: &[&str], out: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_marlin"))
-        .args(extract_args(extra, out))
-        .output()
-        .unwrap()
-}
-
-fn ffmpeg(args: &[&str]) {
-    let ok = Command::new("ffmpeg")
-        .args(["-v", "error", "-y"])
-        .args(args)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "ffmpeg {args:?}");
-}
-
-/// An H.264 test-pattern video of `frames` frames at `size`.
-fn pattern_video(out: &Path, size: &str, frames: usize) {
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        &format!("testsrc2=size={size}:rate=25"),
-        "-frames:v",
-        &frames.to_string(),
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        out.to_str().unwrap(),
-    ]);
-}
-
-fn read(p: &Path) -> ArrayD<f32> {
-    ndarray_npy::read_npy(p).unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
 
 #[test]
 fn bad_inputs_fail_one_line_each_and_the_batch_goes_on() {

@@ -80,3 +80,32 @@ fn batching_does_not_change_results() {
         }
     }
 }
+
+#[test]
+fn crop_equals_marlin_pytorch_crop() {
+    // marlin-pytorch's crop (crop_with_padding + cv2.resize, bilinear) of the largest face,
+    // from the same box: our crop differs only by OpenCV's fixed-point rounding (<= 2 levels).
+    use marlin::face::{crop_resize, CropBox};
+    let det = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
+    for name in ["astronaut256", "two_faces"] {
+        let f = read_image(&fixtures().join(format!("{name}.png"))).unwrap();
+        let faces = det.detect(&[&f]).remove(0);
+        let largest = faces
+            .iter()
+            .max_by(|a, b| a.area().total_cmp(&b.area()))
+            .unwrap();
+        let ours = crop_resize(&f, &CropBox::around(largest.bbox, 0.0), 224);
+        let want = read_image(&fixtures().join(format!("crop_{name}.png"))).unwrap();
+        assert_eq!((ours.width, ours.height), (want.width, want.height));
+        let diffs: Vec<i32> = ours
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(&a, &b)| (a as i32 - b as i32).abs())
+            .collect();
+        let max = diffs.iter().max().copied().unwrap_or(0);
+        let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+        eprintln!("{name}: crop vs marlin-pytorch: max diff {max}, mean {mean:.3}");
+        assert!(max <= 2, "{name}: crop differs by {max} levels");
+    }
+}

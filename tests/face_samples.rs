@@ -16,7 +16,10 @@ fn samples() -> Option<PathBuf> {
     if dir.join("video01.mp4").exists() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED: no sample videos in {} (set MARLIN_SAMPLES)", dir.display());
+        eprintln!(
+            "SKIPPED: no sample videos in {} (set MARLIN_SAMPLES)",
+            dir.display()
+        );
         None
     }
 }
@@ -45,14 +48,23 @@ fn faces_found_in_98_percent_of_frames_and_match_hand_labels() {
             .filter(|d| d.as_ref().is_some_and(|f| !f.is_empty()))
             .count();
         let rate = with_face as f64 / examined as f64;
-        eprintln!("{name}: a face in {with_face} of {examined} frames ({:.1}%)", rate * 100.0);
+        eprintln!(
+            "{name}: a face in {with_face} of {examined} frames ({:.1}%)",
+            rate * 100.0
+        );
         assert_eq!(examined, frames, "{name}: every frame decoded");
-        assert!(rate >= 0.98, "{name}: faces in only {:.1}% of frames", rate * 100.0);
+        assert!(
+            rate >= 0.98,
+            "{name}: faces in only {:.1}% of frames",
+            rate * 100.0
+        );
         let track = plan_track(&dets, &wanted, &opts).unwrap();
         for (idx, want) in labels["videos"][name].as_object().unwrap() {
             let i: usize = idx.parse().unwrap();
             let w: Vec<f32> = serde_json::from_value(want.clone()).unwrap();
-            let got = track.frames[i].face.expect("a detection on a labelled frame");
+            let got = track.frames[i]
+                .face
+                .expect("a detection on a labelled frame");
             let v = iou(&got.bbox, &[w[0], w[1], w[2], w[3]]);
             eprintln!("{name} frame {i}: IoU {v:.3} ({:?} vs {w:?})", got.bbox);
             worst = worst.min(v);

@@ -46,8 +46,16 @@ pub struct DetectArgs {
 pub enum CropFormat {
     /// H.264 video `<name>.mp4`.
     Mp4,
-    /// A folder `<name>/` of JPEG frames (the reference's crop_images_DB layout).
+    /// A folder `<name>/` of frames (the reference's crop_images_DB layout).
     Frames,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImageFormat {
+    /// JPEG, quality 95 (the reference's YouTube Faces layout; ~5x smaller).
+    Jpg,
+    /// PNG, lossless.
+    Png,
 }
 
 #[derive(Args, Debug)]
@@ -63,6 +71,9 @@ pub struct CropArgs {
     pub size: usize,
     #[arg(long, value_enum, default_value_t = CropFormat::Mp4)]
     pub format: CropFormat,
+    /// Image type of `--format frames`.
+    #[arg(long, value_enum, default_value_t = ImageFormat::Jpg)]
+    pub image_format: ImageFormat,
     /// File patterns of videos when walking a directory (comma-separated).
     #[arg(
         long,
@@ -85,13 +96,26 @@ fn faces_json(faces: &[Face]) -> serde_json::Value {
     serde_json::to_value(faces).unwrap_or_default()
 }
 
-fn save_png(f: &Frame, path: &Path) -> Result<(), String> {
+/// A frame encoded as PNG or JPEG (quality 95).
+fn encode_image(f: &Frame, format: ImageFormat) -> Result<Vec<u8>, String> {
     let img = image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone())
-        .ok_or_else(|| format!("{}: bad frame buffer", path.display()))?;
+        .ok_or("bad frame buffer")?;
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    write_atomic(path, buf.get_ref()).map_err(|e| format!("{}: {e}", path.display()))
+    match format {
+        ImageFormat::Png => img.write_to(&mut buf, image::ImageFormat::Png),
+        ImageFormat::Jpg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95).encode_image(&img)
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(buf.into_inner())
+}
+
+/// A PNG written atomically.
+fn save_png(f: &Frame, path: &Path) -> Result<(), String> {
+    let bytes =
+        encode_image(f, ImageFormat::Png).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_atomic(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
@@ -322,18 +346,22 @@ impl CropJob {
         let track = plan_track(&dets, &wanted, &a.face.track_options())
             .map_err(|msg| format!("{}: {msg}", it.input.path().display()))?;
         let crops = track.crops();
+        let ext = match a.image_format {
+            ImageFormat::Jpg => "jpg",
+            ImageFormat::Png => "png",
+        };
         let names: Vec<String> = match &it.input {
             Input::Frames(d) => video::list_frames(d)
                 .map_err(e)?
                 .iter()
                 .map(|f| {
-                    f.with_extension("jpg")
+                    f.with_extension(ext)
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 })
                 .collect(),
-            Input::Video(_) => (0..crops.len()).map(|i| format!("{i:05}.jpg")).collect(),
+            Input::Video(_) => (0..crops.len()).map(|i| format!("{i:05}.{ext}")).collect(),
         };
         pb.set_message(format!("cropping {}", it.input.path().display()));
         let (mut reader, _, _) = open_input(&it.input, None).map_err(e)?;
@@ -361,9 +389,9 @@ impl CropJob {
                     Some(w) => w.write(&face).map_err(e)?,
                     None => {
                         let p = tmp_dir.join(&names[i]);
-                        image::RgbImage::from_raw(a.size as u32, a.size as u32, face.data)
-                            .ok_or("bad frame buffer")?
-                            .save(&p)
+                        // Plain writes: the folder is renamed into place when complete.
+                        encode_image(&face, a.image_format)
+                            .and_then(|b| std::fs::write(&p, b).map_err(|e| e.to_string()))
                             .map_err(|err| format!("{}: {err}", p.display()))?;
                     }
                 }
