@@ -54,26 +54,38 @@ impl HConv {
         }
     }
 
-    /// `[H, W, C]` -> `[H-k+1, W-k+1, O]`.
+    /// `[H, W, C]` -> `[H-k+1, W-k+1, O]`. The im2col matrix is built a band of output rows
+    /// at a time (about 512 KB), so large frames do not allocate (and fault in) tens of MB.
     fn forward(&self, x: &[f32], h: usize, w: usize) -> (Vec<f32>, usize, usize) {
         let (k, c, o) = (self.k, self.c, self.o);
         let (oh, ow) = (h + 1 - k, w + 1 - k);
         let kk = k * k * c;
-        let mut cols = vec![0f32; oh * ow * kk];
-        for y in 0..oh {
-            for xx in 0..ow {
-                let dst = &mut cols[(y * ow + xx) * kk..(y * ow + xx + 1) * kk];
-                for ky in 0..k {
-                    let s = ((y + ky) * w + xx) * c;
-                    dst[ky * k * c..(ky + 1) * k * c].copy_from_slice(&x[s..s + k * c]);
-                }
-            }
-        }
+        let band = ((1usize << 17) / (ow * kk).max(1)).clamp(1, oh.max(1));
+        let mut cols = vec![0f32; band * ow * kk];
         let mut out: Vec<f32> = Vec::with_capacity(oh * ow * o);
         for _ in 0..oh * ow {
             out.extend_from_slice(&self.bias);
         }
-        matmul_acc(&mut out, &cols, &self.w, oh * ow, kk, o);
+        for r0 in (0..oh).step_by(band) {
+            let rows = band.min(oh - r0);
+            for y in 0..rows {
+                for xx in 0..ow {
+                    let dst = &mut cols[(y * ow + xx) * kk..(y * ow + xx + 1) * kk];
+                    for ky in 0..k {
+                        let s = ((r0 + y + ky) * w + xx) * c;
+                        dst[ky * k * c..(ky + 1) * k * c].copy_from_slice(&x[s..s + k * c]);
+                    }
+                }
+            }
+            matmul_acc(
+                &mut out[r0 * ow * o..(r0 + rows) * ow * o],
+                &cols[..rows * ow * kk],
+                &self.w,
+                rows * ow,
+                kk,
+                o,
+            );
+        }
         if let Some(a) = &self.alpha {
             prelu(&mut out, a);
         }

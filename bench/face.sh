@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Face detection and --crop-face, side by side with the reference detector (facenet-pytorch's
+# MTCNN, whose weights we embed), same machine, same thread count, one run.
+#
+#   PEER_PY=/opt/venv/peer/bin/python SAMPLES=../shared/samples bench/face.sh [threads]
+#
+# 1. Detection frames/s (decode included) on video01.mp4 (480x360, 300 frames) and
+#    video02.mp4 (1280x720, 195 frames): `marlin detect` vs MTCNN.detect in batches of 16.
+# 2. The cost of --crop-face: `marlin extract` of video01.mp4 with ViT-B (random weights),
+#    whole frames resized vs detect + track + crop. (The peer's crop_face clones a detector
+#    repository at run time, so it has no offline counterpart.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${1:-2}
+PEER_PY=${PEER_PY:-python3}
+SAMPLES=${SAMPLES:-../shared/samples}
+export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+cargo build --release -q
+bin=target/release/marlin
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads; $(date -u +%F)"
+
+echo "== 1. detection, frames/s (decode included)"
+for v in video01 video02; do
+  ours=$($bin detect "$SAMPLES/$v.mp4" -q | sed -n 's/.*, \([0-9.]*\) frames\/s$/\1/p')
+  peer_line=$("$PEER_PY" bench/peer_detect.py "$SAMPLES/$v.mp4" --threads "$threads")
+  peer=$(echo "$peer_line" | sed -n 's/^peer frames\/s: \([0-9.]*\).*/\1/p')
+  echo "$v: marlin-rs $ours frames/s, facenet-pytorch $peer frames/s ($peer_line)"
+  python3 -c "print(f'$v time ratio (ours / peer): {$peer / $ours:.2f}x')"
+done
+
+echo "== 2. extract with and without --crop-face, ViT-B, video01.mp4 (300 frames -> 9 clips)"
+"$PEER_PY" bench/peer_extract.py --save-weights "$work/vitb.pt" --threads "$threads" >/dev/null
+t0=$(date +%s.%N)
+$bin extract "$SAMPLES/video01.mp4" --weights "$work/vitb.pt" --out "$work/plain" --quiet
+t1=$(date +%s.%N)
+$bin extract "$SAMPLES/video01.mp4" --weights "$work/vitb.pt" --out "$work/crop" --quiet --crop-face
+t2=$(date +%s.%N)
+python3 -c "
+plain, crop = $t1 - $t0, $t2 - $t1
+print(f'plain extract {plain:.2f} s, --crop-face {crop:.2f} s: --crop-face costs {crop / plain:.2f}x plain')"
