@@ -8,6 +8,7 @@ pub mod extract;
 pub mod face;
 pub mod hub;
 pub mod model;
+pub mod probe;
 pub mod util;
 pub mod video;
 

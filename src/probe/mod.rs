@@ -1,0 +1,4 @@
+//! Downstream adaptation: labelled datasets, linear probing on extracted features, fine-tuning
+//! the encoder, evaluation (accuracy, AUROC) and prediction.
+
+pub mod metrics;
