@@ -91,7 +91,7 @@ pub struct ClipStats {
 }
 
 /// Frames `[H, W, 3]` u8 -> clip `[3, T, H, W]` f32 / 255.
-fn to_clip(frames: &[Arc<Frame>]) -> ClipData {
+pub(crate) fn to_clip(frames: &[Arc<Frame>]) -> ClipData {
     let t = frames.len();
     let (h, w) = (frames[0].height, frames[0].width);
     let mut data = vec![0f32; 3 * t * h * w];

@@ -2,3 +2,5 @@
 //! the encoder, evaluation (accuracy, AUROC) and prediction.
 
 pub mod metrics;
+pub mod data;
+pub mod train;

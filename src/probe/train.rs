@@ -1,0 +1,524 @@
+//! Training a classifier as the reference's downstream `Classifier`: a linear head on frozen
+//! features (linear probing) or on the encoder's pooled features of 16-frame clips
+//! (fine-tuning). Adam (lr 1e-4, betas (0.5, 0.9)), BCE-with-logits (binary, multilabel) or
+//! cross-entropy (multiclass), ReduceLROnPlateau on the training loss (factor 0.5, patience 7),
+//! stop once the learning rate falls below 1e-6, best checkpoint by validation AUC.
+
+use super::data::{Dataset, Sample};
+use super::metrics::{evaluate, Metrics, TaskKind};
+use crate::extract::{open_input, to_clip, ClipData, Input};
+use crate::model::encoder::Encoder;
+use crate::model::load::{Exporter, Loader};
+use crate::model::weights::{HostTensor, StateDict, WeightsError};
+use crate::model::MarlinConfig;
+use crate::video::{Frame, VideoError};
+use burn::module::{AutodiffModule, Module, Param};
+use burn::nn::Linear;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, RngExt, SeedableRng};
+use rayon::prelude::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A linear head, with the encoder under it when fine-tuning.
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    pub encoder: Option<Encoder<B>>,
+    pub fc: Linear<B>,
+}
+
+impl<B: Backend> Classifier<B> {
+    /// A fresh `[d] -> [k]` head, PyTorch's Linear initialisation (uniform in +-1/sqrt(d)),
+    /// deterministic in `seed`.
+    pub fn new(encoder: Option<Encoder<B>>, d: usize, k: usize, seed: u64, device: &B::Device) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bound = 1.0 / (d as f32).sqrt();
+        let mut u = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+        let weight = Param::from_tensor(Tensor::from_data(TensorData::new(u(d * k), [d, k]), device));
+        let bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(u(k), [k]), device)));
+        Self {
+            encoder,
+            fc: Linear { weight, bias },
+        }
+    }
+
+    /// From a checkpoint of [`Classifier::to_state_dict`] (`fc.*`, and `encoder.*` when `cfg`).
+    pub fn from_state_dict(
+        sd: &StateDict,
+        cfg: Option<&MarlinConfig>,
+        device: &B::Device,
+    ) -> Result<Self, WeightsError> {
+        let l = Loader::<B>::new(sd, device);
+        let encoder = match cfg {
+            Some(c) => {
+                sd.check(c, &[crate::model::Part::Encoder])?;
+                Some(Encoder::load(&l, c)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            encoder,
+            fc: l.linear("fc", true)?,
+        })
+    }
+
+    /// Official key names for the encoder (so `marlin extract --weights` reads a fine-tuned
+    /// checkpoint), `fc.weight` `[k, d]` and `fc.bias` for the head.
+    pub fn to_state_dict(&self, name: &str) -> StateDict {
+        let mut sd = StateDict::new(name);
+        let mut e = Exporter { sd: &mut sd };
+        if let Some(enc) = &self.encoder {
+            enc.export(&mut e);
+        }
+        e.linear("fc", &self.fc);
+        sd
+    }
+
+    /// Logits `[b, k]` of features `[b, d]`.
+    pub fn forward_features(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc.forward(x)
+    }
+
+    /// Logits `[b, k]` of clips `[b, 3, T, H, W]` (pooled encoder features; needs the encoder).
+    pub fn forward_clips(&self, x: Tensor<B, 5>) -> Tensor<B, 2> {
+        let b = x.dims()[0];
+        match &self.encoder {
+            Some(enc) => {
+                let f = enc.extract_features(x, false);
+                let d = f.dims()[2];
+                self.fc.forward(f.reshape([b, d]))
+            }
+            None => panic!("forward_clips needs the encoder (a fine-tuning classifier)"),
+        }
+    }
+}
+
+/// Settings of a training run (the reference's values by default).
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub lr: f64,
+    pub batch_size: usize,
+    pub max_epochs: usize,
+    /// ReduceLROnPlateau on the training loss.
+    pub patience: usize,
+    pub factor: f64,
+    /// Stop once the learning rate is below this.
+    pub stop_lr: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            batch_size: 32,
+            max_epochs: 200,
+            patience: 7,
+            factor: 0.5,
+            stop_lr: 1e-6,
+            seed: 0,
+        }
+    }
+}
+
+/// PyTorch's ReduceLROnPlateau with its defaults (mode min, relative threshold 1e-4, no
+/// cooldown, min_lr 1e-8 as the reference sets).
+#[derive(Debug, Clone)]
+pub struct Plateau {
+    pub lr: f64,
+    best: f64,
+    bad: usize,
+    patience: usize,
+    factor: f64,
+}
+
+impl Plateau {
+    pub fn new(lr: f64, patience: usize, factor: f64) -> Self {
+        Self {
+            lr,
+            best: f64::INFINITY,
+            bad: 0,
+            patience,
+            factor,
+        }
+    }
+    /// Record an epoch's metric; lower the rate after `patience` epochs without improvement.
+    pub fn step(&mut self, metric: f64) {
+        if metric < self.best * (1.0 - 1e-4) {
+            self.best = metric;
+            self.bad = 0;
+        } else {
+            self.bad += 1;
+        }
+        if self.bad > self.patience {
+            self.lr = (self.lr * self.factor).max(1e-8);
+            self.bad = 0;
+        }
+    }
+}
+
+/// Where the inputs of a run come from.
+pub enum Inputs {
+    /// Features per split, `[n, d]` row-major (already reduced over windows).
+    Features { d: usize, train: Vec<f32>, val: Vec<f32>, test: Vec<f32> },
+    /// Videos, read as one clip each time a sample is used.
+    Clips(ClipSpec),
+}
+
+/// How fine-tuning reads a clip from a video: `clip_frames` frames `sample_rate` apart (fewer
+/// frames: a lower rate, then padding with the last frame, as the reference), frames resized
+/// to `size`. Training clips start at random; evaluation clips are centred.
+#[derive(Debug, Clone)]
+pub struct ClipSpec {
+    pub clip_frames: usize,
+    pub sample_rate: usize,
+    pub size: usize,
+}
+
+impl ClipSpec {
+    /// Read one clip; `rng` picks the start (None: the centred clip).
+    pub fn read(&self, video: &std::path::Path, rng: Option<&mut StdRng>) -> Result<ClipData, VideoError> {
+        let input = Input::Video(video.to_path_buf());
+        let (mut reader, n, _) = open_input(&input, Some((self.size, self.size)))?;
+        let t = self.clip_frames;
+        let rate = if n <= t {
+            1
+        } else if n <= t * self.sample_rate {
+            (n / t).max(1)
+        } else {
+            self.sample_rate
+        };
+        let span = (t - 1) * rate + 1;
+        let room = n.saturating_sub(span);
+        let start = match rng {
+            Some(r) if room > 0 => r.random_range(0..=room),
+            _ => room / 2,
+        };
+        let wanted: Vec<usize> = (0..t).map(|i| start + i * rate).collect();
+        let mut frames: Vec<Arc<Frame>> = Vec::with_capacity(t);
+        let last_needed = *wanted.last().unwrap_or(&0);
+        for i in 0..=last_needed {
+            if wanted.contains(&i) {
+                match reader.next_frame()? {
+                    Some(f) => frames.push(Arc::new(f)),
+                    None => break,
+                }
+            } else if !reader.skip_frame()? {
+                break;
+            }
+        }
+        let Some(last) = frames.last().cloned() else {
+            return Err(VideoError::Other {
+                path: video.display().to_string(),
+                msg: "no frame could be decoded".into(),
+            });
+        };
+        frames.resize(t, last);
+        Ok(to_clip(&frames))
+    }
+}
+
+/// One epoch's numbers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub val_auc: Option<f64>,
+    pub seconds: f64,
+}
+
+/// What a run did.
+pub struct RunResult<B: Backend> {
+    pub epochs: Vec<EpochLog>,
+    pub best_epoch: usize,
+    /// The best classifier (by validation AUC).
+    pub best: Classifier<B>,
+    pub val: Metrics,
+    pub test: Metrics,
+    pub stop: String,
+}
+
+/// Hooks of a run: progress and checkpoints (called after each epoch), and Ctrl-C.
+pub trait RunHooks<B: Backend> {
+    fn epoch(&mut self, log: &EpochLog, improved: Option<&Classifier<B>>) -> Result<(), String>;
+    fn stop(&self) -> bool;
+    fn batch(&mut self, _done: usize, _total: usize) {}
+}
+
+fn targets(samples: &[Sample], idx: &[usize]) -> Vec<f32> {
+    idx.iter().flat_map(|&i| samples[i].target.iter().copied()).collect()
+}
+
+/// Loss (mean) of logits `[b, k]` against the targets of `kind`.
+fn loss<B: Backend>(logits: Tensor<B, 2>, y: &[f32], kind: TaskKind) -> Tensor<B, 1> {
+    let [b, k] = logits.dims();
+    let device = logits.device();
+    match kind {
+        TaskKind::Multiclass => {
+            let mut onehot = vec![0f32; b * k];
+            for (i, &c) in y.iter().enumerate() {
+                onehot[i * k + c as usize] = 1.0;
+            }
+            let oh = Tensor::<B, 2>::from_data(TensorData::new(onehot, [b, k]), &device);
+            (log_softmax(logits, 1) * oh).sum().neg().div_scalar(b as f32)
+        }
+        _ => {
+            let yt = Tensor::<B, 2>::from_data(TensorData::new(y.to_vec(), [b, k]), &device);
+            // Stable BCE with logits: max(x, 0) - x y + log(1 + exp(-|x|)).
+            let l = logits.clone().clamp_min(0.0) - logits.clone() * yt
+                + logits.abs().neg().exp().add_scalar(1.0).log();
+            l.mean()
+        }
+    }
+}
+
+fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
+    let p = match kind {
+        TaskKind::Multiclass => softmax(logits, 1),
+        _ => sigmoid(logits),
+    };
+    p.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default()
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN) as f64
+}
+
+impl Inputs {
+    fn logits<B: Backend>(
+        &self,
+        model: &Classifier<B>,
+        split: &str,
+        samples: &[Sample],
+        idx: &[usize],
+        rng: Option<&mut StdRng>,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>, String> {
+        match self {
+            Inputs::Features { d, train, val, test } => {
+                let src = match split {
+                    "train" => train,
+                    "val" => val,
+                    _ => test,
+                };
+                let x: Vec<f32> = idx.iter().flat_map(|&i| src[i * d..(i + 1) * d].iter().copied()).collect();
+                Ok(model.forward_features(Tensor::from_data(TensorData::new(x, [idx.len(), *d]), device)))
+            }
+            Inputs::Clips(spec) => {
+                // One seed per clip from the run's generator, so parallel decoding stays
+                // deterministic.
+                let seeds: Vec<Option<u64>> = match rng {
+                    Some(r) => idx.iter().map(|_| Some(r.random::<u64>())).collect(),
+                    None => vec![None; idx.len()],
+                };
+                let clips: Vec<ClipData> = idx
+                    .par_iter()
+                    .zip(seeds)
+                    .map(|(&i, s)| {
+                        let mut r = s.map(StdRng::seed_from_u64);
+                        spec.read(&samples[i].video, r.as_mut())
+                            .map_err(|e| format!("{}: {e}", samples[i].origin))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let (t, s) = (spec.clip_frames, spec.size);
+                let flat: Vec<f32> = clips.into_iter().flat_map(|c| c.data).collect();
+                let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [idx.len(), 3, t, s, s]), device);
+                Ok(model.forward_clips(x))
+            }
+        }
+    }
+
+    /// Loss and metrics of a split, in batches, without gradients.
+    pub fn evaluate<B: Backend>(
+        &self,
+        model: &Classifier<B>,
+        data: &Dataset,
+        split: &str,
+        batch: usize,
+        device: &B::Device,
+    ) -> Result<(f64, Metrics), String> {
+        let samples = data.split(split);
+        let idx: Vec<usize> = (0..samples.len()).collect();
+        let (mut p, mut total, mut y) = (Vec::new(), 0f64, Vec::new());
+        for chunk in idx.chunks(batch.max(1)) {
+            let logits = self.logits(model, split, samples, chunk, None, device)?;
+            let t = targets(samples, chunk);
+            total += scalar(loss(logits.clone(), &t, data.kind)) * chunk.len() as f64;
+            p.extend(probs(logits, data.kind));
+            y.extend(t);
+        }
+        let n = samples.len().max(1) as f64;
+        Ok((total / n, evaluate(data.kind, &data.names, &p, &y, data.width())))
+    }
+}
+
+/// Train `model` on `data`'s train split, validate each epoch, keep the best by validation AUC
+/// and evaluate it on the test split.
+pub fn train<B: AutodiffBackend>(
+    mut model: Classifier<B>,
+    data: &Dataset,
+    inputs: &Inputs,
+    opts: &TrainOptions,
+    hooks: &mut dyn RunHooks<B::InnerBackend>,
+    device: &B::Device,
+) -> Result<RunResult<B::InnerBackend>, String> {
+    let mut optim = AdamConfig::new()
+        .with_beta_1(0.5)
+        .with_beta_2(0.9)
+        .with_epsilon(1e-8)
+        .init::<B, Classifier<B>>();
+    let mut sched = Plateau::new(opts.lr, opts.patience, opts.factor);
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let n = data.train.len();
+    let bs = opts.batch_size.max(1).min(n.max(1));
+    let mut epochs = Vec::new();
+    let mut best: Option<(f64, usize, Classifier<B::InnerBackend>)> = None;
+    let mut stop = format!("reached --max-epochs {}", opts.max_epochs);
+    let inner_device = device.clone();
+    for epoch in 1..=opts.max_epochs {
+        if hooks.stop() {
+            stop = "interrupted".into();
+            break;
+        }
+        let t0 = Instant::now();
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.shuffle(&mut rng);
+        // The reference drops the last incomplete batch.
+        let batches: Vec<&[usize]> = idx.chunks(bs).filter(|c| c.len() == bs).collect();
+        let (mut sum, mut count) = (0f64, 0usize);
+        for (bi, b) in batches.iter().enumerate() {
+            if hooks.stop() {
+                break;
+            }
+            let logits = inputs.logits(&model, "train", &data.train, b, Some(&mut rng), device)?;
+            let l = loss(logits, &targets(&data.train, b), data.kind);
+            sum += scalar(l.clone().inner()) * b.len() as f64;
+            count += b.len();
+            let grads = GradientsParams::from_grads(l.backward(), &model);
+            model = optim.step(sched.lr, model, grads);
+            hooks.batch(bi + 1, batches.len());
+        }
+        if hooks.stop() {
+            stop = "interrupted".into();
+            break;
+        }
+        let train_loss = sum / count.max(1) as f64;
+        let valid = model.valid();
+        let (val_loss, vm) = inputs.evaluate(&valid, data, "val", bs, &inner_device_of::<B>(&inner_device))?;
+        let log = EpochLog {
+            epoch,
+            lr: sched.lr,
+            train_loss,
+            val_loss,
+            val_accuracy: vm.accuracy,
+            val_auc: vm.auc(),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        // Judged by validation AUC; where it is undefined (one class in val), by the loss.
+        let score = vm.auc().unwrap_or(-val_loss);
+        let improved = best.as_ref().is_none_or(|(s, _, _)| score > *s);
+        if improved {
+            best = Some((score, epoch, valid.clone()));
+        }
+        hooks.epoch(&log, improved.then_some(&valid))?;
+        epochs.push(log);
+        sched.step(train_loss);
+        if sched.lr < opts.stop_lr {
+            stop = format!("learning rate fell below {:e} after epoch {epoch}", opts.stop_lr);
+            break;
+        }
+    }
+    let (_, best_epoch, best) = best.ok_or("no epoch finished")?;
+    let dev = inner_device_of::<B>(&inner_device);
+    let (_, val) = inputs.evaluate(&best, data, "val", bs, &dev)?;
+    let (_, test) = inputs.evaluate(&best, data, "test", bs, &dev)?;
+    Ok(RunResult {
+        epochs,
+        best_epoch,
+        best,
+        val,
+        test,
+        stop,
+    })
+}
+
+/// The inner backend's device of an autodiff device (the same device).
+fn inner_device_of<B: AutodiffBackend>(d: &B::Device) -> burn::tensor::Device<B::InnerBackend> {
+    d.clone()
+}
+
+/// Features of every sample of each split from `.npy` files (`[clips, D]` or `[D]`), reduced
+/// over clips by `reduction` (mean, max or min) -> `[n, D]` per split.
+pub fn load_features(
+    paths: &std::collections::BTreeMap<String, Vec<PathBuf>>,
+    data: &Dataset,
+    reduction: &str,
+) -> Result<Inputs, String> {
+    let mut d = None;
+    let mut out: Vec<Vec<f32>> = Vec::new();
+    for split in super::data::SPLITS {
+        let mut rows = Vec::new();
+        for (p, s) in paths[split].iter().zip(data.split(split)) {
+            let a: ndarray::ArrayD<f32> = ndarray_npy::read_npy(p)
+                .map_err(|e| format!("{}: {}: cannot read features: {e}", s.origin, p.display()))?;
+            let a = match a.ndim() {
+                1 => a.insert_axis(ndarray::Axis(0)),
+                2 => a,
+                _ => {
+                    return Err(format!(
+                        "{}: {}: features of shape {:?}; expected [clips, D] or [D] (extract without --keep-seq)",
+                        s.origin,
+                        p.display(),
+                        a.shape()
+                    ))
+                }
+            };
+            if a.shape()[0] == 0 {
+                return Err(format!("{}: {}: no clips", s.origin, p.display()));
+            }
+            let width = a.shape()[1];
+            if *d.get_or_insert(width) != width {
+                return Err(format!(
+                    "{}: {}: {width} features, others have {}",
+                    s.origin,
+                    p.display(),
+                    d.unwrap_or(0)
+                ));
+            }
+            let ax = ndarray::Axis(0);
+            let r = match reduction {
+                "mean" => a.mean_axis(ax).ok_or("empty")?,
+                "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
+                "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
+                other => return Err(format!("--reduction {other}: expected mean, max or min")),
+            };
+            rows.extend(r.iter().copied());
+        }
+        out.push(rows);
+    }
+    let [train, val, test]: [Vec<f32>; 3] = out.try_into().map_err(|_| "three splits".to_string())?;
+    Ok(Inputs::Features {
+        d: d.unwrap_or(0),
+        train,
+        val,
+        test,
+    })
+}
+
+/// A checkpoint's head as host tensors, for callers that only need shapes.
+pub fn head_shape(sd: &StateDict) -> Option<(usize, usize)> {
+    sd.tensors.get("fc.weight").map(|t: &HostTensor| (t.shape[1], t.shape[0]))
+}
