@@ -5,6 +5,7 @@ mod extract;
 mod face;
 mod face_args;
 mod model_args;
+mod probe;
 
 use crate::hub;
 use crate::model::weights::{count_params, StateDict};
@@ -33,6 +34,14 @@ enum Command {
     Crop(Box<face::CropArgs>),
     /// Detect faces in an image or video; draw them (--draw) so a person can look.
     Detect(Box<face::DetectArgs>),
+    /// Split a labels CSV or a CelebV-HQ root 80/10/10 into train/val/test lists.
+    Split(probe::SplitArgs),
+    /// Linear probing: a linear head on features from `marlin extract`, with reports.
+    Probe(Box<probe::ProbeArgs>),
+    /// Fine-tune the encoder with a linear head on 16-frame clips, with reports.
+    Finetune(Box<probe::FinetuneArgs>),
+    /// Apply a trained probe or fine-tuned classifier to features or videos; writes CSV.
+    Predict(Box<probe::PredictArgs>),
     /// Time feature extraction on this machine (random weights), optionally per operation.
     Bench(bench::BenchArgs),
     /// Download official weights into the cache.
@@ -74,6 +83,10 @@ pub fn main() -> i32 {
         Command::Extract(args) => extract::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Crop(args) => face::crop(*args),
+        Command::Split(args) => probe::split(args),
+        Command::Probe(args) => probe::probe(*args),
+        Command::Finetune(args) => probe::finetune(*args),
+        Command::Predict(args) => probe::predict(*args),
         Command::Detect(args) => face::detect(*args),
         Command::Download { name, full, quiet } => hub::fetch(&name, full, !quiet)
             .map(|p| {

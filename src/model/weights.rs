@@ -320,10 +320,11 @@ impl StateDict {
         if n == 0 {
             return Err(read_err("the file is empty".into()));
         }
-        let raw = if head.starts_with(b"PK") || head[0] == 0x80 {
-            read_torch(path).map_err(read_err)?
-        } else if n >= 9 && head[8] == b'{' {
+        // safetensors first: its 8-byte header length can begin with 0x80, the pickle marker.
+        let raw = if n >= 9 && head[8] == b'{' && !head.starts_with(b"PK") {
             read_safetensors(path).map_err(read_err)?
+        } else if head.starts_with(b"PK") || head[0] == 0x80 {
+            read_torch(path).map_err(read_err)?
         } else {
             return Err(read_err(
                 "unknown format (expected a torch .pt/.ckpt zip or pickle, or safetensors)".into(),

@@ -110,7 +110,11 @@ impl Dataset {
         for split in SPLITS {
             for s in self.split(split) {
                 if !s.video.is_file() {
-                    return Err(format!("{}: video {} not found", s.origin, s.video.display()));
+                    return Err(format!(
+                        "{}: video {} not found",
+                        s.origin,
+                        s.video.display()
+                    ));
                 }
             }
         }
@@ -124,7 +128,9 @@ fn read_text(p: &Path) -> Result<String, String> {
 
 fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, String> {
     if task != "appearance" && task != "action" {
-        return Err(format!("--task {task}: CelebV-HQ tasks are appearance and action"));
+        return Err(format!(
+            "--task {task}: CelebV-HQ tasks are appearance and action"
+        ));
     }
     let info_path = root.join("celebvhq_info.json");
     let info: serde_json::Value = serde_json::from_str(&read_text(&info_path)?)
@@ -133,7 +139,11 @@ fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, String> {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| v.to_string())
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -182,9 +192,8 @@ fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, String> {
     } else {
         names
     };
-    let [train, val, test]: [Vec<Sample>; 3] = splits
-        .try_into()
-        .map_err(|_| "three splits".to_string())?;
+    let [train, val, test]: [Vec<Sample>; 3] =
+        splits.try_into().map_err(|_| "three splits".to_string())?;
     Ok(Dataset {
         kind: TaskKind::Multilabel,
         names,
@@ -328,9 +337,8 @@ fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
         }
         splits.push(v);
     }
-    let [train, val, test]: [Vec<Sample>; 3] = splits
-        .try_into()
-        .map_err(|_| "three splits".to_string())?;
+    let [train, val, test]: [Vec<Sample>; 3] =
+        splits.try_into().map_err(|_| "three splits".to_string())?;
     if train.is_empty() {
         return Err(format!("{}: no rows", dir.join("train.csv").display()));
     }
@@ -358,14 +366,23 @@ pub fn split_indices(n: usize, seed: u64) -> [Vec<usize>; 3] {
 /// `celebvhq_info.json` is there) -> `train.txt`/`val.txt`/`test.txt`; or a labels CSV ->
 /// `train.csv`/`val.csv`/`test.csv` beside it (header kept). Returns the files written and
 /// their row counts. Refuses to overwrite unless `overwrite`.
-pub fn make_split(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathBuf, usize)>, String> {
+pub fn make_split(
+    input: &Path,
+    seed: u64,
+    overwrite: bool,
+) -> Result<Vec<(PathBuf, usize)>, String> {
     let (dir, ext, header, rows): (PathBuf, &str, Option<String>, Vec<String>) = if input.is_dir() {
         let cropped = input.join("cropped");
-        let rd = std::fs::read_dir(&cropped)
-            .map_err(|_| format!("{}: no cropped/ folder (a CelebV-HQ root has one)", input.display()))?;
-        let info: Option<serde_json::Value> = std::fs::read_to_string(input.join("celebvhq_info.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
+        let rd = std::fs::read_dir(&cropped).map_err(|_| {
+            format!(
+                "{}: no cropped/ folder (a CelebV-HQ root has one)",
+                input.display()
+            )
+        })?;
+        let info: Option<serde_json::Value> =
+            std::fs::read_to_string(input.join("celebvhq_info.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
         let mut names: Vec<String> = rd
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -378,7 +395,9 @@ pub fn make_split(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathB
     } else {
         let text = read_text(input)?;
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-        let first = lines.next().ok_or_else(|| format!("{}: empty", input.display()))?;
+        let first = lines
+            .next()
+            .ok_or_else(|| format!("{}: empty", input.display()))?;
         let (header, mut rows) = if first.trim_start().to_ascii_lowercase().starts_with("path") {
             (Some(first.to_string()), Vec::new())
         } else {
@@ -393,9 +412,16 @@ pub fn make_split(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathB
         (dir, "csv", header, rows)
     };
     if rows.len() < 3 {
-        return Err(format!("{}: {} item(s); a split needs at least 3", input.display(), rows.len()));
+        return Err(format!(
+            "{}: {} item(s); a split needs at least 3",
+            input.display(),
+            rows.len()
+        ));
     }
-    let targets: Vec<PathBuf> = SPLITS.iter().map(|s| dir.join(format!("{s}.{ext}"))).collect();
+    let targets: Vec<PathBuf> = SPLITS
+        .iter()
+        .map(|s| dir.join(format!("{s}.{ext}")))
+        .collect();
     if !overwrite {
         if let Some(t) = targets.iter().find(|t| t.exists()) {
             return Err(format!("{}: exists (use --overwrite)", t.display()));
@@ -409,7 +435,8 @@ pub fn make_split(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathB
             text += &rows[*i];
             text.push('\n');
         }
-        crate::util::write_atomic(t, text.as_bytes()).map_err(|e| format!("{}: {e}", t.display()))?;
+        crate::util::write_atomic(t, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", t.display()))?;
         written.push((t.clone(), idx.len()));
     }
     Ok(written)

@@ -134,7 +134,10 @@ pub fn evaluate(
                     let p = column(c);
                     let yc: Vec<bool> = (0..n).map(|i| y[i * k + c]).collect();
                     LabelMetrics {
-                        name: names.get(c).cloned().unwrap_or_else(|| format!("label_{c}")),
+                        name: names
+                            .get(c)
+                            .cloned()
+                            .unwrap_or_else(|| format!("label_{c}")),
                         positives: yc.iter().filter(|&&v| v).count(),
                         accuracy: accuracy(&p, &yc),
                         auroc: auroc(&p, &yc),
@@ -170,7 +173,10 @@ pub fn evaluate(
                     let p = column(c);
                     let yc: Vec<bool> = class.iter().map(|&t| t == c).collect();
                     LabelMetrics {
-                        name: names.get(c).cloned().unwrap_or_else(|| format!("class_{c}")),
+                        name: names
+                            .get(c)
+                            .cloned()
+                            .unwrap_or_else(|| format!("class_{c}")),
                         positives: yc.iter().filter(|&&v| v).count(),
                         accuracy: accuracy(&p, &yc),
                         auroc: auroc(&p, &yc),
@@ -211,7 +217,10 @@ pub fn table(m: &Metrics) -> String {
         );
     }
     if m.per_label.len() > 1 {
-        s += &format!("{:<28} {:>9} {:>9} {:>8}\n", "label", "positives", "accuracy", "AUROC");
+        s += &format!(
+            "{:<28} {:>9} {:>9} {:>8}\n",
+            "label", "positives", "accuracy", "AUROC"
+        );
         for l in &m.per_label {
             s += &format!(
                 "{:<28} {:>9} {:>9.4} {:>8}\n",

@@ -35,12 +35,23 @@ pub struct Classifier<B: Backend> {
 impl<B: Backend> Classifier<B> {
     /// A fresh `[d] -> [k]` head, PyTorch's Linear initialisation (uniform in +-1/sqrt(d)),
     /// deterministic in `seed`.
-    pub fn new(encoder: Option<Encoder<B>>, d: usize, k: usize, seed: u64, device: &B::Device) -> Self {
+    pub fn new(
+        encoder: Option<Encoder<B>>,
+        d: usize,
+        k: usize,
+        seed: u64,
+        device: &B::Device,
+    ) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let bound = 1.0 / (d as f32).sqrt();
-        let mut u = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
-        let weight = Param::from_tensor(Tensor::from_data(TensorData::new(u(d * k), [d, k]), device));
-        let bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(u(k), [k]), device)));
+        let mut u =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+        let weight =
+            Param::from_tensor(Tensor::from_data(TensorData::new(u(d * k), [d, k]), device));
+        let bias = Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(u(k), [k]),
+            device,
+        )));
         Self {
             encoder,
             fc: Linear { weight, bias },
@@ -165,7 +176,12 @@ impl Plateau {
 /// Where the inputs of a run come from.
 pub enum Inputs {
     /// Features per split, `[n, d]` row-major (already reduced over windows).
-    Features { d: usize, train: Vec<f32>, val: Vec<f32>, test: Vec<f32> },
+    Features {
+        d: usize,
+        train: Vec<f32>,
+        val: Vec<f32>,
+        test: Vec<f32>,
+    },
     /// Videos, read as one clip each time a sample is used.
     Clips(ClipSpec),
 }
@@ -182,7 +198,11 @@ pub struct ClipSpec {
 
 impl ClipSpec {
     /// Read one clip; `rng` picks the start (None: the centred clip).
-    pub fn read(&self, video: &std::path::Path, rng: Option<&mut StdRng>) -> Result<ClipData, VideoError> {
+    pub fn read(
+        &self,
+        video: &std::path::Path,
+        rng: Option<&mut StdRng>,
+    ) -> Result<ClipData, VideoError> {
         let input = Input::Video(video.to_path_buf());
         let (mut reader, n, _) = open_input(&input, Some((self.size, self.size)))?;
         let t = self.clip_frames;
@@ -254,7 +274,9 @@ pub trait RunHooks<B: Backend> {
 }
 
 fn targets(samples: &[Sample], idx: &[usize]) -> Vec<f32> {
-    idx.iter().flat_map(|&i| samples[i].target.iter().copied()).collect()
+    idx.iter()
+        .flat_map(|&i| samples[i].target.iter().copied())
+        .collect()
 }
 
 /// Loss (mean) of logits `[b, k]` against the targets of `kind`.
@@ -268,7 +290,10 @@ fn loss<B: Backend>(logits: Tensor<B, 2>, y: &[f32], kind: TaskKind) -> Tensor<B
                 onehot[i * k + c as usize] = 1.0;
             }
             let oh = Tensor::<B, 2>::from_data(TensorData::new(onehot, [b, k]), &device);
-            (log_softmax(logits, 1) * oh).sum().neg().div_scalar(b as f32)
+            (log_softmax(logits, 1) * oh)
+                .sum()
+                .neg()
+                .div_scalar(b as f32)
         }
         _ => {
             let yt = Tensor::<B, 2>::from_data(TensorData::new(y.to_vec(), [b, k]), &device);
@@ -285,7 +310,10 @@ fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
         TaskKind::Multiclass => softmax(logits, 1),
         _ => sigmoid(logits),
     };
-    p.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default()
+    p.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default()
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -308,14 +336,25 @@ impl Inputs {
         device: &B::Device,
     ) -> Result<Tensor<B, 2>, String> {
         match self {
-            Inputs::Features { d, train, val, test } => {
+            Inputs::Features {
+                d,
+                train,
+                val,
+                test,
+            } => {
                 let src = match split {
                     "train" => train,
                     "val" => val,
                     _ => test,
                 };
-                let x: Vec<f32> = idx.iter().flat_map(|&i| src[i * d..(i + 1) * d].iter().copied()).collect();
-                Ok(model.forward_features(Tensor::from_data(TensorData::new(x, [idx.len(), *d]), device)))
+                let x: Vec<f32> = idx
+                    .iter()
+                    .flat_map(|&i| src[i * d..(i + 1) * d].iter().copied())
+                    .collect();
+                Ok(model.forward_features(Tensor::from_data(
+                    TensorData::new(x, [idx.len(), *d]),
+                    device,
+                )))
             }
             Inputs::Clips(spec) => {
                 // One seed per clip from the run's generator, so parallel decoding stays
@@ -335,7 +374,10 @@ impl Inputs {
                     .collect::<Result<_, _>>()?;
                 let (t, s) = (spec.clip_frames, spec.size);
                 let flat: Vec<f32> = clips.into_iter().flat_map(|c| c.data).collect();
-                let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [idx.len(), 3, t, s, s]), device);
+                let x = Tensor::<B, 5>::from_data(
+                    TensorData::new(flat, [idx.len(), 3, t, s, s]),
+                    device,
+                );
                 Ok(model.forward_clips(x))
             }
         }
@@ -361,7 +403,10 @@ impl Inputs {
             y.extend(t);
         }
         let n = samples.len().max(1) as f64;
-        Ok((total / n, evaluate(data.kind, &data.names, &p, &y, data.width())))
+        Ok((
+            total / n,
+            evaluate(data.kind, &data.names, &p, &y, data.width()),
+        ))
     }
 }
 
@@ -385,9 +430,11 @@ pub fn train<B: AutodiffBackend>(
     let n = data.train.len();
     let bs = opts.batch_size.max(1).min(n.max(1));
     let mut epochs = Vec::new();
-    let mut best: Option<(f64, usize, Classifier<B::InnerBackend>)> = None;
+    // (validation AUC, -validation loss), epoch, weights.
+    type Best<M> = Option<((f64, f64), usize, M)>;
+    let mut best: Best<Classifier<B::InnerBackend>> = None;
     let mut stop = format!("reached --max-epochs {}", opts.max_epochs);
-    let inner_device = device.clone();
+    let eval_device = inner_device_of::<B>(device);
     for epoch in 1..=opts.max_epochs {
         if hooks.stop() {
             stop = "interrupted".into();
@@ -417,7 +464,7 @@ pub fn train<B: AutodiffBackend>(
         }
         let train_loss = sum / count.max(1) as f64;
         let valid = model.valid();
-        let (val_loss, vm) = inputs.evaluate(&valid, data, "val", bs, &inner_device_of::<B>(&inner_device))?;
+        let (val_loss, vm) = inputs.evaluate(&valid, data, "val", bs, &eval_device)?;
         let log = EpochLog {
             epoch,
             lr: sched.lr,
@@ -427,9 +474,12 @@ pub fn train<B: AutodiffBackend>(
             val_auc: vm.auc(),
             seconds: t0.elapsed().as_secs_f64(),
         };
-        // Judged by validation AUC; where it is undefined (one class in val), by the loss.
-        let score = vm.auc().unwrap_or(-val_loss);
-        let improved = best.as_ref().is_none_or(|(s, _, _)| score > *s);
+        // Judged by validation AUC, ties (common on small validation sets) broken by the
+        // lower validation loss; where the AUC is undefined (one class in val), by the loss.
+        let score = (vm.auc().unwrap_or(f64::NEG_INFINITY), -val_loss);
+        let improved = best
+            .as_ref()
+            .is_none_or(|(s, _, _)| score.0 > s.0 || (score.0 == s.0 && score.1 > s.1));
         if improved {
             best = Some((score, epoch, valid.clone()));
         }
@@ -437,14 +487,16 @@ pub fn train<B: AutodiffBackend>(
         epochs.push(log);
         sched.step(train_loss);
         if sched.lr < opts.stop_lr {
-            stop = format!("learning rate fell below {:e} after epoch {epoch}", opts.stop_lr);
+            stop = format!(
+                "learning rate fell below {:e} after epoch {epoch}",
+                opts.stop_lr
+            );
             break;
         }
     }
     let (_, best_epoch, best) = best.ok_or("no epoch finished")?;
-    let dev = inner_device_of::<B>(&inner_device);
-    let (_, val) = inputs.evaluate(&best, data, "val", bs, &dev)?;
-    let (_, test) = inputs.evaluate(&best, data, "test", bs, &dev)?;
+    let (_, val) = inputs.evaluate(&best, data, "val", bs, &eval_device)?;
+    let (_, test) = inputs.evaluate(&best, data, "test", bs, &eval_device)?;
     Ok(RunResult {
         epochs,
         best_epoch,
@@ -509,7 +561,8 @@ pub fn load_features(
         }
         out.push(rows);
     }
-    let [train, val, test]: [Vec<f32>; 3] = out.try_into().map_err(|_| "three splits".to_string())?;
+    let [train, val, test]: [Vec<f32>; 3] =
+        out.try_into().map_err(|_| "three splits".to_string())?;
     Ok(Inputs::Features {
         d: d.unwrap_or(0),
         train,
@@ -520,5 +573,7 @@ pub fn load_features(
 
 /// A checkpoint's head as host tensors, for callers that only need shapes.
 pub fn head_shape(sd: &StateDict) -> Option<(usize, usize)> {
-    sd.tensors.get("fc.weight").map(|t: &HostTensor| (t.shape[1], t.shape[0]))
+    sd.tensors
+        .get("fc.weight")
+        .map(|t: &HostTensor| (t.shape[1], t.shape[0]))
 }

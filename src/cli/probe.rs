@@ -1,0 +1,609 @@
+//! `marlin split`, `marlin probe`, `marlin finetune`, `marlin predict`: downstream tasks on
+//! MARLIN features, with reports.
+
+use super::model_args::ModelArgs;
+use crate::backend::{run_on, BackendTask, DeviceSpec};
+use crate::extract::{read_clips, ClipData, ExtractOptions, Input};
+use crate::model::weights::{read_safetensors_file, StateDict};
+use crate::model::{Marlin, MarlinConfig, Part};
+use crate::probe::data::{make_split, Dataset};
+use crate::probe::metrics::{table, Metrics, TaskKind};
+use crate::probe::train::{
+    load_features, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks, TrainOptions,
+};
+use crate::util::write_atomic;
+use burn::backend::Autodiff;
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    /// A CelebV-HQ root (with cropped/) or a labels CSV (`path,label...`).
+    pub input: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace existing split files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Options shared by `probe` and `finetune`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// A CelebV-HQ root (celebvhq_info.json, train/val/test.txt) or a folder with
+    /// train.csv, val.csv and test.csv.
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// CelebV-HQ task: appearance (40 labels) or action (35).
+    #[arg(long, default_value = "appearance")]
+    pub task: String,
+    /// Run folder: best.safetensors, classifier.json, metrics.csv, report.json, curves.png.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub max_epochs: Option<usize>,
+    /// Seed of the head's initialisation, shuffling and clip sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Features from `marlin extract` (`<name>.npy`, `[clips, D]`).
+    #[arg(long)]
+    pub features: PathBuf,
+    /// Combine the clips of a video: mean, max or min.
+    #[arg(long, default_value = "mean")]
+    pub reduction: String,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Frame step of the 16-frame training clips.
+    #[arg(long, default_value_t = 2)]
+    pub sample_rate: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// A run folder of `probe` or `finetune`.
+    #[arg(long)]
+    pub classifier: PathBuf,
+    /// Feature files (.npy) or videos / frame folders.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// The CSV to write: path, then a probability per label (or class) and the prediction.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// For videos with a probe classifier: the model that made its features.
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// What `classifier.json` records of a run, so `predict` can use it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClassifierInfo {
+    /// probe or finetune.
+    pub mode: String,
+    pub task: TaskKind,
+    pub names: Vec<String>,
+    pub feature_dim: usize,
+    /// probe: how clips were combined.
+    pub reduction: Option<String>,
+    /// finetune: the encoder's config.
+    pub config: Option<MarlinConfig>,
+    pub sample_rate: Option<usize>,
+    pub best_epoch: usize,
+    pub val_auc: Option<f64>,
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+struct Hooks {
+    out: PathBuf,
+    name: String,
+    bar: ProgressBar,
+    stop: Arc<AtomicBool>,
+    csv: String,
+}
+
+impl Hooks {
+    fn new(out: &Path, name: &str, max_epochs: usize, quiet: bool, stop: Arc<AtomicBool>) -> Self {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new(max_epochs as u64);
+            b.set_style(style(
+                "{bar:30} epoch {pos}/{len} (at most)  {msg}  elapsed {elapsed}",
+            ));
+            b
+        };
+        Self {
+            out: out.to_path_buf(),
+            name: name.to_string(),
+            bar,
+            stop,
+            csv: "epoch,lr,train_loss,val_loss,val_accuracy,val_auc,seconds\n".into(),
+        }
+    }
+}
+
+impl<B: Backend> RunHooks<B> for Hooks {
+    fn epoch(&mut self, log: &EpochLog, improved: Option<&Classifier<B>>) -> Result<(), String> {
+        self.csv += &format!(
+            "{},{:e},{:.6},{:.6},{:.6},{},{:.2}\n",
+            log.epoch,
+            log.lr,
+            log.train_loss,
+            log.val_loss,
+            log.val_accuracy,
+            log.val_auc.map(|v| format!("{v:.6}")).unwrap_or_default(),
+            log.seconds
+        );
+        let p = self.out.join("metrics.csv");
+        write_atomic(&p, self.csv.as_bytes()).map_err(|e| format!("{}: {e}", p.display()))?;
+        if let Some(m) = improved {
+            let p = self.out.join("best.safetensors");
+            m.to_state_dict(&self.name)
+                .save_safetensors(&p, None)
+                .map_err(|e| e.to_string())?;
+        }
+        self.bar.inc(1);
+        self.bar.set_message(format!(
+            "lr {:.1e}  train loss {:.4}  val loss {:.4}  val AUC {}{}",
+            log.lr,
+            log.train_loss,
+            log.val_loss,
+            log.val_auc
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or("n/a".into()),
+            if improved.is_some() { " (best)" } else { "" }
+        ));
+        Ok(())
+    }
+    fn stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+fn set_ctrlc(stop: &Arc<AtomicBool>) {
+    let stop = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+}
+
+fn metrics_json(m: &Metrics) -> serde_json::Value {
+    serde_json::to_value(m).unwrap_or_default()
+}
+
+/// Write the reports of a finished run and print the test table.
+fn finish<B: Backend>(
+    out: &Path,
+    info: &ClassifierInfo,
+    r: &crate::probe::train::RunResult<B>,
+    quiet: bool,
+) -> Result<(), String> {
+    let w = |name: &str, text: String| {
+        let p = out.join(name);
+        write_atomic(&p, text.as_bytes()).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    w(
+        "classifier.json",
+        serde_json::to_string_pretty(info).unwrap_or_default(),
+    )?;
+    w(
+        "report.json",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "best_epoch": r.best_epoch,
+            "stopped": r.stop,
+            "val": metrics_json(&r.val),
+            "test": metrics_json(&r.test),
+            "epochs": r.epochs,
+        }))
+        .unwrap_or_default(),
+    )?;
+    crate::probe::plot::curves(&r.epochs, &out.join("curves.png"))?;
+    if !quiet {
+        eprintln!(
+            "stopped: {}; best epoch {} (validation AUC {})",
+            r.stop,
+            r.best_epoch,
+            r.val.auc().map_or("n/a".into(), |v| format!("{v:.4}"))
+        );
+    }
+    println!("test: {}", table(&r.test));
+    Ok(())
+}
+
+pub fn split(args: SplitArgs) -> Result<i32, String> {
+    for (p, n) in make_split(&args.input, args.seed, args.overwrite)? {
+        println!("{}: {n}", p.display());
+    }
+    Ok(0)
+}
+
+struct ProbeJob {
+    args: ProbeArgs,
+    data: Dataset,
+    inputs: Inputs,
+    stop: Arc<AtomicBool>,
+}
+
+impl BackendTask for ProbeJob {
+    type Output = Result<i32, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let t = &self.args.train;
+        let Inputs::Features { d, .. } = &self.inputs else {
+            return Err("probe needs features".into());
+        };
+        let d = *d;
+        let model = Classifier::<Autodiff<B>>::new(None, d, self.data.width(), t.seed, &device);
+        let opts = TrainOptions {
+            lr: t.lr,
+            batch_size: t.batch_size.unwrap_or(32),
+            max_epochs: t.max_epochs.unwrap_or(200),
+            seed: t.seed,
+            ..Default::default()
+        };
+        let mut hooks = Hooks::new(&t.out, "probe", opts.max_epochs, t.quiet, self.stop.clone());
+        let r = train::<Autodiff<B>>(model, &self.data, &self.inputs, &opts, &mut hooks, &device)?;
+        hooks.bar.finish_and_clear();
+        let info = ClassifierInfo {
+            mode: "probe".into(),
+            task: self.data.kind,
+            names: self.data.names.clone(),
+            feature_dim: d,
+            reduction: Some(self.args.reduction.clone()),
+            config: None,
+            sample_rate: None,
+            best_epoch: r.best_epoch,
+            val_auc: r.val.auc(),
+        };
+        finish(&t.out, &info, &r, t.quiet)?;
+        Ok(if self.stop.load(Ordering::Relaxed) {
+            130
+        } else {
+            0
+        })
+    }
+}
+
+fn prepare_out(out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))
+}
+
+pub fn probe(args: ProbeArgs) -> Result<i32, String> {
+    let data = Dataset::load(&args.train.labels, &args.train.task)?;
+    let paths = data.feature_paths(&args.features)?;
+    let inputs = load_features(&paths, &data, &args.reduction)?;
+    if !args.train.quiet {
+        eprintln!(
+            "{:?} task, {} label(s)/class(es); {} train, {} val, {} test videos",
+            data.kind,
+            data.names.len(),
+            data.train.len(),
+            data.val.len(),
+            data.test.len()
+        );
+    }
+    prepare_out(&args.train.out)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    set_ctrlc(&stop);
+    let device = args.device;
+    run_on(
+        device,
+        ProbeJob {
+            args,
+            data,
+            inputs,
+            stop,
+        },
+    )?
+}
+
+struct FinetuneJob {
+    args: FinetuneArgs,
+    data: Dataset,
+    cfg: MarlinConfig,
+    weights: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl BackendTask for FinetuneJob {
+    type Output = Result<i32, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let t = &self.args.train;
+        let (marlin, _) =
+            Marlin::<Autodiff<B>>::load_file(&self.cfg, &self.weights, &[Part::Encoder], &device)
+                .map_err(|e| e.to_string())?;
+        let d = self.cfg.encoder.embed_dim;
+        let model = Classifier::new(Some(marlin.encoder), d, self.data.width(), t.seed, &device);
+        let opts = TrainOptions {
+            lr: t.lr,
+            batch_size: t.batch_size.unwrap_or(8),
+            max_epochs: t.max_epochs.unwrap_or(20),
+            seed: t.seed,
+            ..Default::default()
+        };
+        let inputs = Inputs::Clips(ClipSpec {
+            clip_frames: self.cfg.clip_frames,
+            sample_rate: self.args.sample_rate,
+            size: self.cfg.img_size,
+        });
+        let mut hooks = Hooks::new(
+            &t.out,
+            "finetune",
+            opts.max_epochs,
+            t.quiet,
+            self.stop.clone(),
+        );
+        let r = train::<Autodiff<B>>(model, &self.data, &inputs, &opts, &mut hooks, &device)?;
+        hooks.bar.finish_and_clear();
+        let info = ClassifierInfo {
+            mode: "finetune".into(),
+            task: self.data.kind,
+            names: self.data.names.clone(),
+            feature_dim: d,
+            reduction: None,
+            config: Some(self.cfg.clone()),
+            sample_rate: Some(self.args.sample_rate),
+            best_epoch: r.best_epoch,
+            val_auc: r.val.auc(),
+        };
+        finish(&t.out, &info, &r, t.quiet)?;
+        Ok(if self.stop.load(Ordering::Relaxed) {
+            130
+        } else {
+            0
+        })
+    }
+}
+
+pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
+    if args.sample_rate == 0 {
+        return Err("--sample-rate must be at least 1".into());
+    }
+    let data = Dataset::load(&args.train.labels, &args.train.task)?;
+    data.check_videos()?;
+    let (cfg, weights) = args.model.resolve(false, !args.train.quiet)?;
+    prepare_out(&args.train.out)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    set_ctrlc(&stop);
+    let device = args.model.device;
+    run_on(
+        device,
+        FinetuneJob {
+            args,
+            data,
+            cfg,
+            weights,
+            stop,
+        },
+    )?
+}
+
+struct PredictJob {
+    args: PredictArgs,
+    info: ClassifierInfo,
+    sd: StateDict,
+}
+
+impl PredictJob {
+    fn probs<B: Backend>(&self, logits: Tensor<B, 2>) -> Vec<f32> {
+        let p = match self.info.task {
+            TaskKind::Multiclass => softmax(logits, 1),
+            _ => sigmoid(logits),
+        };
+        p.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default()
+    }
+}
+
+impl BackendTask for PredictJob {
+    type Output = Result<i32, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let info = &self.info;
+        let clf = Classifier::<B>::from_state_dict(&self.sd, info.config.as_ref(), &device)
+            .map_err(|e| e.to_string())?;
+        let k = match info.task {
+            TaskKind::Binary => 1,
+            _ => info.names.len(),
+        };
+        // A probe's videos need the model that made its features.
+        let extractor = if info.mode == "probe"
+            && self
+                .args
+                .inputs
+                .iter()
+                .any(|p| p.extension().is_none_or(|e| e != "npy"))
+        {
+            let (cfg, w) = self.args.model.resolve(false, true)?;
+            Some(
+                Marlin::<B>::load_file(&cfg, &w, &[Part::Encoder], &device)
+                    .map_err(|e| e.to_string())?
+                    .0,
+            )
+        } else {
+            None
+        };
+        let reduce = |a: ndarray::ArrayD<f32>| -> Result<Vec<f32>, String> {
+            let a = if a.ndim() == 1 {
+                a.insert_axis(ndarray::Axis(0))
+            } else {
+                a
+            };
+            let ax = ndarray::Axis(0);
+            Ok(match info.reduction.as_deref().unwrap_or("mean") {
+                "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
+                "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
+                _ => a.mean_axis(ax).ok_or("no clips")?,
+            }
+            .iter()
+            .copied()
+            .collect())
+        };
+        let mut header = vec!["path".to_string()];
+        header.extend(info.names.iter().take(k).cloned());
+        if info.task == TaskKind::Binary && header.len() == 1 {
+            header.push("probability".into());
+        }
+        header.push("prediction".into());
+        let mut rows = vec![header.join(",")];
+        let mut failures = 0;
+        for p in &self.args.inputs {
+            let r: Result<Vec<f32>, String> = (|| {
+                if p.extension().is_some_and(|e| e == "npy") {
+                    let a: ndarray::ArrayD<f32> = ndarray_npy::read_npy(p)
+                        .map_err(|e| format!("{}: cannot read features: {e}", p.display()))?;
+                    let f = reduce(a)?;
+                    if f.len() != info.feature_dim {
+                        return Err(format!(
+                            "{}: {} features, the classifier takes {}",
+                            p.display(),
+                            f.len(),
+                            info.feature_dim
+                        ));
+                    }
+                    let x = Tensor::<B, 2>::from_data(
+                        TensorData::new(f, [1, info.feature_dim]),
+                        &device,
+                    );
+                    Ok(self.probs(clf.forward_features(x)))
+                } else if let Some(m) = &extractor {
+                    let (a, _) = m
+                        .extract_video(p, &ExtractOptions::default())
+                        .map_err(|e| e.to_string())?;
+                    let f = reduce(a)?;
+                    let x = Tensor::<B, 2>::from_data(
+                        TensorData::new(f, [1, info.feature_dim]),
+                        &device,
+                    );
+                    Ok(self.probs(clf.forward_features(x)))
+                } else {
+                    // Fine-tuned: every window of the video, probabilities averaged.
+                    let cfg = info
+                        .config
+                        .as_ref()
+                        .ok_or("classifier.json has no config")?;
+                    let opts = ExtractOptions {
+                        sample_rate: info.sample_rate.unwrap_or(2),
+                        ..Default::default()
+                    };
+                    let mut clips: Vec<ClipData> = Vec::new();
+                    read_clips(
+                        &Input::from_path(p),
+                        cfg.clip_frames,
+                        cfg.img_size,
+                        &opts,
+                        None,
+                        &|| false,
+                        &mut |c| clips.push(c),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    if clips.is_empty() {
+                        return Err(format!("{}: no complete clip", p.display()));
+                    }
+                    let mut sum = vec![0f32; k];
+                    for c in &clips {
+                        let (t, s) = (cfg.clip_frames, cfg.img_size);
+                        let x = Tensor::<B, 5>::from_data(
+                            TensorData::new(c.data.clone(), [1, 3, t, s, s]),
+                            &device,
+                        );
+                        for (a, b) in sum.iter_mut().zip(self.probs(clf.forward_clips(x))) {
+                            *a += b;
+                        }
+                    }
+                    Ok(sum.into_iter().map(|v| v / clips.len() as f32).collect())
+                }
+            })();
+            match r {
+                Ok(probs) => {
+                    let pred = match info.task {
+                        TaskKind::Multiclass => {
+                            let arg = (0..k)
+                                .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+                                .unwrap_or(0);
+                            info.names.get(arg).cloned().unwrap_or_default()
+                        }
+                        _ => probs
+                            .iter()
+                            .map(|&v| if v > 0.5 { "1" } else { "0" })
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    };
+                    let mut cells = vec![csv_cell(&p.display().to_string())];
+                    cells.extend(probs.iter().map(|v| format!("{v:.6}")));
+                    cells.push(csv_cell(&pred));
+                    rows.push(cells.join(","));
+                }
+                Err(e) => {
+                    eprintln!("failed: {e}");
+                    failures += 1;
+                }
+            }
+        }
+        let text = rows.join("\n") + "\n";
+        write_atomic(&self.args.out, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", self.args.out.display()))?;
+        eprintln!(
+            "{} of {} inputs predicted into {}",
+            self.args.inputs.len() - failures,
+            self.args.inputs.len(),
+            self.args.out.display()
+        );
+        Ok(if failures == 0 { 0 } else { 1 })
+    }
+}
+
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn predict(args: PredictArgs) -> Result<i32, String> {
+    let info_path = args.classifier.join("classifier.json");
+    let info: ClassifierInfo = serde_json::from_str(
+        &std::fs::read_to_string(&info_path)
+            .map_err(|e| format!("{}: {e}", info_path.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", info_path.display()))?;
+    let ckpt = args.classifier.join("best.safetensors");
+    let sd = StateDict {
+        tensors: read_safetensors_file(&ckpt).map_err(|e| format!("{}: {e}", ckpt.display()))?,
+        source: ckpt.display().to_string(),
+    };
+    let device = args.model.device;
+    run_on(device, PredictJob { args, info, sd })?
+}
