@@ -7,6 +7,7 @@ pub mod cli;
 pub mod extract;
 pub mod face;
 pub mod hub;
+pub mod masking;
 pub mod model;
 pub mod probe;
 pub mod util;
