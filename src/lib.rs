@@ -10,6 +10,7 @@ pub mod hub;
 pub mod masking;
 pub mod model;
 pub mod probe;
+pub mod train;
 pub mod util;
 pub mod video;
 

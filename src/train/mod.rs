@@ -1,0 +1,234 @@
+//! Self-supervised pretraining: masked reconstruction (MSE on the masked tubelets) plus a WGAN
+//! critic on the reconstructed patches, as the reference's training step:
+//!
+//! 1. `d_steps` times: critic loss mean(D(fake)) - mean(D(real)) on the masked patches
+//!    (reconstruction detached), one AdamW step of the discriminator;
+//! 2. `g_steps` times: MSE(pred, real) + adv_weight * -mean(D(pred)) with the updated critic,
+//!    one AdamW step of encoder + projection + decoder.
+//!
+//! Two AdamW optimisers (the config's betas, eps, weight decay). Learning rates per epoch come
+//! from [`schedule::lr_at`].
+
+pub mod schedule;
+
+use crate::model::discriminator::Discriminator;
+use crate::model::{Marlin, MarlinConfig, MaskIndices};
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+
+/// The losses of one step (or of a validation batch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepLosses {
+    /// Critic loss mean(D(fake)) - mean(D(real)).
+    pub d_loss: f64,
+    /// Reconstruction MSE.
+    pub rec: f64,
+    /// adv_weight * -mean(D(pred)).
+    pub adv: f64,
+    /// rec + adv.
+    pub g_loss: f64,
+}
+
+/// Losses settings from the model config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    pub adv_loss: bool,
+    pub adv_weight: f64,
+    pub d_steps: usize,
+    pub g_steps: usize,
+}
+
+impl LossConfig {
+    pub fn from_config(cfg: &MarlinConfig) -> Result<Self, String> {
+        if cfg.gp_weight > 0.0 {
+            return Err(format!(
+                "gp_weight {}: the gradient penalty needs second-order gradients, which burn 0.21 does not provide; set gp_weight: 0 (as the released configs do)",
+                cfg.gp_weight
+            ));
+        }
+        Ok(Self {
+            adv_loss: cfg.adv_loss,
+            adv_weight: cfg.adv_weight,
+            d_steps: cfg.d_steps.max(1),
+            g_steps: cfg.g_steps.max(1),
+        })
+    }
+}
+
+/// AdamW as the config describes it (betas, eps, weight decay; defaults (0.9, 0.95), 1e-8, 0).
+pub fn adamw(cfg: &MarlinConfig) -> AdamWConfig {
+    let (betas, eps) = cfg
+        .optimizer
+        .as_ref()
+        .map(|o| (o.betas, o.eps))
+        .unwrap_or(([0.9, 0.95], 1e-8));
+    AdamWConfig::new()
+        .with_beta_1(betas[0] as f32)
+        .with_beta_2(betas[1] as f32)
+        .with_epsilon(eps as f32)
+        .with_weight_decay(cfg.weight_decay as f32)
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN) as f64
+}
+
+/// The generator (encoder, projection, decoder), the critic and their optimisers.
+pub struct Pretrainer<B: AutodiffBackend> {
+    generator: Option<Marlin<B>>,
+    critic: Option<Discriminator<B>>,
+    opt_g: OptimizerAdaptor<AdamW, Marlin<B>, B>,
+    opt_d: OptimizerAdaptor<AdamW, Discriminator<B>, B>,
+    pub losses: LossConfig,
+}
+
+impl<B: AutodiffBackend> Pretrainer<B> {
+    /// From a full model with its discriminator (`Marlin::init` / `load_file` with all parts).
+    pub fn new(mut model: Marlin<B>, losses: LossConfig) -> Result<Self, String> {
+        let critic = model
+            .discriminator
+            .take()
+            .ok_or("pretraining needs the discriminator")?;
+        if model.decoder.is_none() {
+            return Err("pretraining needs the decoder".into());
+        }
+        let opt = adamw(&model.config);
+        Ok(Self {
+            opt_g: opt.init(),
+            opt_d: opt.init(),
+            generator: Some(model),
+            critic: Some(critic),
+            losses,
+        })
+    }
+
+    /// The model with its discriminator, for checkpoints.
+    pub fn model(&self) -> Marlin<B> {
+        let mut m = self.generator().clone();
+        m.discriminator = self.critic.clone();
+        m
+    }
+
+    pub fn generator(&self) -> &Marlin<B> {
+        // Both are Some between steps; `step` takes them only for the optimiser call.
+        self.generator
+            .as_ref()
+            .expect("generator present between steps")
+    }
+
+    fn critic(&self) -> &Discriminator<B> {
+        self.critic.as_ref().expect("critic present between steps")
+    }
+
+    /// The optimisers' state, for checkpoints.
+    pub fn optimizer_records(
+        &self,
+    ) -> (
+        <OptimizerAdaptor<AdamW, Marlin<B>, B> as Optimizer<Marlin<B>, B>>::Record,
+        <OptimizerAdaptor<AdamW, Discriminator<B>, B> as Optimizer<Discriminator<B>, B>>::Record,
+    ) {
+        (self.opt_g.to_record(), self.opt_d.to_record())
+    }
+
+    /// Restore the optimisers' state.
+    pub fn load_optimizer_records(
+        &mut self,
+        g: <OptimizerAdaptor<AdamW, Marlin<B>, B> as Optimizer<Marlin<B>, B>>::Record,
+        d: <OptimizerAdaptor<AdamW, Discriminator<B>, B> as Optimizer<Discriminator<B>, B>>::Record,
+    ) {
+        self.opt_g = self.opt_g.clone().load_record(g);
+        self.opt_d = self.opt_d.clone().load_record(d);
+    }
+
+    /// One training step on clips `[B, 3, T, H, W]` with visibility `idx`, learning rate `lr`.
+    pub fn step(
+        &mut self,
+        clip: Tensor<B, 5>,
+        idx: &MaskIndices,
+        lr: f64,
+    ) -> Result<StepLosses, String> {
+        let real = self.generator().target(clip.clone(), idx);
+        let mut out = StepLosses::default();
+        if self.losses.adv_loss {
+            for _ in 0..self.losses.d_steps {
+                let pred = self
+                    .generator()
+                    .forward_indices(clip.clone(), idx)?
+                    .detach();
+                let critic = self.critic();
+                let loss = critic.forward(pred).mean() - critic.forward(real.clone()).mean();
+                out.d_loss = scalar(loss.clone().inner());
+                let grads = GradientsParams::from_grads(loss.backward(), critic);
+                let c = self.critic.take().ok_or("critic missing")?;
+                self.critic = Some(self.opt_d.step(lr, c, grads));
+            }
+        }
+        for _ in 0..self.losses.g_steps {
+            let pred = self.generator().forward_indices(clip.clone(), idx)?;
+            let diff = pred.clone() - real.clone();
+            let rec = (diff.clone() * diff).mean();
+            let loss = if self.losses.adv_loss {
+                let adv = self
+                    .critic()
+                    .forward(pred)
+                    .mean()
+                    .neg()
+                    .mul_scalar(self.losses.adv_weight);
+                out.adv = scalar(adv.clone().inner());
+                rec.clone() + adv
+            } else {
+                rec.clone()
+            };
+            out.rec = scalar(rec.inner());
+            out.g_loss = scalar(loss.clone().inner());
+            let grads = GradientsParams::from_grads(loss.backward(), self.generator());
+            let g = self.generator.take().ok_or("generator missing")?;
+            self.generator = Some(self.opt_g.step(lr, g, grads));
+        }
+        Ok(out)
+    }
+}
+
+/// Losses of a batch without training (validation), on the inner backend.
+pub fn evaluate<B: Backend>(
+    model: &Marlin<B>,
+    critic: &Discriminator<B>,
+    clip: Tensor<B, 5>,
+    idx: &MaskIndices,
+    losses: &LossConfig,
+) -> Result<StepLosses, String> {
+    let real = model.target(clip.clone(), idx);
+    let pred = model.forward_indices(clip, idx)?;
+    let diff = pred.clone() - real.clone();
+    let rec = scalar((diff.clone() * diff).mean());
+    let (d_loss, adv) = if losses.adv_loss {
+        let fake = critic.forward(pred).mean();
+        let d = scalar(fake.clone() - critic.forward(real).mean());
+        (d, -scalar(fake) * losses.adv_weight)
+    } else {
+        (0.0, 0.0)
+    };
+    Ok(StepLosses {
+        d_loss,
+        rec,
+        adv,
+        g_loss: rec + adv,
+    })
+}
+
+impl<B: AutodiffBackend> Pretrainer<B> {
+    /// Validation losses of a batch with the current weights (no gradients).
+    pub fn validate(&self, clip: Tensor<B, 5>, idx: &MaskIndices) -> Result<StepLosses, String> {
+        let g = self.generator().valid();
+        let c = self.critic().valid();
+        evaluate(&g, &c, clip.inner(), idx, &self.losses)
+    }
+}

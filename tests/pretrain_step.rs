@@ -1,0 +1,91 @@
+//! One pretraining step (critic step, then generator step) from the tiny_a weights, batch and
+//! mask equals the same step in PyTorch (tools/make_train_fixtures.py): losses and every
+//! updated parameter within 1e-4.
+
+use burn::tensor::{Tensor, TensorData};
+use marlin::backend::CpuAutodiff;
+use marlin::model::weights::{read_safetensors_file, HostTensor};
+use marlin::model::{MaskIndices, Part};
+use marlin::train::{LossConfig, Pretrainer};
+use marlin::{Marlin, MarlinConfig};
+use std::path::Path;
+
+fn fx(p: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+#[test]
+fn one_step_equals_pytorch() {
+    let dev = Default::default();
+    let mut cfg = MarlinConfig::from_yaml_file(&fx("model/tiny_a.yaml")).unwrap();
+    cfg.weight_decay = 0.05;
+    if let Some(o) = cfg.optimizer.as_mut() {
+        o.betas = [0.9, 0.95];
+        o.eps = 1e-8;
+    }
+    let (model, _) = Marlin::<CpuAutodiff>::load_file(
+        &cfg,
+        &fx("model/tiny_a.ckpt"),
+        &[Part::Encoder, Part::Decoder, Part::Discriminator],
+        &dev,
+    )
+    .unwrap();
+    let io = read_safetensors_file(&fx("model/tiny_a.io.safetensors")).unwrap();
+    let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+    let clip_h = &io["clip"];
+    let clip = Tensor::<CpuAutodiff, 5>::from_data(
+        TensorData::new(clip_h.data.clone(), clip_h.shape.clone()),
+        &dev,
+    );
+    let m = &io["mask"];
+    let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
+    let idx = MaskIndices::from_bools(&bools, m.shape[0]).unwrap();
+
+    let losses = LossConfig {
+        adv_loss: true,
+        adv_weight: 0.01,
+        d_steps: 1,
+        g_steps: 1,
+    };
+    let mut t = Pretrainer::new(model, losses).unwrap();
+    let got = t.step(clip, &idx, 1.5e-4).unwrap();
+    let scalar = |k: &str| want[k].data[0] as f64;
+    let mut worst = 0f64;
+    for (name, ours, k) in [
+        ("critic loss", got.d_loss, "loss_d"),
+        ("reconstruction", got.rec, "rec"),
+        ("adversarial", got.adv, "adv"),
+        ("generator loss", got.g_loss, "loss_g"),
+    ] {
+        let d = (ours - scalar(k)).abs();
+        eprintln!("{name}: ours {ours:.6}, PyTorch {:.6}", scalar(k));
+        assert!(d <= 1e-4, "{name}: {ours} vs {}", scalar(k));
+        worst = worst.max(d);
+    }
+    let sd = t.model().to_state_dict();
+    let mut n = 0;
+    let mut wmax = 0f32;
+    for (k, v) in &want {
+        let Some(key) = k.strip_prefix("after.") else {
+            continue;
+        };
+        let ours: &HostTensor = sd
+            .tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing"));
+        assert_eq!(ours.shape, v.shape, "{key}");
+        let d = ours
+            .data
+            .iter()
+            .zip(&v.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4, "{key}: updated weights differ by {d}");
+        wmax = wmax.max(d);
+        n += 1;
+    }
+    eprintln!("{n} parameters after the step: max abs diff {wmax:.2e}; losses {worst:.2e}");
+    assert!(n > 40, "compared {n} tensors");
+}
