@@ -81,6 +81,12 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
         .unwrap_or(f32::NAN) as f64
 }
 
+/// The generator's optimiser state.
+pub type GenRecord<B> = <OptimizerAdaptor<AdamW, Marlin<B>, B> as Optimizer<Marlin<B>, B>>::Record;
+/// The critic's optimiser state.
+pub type CriticRecord<B> =
+    <OptimizerAdaptor<AdamW, Discriminator<B>, B> as Optimizer<Discriminator<B>, B>>::Record;
+
 /// The generator (encoder, projection, decoder), the critic and their optimisers.
 pub struct Pretrainer<B: AutodiffBackend> {
     generator: Option<Marlin<B>>,
@@ -117,6 +123,10 @@ impl<B: AutodiffBackend> Pretrainer<B> {
         m
     }
 
+    pub fn critic_module(&self) -> &Discriminator<B> {
+        self.critic()
+    }
+
     pub fn generator(&self) -> &Marlin<B> {
         // Both are Some between steps; `step` takes them only for the optimiser call.
         self.generator
@@ -129,21 +139,12 @@ impl<B: AutodiffBackend> Pretrainer<B> {
     }
 
     /// The optimisers' state, for checkpoints.
-    pub fn optimizer_records(
-        &self,
-    ) -> (
-        <OptimizerAdaptor<AdamW, Marlin<B>, B> as Optimizer<Marlin<B>, B>>::Record,
-        <OptimizerAdaptor<AdamW, Discriminator<B>, B> as Optimizer<Discriminator<B>, B>>::Record,
-    ) {
+    pub fn optimizer_records(&self) -> (GenRecord<B>, CriticRecord<B>) {
         (self.opt_g.to_record(), self.opt_d.to_record())
     }
 
     /// Restore the optimisers' state.
-    pub fn load_optimizer_records(
-        &mut self,
-        g: <OptimizerAdaptor<AdamW, Marlin<B>, B> as Optimizer<Marlin<B>, B>>::Record,
-        d: <OptimizerAdaptor<AdamW, Discriminator<B>, B> as Optimizer<Discriminator<B>, B>>::Record,
-    ) {
+    pub fn load_optimizer_records(&mut self, g: GenRecord<B>, d: CriticRecord<B>) {
         self.opt_g = self.opt_g.clone().load_record(g);
         self.opt_d = self.opt_d.clone().load_record(d);
     }
