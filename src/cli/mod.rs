@@ -5,6 +5,7 @@ mod extract;
 mod face;
 mod face_args;
 mod model_args;
+mod pretrain;
 mod probe;
 
 use crate::hub;
@@ -34,6 +35,8 @@ enum Command {
     Crop(Box<face::CropArgs>),
     /// Detect faces in an image or video; draw them (--draw) so a person can look.
     Detect(Box<face::DetectArgs>),
+    /// Self-supervised pretraining (masked reconstruction + adversarial critic), resumable.
+    Pretrain(Box<pretrain::PretrainArgs>),
     /// Split a labels CSV or a CelebV-HQ root 80/10/10 into train/val/test lists.
     Split(probe::SplitArgs),
     /// Linear probing: a linear head on features from `marlin extract`, with reports.
@@ -84,6 +87,7 @@ pub fn main() -> i32 {
         Command::Bench(args) => bench::run(args),
         Command::Crop(args) => face::crop(*args),
         Command::Split(args) => probe::split(args),
+        Command::Pretrain(args) => pretrain::run(*args),
         Command::Probe(args) => probe::probe(*args),
         Command::Finetune(args) => probe::finetune(*args),
         Command::Predict(args) => probe::predict(*args),

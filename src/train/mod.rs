@@ -9,6 +9,8 @@
 //! Two AdamW optimisers (the config's betas, eps, weight decay). Learning rates per epoch come
 //! from [`schedule::lr_at`].
 
+pub mod data;
+pub mod run;
 pub mod schedule;
 
 use crate::model::discriminator::Discriminator;

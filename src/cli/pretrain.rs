@@ -1,0 +1,174 @@
+//! `marlin pretrain`: self-supervised pretraining on a prepared face dataset, resumable.
+
+use crate::backend::{run_on, BackendTask, DeviceSpec};
+use crate::model::MarlinConfig;
+use crate::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions};
+use crate::train::StepLosses;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    /// Model and training config (reference YAML: sizes, mask_strategy, mask_percentage_target,
+    /// adv_weight, d_steps/g_steps, learning_rate, optimizer, weight_decay).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Dataset root: train_set.csv, val_set.csv, crop_images_DB/, face_parsing_images_DB/.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run folder: checkpoint.safetensors, model.safetensors, metrics.csv, samples/.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Start from these weights (a MARLIN .pt/.ckpt/.safetensors; missing parts are fresh).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    #[arg(long, default_value_t = 2000)]
+    pub epochs: usize,
+    /// Clips per step (learning rates scale by batch / 256).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue the run in --out from its last checkpoint (same schedule, seed and batch).
+    #[arg(long)]
+    pub resume: bool,
+    /// Steps per epoch at most (smoke runs).
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    /// Validation clips per epoch at most.
+    #[arg(long)]
+    pub val_clips: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+struct Bar {
+    bar: ProgressBar,
+    stop: Arc<AtomicBool>,
+    quiet: bool,
+}
+
+impl Progress for Bar {
+    fn step(&mut self, epoch: usize, done: usize, total: usize, l: &StepLosses, rate: f64) {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
+        self.bar.set_message(format!(
+            "epoch {epoch}  rec {:.4}  adv {:.4}  critic {:.4}  {rate:.1} clips/s",
+            l.rec, l.adv, l.d_loss
+        ));
+    }
+    fn epoch(&mut self, r: &EpochRow) {
+        if !self.quiet {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "epoch {}: lr {:.2e}  train rec {:.4}  val rec {:.4}  val critic {:.4}  {:.1} clips/s  {:.0} s",
+                    r.epoch, r.lr, r.train.rec, r.val.rec, r.val.d_loss, r.samples_per_s, r.seconds
+                )
+            });
+        }
+    }
+    fn stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+struct Job {
+    args: PretrainArgs,
+    cfg: MarlinConfig,
+    stop: Arc<AtomicBool>,
+}
+
+impl BackendTask for Job {
+    type Output = Result<i32, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let a = &self.args;
+        let resuming = a.resume && a.out.join("checkpoint.safetensors").is_file();
+        let model = if resuming {
+            None
+        } else {
+            Some(initial_model::<Autodiff<B>>(
+                &self.cfg,
+                a.init.as_ref(),
+                a.seed,
+                &device,
+            )?)
+        };
+        let bar = if a.quiet {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        };
+        let mut progress = Bar {
+            bar,
+            stop: self.stop.clone(),
+            quiet: a.quiet,
+        };
+        let opts = RunOptions {
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            steps_per_epoch: a.steps_per_epoch,
+            val_clips: a.val_clips,
+        };
+        let s = pretrain::<Autodiff<B>>(
+            &self.cfg,
+            model,
+            &a.data,
+            &a.out,
+            &opts,
+            a.resume,
+            &mut progress,
+            &device,
+        )?;
+        progress.bar.finish_and_clear();
+        if let Some(e) = s.resumed_from {
+            eprintln!("resumed at epoch {e}");
+        }
+        if s.interrupted {
+            eprintln!(
+                "interrupted during epoch {}: the checkpoint of the last finished epoch is in {}; run again with --resume",
+                s.last_epoch,
+                a.out.display()
+            );
+            return Ok(130);
+        }
+        eprintln!(
+            "{} epoch(s) trained; {} epochs done; weights in {}",
+            s.epochs_run,
+            s.last_epoch,
+            a.out.join("model.safetensors").display()
+        );
+        Ok(0)
+    }
+}
+
+pub fn run(args: PretrainArgs) -> Result<i32, String> {
+    if args.batch_size == 0 || args.epochs == 0 {
+        return Err("--batch-size and --epochs must be at least 1".into());
+    }
+    let cfg = MarlinConfig::from_yaml_file(&args.config).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let device = args.device;
+    run_on(device, Job { args, cfg, stop })?
+}

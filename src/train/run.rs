@@ -1,0 +1,598 @@
+//! A pretraining run: epochs of steps over the training split (read ahead by a loader thread),
+//! validation losses, a ground truth | masked | reconstruction PNG and a checkpoint after every
+//! epoch, resumable after any interruption (Ctrl-C or `kill -9`: every file is written under a
+//! temp name and renamed).
+//!
+//! Run folder: `checkpoint.safetensors` (model + discriminator with official key names, both
+//! optimisers' state, the run state: next epoch, step count, seed), `model.safetensors` (the
+//! weights alone, for `extract --weights` and `reconstruct`), `metrics.csv`,
+//! `samples/epoch_NNNN.png`.
+
+use super::data::{epoch_order, read_batch, ClipSettings, Sample, Split};
+use super::schedule::lr_at;
+use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, StepLosses};
+use crate::model::config::LearningRateConfig;
+use crate::model::weights::{read_safetensors_file, StateDict};
+use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
+use crate::util::write_atomic;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Settings of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Stop each epoch after this many steps (smoke runs, tests).
+    pub steps_per_epoch: Option<usize>,
+    /// Validation clips per epoch (all when None).
+    pub val_clips: Option<usize>,
+}
+
+/// Where a run stands (saved in every checkpoint).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunState {
+    /// The next epoch to run (0-based).
+    pub epoch: usize,
+    pub step: u64,
+    pub seed: u64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Parameter order of the generator and the critic, to re-key the optimiser state.
+    pub generator_ids: Vec<String>,
+    pub critic_ids: Vec<String>,
+}
+
+/// Progress reports and Ctrl-C.
+pub trait Progress {
+    fn step(
+        &mut self,
+        epoch: usize,
+        done: usize,
+        total: usize,
+        losses: &StepLosses,
+        samples_per_s: f64,
+    );
+    fn epoch(&mut self, row: &EpochRow);
+    fn stop(&self) -> bool;
+}
+
+/// One line of `metrics.csv`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EpochRow {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train: StepLosses,
+    pub val: StepLosses,
+    pub samples_per_s: f64,
+    pub seconds: f64,
+}
+
+const CSV_HEADER: &str = "epoch,lr,train_d_loss,train_rec,train_adv,train_g_loss,val_d_loss,val_rec,val_adv,val_g_loss,samples_per_s,seconds";
+
+impl EpochRow {
+    fn csv(&self) -> String {
+        let l =
+            |s: &StepLosses| format!("{:.6},{:.6},{:.6},{:.6}", s.d_loss, s.rec, s.adv, s.g_loss);
+        format!(
+            "{},{:e},{},{},{:.2},{:.1}",
+            self.epoch,
+            self.lr,
+            l(&self.train),
+            l(&self.val),
+            self.samples_per_s,
+            self.seconds
+        )
+    }
+}
+
+struct Ids(Vec<ParamId>);
+
+impl<B: Backend> ModuleVisitor<B> for Ids {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.id);
+    }
+}
+
+fn param_ids<B: Backend, M: Module<B>>(m: &M) -> Vec<ParamId> {
+    let mut v = Ids(Vec::new());
+    m.visit(&mut v);
+    v.0
+}
+
+/// Re-key an optimiser record (a map from parameter ids) from the saved ids to the model's.
+fn remap<V, M>(rec: M, old: &[String], new: &[ParamId]) -> Result<M, String>
+where
+    M: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+{
+    if old.len() != new.len() {
+        return Err(format!(
+            "the checkpoint's optimiser state has {} parameters, the model {}",
+            old.len(),
+            new.len()
+        ));
+    }
+    let map: HashMap<ParamId, ParamId> = old
+        .iter()
+        .map(|s| ParamId::deserialize(s))
+        .zip(new.iter().copied())
+        .collect();
+    Ok(rec
+        .into_iter()
+        .filter_map(|(k, v)| map.get(&k).map(|n| (*n, v)))
+        .collect())
+}
+
+/// The reference's learning rates when the config has none.
+fn lr_config(cfg: &MarlinConfig) -> LearningRateConfig {
+    cfg.learning_rate.clone().unwrap_or(LearningRateConfig {
+        base: 1.5e-4,
+        warmup: 1e-6,
+        min: 1e-5,
+        warmup_epochs: 40,
+    })
+}
+
+/// A batch of samples -> clip tensor and mask indices.
+fn batch_tensors<B: Backend>(
+    samples: &[Sample],
+    s: &ClipSettings,
+    device: &B::Device,
+) -> Result<(Tensor<B, 5>, MaskIndices), String> {
+    let b = samples.len();
+    let (t, h) = (s.clip_frames, s.img_size);
+    let flat: Vec<f32> = samples
+        .iter()
+        .flat_map(|x| x.clip.iter().copied())
+        .collect();
+    let vis: Vec<bool> = samples
+        .iter()
+        .flat_map(|x| x.visible.iter().copied())
+        .collect();
+    let clip = Tensor::from_data(TensorData::new(flat, [b, 3, t, h, h]), device);
+    Ok((clip, MaskIndices::from_bools(&vis, b)?))
+}
+
+fn add(a: &mut StepLosses, b: &StepLosses, w: f64) {
+    a.d_loss += b.d_loss * w;
+    a.rec += b.rec * w;
+    a.adv += b.adv * w;
+    a.g_loss += b.g_loss * w;
+}
+
+/// Ground truth | masked | reconstruction of the first frame of a clip, as an RGB image
+/// `[H, 3W]`. `pred` is `[N_masked, 3 * tubelet * patch^2]` in (c, pt, ph, pw) order for the
+/// masked tokens in ascending order; masked patches show grey in the middle panel.
+pub fn sample_image(
+    clip: &[f32],
+    visible: &[bool],
+    pred: &[f32],
+    s: &ClipSettings,
+) -> image::RgbImage {
+    let (size, p, t) = (s.img_size, s.grid.patch, s.clip_frames);
+    let plane = t * size * size;
+    let (gw, per) = (s.grid.grid_w, s.grid.grid_h * s.grid.grid_w);
+    let pd = 3 * s.tubelet * p * p;
+    let mut img = image::RgbImage::new(3 * size as u32, size as u32);
+    // Row of each masked token in `pred`.
+    let mut row = vec![usize::MAX; visible.len()];
+    let mut k = 0;
+    for (i, &v) in visible.iter().enumerate() {
+        if !v {
+            row[i] = k;
+            k += 1;
+        }
+    }
+    let px = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    for y in 0..size {
+        for x in 0..size {
+            let tok = (y / p) * gw + x / p; // tubelet 0
+            let (py, pxx) = (y % p, x % p);
+            let mut gt = [0u8; 3];
+            let mut masked = [0u8; 3];
+            let mut rec = [0u8; 3];
+            for c in 0..3 {
+                let v = clip[c * plane + y * size + x];
+                gt[c] = px(v);
+                if visible[tok] {
+                    masked[c] = px(v);
+                    rec[c] = px(v);
+                } else {
+                    masked[c] = 128;
+                    let r = row[tok];
+                    // (c, pt = 0, ph, pw) inside the token's prediction.
+                    let off = r * pd + c * s.tubelet * p * p + py * p + pxx;
+                    rec[c] = pred.get(off).copied().map(px).unwrap_or(0);
+                }
+            }
+            let _ = per;
+            img.put_pixel(x as u32, y as u32, image::Rgb(gt));
+            img.put_pixel((size + x) as u32, y as u32, image::Rgb(masked));
+            img.put_pixel((2 * size + x) as u32, y as u32, image::Rgb(rec));
+        }
+    }
+    img
+}
+
+fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), String> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    write_atomic(path, buf.get_ref()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Write the checkpoint (atomically) and the weights-only model file.
+fn save_checkpoint<B: AutodiffBackend>(
+    out: &Path,
+    pt: &Pretrainer<B>,
+    state: &RunState,
+) -> Result<(), String> {
+    let sd = pt.model().to_state_dict();
+    let (g, d) = pt.optimizer_records();
+    let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let gb = rec
+        .record(g, ())
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let db = rec
+        .record(d, ())
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let mut bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = sd
+        .tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+                safetensors::Dtype::F32,
+            )
+        })
+        .collect();
+    let (gl, dl) = (gb.len(), db.len());
+    bytes.push((
+        "train.optimizer_generator".into(),
+        gb,
+        vec![gl],
+        safetensors::Dtype::U8,
+    ));
+    bytes.push((
+        "train.optimizer_critic".into(),
+        db,
+        vec![dl],
+        safetensors::Dtype::U8,
+    ));
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, b, s, dt)| {
+            safetensors::tensor::TensorView::new(*dt, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let meta: HashMap<String, String> = [(
+        "marlin_run_state".to_string(),
+        serde_json::to_string(state).map_err(|e| e.to_string())?,
+    )]
+    .into_iter()
+    .collect();
+    let data = safetensors::serialize(views, &Some(meta)).map_err(|e| e.to_string())?;
+    let p = out.join("checkpoint.safetensors");
+    write_atomic(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?;
+    let m = out.join("model.safetensors");
+    sd.save_safetensors(&m, None).map_err(|e| e.to_string())
+}
+
+/// Resume from `out/checkpoint.safetensors`: model, optimisers, run state.
+fn load_checkpoint<B: AutodiffBackend>(
+    out: &Path,
+    cfg: &MarlinConfig,
+    losses: LossConfig,
+    device: &B::Device,
+) -> Result<(Pretrainer<B>, RunState), String> {
+    let p = out.join("checkpoint.safetensors");
+    let raw = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&raw)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    let state: RunState = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("marlin_run_state"))
+        .ok_or_else(|| format!("{}: not a marlin pretraining checkpoint", p.display()))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| format!("{}: {e}", p.display())))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&raw).map_err(|e| format!("{}: {e}", p.display()))?;
+    let bytes_of = |k: &str| -> Result<Vec<u8>, String> {
+        st.tensor(k)
+            .map(|v| v.data().to_vec())
+            .map_err(|e| format!("{}: {k}: {e}", p.display()))
+    };
+    let (gb, db) = (
+        bytes_of("train.optimizer_generator")?,
+        bytes_of("train.optimizer_critic")?,
+    );
+    let mut tensors = read_safetensors_file(&p)?;
+    tensors.retain(|k, _| !k.starts_with("train."));
+    let sd = StateDict {
+        tensors,
+        source: p.display().to_string(),
+    };
+    let (model, _) = Marlin::<B>::from_state_dict(
+        cfg,
+        &sd,
+        &[Part::Encoder, Part::Decoder, Part::Discriminator],
+        device,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut pt = Pretrainer::new(model, losses)?;
+    let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let g: GenRecord<B> = rec
+        .load(gb, device)
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let d: CriticRecord<B> = rec
+        .load(db, device)
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let g = remap(g, &state.generator_ids, &param_ids(pt.generator()))?;
+    let d = remap(d, &state.critic_ids, &param_ids(pt.critic_module()))?;
+    pt.load_optimizer_records(g, d);
+    Ok((pt, state))
+}
+
+/// What a run did.
+pub struct RunSummary {
+    pub epochs_run: usize,
+    pub last_epoch: usize,
+    pub rows: Vec<EpochRow>,
+    pub interrupted: bool,
+    pub resumed_from: Option<usize>,
+}
+
+/// Train `model` (encoder, decoder and discriminator) on `data` into `out`, or resume the run
+/// in `out` when `resume` and a checkpoint is there.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain<B: AutodiffBackend>(
+    cfg: &MarlinConfig,
+    model: Option<Marlin<B>>,
+    data: &Path,
+    out: &Path,
+    opts: &RunOptions,
+    resume: bool,
+    progress: &mut dyn Progress,
+    device: &B::Device,
+) -> Result<RunSummary, String> {
+    let train = Split::load(data, "train")?;
+    let val = Split::load(data, "val")?;
+    let settings = ClipSettings::from_config(cfg)?;
+    let losses = LossConfig::from_config(cfg)?;
+    let lrc = lr_config(cfg);
+    std::fs::create_dir_all(out.join("samples")).map_err(|e| format!("{}: {e}", out.display()))?;
+    // Temp files of a killed run: the real files beside them are whole; drop the leftovers.
+    for dir in [out.to_path_buf(), out.join("samples")] {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    let ckpt = out.join("checkpoint.safetensors");
+    let (mut pt, mut state, resumed_from) = if resume && ckpt.is_file() {
+        let (pt, state) = load_checkpoint::<B>(out, cfg, losses, device)?;
+        let e = state.epoch;
+        (pt, state, Some(e))
+    } else {
+        let model = model.ok_or("no model to start from")?;
+        let pt = Pretrainer::new(model, losses)?;
+        let state = RunState {
+            epoch: 0,
+            step: 0,
+            seed: opts.seed,
+            epochs: opts.epochs,
+            batch_size: opts.batch_size,
+            ..Default::default()
+        };
+        (pt, state, None)
+    };
+    // A resumed run keeps its own schedule and seed.
+    let (epochs, bs, seed) = if resumed_from.is_some() {
+        (state.epochs.max(opts.epochs), state.batch_size, state.seed)
+    } else {
+        (opts.epochs, opts.batch_size.max(1), opts.seed)
+    };
+    state.epochs = epochs;
+    // Metrics of the epochs already done (a resumed run keeps them, drops any later line).
+    let csv_path = out.join("metrics.csv");
+    let mut csv_lines: Vec<String> = if resumed_from.is_some() {
+        std::fs::read_to_string(&csv_path)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                l.split(',')
+                    .next()
+                    .and_then(|e| e.parse::<usize>().ok())
+                    .is_some_and(|e| e < state.epoch)
+            })
+            .map(String::from)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut rows = Vec::new();
+    let mut interrupted = false;
+    let n = train.videos.len();
+    let val_n = opts
+        .val_clips
+        .unwrap_or(val.videos.len())
+        .min(val.videos.len());
+    for epoch in state.epoch..epochs {
+        let t0 = Instant::now();
+        let lr = lr_at(&lrc, epoch, epochs, bs);
+        let order = epoch_order(n, seed, epoch);
+        let mut batches: Vec<Vec<usize>> = order.chunks(bs.min(n)).map(<[usize]>::to_vec).collect();
+        if batches.len() > 1 && batches.last().is_some_and(|b| b.len() < bs) {
+            batches.pop();
+        }
+        if let Some(k) = opts.steps_per_epoch {
+            batches.truncate(k);
+        }
+        let total = batches.len();
+        // The loader thread reads batches ahead of the trainer.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Sample>, String>>(2);
+        let (train_ref, settings_ref) = (&train, &settings);
+        let mut sum = StepLosses::default();
+        let mut seen = 0usize;
+        let result: Result<(), String> = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                for b in &batches {
+                    if tx
+                        .send(read_batch(train_ref, b, settings_ref, seed, epoch, 1))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            for (i, batch) in rx.iter().enumerate() {
+                if progress.stop() {
+                    interrupted = true;
+                    break;
+                }
+                let samples = batch?;
+                let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
+                let l = pt.step(clip, &idx, lr)?;
+                state.step += 1;
+                seen += samples.len();
+                add(&mut sum, &l, samples.len() as f64);
+                let rate = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                progress.step(epoch, i + 1, total, &l, rate);
+            }
+            Ok(())
+        });
+        result?;
+        if interrupted {
+            break;
+        }
+        let train_mean = {
+            let mut m = StepLosses::default();
+            add(&mut m, &sum, 1.0 / seen.max(1) as f64);
+            m
+        };
+        let samples_per_s = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        // Validation: the same clips and masks every epoch.
+        let mut vsum = StepLosses::default();
+        let val_idx: Vec<usize> = (0..val_n).collect();
+        let mut first: Option<(Sample, Vec<f32>)> = None;
+        for chunk in val_idx.chunks(bs.max(1)) {
+            let samples = read_batch(&val, chunk, &settings, seed, 0, 2)?;
+            let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
+            let l = pt.validate(clip.clone(), &idx)?;
+            add(&mut vsum, &l, chunk.len() as f64);
+            if first.is_none() {
+                let g = burn::module::AutodiffModule::valid(pt.generator());
+                let one = samples.into_iter().next();
+                if let Some(s) = one {
+                    let (c1, i1) = batch_tensors::<B::InnerBackend>(
+                        std::slice::from_ref(&s),
+                        &settings,
+                        device,
+                    )?;
+                    let pred = g.forward_indices(c1, &i1)?;
+                    let p: Vec<f32> = pred
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .unwrap_or_default();
+                    first = Some((s, p));
+                }
+            }
+        }
+        let mut val_mean = StepLosses::default();
+        add(&mut val_mean, &vsum, 1.0 / val_n.max(1) as f64);
+        if let Some((s, p)) = &first {
+            let img = sample_image(&s.clip, &s.visible, p, &settings);
+            save_png(
+                &img,
+                &out.join("samples").join(format!("epoch_{epoch:04}.png")),
+            )?;
+        }
+        state.epoch = epoch + 1;
+        state.generator_ids = param_ids(pt.generator())
+            .into_iter()
+            .map(|i| i.serialize())
+            .collect();
+        state.critic_ids = param_ids(pt.critic_module())
+            .into_iter()
+            .map(|i| i.serialize())
+            .collect();
+        save_checkpoint(out, &pt, &state)?;
+        let row = EpochRow {
+            epoch,
+            lr,
+            train: train_mean,
+            val: val_mean,
+            samples_per_s,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        csv_lines.push(row.csv());
+        let text = format!("{CSV_HEADER}\n{}\n", csv_lines.join("\n"));
+        write_atomic(&csv_path, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", csv_path.display()))?;
+        progress.epoch(&row);
+        rows.push(row);
+    }
+    Ok(RunSummary {
+        epochs_run: rows.len(),
+        last_epoch: state.epoch,
+        rows,
+        interrupted,
+        resumed_from,
+    })
+}
+
+/// A fresh model (reference initialisation, seeded) or the weights of `init`, with a fresh
+/// discriminator where the file has none.
+pub fn initial_model<B: Backend>(
+    cfg: &MarlinConfig,
+    init: Option<&PathBuf>,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Marlin<B>, String> {
+    let all = [Part::Encoder, Part::Decoder, Part::Discriminator];
+    let Some(p) = init else {
+        return Ok(Marlin::init(cfg, &all, seed, device));
+    };
+    let sd = StateDict::load(p).map_err(|e| e.to_string())?;
+    let has_disc = sd.tensors.keys().any(|k| k.starts_with("discriminator."));
+    let has_dec = sd.tensors.keys().any(|k| k.starts_with("decoder."));
+    let parts: Vec<Part> = all
+        .iter()
+        .copied()
+        .filter(|p| match p {
+            Part::Discriminator => has_disc,
+            Part::Decoder => has_dec,
+            _ => true,
+        })
+        .collect();
+    let (mut m, report) =
+        Marlin::<B>::from_state_dict(cfg, &sd, &parts, device).map_err(|e| e.to_string())?;
+    for k in &report.unknown_keys {
+        eprintln!("warning: {}: unknown key '{k}' ignored", p.display());
+    }
+    let fresh = Marlin::<B>::init(cfg, &all, seed, device);
+    if m.discriminator.is_none() {
+        m.discriminator = fresh.discriminator.clone();
+    }
+    if m.decoder.is_none() {
+        m.decoder = fresh.decoder;
+        m.enc_dec_proj = fresh.enc_dec_proj;
+    }
+    Ok(m)
+}

@@ -1,0 +1,254 @@
+//! `marlin pretrain` runs: a kill -9 mid-run then `--resume` ends with the same weights and
+//! metrics as an uninterrupted run; pretraining on the shared face samples lowers the
+//! validation reconstruction loss; the sample image's panels are where they should be.
+//! Needs ffmpeg.
+
+mod common;
+
+use common::*;
+use marlin::model::weights::read_safetensors_file;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tiny fixture model with a fast schedule (no warmup to speak of) and `strategy`.
+fn tiny_config(dir: &Path, strategy: &str) -> PathBuf {
+    let base = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/tiny_a.yaml"),
+    )
+    .unwrap();
+    let cfg = base
+        .replace(
+            "mask_strategy: fasking",
+            &format!("mask_strategy: {strategy}"),
+        )
+        .replace("base: 0.00015", "base: 0.2")
+        .replace("warmup: 1.0e-06", "warmup: 0.001")
+        .replace("min: 1.0e-05", "min: 0.01")
+        .replace("warmup_epochs: 40", "warmup_epochs: 1");
+    let p = dir.join("tiny.yaml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+/// `DATA/crop_images_DB/<name>/NNN.jpg` from `frames` frames of `video` starting at `start`,
+/// at 64x64, and the split CSVs.
+fn dataset(
+    root: &Path,
+    video: &Path,
+    train: &[(&str, usize)],
+    val: &[(&str, usize)],
+    frames: usize,
+) {
+    for (name, start) in train.iter().chain(val) {
+        let dir = root.join("crop_images_DB").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        ffmpeg(&[
+            "-i",
+            video.to_str().unwrap(),
+            "-vf",
+            &format!("select=gte(n\\,{start}),scale=64:64"),
+            "-vsync",
+            "0",
+            "-frames:v",
+            &frames.to_string(),
+            dir.join("%03d.jpg").to_str().unwrap(),
+        ]);
+    }
+    for (split, list) in [("train", train), ("val", val)] {
+        let rows: Vec<String> = list.iter().map(|(n, _)| format!("{n},{frames}")).collect();
+        std::fs::write(
+            root.join(format!("{split}_set.csv")),
+            format!("path,len\n{}\n", rows.join("\n")),
+        )
+        .unwrap();
+    }
+}
+
+fn pretrain_args(cfg: &Path, data: &Path, out: &Path, epochs: usize) -> Vec<String> {
+    [
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        &epochs.to_string(),
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn metric_rows(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let data = d.join("data");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    dataset(
+        &data,
+        &sample,
+        &[("a/0", 0), ("a/1", 8), ("a/2", 16)],
+        &[("b/0", 24)],
+        20,
+    );
+    let cfg = tiny_config(d, "random");
+    let epochs = 120;
+
+    let whole = d.join("whole");
+    let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(pretrain_args(&cfg, &data, &whole, epochs))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The same run, killed (SIGKILL) once a few epochs are checkpointed, then resumed.
+    let cut = d.join("cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(pretrain_args(&cfg, &data, &cut, epochs))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let done = std::fs::read_to_string(cut.join("metrics.csv"))
+            .map(|s| s.lines().count().saturating_sub(1))
+            .unwrap_or(0);
+        if done >= 3 || t0.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = metric_rows(&cut).len();
+    assert!(
+        before >= 3 && before < epochs,
+        "killed after {before} epochs"
+    );
+    // Whatever the kill interrupted, the checkpoint on disk is whole.
+    read_safetensors_file(&cut.join("checkpoint.safetensors")).unwrap();
+
+    let mut args = pretrain_args(&cfg, &data, &cut, epochs);
+    args.push("--resume".into());
+    let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed at epoch"), "{}", stderr(&o));
+
+    let (a, b) = (metric_rows(&whole), metric_rows(&cut));
+    assert_eq!(b.len(), epochs, "every epoch once");
+    let epochs_of = |rows: &[String]| -> Vec<usize> {
+        rows.iter()
+            .map(|r| r.split(',').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    assert_eq!(epochs_of(&b), (0..epochs).collect::<Vec<_>>());
+    // Same schedule and same losses, epoch by epoch (timing columns aside).
+    let losses = |r: &String| r.split(',').take(10).collect::<Vec<_>>().join(",");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(losses(x), losses(y));
+    }
+    let (wa, wb) = (
+        read_safetensors_file(&whole.join("model.safetensors")).unwrap(),
+        read_safetensors_file(&cut.join("model.safetensors")).unwrap(),
+    );
+    let mut worst = 0f32;
+    for (k, v) in &wa {
+        for (x, y) in v.data.iter().zip(&wb[k].data) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= 1e-6, "resumed weights differ by {worst}");
+    let leftovers: Vec<String> = std::fs::read_dir(&cut)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The trained encoder is a checkpoint `extract` reads.
+    let o = marlin(
+        &[
+            "extract",
+            sample.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--weights",
+            cut.join("model.safetensors").to_str().unwrap(),
+            "--out",
+            d.join("feats").to_str().unwrap(),
+            "-q",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn pretraining_on_the_shared_face_samples_lowers_validation_loss() {
+    let samples = std::env::var_os("MARLIN_SAMPLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples"));
+    if !samples.join("cropped01.mp4").exists() {
+        eprintln!("SKIPPED: no sample videos in {}", samples.display());
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let data = d.join("data");
+    // Train on clips of cropped01 (143 frames), validate on cropped02 (another face video).
+    dataset(
+        &data,
+        &samples.join("cropped01.mp4"),
+        &[("c1/0", 0), ("c1/1", 35), ("c1/2", 70), ("c1/3", 105)],
+        &[],
+        36,
+    );
+    dataset(
+        &data,
+        &samples.join("cropped02.mp4"),
+        &[],
+        &[("c2/0", 0), ("c2/1", 50)],
+        36,
+    );
+    std::fs::write(
+        data.join("train_set.csv"),
+        "path,len\nc1/0,36\nc1/1,36\nc1/2,36\nc1/3,36\n",
+    )
+    .unwrap();
+    let cfg = tiny_config(d, "random");
+    let out = d.join("run");
+    // 150 epochs of 2 steps (batch 2): 300 steps.
+    let o = marlin(
+        &pretrain_args(&cfg, &data, &out, 150)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = metric_rows(&out);
+    let val_rec = |r: &String| r.split(',').nth(7).unwrap().parse::<f64>().unwrap();
+    let (first, last) = (val_rec(&rows[0]), val_rec(rows.last().unwrap()));
+    eprintln!("validation reconstruction loss: {first:.4} -> {last:.4}");
+    assert!(last <= 0.7 * first, "{first} -> {last}");
+    assert!(out.join("samples/epoch_0149.png").is_file());
+}
