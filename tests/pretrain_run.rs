@@ -252,3 +252,101 @@ fn pretraining_on_the_shared_face_samples_lowers_validation_loss() {
     assert!(last <= 0.7 * first, "{first} -> {last}");
     assert!(out.join("samples/epoch_0149.png").is_file());
 }
+
+#[test]
+fn prepare_writes_the_reference_layout_and_fasking_pretrains_on_it() {
+    // Raw input: the bundled sample, and the same video letterboxed into a larger frame.
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let raw = d.join("raw/person_a");
+    std::fs::create_dir_all(&raw).unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    std::fs::copy(&sample, raw.join("clip1.mp4")).unwrap();
+    ffmpeg(&[
+        "-i",
+        sample.to_str().unwrap(),
+        "-vf",
+        "scale=320:240,pad=320:320:0:40",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        raw.join("clip2.mp4").to_str().unwrap(),
+    ]);
+    std::fs::write(d.join("raw/person_a/notes.txt"), "not a video").unwrap();
+    let data = d.join("data");
+    let o = marlin(
+        &[
+            "prepare",
+            d.join("raw").to_str().unwrap(),
+            "--out",
+            data.to_str().unwrap(),
+            "--val-ratio",
+            "0.5",
+            "-q",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names = Vec::new();
+    for split in ["train_set.csv", "val_set.csv"] {
+        let text = std::fs::read_to_string(data.join(split)).unwrap();
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(rows[0], "path,len");
+        assert_eq!(rows.len(), 2, "{split}: {text}");
+        names.push(rows[1].to_string());
+    }
+    names.sort();
+    assert_eq!(names, vec!["person_a/clip1,48", "person_a/clip2,48"]);
+    for clip in ["clip1", "clip2"] {
+        let crops = data.join("crop_images_DB/person_a").join(clip);
+        let maps = data.join("face_parsing_images_DB/person_a").join(clip);
+        assert_eq!(std::fs::read_dir(&crops).unwrap().count(), 48);
+        assert_eq!(std::fs::read_dir(&maps).unwrap().count(), 48);
+        let img = image::open(crops.join("00010.jpg")).unwrap();
+        assert_eq!((img.width(), img.height()), (224, 224));
+        let m: ndarray::Array2<u8> = ndarray_npy::read_npy(maps.join("00010.npy")).unwrap();
+        assert_eq!(m.shape(), &[224, 224]);
+        // Every region is there, the eyes in the upper half, the mouth in the lower half.
+        let rows_of = |label: u8| -> Vec<usize> {
+            m.indexed_iter()
+                .filter(|(_, &v)| v == label)
+                .map(|((y, _), _)| y)
+                .collect()
+        };
+        for label in 0..=10u8 {
+            assert!(!rows_of(label).is_empty(), "{clip}: label {label} missing");
+        }
+        let mean = |v: Vec<usize>| v.iter().sum::<usize>() as f64 / v.len() as f64;
+        assert!(
+            mean(rows_of(4)) < 112.0 && mean(rows_of(8)) > 112.0,
+            "{clip}"
+        );
+    }
+    // A rerun skips both; a fasking pretraining run reads the maps.
+    let o = marlin(
+        &[
+            "prepare",
+            d.join("raw").to_str().unwrap(),
+            "--out",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("0 of 2 inputs written") && stderr(&o).contains("2 skipped"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg = tiny_config(d, "fasking");
+    let out = d.join("run");
+    let o = marlin(
+        &pretrain_args(&cfg, &data, &out, 2)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metric_rows(&out).len(), 2);
+}

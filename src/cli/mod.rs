@@ -35,6 +35,8 @@ enum Command {
     Crop(Box<face::CropArgs>),
     /// Detect faces in an image or video; draw them (--draw) so a person can look.
     Detect(Box<face::DetectArgs>),
+    /// Pretraining data: face crops + parsing maps of raw videos, train/val CSVs.
+    Prepare(Box<pretrain::PrepareArgs>),
     /// Self-supervised pretraining (masked reconstruction + adversarial critic), resumable.
     Pretrain(Box<pretrain::PretrainArgs>),
     /// Split a labels CSV or a CelebV-HQ root 80/10/10 into train/val/test lists.
@@ -88,6 +90,7 @@ pub fn main() -> i32 {
         Command::Crop(args) => face::crop(*args),
         Command::Split(args) => probe::split(args),
         Command::Pretrain(args) => pretrain::run(*args),
+        Command::Prepare(args) => pretrain::prepare(*args),
         Command::Probe(args) => probe::probe(*args),
         Command::Finetune(args) => probe::finetune(*args),
         Command::Predict(args) => probe::predict(*args),

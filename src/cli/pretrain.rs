@@ -172,3 +172,197 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
     let device = args.device;
     run_on(device, Job { args, cfg, stop })?
 }
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Raw videos, frame folders (e.g. YouTube Faces frame_images_DB/<person>/<video>), or
+    /// directories to walk.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Dataset root to write: crop_images_DB/, face_parsing_images_DB/, train_set.csv,
+    /// val_set.csv.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Side of the face crops.
+    #[arg(long, default_value_t = 224)]
+    pub size: usize,
+    /// Share of videos in val_set.csv.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_ratio: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// File patterns of videos when walking a directory (comma-separated).
+    #[arg(
+        long,
+        default_value = "*.mp4,*.avi,*.mov,*.mkv,*.webm,*.m4v,*.mpg,*.mpeg,*.flv"
+    )]
+    pub glob: String,
+    #[command(flatten)]
+    pub face: super::face_args::FaceArgs,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Redo videos already prepared.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+struct PrepareJob {
+    args: PrepareArgs,
+    items: Vec<(crate::extract::Input, PathBuf)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl BackendTask for PrepareJob {
+    type Output = Result<(usize, Vec<(String, String)>), String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let a = &self.args;
+        let det = crate::face::Detector::<B>::new(&device, a.face.detect_options())
+            .map_err(|e| e.to_string())?;
+        let bar = if a.quiet {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new(self.items.len() as u64);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} videos  {per_sec}  ETA {eta}  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        };
+        let (mut done, mut failures) = (0, Vec::new());
+        for (input, rel) in &self.items {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            bar.set_message(rel.display().to_string());
+            match crate::face::prepare::prepare_video(
+                input,
+                rel,
+                &a.out,
+                &det,
+                &a.face.track_options(),
+                a.size,
+                &|| self.stop.load(Ordering::Relaxed),
+            ) {
+                Ok(_) => done += 1,
+                Err(e) if self.stop.load(Ordering::Relaxed) => {
+                    let _ = e;
+                }
+                Err(e) => failures.push((input.path().display().to_string(), e)),
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok((done, failures))
+    }
+}
+
+/// `marlin prepare`: crops, parsing maps and split CSVs for pretraining.
+pub fn prepare(args: PrepareArgs) -> Result<i32, String> {
+    args.face.check()?;
+    let mut failures = Vec::new();
+    let name = |rel: &std::path::Path| rel.with_extension("");
+    let all = super::extract::discover(
+        &args.inputs,
+        None,
+        &args.glob,
+        &args.out,
+        &name,
+        &mut failures,
+    )?;
+    let total = all.len();
+    let crops = args.out.join("crop_images_DB");
+    let items: Vec<(crate::extract::Input, PathBuf)> = all
+        .into_iter()
+        .map(|it| {
+            let rel = it
+                .out
+                .strip_prefix(&args.out)
+                .unwrap_or(&it.out)
+                .to_path_buf();
+            (it.input, rel)
+        })
+        .collect();
+    let (todo, skipped): (Vec<_>, Vec<_>) = items
+        .into_iter()
+        .partition(|(_, rel)| args.overwrite || !crops.join(rel).is_dir());
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let mut written = 0;
+    let out = args.out.clone();
+    let (quiet, seed, val_ratio) = (args.quiet, args.seed, args.val_ratio);
+    if !todo.is_empty() {
+        let device = args.device;
+        let (w, f) = run_on(
+            device,
+            PrepareJob {
+                args,
+                items: todo,
+                stop: stop.clone(),
+            },
+        )??;
+        written = w;
+        failures.extend(f);
+    }
+    // Split CSVs over every prepared video (this run's and earlier ones).
+    let mut rows: Vec<(String, usize)> = Vec::new();
+    for e in walkdir::WalkDir::new(&crops)
+        .sort_by_file_name()
+        .into_iter()
+        .flatten()
+    {
+        if e.file_type().is_dir() {
+            let n = std::fs::read_dir(e.path())
+                .map(|rd| rd.flatten().filter(|f| f.path().is_file()).count())
+                .unwrap_or(0);
+            let name = e.file_name().to_string_lossy().into_owned();
+            if n > 0 && !name.starts_with('.') {
+                let rel = e.path().strip_prefix(&crops).unwrap_or(e.path());
+                rows.push((rel.to_string_lossy().replace('\\', "/"), n));
+            }
+        }
+    }
+    if !rows.is_empty() {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut idx: Vec<usize> = (0..rows.len()).collect();
+        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let n_val = if rows.len() >= 2 {
+            ((rows.len() as f64 * val_ratio).round() as usize).clamp(1, rows.len() - 1)
+        } else {
+            0
+        };
+        let (val, train) = idx.split_at(n_val);
+        for (file, part) in [("train_set.csv", train), ("val_set.csv", val)] {
+            let mut text = String::from("path,len\n");
+            let mut sorted = part.to_vec();
+            sorted.sort();
+            for i in sorted {
+                text += &format!("{},{}\n", rows[i].0, rows[i].1);
+            }
+            let p = out.join(file);
+            crate::util::write_atomic(&p, text.as_bytes())
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+    }
+    super::extract::report(
+        &out,
+        &failures,
+        written,
+        total,
+        skipped.len(),
+        stop.load(Ordering::Relaxed),
+        quiet,
+    )
+}

@@ -7,6 +7,8 @@ pub mod crop;
 pub mod detect;
 pub mod draw;
 pub mod mtcnn;
+pub mod parsing;
+pub mod prepare;
 pub mod track;
 
 pub use crop::{crop_resize, CropBox};
