@@ -350,3 +350,120 @@ fn prepare_writes_the_reference_layout_and_fasking_pretrains_on_it() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(metric_rows(&out).len(), 2);
 }
+
+#[test]
+fn reconstruct_draws_mask_and_reconstruction_panels() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model");
+    // No weights: original | masked, every frame, Fasking at 0.9 keeps 156 of 1568 tokens.
+    let o = marlin(
+        &[
+            "reconstruct",
+            sample.to_str().unwrap(),
+            "--out",
+            d.join("a").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("156 of 1568 tokens visible"));
+    let img = image::open(d.join("a/sample_face_reconstruction.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * 224, 16 * 224));
+    assert_eq!(
+        video_shape(&d.join("a/sample_face_reconstruction.mp4")),
+        (16, 448, 224)
+    );
+    // With a full checkpoint: three panels.
+    let o = marlin(
+        &[
+            "reconstruct",
+            sample.to_str().unwrap(),
+            "--config",
+            fx.join("tiny_a.yaml").to_str().unwrap(),
+            "--weights",
+            fx.join("tiny_a.full.pt").to_str().unwrap(),
+            "--strategy",
+            "tube",
+            "--out",
+            d.join("b").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(d.join("b/sample_face_reconstruction.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (3 * 32, 16 * 32));
+    // An encoder-only file cannot reconstruct: one line saying so.
+    let o = marlin(
+        &[
+            "reconstruct",
+            sample.to_str().unwrap(),
+            "--config",
+            fx.join("tiny_a.yaml").to_str().unwrap(),
+            "--weights",
+            fx.join("tiny_a.encoder.pt").to_str().unwrap(),
+            "--out",
+            d.join("c").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("needs a full checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_perfect_prediction_reconstructs_the_ground_truth_panel() {
+    use burn::tensor::{Tensor, TensorData};
+    use marlin::backend::Cpu;
+    use marlin::masking::{make_mask, Grid, RngDraws, Strategy};
+    use marlin::model::{MaskIndices, Part};
+    use marlin::train::data::ClipSettings;
+    use marlin::train::run::sample_image;
+    use marlin::{Marlin, MarlinConfig};
+    let cfg = MarlinConfig::from_yaml_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/tiny_a.yaml"),
+    )
+    .unwrap();
+    let dev = Default::default();
+    let m = Marlin::<Cpu>::init(&cfg, &[Part::Encoder], 0, &dev);
+    let (t, s) = (16, 32);
+    let clip: Vec<f32> = (0..3 * t * s * s)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let grid = Grid {
+        tubelets: 8,
+        grid_h: 4,
+        grid_w: 4,
+        patch: 8,
+    };
+    let visible = make_mask(Strategy::Random, 0.75, &[], &grid, &mut RngDraws::new(1));
+    let idx = MaskIndices::from_bools(&visible, 1).unwrap();
+    let x = Tensor::<Cpu, 5>::from_data(TensorData::new(clip.clone(), [1, 3, t, s, s]), &dev);
+    let target: Vec<f32> = m.target(x, &idx).into_data().into_vec().unwrap();
+    let settings = ClipSettings {
+        clip_frames: t,
+        sample_rate: 2,
+        img_size: s,
+        grid,
+        tubelet: 2,
+        strategy: Strategy::Random,
+        mask_ratio: 0.75,
+    };
+    for frame in [0, 5, 15] {
+        let img = sample_image(&clip, &visible, Some(&target), &settings, frame);
+        for y in 0..s as u32 {
+            for x in 0..s as u32 {
+                assert_eq!(
+                    img.get_pixel(x, y),
+                    img.get_pixel(x + 2 * s as u32, y),
+                    "frame {frame} ({x}, {y})"
+                );
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod face_args;
 mod model_args;
 mod pretrain;
 mod probe;
+mod reconstruct;
 
 use crate::hub;
 use crate::model::weights::{count_params, StateDict};
@@ -37,6 +38,9 @@ enum Command {
     Detect(Box<face::DetectArgs>),
     /// Pretraining data: face crops + parsing maps of raw videos, train/val CSVs.
     Prepare(Box<pretrain::PrepareArgs>),
+    /// A clip as original | masked | reconstruction (PNG grid and MP4); the mask alone
+    /// without weights.
+    Reconstruct(Box<reconstruct::ReconstructArgs>),
     /// Self-supervised pretraining (masked reconstruction + adversarial critic), resumable.
     Pretrain(Box<pretrain::PretrainArgs>),
     /// Split a labels CSV or a CelebV-HQ root 80/10/10 into train/val/test lists.
@@ -91,6 +95,7 @@ pub fn main() -> i32 {
         Command::Split(args) => probe::split(args),
         Command::Pretrain(args) => pretrain::run(*args),
         Command::Prepare(args) => pretrain::prepare(*args),
+        Command::Reconstruct(args) => reconstruct::run(*args),
         Command::Probe(args) => probe::probe(*args),
         Command::Finetune(args) => probe::finetune(*args),
         Command::Predict(args) => probe::predict(*args),

@@ -166,20 +166,24 @@ fn add(a: &mut StepLosses, b: &StepLosses, w: f64) {
     a.g_loss += b.g_loss * w;
 }
 
-/// Ground truth | masked | reconstruction of the first frame of a clip, as an RGB image
-/// `[H, 3W]`. `pred` is `[N_masked, 3 * tubelet * patch^2]` in (c, pt, ph, pw) order for the
-/// masked tokens in ascending order; masked patches show grey in the middle panel.
+/// Ground truth | masked | reconstruction of frame `frame` of a clip, as an RGB image
+/// `[H, 3W]` (`[H, 2W]` without a prediction). `pred` is `[N_masked, 3 * tubelet * patch^2]`
+/// in (c, pt, ph, pw) order for the masked tokens in ascending order; masked patches show
+/// grey in the middle panel.
 pub fn sample_image(
     clip: &[f32],
     visible: &[bool],
-    pred: &[f32],
+    pred: Option<&[f32]>,
     s: &ClipSettings,
+    frame: usize,
 ) -> image::RgbImage {
     let (size, p, t) = (s.img_size, s.grid.patch, s.clip_frames);
     let plane = t * size * size;
     let (gw, per) = (s.grid.grid_w, s.grid.grid_h * s.grid.grid_w);
     let pd = 3 * s.tubelet * p * p;
-    let mut img = image::RgbImage::new(3 * size as u32, size as u32);
+    let (tube, pt) = (frame / s.tubelet, frame % s.tubelet);
+    let panels = if pred.is_some() { 3 } else { 2 };
+    let mut img = image::RgbImage::new((panels * size) as u32, size as u32);
     // Row of each masked token in `pred`.
     let mut row = vec![usize::MAX; visible.len()];
     let mut k = 0;
@@ -192,35 +196,32 @@ pub fn sample_image(
     let px = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
     for y in 0..size {
         for x in 0..size {
-            let tok = (y / p) * gw + x / p; // tubelet 0
+            let tok = tube * per + (y / p) * gw + x / p;
             let (py, pxx) = (y % p, x % p);
-            let mut gt = [0u8; 3];
-            let mut masked = [0u8; 3];
-            let mut rec = [0u8; 3];
+            let (mut gt, mut masked, mut rec) = ([0u8; 3], [0u8; 3], [0u8; 3]);
             for c in 0..3 {
-                let v = clip[c * plane + y * size + x];
+                let v = clip[c * plane + frame * size * size + y * size + x];
                 gt[c] = px(v);
                 if visible[tok] {
                     masked[c] = px(v);
                     rec[c] = px(v);
                 } else {
                     masked[c] = 128;
-                    let r = row[tok];
-                    // (c, pt = 0, ph, pw) inside the token's prediction.
-                    let off = r * pd + c * s.tubelet * p * p + py * p + pxx;
-                    rec[c] = pred.get(off).copied().map(px).unwrap_or(0);
+                    let off = row[tok] * pd + c * s.tubelet * p * p + pt * p * p + py * p + pxx;
+                    rec[c] = pred.and_then(|q| q.get(off)).copied().map(px).unwrap_or(0);
                 }
             }
-            let _ = per;
             img.put_pixel(x as u32, y as u32, image::Rgb(gt));
             img.put_pixel((size + x) as u32, y as u32, image::Rgb(masked));
-            img.put_pixel((2 * size + x) as u32, y as u32, image::Rgb(rec));
+            if panels == 3 {
+                img.put_pixel((2 * size + x) as u32, y as u32, image::Rgb(rec));
+            }
         }
     }
     img
 }
 
-fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), String> {
+pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), String> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -517,7 +518,7 @@ pub fn pretrain<B: AutodiffBackend>(
         let mut val_mean = StepLosses::default();
         add(&mut val_mean, &vsum, 1.0 / val_n.max(1) as f64);
         if let Some((s, p)) = &first {
-            let img = sample_image(&s.clip, &s.visible, p, &settings);
+            let img = sample_image(&s.clip, &s.visible, Some(p), &settings, 0);
             save_png(
                 &img,
                 &out.join("samples").join(format!("epoch_{epoch:04}.png")),
