@@ -130,6 +130,8 @@ impl<B: Backend> Marlin<B> {
         let mut all = vec![Part::Encoder];
         all.extend(parts.iter().copied().filter(|p| *p != Part::Encoder));
         let parts = &all[..];
+        let filled = sd.with_fixed_tables(cfg);
+        let sd = filled.as_ref().unwrap_or(sd);
         let unknown_keys = sd.check(cfg, parts)?;
         let l = Loader::<B>::new(sd, device);
         let encoder = Encoder::load(&l, cfg)?;

@@ -353,6 +353,11 @@ impl StateDict {
             })
             .min_by_key(|pre| pre.len())
             .map(str::to_string);
+        if prefix.is_none() {
+            if let Some(vp) = Self::videomae_prefix(&raw) {
+                return Self::from_videomae(raw, &vp, file);
+            }
+        }
         let Some(prefix) = prefix else {
             let sample: Vec<&String> = raw.keys().take(3).collect();
             return Err(WeightsError::NotMarlin {
@@ -380,6 +385,91 @@ impl StateDict {
             tensors,
             source: file,
         })
+    }
+
+    /// A VideoMAE pretraining checkpoint (`encoder.patch_embed.proj`, `mlp.fc1/fc2`,
+    /// `encoder_to_decoder`, top-level `mask_token`, usually inside a `model` dict) renamed to
+    /// MARLIN's keys, to initialise pretraining. Its position tables are fixed sin-cos tables
+    /// it does not store; [`StateDict::with_fixed_tables`] fills them in. None when the file is
+    /// not one.
+    fn videomae_prefix(raw: &BTreeMap<String, LazyTensor>) -> Option<String> {
+        let probe = "encoder.patch_embed.proj.weight";
+        raw.keys()
+            .filter_map(|k| {
+                k.strip_suffix(probe)
+                    .filter(|p| p.is_empty() || p.ends_with('.'))
+            })
+            .min_by_key(|p| p.len())
+            .map(str::to_string)
+    }
+
+    fn from_videomae(
+        raw: BTreeMap<String, LazyTensor>,
+        prefix: &str,
+        file: String,
+    ) -> Result<Self, WeightsError> {
+        let mut tensors = BTreeMap::new();
+        for (k, v) in raw {
+            let Some(name) = k.strip_prefix(prefix) else {
+                continue;
+            };
+            let name = if name == "mask_token" {
+                "decoder.mask_token".to_string()
+            } else if let Some(rest) = name.strip_prefix("encoder_to_decoder.") {
+                format!("enc_dec_proj.{rest}")
+            } else if let Some(rest) = name.strip_prefix("encoder.patch_embed.proj.") {
+                format!("encoder.patch_embedding.projection.{rest}")
+            } else if name.starts_with("encoder.") || name.starts_with("decoder.") {
+                name.replace(".mlp.fc1.", ".mlp.layers.0.linear.")
+                    .replace(".mlp.fc2.", ".mlp.layers.1.linear.")
+            } else {
+                continue;
+            };
+            let t = v.materialise().map_err(|msg| WeightsError::Read {
+                file: file.clone(),
+                msg: format!("tensor '{k}': {msg}"),
+            })?;
+            tensors.insert(name, t);
+        }
+        Ok(Self {
+            tensors,
+            source: format!("{file} (VideoMAE keys)"),
+        })
+    }
+
+    /// This state dict with the fixed sin-cos position tables of `cfg` added where absent (they
+    /// are never trained; VideoMAE files do not store them).
+    pub fn with_fixed_tables(&self, cfg: &MarlinConfig) -> Option<Self> {
+        let n = cfg.num_patches();
+        let wanted = [
+            (
+                "encoder.pos_embedding.emb",
+                cfg.encoder.embed_dim,
+                "encoder.",
+            ),
+            (
+                "decoder.pos_embedding.emb",
+                cfg.decoder.embed_dim,
+                "decoder.",
+            ),
+        ];
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|(k, _, root)| {
+                !self.tensors.contains_key(*k) && self.tensors.keys().any(|x| x.starts_with(root))
+            })
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let mut sd = self.clone();
+        for (k, d, _) in missing {
+            sd.tensors.insert(
+                k.to_string(),
+                HostTensor::new(vec![1, n, *d], sinusoid_table(n, *d)),
+            );
+        }
+        Some(sd)
     }
 
     /// Parts present, told from their key roots.
