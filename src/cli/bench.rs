@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Also time the parts of one transformer block.
     #[arg(long)]
     pub profile: bool,
+    /// Time pretraining steps instead (critic + generator step, random 90% masks, AdamW).
+    #[arg(long)]
+    pub train: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }
@@ -53,6 +56,9 @@ fn time<B: Backend, const D: usize>(label: &str, reps: usize, f: impl Fn() -> Te
 impl BackendTask for Bench {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) {
+        if self.args.train {
+            return train_bench::<burn::backend::Autodiff<B>>(&self.cfg, &self.args, &device);
+        }
         let (cfg, a) = (self.cfg, self.args);
         let model = Marlin::<B>::init(&cfg, &[Part::Encoder], 0, &device);
         let b = a.batch_size.max(1);
@@ -158,6 +164,60 @@ impl BackendTask for Bench {
             whole * cfg.encoder.depth as f64
         );
     }
+}
+
+/// Seconds per pretraining step (batch `--batch-size`, one critic and one generator update).
+fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
+    cfg: &MarlinConfig,
+    a: &BenchArgs,
+    device: &B::Device,
+) {
+    use crate::masking::{make_mask, Grid, RngDraws, Strategy};
+    use crate::model::MaskIndices;
+    use crate::train::{LossConfig, Pretrainer};
+    let b = a.batch_size.max(1);
+    let model = Marlin::<B>::init(
+        cfg,
+        &[Part::Encoder, Part::Decoder, Part::Discriminator],
+        0,
+        device,
+    );
+    let losses = LossConfig {
+        adv_loss: true,
+        adv_weight: 0.01,
+        d_steps: 1,
+        g_steps: 1,
+    };
+    let Ok(mut pt) = Pretrainer::new(model, losses) else {
+        return;
+    };
+    let g = cfg.img_size / cfg.patch_size;
+    let grid = Grid {
+        tubelets: cfg.clip_frames / cfg.tubelet_size,
+        grid_h: g,
+        grid_w: g,
+        patch: cfg.patch_size,
+    };
+    let mut draws = RngDraws::new(0);
+    let vis: Vec<bool> = (0..b)
+        .flat_map(|_| make_mask(Strategy::Random, 0.9, &[], &grid, &mut draws))
+        .collect();
+    let Ok(idx) = MaskIndices::from_bools(&vis, b) else {
+        return;
+    };
+    let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
+    let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
+    println!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
+    let _ = pt.step(clip.clone(), &idx, 1e-4);
+    let t0 = Instant::now();
+    for _ in 0..a.iters.max(1) {
+        let _ = pt.step(clip.clone(), &idx, 1e-4);
+    }
+    let per_step = t0.elapsed().as_secs_f64() / a.iters.max(1) as f64;
+    println!(
+        "seconds per step: {per_step:.3}  (samples/s {:.2})",
+        b as f64 / per_step
+    );
 }
 
 pub fn run(args: BenchArgs) -> Result<i32, String> {
