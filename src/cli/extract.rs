@@ -489,16 +489,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     let stop = Arc::new(AtomicBool::new(false));
     if !items.is_empty() {
         let (cfg, weights) = args.model.resolve(false, !args.quiet)?;
-        {
-            let stop = stop.clone();
-            // A second Ctrl-C while stopping falls through to the default (the outputs on disk
-            // are whole either way: each is renamed into place only when complete).
-            let _ = ctrlc::set_handler(move || {
-                if stop.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-            });
-        }
+        super::stop_on_ctrlc(&stop);
         let job = Job {
             cfg,
             weights,

@@ -248,22 +248,13 @@ impl BackendTask for DetectJob {
     }
 }
 
-fn set_ctrlc(stop: &Arc<AtomicBool>) {
-    let stop = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
-}
-
 pub fn detect(args: DetectArgs) -> Result<i32, String> {
     args.face.check()?;
     if !args.input.exists() {
         return Err(VideoError::Missing(args.input.display().to_string()).to_string());
     }
     let stop = Arc::new(AtomicBool::new(false));
-    set_ctrlc(&stop);
+    super::stop_on_ctrlc(&stop);
     run_on(args.device, DetectJob { args, stop })?
 }
 
@@ -475,7 +466,7 @@ pub fn crop(args: CropArgs) -> Result<i32, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut written = 0;
     if !items.is_empty() {
-        set_ctrlc(&stop);
+        super::stop_on_ctrlc(&stop);
         let (device, quiet, out) = (args.device, args.quiet, args.out.clone());
         let job = CropJob {
             args,

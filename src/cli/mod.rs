@@ -85,6 +85,18 @@ enum CacheAction {
     Clean,
 }
 
+/// Ctrl-C sets `stop` (long jobs finish or drop their current item and leave whole outputs);
+/// a second Ctrl-C exits at once (outputs on disk are whole either way: each is renamed into
+/// place only when complete).
+fn stop_on_ctrlc(stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let stop = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+}
+
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();

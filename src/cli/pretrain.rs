@@ -161,14 +161,7 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
     }
     let cfg = MarlinConfig::from_yaml_file(&args.config).map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
+    super::stop_on_ctrlc(&stop);
     let device = args.device;
     run_on(device, Job { args, cfg, stop })?
 }
@@ -291,14 +284,7 @@ pub fn prepare(args: PrepareArgs) -> Result<i32, String> {
         .into_iter()
         .partition(|(_, rel)| args.overwrite || !crops.join(rel).is_dir());
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
+    super::stop_on_ctrlc(&stop);
     let mut written = 0;
     let out = args.out.clone();
     let (quiet, seed, val_ratio) = (args.quiet, args.seed, args.val_ratio);

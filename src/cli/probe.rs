@@ -9,7 +9,8 @@ use crate::model::{Marlin, MarlinConfig, Part};
 use crate::probe::data::{make_split, Dataset};
 use crate::probe::metrics::{table, Metrics, TaskKind};
 use crate::probe::train::{
-    load_features, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks, TrainOptions,
+    load_features, reduce_clips, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks,
+    TrainOptions,
 };
 use crate::util::write_atomic;
 use burn::backend::Autodiff;
@@ -189,15 +190,6 @@ impl<B: Backend> RunHooks<B> for Hooks {
     }
 }
 
-fn set_ctrlc(stop: &Arc<AtomicBool>) {
-    let stop = stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    });
-}
-
 fn metrics_json(m: &Metrics) -> serde_json::Value {
     serde_json::to_value(m).unwrap_or_default()
 }
@@ -314,7 +306,7 @@ pub fn probe(args: ProbeArgs) -> Result<i32, String> {
     }
     prepare_out(&args.train.out)?;
     let stop = Arc::new(AtomicBool::new(false));
-    set_ctrlc(&stop);
+    super::stop_on_ctrlc(&stop);
     let device = args.device;
     run_on(
         device,
@@ -394,7 +386,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
     let (cfg, weights) = args.model.resolve(false, !args.train.quiet)?;
     prepare_out(&args.train.out)?;
     let stop = Arc::new(AtomicBool::new(false));
-    set_ctrlc(&stop);
+    super::stop_on_ctrlc(&stop);
     let device = args.model.device;
     run_on(
         device,
@@ -454,22 +446,8 @@ impl BackendTask for PredictJob {
         } else {
             None
         };
-        let reduce = |a: ndarray::ArrayD<f32>| -> Result<Vec<f32>, String> {
-            let a = if a.ndim() == 1 {
-                a.insert_axis(ndarray::Axis(0))
-            } else {
-                a
-            };
-            let ax = ndarray::Axis(0);
-            Ok(match info.reduction.as_deref().unwrap_or("mean") {
-                "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
-                "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
-                _ => a.mean_axis(ax).ok_or("no clips")?,
-            }
-            .iter()
-            .copied()
-            .collect())
-        };
+        let how = info.reduction.as_deref().unwrap_or("mean");
+        let reduce = |a: ndarray::ArrayD<f32>| reduce_clips(a, how);
         let mut header = vec!["path".to_string()];
         header.extend(info.names.iter().take(k).cloned());
         if info.task == TaskKind::Binary && header.len() == 1 {

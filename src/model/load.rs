@@ -111,6 +111,16 @@ pub fn to_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> HostTensor {
     HostTensor::new(shape, data)
 }
 
+/// The first value of a tensor (a loss) as f64.
+pub fn to_scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN) as f64
+}
+
 /// Exports burn parameters to a state dict with official names.
 pub struct Exporter<'a> {
     pub sd: &'a mut StateDict,

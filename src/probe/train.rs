@@ -8,7 +8,7 @@ use super::data::{Dataset, Sample};
 use super::metrics::{evaluate, Metrics, TaskKind};
 use crate::extract::{open_input, to_clip, ClipData, Input};
 use crate::model::encoder::Encoder;
-use crate::model::load::{Exporter, Loader};
+use crate::model::load::{to_scalar, Exporter, Loader};
 use crate::model::weights::{HostTensor, StateDict, WeightsError};
 use crate::model::MarlinConfig;
 use crate::video::{Frame, VideoError};
@@ -316,15 +316,6 @@ fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f32::NAN) as f64
-}
-
 impl Inputs {
     fn logits<B: Backend>(
         &self,
@@ -398,7 +389,7 @@ impl Inputs {
         for chunk in idx.chunks(batch.max(1)) {
             let logits = self.logits(model, split, samples, chunk, None, device)?;
             let t = targets(samples, chunk);
-            total += scalar(loss(logits.clone(), &t, data.kind)) * chunk.len() as f64;
+            total += to_scalar(loss(logits.clone(), &t, data.kind)) * chunk.len() as f64;
             p.extend(probs(logits, data.kind));
             y.extend(t);
         }
@@ -452,7 +443,7 @@ pub fn train<B: AutodiffBackend>(
             }
             let logits = inputs.logits(&model, "train", &data.train, b, Some(&mut rng), device)?;
             let l = loss(logits, &targets(&data.train, b), data.kind);
-            sum += scalar(l.clone().inner()) * b.len() as f64;
+            sum += to_scalar(l.clone().inner()) * b.len() as f64;
             count += b.len();
             let grads = GradientsParams::from_grads(l.backward(), &model);
             model = optim.step(sched.lr, model, grads);
@@ -512,6 +503,23 @@ fn inner_device_of<B: AutodiffBackend>(d: &B::Device) -> burn::tensor::Device<B:
     d.clone()
 }
 
+/// A video's clip features `[clips, D]` (or `[D]`) combined over clips: mean, max or min.
+pub fn reduce_clips(a: ndarray::ArrayD<f32>, how: &str) -> Result<Vec<f32>, String> {
+    let a = if a.ndim() == 1 {
+        a.insert_axis(ndarray::Axis(0))
+    } else {
+        a
+    };
+    let ax = ndarray::Axis(0);
+    let r = match how {
+        "mean" => a.mean_axis(ax).ok_or("no clips")?,
+        "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
+        "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
+        other => return Err(format!("--reduction {other}: expected mean, max or min")),
+    };
+    Ok(r.iter().copied().collect())
+}
+
 /// Features of every sample of each split from `.npy` files (`[clips, D]` or `[D]`), reduced
 /// over clips by `reduction` (mean, max or min) -> `[n, D]` per split.
 pub fn load_features(
@@ -550,14 +558,7 @@ pub fn load_features(
                     d.unwrap_or(0)
                 ));
             }
-            let ax = ndarray::Axis(0);
-            let r = match reduction {
-                "mean" => a.mean_axis(ax).ok_or("empty")?,
-                "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
-                "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
-                other => return Err(format!("--reduction {other}: expected mean, max or min")),
-            };
-            rows.extend(r.iter().copied());
+            rows.extend(reduce_clips(a, reduction)?);
         }
         out.push(rows);
     }

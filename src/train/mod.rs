@@ -14,6 +14,7 @@ pub mod run;
 pub mod schedule;
 
 use crate::model::discriminator::Discriminator;
+use crate::model::load::to_scalar;
 use crate::model::{Marlin, MarlinConfig, MaskIndices};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -72,15 +73,6 @@ pub fn adamw(cfg: &MarlinConfig) -> AdamWConfig {
         .with_beta_2(betas[1] as f32)
         .with_epsilon(eps as f32)
         .with_weight_decay(cfg.weight_decay as f32)
-}
-
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f32::NAN) as f64
 }
 
 /// The generator's optimiser state.
@@ -168,7 +160,7 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                     .detach();
                 let critic = self.critic();
                 let loss = critic.forward(pred).mean() - critic.forward(real.clone()).mean();
-                out.d_loss = scalar(loss.clone().inner());
+                out.d_loss = to_scalar(loss.clone().inner());
                 let grads = GradientsParams::from_grads(loss.backward(), critic);
                 let c = self.critic.take().ok_or("critic missing")?;
                 self.critic = Some(self.opt_d.step(lr, c, grads));
@@ -185,13 +177,13 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                     .mean()
                     .neg()
                     .mul_scalar(self.losses.adv_weight);
-                out.adv = scalar(adv.clone().inner());
+                out.adv = to_scalar(adv.clone().inner());
                 rec.clone() + adv
             } else {
                 rec.clone()
             };
-            out.rec = scalar(rec.inner());
-            out.g_loss = scalar(loss.clone().inner());
+            out.rec = to_scalar(rec.inner());
+            out.g_loss = to_scalar(loss.clone().inner());
             let grads = GradientsParams::from_grads(loss.backward(), self.generator());
             let g = self.generator.take().ok_or("generator missing")?;
             self.generator = Some(self.opt_g.step(lr, g, grads));
@@ -211,11 +203,11 @@ pub fn evaluate<B: Backend>(
     let real = model.target(clip.clone(), idx);
     let pred = model.forward_indices(clip, idx)?;
     let diff = pred.clone() - real.clone();
-    let rec = scalar((diff.clone() * diff).mean());
+    let rec = to_scalar((diff.clone() * diff).mean());
     let (d_loss, adv) = if losses.adv_loss {
         let fake = critic.forward(pred).mean();
-        let d = scalar(fake.clone() - critic.forward(real).mean());
-        (d, -scalar(fake) * losses.adv_weight)
+        let d = to_scalar(fake.clone() - critic.forward(real).mean());
+        (d, -to_scalar(fake) * losses.adv_weight)
     } else {
         (0.0, 0.0)
     };
