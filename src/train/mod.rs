@@ -154,10 +154,11 @@ impl<B: AutodiffBackend> Pretrainer<B> {
         let mut out = StepLosses::default();
         if self.losses.adv_loss {
             for _ in 0..self.losses.d_steps {
-                let pred = self
-                    .generator()
-                    .forward_indices(clip.clone(), idx)?
-                    .detach();
+                // The critic learns from a reconstruction that needs no gradient: run the
+                // generator on the inner backend (no autodiff graph; the CPU backend's fast
+                // inference kernels apply) and lift the result.
+                let inner = self.generator().valid();
+                let pred = Tensor::from_inner(inner.forward_indices(clip.clone().inner(), idx)?);
                 let critic = self.critic();
                 let loss = critic.forward(pred).mean() - critic.forward(real.clone()).mean();
                 out.d_loss = to_scalar(loss.clone().inner());
