@@ -58,6 +58,17 @@ fn run_tool(tool: &'static str, args: &[&str]) -> Result<std::process::Output, V
         })
 }
 
+/// The error of a failed `ffmpeg` start: not installed, or why it could not run.
+pub(crate) fn spawn_error(e: std::io::Error, path: &str) -> VideoError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => VideoError::NoFfmpeg("ffmpeg"),
+        _ => VideoError::Other {
+            path: path.to_string(),
+            msg: e.to_string(),
+        },
+    }
+}
+
 /// `ffprobe -v error -select_streams v:0 ARGS PATH` (the first video stream).
 fn ffprobe(path: &str, args: &[&str]) -> Result<std::process::Output, VideoError> {
     let mut all = vec!["-v", "error", "-select_streams", "v:0"];
@@ -226,13 +237,7 @@ impl FfmpegReader {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => VideoError::NoFfmpeg("ffmpeg"),
-                _ => VideoError::Other {
-                    path: p.clone(),
-                    msg: e.to_string(),
-                },
-            })?;
+            .map_err(|e| spawn_error(e, &p))?;
         let stdout = child.stdout.take().ok_or_else(|| VideoError::Other {
             path: p.clone(),
             msg: "no ffmpeg output pipe".into(),

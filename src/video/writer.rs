@@ -46,13 +46,7 @@ impl VideoWriter {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => VideoError::NoFfmpeg("ffmpeg"),
-                _ => VideoError::Other {
-                    path: p.clone(),
-                    msg: e.to_string(),
-                },
-            })?;
+            .map_err(|e| super::spawn_error(e, &p))?;
         let stdin = child.stdin.take();
         Ok(Self {
             child: Some(child),
