@@ -467,3 +467,18 @@ fn a_perfect_prediction_reconstructs_the_ground_truth_panel() {
         }
     }
 }
+
+#[test]
+fn config_prints_a_released_config_that_reads_back() {
+    let o = marlin(&["config", "marlin_vit_small_ytf"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let back = marlin::MarlinConfig::from_yaml_str(&text, "stdout").unwrap();
+    assert_eq!(
+        back,
+        marlin::MarlinConfig::from_name("marlin_vit_small_ytf").unwrap()
+    );
+    let o = marlin(&["config", "marlin_vit_tiny"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}

@@ -41,6 +41,12 @@ enum Command {
     /// A clip as original | masked | reconstruction (PNG grid and MP4); the mask alone
     /// without weights.
     Reconstruct(Box<reconstruct::ReconstructArgs>),
+    /// Print a released model's config (reference YAML, training keys included) to start a
+    /// custom one: `marlin config marlin_vit_base_ytf > my.yaml`.
+    Config {
+        /// marlin_vit_small_ytf, marlin_vit_base_ytf or marlin_vit_large_ytf
+        name: String,
+    },
     /// Self-supervised pretraining (masked reconstruction + adversarial critic), resumable.
     Pretrain(Box<pretrain::PretrainArgs>),
     /// Split a labels CSV or a CelebV-HQ root 80/10/10 into train/val/test lists.
@@ -107,6 +113,12 @@ pub fn main() -> i32 {
         Command::Split(args) => probe::split(args),
         Command::Pretrain(args) => pretrain::run(*args),
         Command::Prepare(args) => pretrain::prepare(*args),
+        Command::Config { name } => MarlinConfig::from_name(&name)
+            .map(|c| {
+                print!("{}", c.to_yaml());
+                0
+            })
+            .map_err(|e| e.to_string()),
         Command::Reconstruct(args) => reconstruct::run(*args),
         Command::Probe(args) => probe::probe(*args),
         Command::Finetune(args) => probe::finetune(*args),
