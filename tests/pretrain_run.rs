@@ -144,6 +144,19 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
     // Whatever the kill interrupted, the checkpoint on disk is whole.
     read_safetensors_file(&cut.join("checkpoint.safetensors")).unwrap();
 
+    // Without --resume the run in `cut` is not overwritten.
+    let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(pretrain_args(&cfg, &data, &cut, epochs))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("a run is already there"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(metric_rows(&cut).len(), before);
+
     let mut args = pretrain_args(&cfg, &data, &cut, epochs);
     args.push("--resume".into());
     let o = Command::new(env!("CARGO_BIN_EXE_marlin"))

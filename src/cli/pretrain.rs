@@ -160,6 +160,19 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
         return Err("--batch-size and --epochs must be at least 1".into());
     }
     let cfg = MarlinConfig::from_yaml_file(&args.config).map_err(|e| e.to_string())?;
+    let ckpt = args.out.join("checkpoint.safetensors");
+    if ckpt.is_file() && !args.resume {
+        return Err(format!(
+            "{}: a run is already there; --resume continues it, or choose another --out",
+            ckpt.display()
+        ));
+    }
+    if args.resume && !ckpt.is_file() && !args.quiet {
+        eprintln!(
+            "note: no checkpoint in {}: starting a new run",
+            args.out.display()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     super::stop_on_ctrlc(&stop);
     let device = args.device;
