@@ -30,6 +30,9 @@ for v in video01 video02; do
   python3 -c "print(f'$v time ratio (ours / peer): {$peer / $ours:.2f}x')"
 done
 
+ours=$($bin detect "$SAMPLES/video02.mp4" -q --detect-max-side 640 | sed -n 's/.*, \([0-9.]*\) frames\/s$/\1/p')
+echo "video02 with --detect-max-side 640 (ours only; detection on a 640x360 copy): $ours frames/s"
+
 echo "== 2. extract with and without --crop-face, ViT-B, video01.mp4 (300 frames -> 9 clips)"
 "$PEER_PY" bench/peer_extract.py --save-weights "$work/vitb.pt" --threads "$threads" >/dev/null
 t0=$(date +%s.%N)

@@ -109,3 +109,26 @@ fn crop_equals_marlin_pytorch_crop() {
         assert!(max <= 2, "{name}: crop differs by {max} levels");
     }
 }
+
+#[test]
+fn detecting_on_a_downscaled_copy_maps_boxes_back() {
+    use marlin::face::iou;
+    let f = read_image(&fixtures().join("two_faces.png")).unwrap();
+    let full = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
+    let half = Detector::<Cpu>::new(
+        &Default::default(),
+        DetectOptions {
+            max_side: Some(240),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (a, b) = (full.detect(&[&f]).remove(0), half.detect(&[&f]).remove(0));
+    // The large face (150 px) is found at half resolution, in frame coordinates.
+    let big = &a[0];
+    let best = b
+        .iter()
+        .map(|x| iou(&x.bbox, &big.bbox))
+        .fold(0f32, f32::max);
+    assert!(best >= 0.8, "IoU {best}: {b:?} vs {big:?}");
+}
