@@ -12,7 +12,6 @@ use crate::util::write_atomic;
 use crate::video::{self, VideoError};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -240,18 +239,11 @@ impl BackendTask for Job {
                 self.weights.display()
             );
         }
-        let bar = if self.quiet {
-            ProgressBar::hidden()
-        } else {
-            let b = ProgressBar::new(self.items.len() as u64);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} videos  {msg}  elapsed {elapsed}  ETA {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b
-        };
+        let bar = super::progress_bar(
+            self.quiet,
+            self.items.len() as u64,
+            "{bar:30} {pos}/{len} videos  {msg}  elapsed {elapsed}  ETA {eta}",
+        );
         let (tx, rx) = mpsc::sync_channel::<Msg>(2 * self.opts.batch_size.max(1));
         let items = Arc::new(self.items);
         let (clip_frames, size) = (self.cfg.clip_frames, self.cfg.img_size);

@@ -13,7 +13,7 @@ use crate::video::writer::VideoWriter;
 use crate::video::{self, Frame, VideoError};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -119,17 +119,11 @@ fn save_png(f: &Frame, path: &Path) -> Result<(), String> {
 }
 
 fn bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{bar:30}} {{pos}}/{{len}} {what}  {{per_sec}}  elapsed {{elapsed}}  ETA {{eta}}  {{msg}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    b
+    super::progress_bar(
+        quiet,
+        len,
+        &format!("{{bar:30}} {{pos}}/{{len}} {what}  {{per_sec}}  elapsed {{elapsed}}  ETA {{eta}}  {{msg}}"),
+    )
 }
 
 struct DetectJob {

@@ -91,6 +91,19 @@ enum CacheAction {
     Clean,
 }
 
+/// A progress bar of `len` items with an indicatif `template`, hidden with `quiet`.
+fn progress_bar(quiet: bool, len: u64, template: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
 /// Ctrl-C sets `stop` (long jobs finish or drop their current item and leave whole outputs);
 /// a second Ctrl-C exits at once (outputs on disk are whole either way: each is renamed into
 /// place only when complete).

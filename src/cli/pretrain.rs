@@ -7,7 +7,7 @@ use crate::train::StepLosses;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -101,16 +101,7 @@ impl BackendTask for Job {
                 &device,
             )?)
         };
-        let bar = if a.quiet {
-            ProgressBar::hidden()
-        } else {
-            let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b
-        };
+        let bar = super::progress_bar(a.quiet, 0, "{bar:30} {pos}/{len} steps  {msg}  ETA {eta}");
         let mut progress = Bar {
             bar,
             stop: self.stop.clone(),
@@ -227,18 +218,11 @@ impl BackendTask for PrepareJob {
         let a = &self.args;
         let det = crate::face::Detector::<B>::new(&device, a.face.detect_options())
             .map_err(|e| e.to_string())?;
-        let bar = if a.quiet {
-            ProgressBar::hidden()
-        } else {
-            let b = ProgressBar::new(self.items.len() as u64);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} videos  {per_sec}  ETA {eta}  {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b
-        };
+        let bar = super::progress_bar(
+            a.quiet,
+            self.items.len() as u64,
+            "{bar:30} {pos}/{len} videos  {per_sec}  ETA {eta}  {msg}",
+        );
         let (mut done, mut failures) = (0, Vec::new());
         for (input, rel) in &self.items {
             if self.stop.load(Ordering::Relaxed) {

@@ -9,16 +9,15 @@ use crate::model::{Marlin, MarlinConfig, Part};
 use crate::probe::data::{make_split, Dataset};
 use crate::probe::metrics::{table, Metrics, TaskKind};
 use crate::probe::train::{
-    load_features, reduce_clips, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks,
+    load_features, probs, reduce_clips, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks,
     TrainOptions,
 };
 use crate::util::write_atomic;
 use burn::backend::Autodiff;
-use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -119,10 +118,6 @@ pub struct ClassifierInfo {
     pub val_auc: Option<f64>,
 }
 
-fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
-}
-
 struct Hooks {
     out: PathBuf,
     name: String,
@@ -133,15 +128,11 @@ struct Hooks {
 
 impl Hooks {
     fn new(out: &Path, name: &str, max_epochs: usize, quiet: bool, stop: Arc<AtomicBool>) -> Self {
-        let bar = if quiet {
-            ProgressBar::hidden()
-        } else {
-            let b = ProgressBar::new(max_epochs as u64);
-            b.set_style(style(
-                "{bar:30} epoch {pos}/{len} (at most)  {msg}  elapsed {elapsed}",
-            ));
-            b
-        };
+        let bar = super::progress_bar(
+            quiet,
+            max_epochs as u64,
+            "{bar:30} epoch {pos}/{len} (at most)  {msg}  elapsed {elapsed}",
+        );
         Self {
             out: out.to_path_buf(),
             name: name.to_string(),
@@ -406,19 +397,6 @@ struct PredictJob {
     sd: StateDict,
 }
 
-impl PredictJob {
-    fn probs<B: Backend>(&self, logits: Tensor<B, 2>) -> Vec<f32> {
-        let p = match self.info.task {
-            TaskKind::Multiclass => softmax(logits, 1),
-            _ => sigmoid(logits),
-        };
-        p.into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default()
-    }
-}
-
 impl BackendTask for PredictJob {
     type Output = Result<i32, String>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
@@ -474,7 +452,7 @@ impl BackendTask for PredictJob {
                         TensorData::new(f, [1, info.feature_dim]),
                         &device,
                     );
-                    Ok(self.probs(clf.forward_features(x)))
+                    Ok(probs(clf.forward_features(x), info.task))
                 } else if let Some(m) = &extractor {
                     let (a, _) = m
                         .extract_video(p, &ExtractOptions::default())
@@ -484,7 +462,7 @@ impl BackendTask for PredictJob {
                         TensorData::new(f, [1, info.feature_dim]),
                         &device,
                     );
-                    Ok(self.probs(clf.forward_features(x)))
+                    Ok(probs(clf.forward_features(x), info.task))
                 } else {
                     // Fine-tuned: every window of the video, probabilities averaged.
                     let cfg = info
@@ -516,7 +494,7 @@ impl BackendTask for PredictJob {
                             TensorData::new(c.data.clone(), [1, 3, t, s, s]),
                             &device,
                         );
-                        for (a, b) in sum.iter_mut().zip(self.probs(clf.forward_clips(x))) {
+                        for (a, b) in sum.iter_mut().zip(probs(clf.forward_clips(x), info.task)) {
                             *a += b;
                         }
                     }

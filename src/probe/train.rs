@@ -305,7 +305,8 @@ fn loss<B: Backend>(logits: Tensor<B, 2>, y: &[f32], kind: TaskKind) -> Tensor<B
     }
 }
 
-fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
+/// Probabilities `[b, k]` of logits: softmax for multiclass, sigmoid otherwise.
+pub fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
     let p = match kind {
         TaskKind::Multiclass => softmax(logits, 1),
         _ => sigmoid(logits),
