@@ -231,6 +231,35 @@ pub fn split(args: SplitArgs) -> Result<i32, String> {
     Ok(0)
 }
 
+/// Train with the reference's optimiser and schedule (`defaults`: batch size and max epochs when
+/// not given), write the run's reports, and return the exit code (130 after Ctrl-C).
+#[allow(clippy::too_many_arguments)]
+fn train_and_report<B: Backend>(
+    model: Classifier<Autodiff<B>>,
+    data: &Dataset,
+    inputs: &Inputs,
+    t: &TrainArgs,
+    defaults: (usize, usize),
+    mut info: ClassifierInfo,
+    stop: &Arc<AtomicBool>,
+    device: &B::Device,
+) -> Result<i32, String> {
+    let opts = TrainOptions {
+        lr: t.lr,
+        batch_size: t.batch_size.unwrap_or(defaults.0),
+        max_epochs: t.max_epochs.unwrap_or(defaults.1),
+        seed: t.seed,
+        ..Default::default()
+    };
+    let mut hooks = Hooks::new(&t.out, &info.mode, opts.max_epochs, t.quiet, stop.clone());
+    let r = train::<Autodiff<B>>(model, data, inputs, &opts, &mut hooks, device)?;
+    hooks.bar.finish_and_clear();
+    info.best_epoch = r.best_epoch;
+    info.val_auc = r.val.auc();
+    finish(&t.out, &info, &r, t.quiet)?;
+    Ok(if stop.load(Ordering::Relaxed) { 130 } else { 0 })
+}
+
 struct ProbeJob {
     args: ProbeArgs,
     data: Dataset,
@@ -247,16 +276,6 @@ impl BackendTask for ProbeJob {
         };
         let d = *d;
         let model = Classifier::<Autodiff<B>>::new(None, d, self.data.width(), t.seed, &device);
-        let opts = TrainOptions {
-            lr: t.lr,
-            batch_size: t.batch_size.unwrap_or(32),
-            max_epochs: t.max_epochs.unwrap_or(200),
-            seed: t.seed,
-            ..Default::default()
-        };
-        let mut hooks = Hooks::new(&t.out, "probe", opts.max_epochs, t.quiet, self.stop.clone());
-        let r = train::<Autodiff<B>>(model, &self.data, &self.inputs, &opts, &mut hooks, &device)?;
-        hooks.bar.finish_and_clear();
         let info = ClassifierInfo {
             mode: "probe".into(),
             task: self.data.kind,
@@ -265,15 +284,20 @@ impl BackendTask for ProbeJob {
             reduction: Some(self.args.reduction.clone()),
             config: None,
             sample_rate: None,
-            best_epoch: r.best_epoch,
-            val_auc: r.val.auc(),
+            best_epoch: 0,
+            val_auc: None,
         };
-        finish(&t.out, &info, &r, t.quiet)?;
-        Ok(if self.stop.load(Ordering::Relaxed) {
-            130
-        } else {
-            0
-        })
+        let defaults = (32, 200);
+        train_and_report::<B>(
+            model,
+            &self.data,
+            &self.inputs,
+            t,
+            defaults,
+            info,
+            &self.stop,
+            &device,
+        )
     }
 }
 
@@ -327,27 +351,11 @@ impl BackendTask for FinetuneJob {
                 .map_err(|e| e.to_string())?;
         let d = self.cfg.encoder.embed_dim;
         let model = Classifier::new(Some(marlin.encoder), d, self.data.width(), t.seed, &device);
-        let opts = TrainOptions {
-            lr: t.lr,
-            batch_size: t.batch_size.unwrap_or(8),
-            max_epochs: t.max_epochs.unwrap_or(20),
-            seed: t.seed,
-            ..Default::default()
-        };
         let inputs = Inputs::Clips(ClipSpec {
             clip_frames: self.cfg.clip_frames,
             sample_rate: self.args.sample_rate,
             size: self.cfg.img_size,
         });
-        let mut hooks = Hooks::new(
-            &t.out,
-            "finetune",
-            opts.max_epochs,
-            t.quiet,
-            self.stop.clone(),
-        );
-        let r = train::<Autodiff<B>>(model, &self.data, &inputs, &opts, &mut hooks, &device)?;
-        hooks.bar.finish_and_clear();
         let info = ClassifierInfo {
             mode: "finetune".into(),
             task: self.data.kind,
@@ -356,15 +364,13 @@ impl BackendTask for FinetuneJob {
             reduction: None,
             config: Some(self.cfg.clone()),
             sample_rate: Some(self.args.sample_rate),
-            best_epoch: r.best_epoch,
-            val_auc: r.val.auc(),
+            best_epoch: 0,
+            val_auc: None,
         };
-        finish(&t.out, &info, &r, t.quiet)?;
-        Ok(if self.stop.load(Ordering::Relaxed) {
-            130
-        } else {
-            0
-        })
+        let defaults = (8, 20);
+        train_and_report::<B>(
+            model, &self.data, &inputs, t, defaults, info, &self.stop, &device,
+        )
     }
 }
 

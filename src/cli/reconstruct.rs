@@ -108,24 +108,7 @@ impl BackendTask for Job {
                 .collect()
         } else {
             raw.iter()
-                .map(|f| {
-                    let img =
-                        image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone())
-                            .map(|i| {
-                                image::imageops::resize(
-                                    &i,
-                                    size as u32,
-                                    size as u32,
-                                    image::imageops::FilterType::Triangle,
-                                )
-                            })
-                            .unwrap_or_default();
-                    Frame {
-                        width: size,
-                        height: size,
-                        data: img.into_raw(),
-                    }
-                })
+                .map(|f| video::resize_frame(f, size, size))
                 .collect()
         };
         // Parsing maps of each tubelet's first frame, from the detector's landmarks.

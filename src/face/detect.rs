@@ -153,8 +153,10 @@ impl<B: Backend> Detector<B> {
                         ((w as f64 * s).round() as usize).max(1),
                         ((h as f64 * s).round() as usize).max(1),
                     );
-                    let small: Vec<Frame> =
-                        group.par_iter().map(|f| downscale(f, sw, sh)).collect();
+                    let small: Vec<Frame> = group
+                        .par_iter()
+                        .map(|f| crate::video::resize_frame(f, sw, sh))
+                        .collect();
                     let refs: Vec<&Frame> = small.iter().collect();
                     let (kx, ky) = (w as f32 / sw as f32, h as f32 / sh as f32);
                     self.detect_same_size(&refs)
@@ -455,25 +457,6 @@ pub fn area_resize(f: &Frame, region: [usize; 4], oh: usize, ow: usize) -> Vec<f
         }
     }
     out
-}
-
-/// A frame scaled down to `w` x `h` (area-weighted, antialiased).
-fn downscale(f: &Frame, w: usize, h: usize) -> Frame {
-    let img = image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone())
-        .map(|i| {
-            image::imageops::resize(
-                &i,
-                w as u32,
-                h as u32,
-                image::imageops::FilterType::Triangle,
-            )
-        })
-        .unwrap_or_else(|| image::RgbImage::new(w as u32, h as u32));
-    Frame {
-        width: w,
-        height: h,
-        data: img.into_raw(),
-    }
 }
 
 /// Square a box around its centre with side max(w, h) (facenet-pytorch's `rerec`).

@@ -361,6 +361,25 @@ pub fn read_rgb(p: &Path) -> Result<image::RgbImage, VideoError> {
         .to_rgb8())
 }
 
+/// A frame resized to `w` x `h` (triangle filter: antialiased when shrinking).
+pub fn resize_frame(f: &Frame, w: usize, h: usize) -> Frame {
+    let img = image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone())
+        .map(|i| {
+            image::imageops::resize(
+                &i,
+                w as u32,
+                h as u32,
+                image::imageops::FilterType::Triangle,
+            )
+        })
+        .unwrap_or_else(|| image::RgbImage::new(w as u32, h as u32));
+    Frame {
+        width: w,
+        height: h,
+        data: img.into_raw(),
+    }
+}
+
 /// An image file as a [`Frame`].
 pub fn read_image(p: &Path) -> Result<Frame, VideoError> {
     let img = read_rgb(p)?;
