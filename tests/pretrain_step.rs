@@ -89,3 +89,55 @@ fn one_step_equals_pytorch() {
     eprintln!("{n} parameters after the step: max abs diff {wmax:.2e}; losses {worst:.2e}");
     assert!(n > 40, "compared {n} tensors");
 }
+
+/// The gradient of the reconstruction MSE for every generator parameter equals PyTorch's (the
+/// step above only pins each weight's update to about lr * sign(grad)). The gradients are read
+/// back as the change an SGD step with lr 1 makes.
+#[test]
+fn reconstruction_gradients_equal_pytorch() {
+    use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+    let dev = Default::default();
+    let cfg = MarlinConfig::from_yaml_file(&fx("model/tiny_a.yaml")).unwrap();
+    let (model, _) = Marlin::<CpuAutodiff>::load_file(
+        &cfg,
+        &fx("model/tiny_a.ckpt"),
+        &[Part::Encoder, Part::Decoder],
+        &dev,
+    )
+    .unwrap();
+    let io = read_safetensors_file(&fx("model/tiny_a.io.safetensors")).unwrap();
+    let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+    let clip_h = &io["clip"];
+    let clip = Tensor::<CpuAutodiff, 5>::from_data(
+        TensorData::new(clip_h.data.clone(), clip_h.shape.clone()),
+        &dev,
+    );
+    let m = &io["mask"];
+    let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
+    let idx = MaskIndices::from_bools(&bools, m.shape[0]).unwrap();
+    let before = model.to_state_dict();
+    let diff = model.forward_indices(clip.clone(), &idx).unwrap() - model.target(clip, &idx);
+    let loss = (diff.clone() * diff).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut sgd = SgdConfig::new().init::<CpuAutodiff, Marlin<CpuAutodiff>>();
+    let after = sgd.step(1.0, model, grads).to_state_dict();
+    let mut n = 0;
+    for (k, g) in &want {
+        let Some(key) = k.strip_prefix("grad.") else {
+            continue;
+        };
+        let (b, a) = (&before.tensors[key], &after.tensors[key]);
+        let scale = g.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = b
+            .data
+            .iter()
+            .zip(&a.data)
+            .zip(&g.data)
+            .map(|((b, a), g)| ((b - a) - g).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {d:.2e}");
+        assert!(d <= 1e-4 * scale.max(1e-2), "{key}: gradient differs by {d} (max |grad| {scale})");
+        n += 1;
+    }
+    assert!(n > 40, "compared {n} gradients");
+}

@@ -13,7 +13,8 @@ amount that float rounding decides: with lr 1e-3 one such weight differed by 1.5
   D: pred = model(clip, mask); loss_d = mean(D(pred)) - mean(D(real masked patches)).
   G: pred = model(clip, mask); rec = MSE(pred, real); adv = 0.01 * -mean(D(pred)) with the
      updated D; loss_g = rec + adv.
-Saved (tests/fixtures/train/step.safetensors): the losses and every parameter after the step.
+Saved (tests/fixtures/train/step.safetensors): the losses, every parameter after the step, and
+the gradient of the reconstruction MSE (at the initial weights) for every generator parameter.
 """
 from pathlib import Path
 
@@ -55,6 +56,14 @@ real = rearrange(clip, "b c (t p0) (h p1) (w p2) -> b (t h w) (c p0 p1 p2)",
                  p0=cfg["tubelet_size"], p1=cfg["patch_size"], p2=cfg["patch_size"])
 real = real[~mask].view(b, -1, patch_dim)
 
+# Gradients of the reconstruction loss at the initial weights, for every generator parameter:
+# an Adam step is ~lr * sign(grad), blind to a gradient's size, so the sizes are checked here.
+model.zero_grad()
+torch.nn.functional.mse_loss(model(clip, mask), real).backward()
+grads = {f"grad.{k}": p.grad.detach().clone().contiguous() for k, p in model.named_parameters()
+         if p.grad is not None}
+model.zero_grad()
+
 opt_d.zero_grad()
 pred = model(clip, mask)
 loss_d = disc(pred).mean() - disc(real).mean()
@@ -75,6 +84,7 @@ after["discriminator.layers.0.linear.bias"] = disc[0].bias.detach().clone()
 after["discriminator.layers.1.linear.weight"] = disc[2].weight.detach().clone()
 after["discriminator.layers.1.linear.bias"] = disc[2].bias.detach().clone()
 out = {f"after.{k}": v.contiguous() for k, v in after.items()}
+out.update(grads)
 for k, v in (("loss_d", loss_d), ("rec", rec), ("adv", adv), ("loss_g", loss_g)):
     out[k] = v.detach().reshape(1)
 save_file(out, str(root / "tests/fixtures/train/step.safetensors"))
