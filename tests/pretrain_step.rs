@@ -136,7 +136,10 @@ fn reconstruction_gradients_equal_pytorch() {
             .map(|((b, a), g)| ((b - a) - g).abs())
             .fold(0f32, f32::max);
         eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {d:.2e}");
-        assert!(d <= 1e-4 * scale.max(1e-2), "{key}: gradient differs by {d} (max |grad| {scale})");
+        assert!(
+            d <= 1e-4 * scale.max(1e-2),
+            "{key}: gradient differs by {d} (max |grad| {scale})"
+        );
         n += 1;
     }
     assert!(n > 40, "compared {n} gradients");

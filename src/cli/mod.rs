@@ -44,7 +44,8 @@ enum Command {
     /// Print a released model's config (reference YAML, training keys included) to start a
     /// custom one: `marlin config marlin_vit_base_ytf > my.yaml`.
     Config {
-        /// marlin_vit_small_ytf, marlin_vit_base_ytf or marlin_vit_large_ytf
+        /// marlin_vit_small_ytf, marlin_vit_base_ytf, marlin_vit_large_ytf, or tiny_smoke (a
+        /// 32 px model for CPU smoke runs of `marlin pretrain`)
         name: String,
     },
     /// Self-supervised pretraining (masked reconstruction + adversarial critic), resumable.
@@ -126,7 +127,7 @@ pub fn main() -> i32 {
         Command::Split(args) => probe::split(args),
         Command::Pretrain(args) => pretrain::run(*args),
         Command::Prepare(args) => pretrain::prepare(*args),
-        Command::Config { name } => MarlinConfig::from_name(&name)
+        Command::Config { name } => MarlinConfig::template(&name)
             .map(|c| {
                 print!("{}", c.to_yaml());
                 0
