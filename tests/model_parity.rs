@@ -388,3 +388,39 @@ fn videomae_keys_load_as_the_same_model() {
     let d = max_abs_diff(ya, &marlin::model::load::to_host(&yb));
     assert!(d <= 1e-6, "VideoMAE-keyed model differs by {d}");
 }
+
+/// The plain CPU backend runs each block as one host kernel (`cpu_kernels::block_forward`);
+/// under autodiff the same block takes burn's generic ops. At ViT-B width (768, 12 heads,
+/// 392 tokens: the matrix products take their blocked paths) both give the same features.
+#[test]
+fn host_block_kernel_equals_generic_ops_at_vit_b_width() {
+    let mut cfg = MarlinConfig::from_name("marlin_vit_base_ytf").unwrap();
+    cfg.img_size = 112;
+    cfg.encoder.depth = 2;
+    let dev = Default::default();
+    let host = Marlin::<Cpu>::init(&cfg, &[Part::Encoder], 7, &dev);
+    let generic = Marlin::<CpuAutodiff>::init(&cfg, &[Part::Encoder], 7, &dev);
+    let n = 3 * 16 * 112 * 112;
+    let clip: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let shape = [1, 3, 16, 112, 112];
+    let a = host.extract_features(
+        Tensor::<Cpu, 5>::from_data(TensorData::new(clip.clone(), shape), &dev),
+        true,
+    );
+    let b = generic.extract_features(
+        Tensor::<CpuAutodiff, 5>::from_data(TensorData::new(clip, shape), &dev),
+        true,
+    );
+    assert_eq!(a.dims(), [1, 392, 768]);
+    let a: Vec<f32> = a.into_data().into_vec().unwrap();
+    let b: Vec<f32> = b.into_data().into_vec().unwrap();
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!("host kernel vs generic ops: max abs diff {d:.2e}");
+    assert!(d <= 1e-4, "max abs diff {d}");
+}

@@ -3,12 +3,14 @@
 
 use super::load::{Exporter, Loader};
 use super::weights::WeightsError;
+use burn::backend::flex::FlexTensor;
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor};
+use std::any::Any;
 
 /// Multi-head self-attention with one bias-free `qkv` projection; when qkv_bias is on, the bias
 /// is concat(q_bias, 0, v_bias): k never has a bias.
@@ -118,6 +120,98 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+impl<B: Backend> Block<B> {
+    /// The whole block as one host kernel (`cpu_kernels::block_forward`) on the plain CPU
+    /// backend, reading the weights in place; gives `x` back untouched where it does not
+    /// apply (other backends, layer scale).
+    fn forward_host(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+        if !is_plain_cpu::<B>() || self.gamma_1.is_some() || self.gamma_2.is_some() {
+            return Err(x);
+        }
+        let weights = |t: Tensor<B, 1>| flex(t);
+        let linear = |l: &Linear<B>| -> Option<(FlexTensor, Option<FlexTensor>)> {
+            Some((
+                flex(l.weight.val())?,
+                match &l.bias {
+                    Some(b) => Some(flex(b.val())?),
+                    None => None,
+                },
+            ))
+        };
+        let norm = |n: &LayerNorm<B>| -> Option<(FlexTensor, FlexTensor)> {
+            Some((weights(n.gamma.val())?, weights(n.beta.as_ref()?.val())?))
+        };
+        let held = (|| {
+            let qv = match (&self.attn.q_bias, &self.attn.v_bias) {
+                (Some(q), Some(v)) => Some((weights(q.val())?, weights(v.val())?)),
+                _ => None,
+            };
+            Some((
+                norm(&self.norm1)?,
+                linear(&self.attn.qkv)?,
+                qv,
+                linear(&self.attn.proj)?,
+                norm(&self.norm2)?,
+                linear(&self.mlp.fc1)?,
+                linear(&self.mlp.fc2)?,
+            ))
+        })();
+        let Some((n1, qkv, qv, proj, n2, fc1, fc2)) = held else {
+            return Err(x);
+        };
+        fn sl(t: &FlexTensor) -> Option<&[f32]> {
+            t.as_slice::<f32>()
+        }
+        fn pair((a, b): &(FlexTensor, FlexTensor)) -> Option<(&[f32], &[f32])> {
+            Some((sl(a)?, sl(b)?))
+        }
+        fn lin((w, b): &(FlexTensor, Option<FlexTensor>)) -> Option<(&[f32], &[f32])> {
+            Some((sl(w)?, sl(b.as_ref()?)?))
+        }
+        let w = (|| {
+            Some(super::cpu_kernels::BlockWeights {
+                norm1: pair(&n1)?,
+                qkv: sl(&qkv.0)?,
+                qv_bias: match &qv {
+                    Some(p) => Some(pair(p)?),
+                    None => None,
+                },
+                proj: lin(&proj)?,
+                norm2: pair(&n2)?,
+                fc1: lin(&fc1)?,
+                fc2: lin(&fc2)?,
+                heads: self.attn.num_heads,
+                scale: self.attn.scale as f32,
+                eps: super::load::LN_EPS as f32,
+            })
+        })();
+        // The qkv Linear of a block has no bias of its own (q/v biases are separate).
+        let Some(w) = w.filter(|_| qkv.1.is_none()) else {
+            return Err(x);
+        };
+        if x.dtype() != burn::tensor::DType::F32 {
+            return Err(x);
+        }
+        let [b, n, d] = x.dims();
+        let device = x.device();
+        // An f32 tensor (checked above) always converts to Vec<f32>.
+        let Ok(mut data) = x.into_data().into_vec::<f32>() else {
+            unreachable!("f32 tensor data")
+        };
+        super::cpu_kernels::block_forward(&mut data, b, n, d, &w);
+        Ok(Tensor::from_data(
+            burn::tensor::TensorData::new(data, [b, n, d]),
+            &device,
+        ))
+    }
+}
+
+/// The Flex tensor behind `t` (a refcount, no copy) when `B` is the plain CPU backend.
+fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> Option<FlexTensor> {
+    let prim: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    prim.downcast::<FlexTensor>().ok().map(|b| *b)
+}
+
 /// The plain CPU backend (`Flex`, not under autodiff): where our CPU kernels replace burn ops
 /// that run on one thread. Other backends (CUDA, autodiff) take the generic path.
 fn is_plain_cpu<B: Backend>() -> bool {
@@ -172,6 +266,10 @@ impl<B: Backend> Block<B> {
 
     /// [B, N, D] -> [B, N, D]
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = match self.forward_host(x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
         let a = self.attn.forward(self.norm1.forward(x.clone()));
         let a = match &self.gamma_1 {
             Some(g) => a * g.val().unsqueeze::<3>(),

@@ -234,6 +234,111 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// Borrowed weights of one pre-norm transformer block (no layer scale), as
+/// [`block_forward`] reads them. Linear weights are `[in, out]` row-major (burn's layout).
+pub struct BlockWeights<'a> {
+    /// LayerNorm 1 (weight, bias) `[D]`.
+    pub norm1: (&'a [f32], &'a [f32]),
+    /// qkv projection `[D, 3D]`, no bias of its own.
+    pub qkv: &'a [f32],
+    /// q_bias and v_bias `[D]` (k has none).
+    pub qv_bias: Option<(&'a [f32], &'a [f32])>,
+    /// Output projection `[D, D]` and bias `[D]`.
+    pub proj: (&'a [f32], &'a [f32]),
+    /// LayerNorm 2 (weight, bias) `[D]`.
+    pub norm2: (&'a [f32], &'a [f32]),
+    /// MLP fc1 `[D, Hid]`, `[Hid]` and fc2 `[Hid, D]`, `[D]`.
+    pub fc1: (&'a [f32], &'a [f32]),
+    pub fc2: (&'a [f32], &'a [f32]),
+    pub heads: usize,
+    pub scale: f32,
+    pub eps: f32,
+}
+
+/// One whole block on the host, in place on `x` `[b, n, d]`:
+/// x += proj(attn(LN1(x))); x += fc2(GELU(fc1(LN2(x)))).
+/// Biases are written into the product's output buffer before the matrix product
+/// accumulates onto it, and both residual adds are the products accumulating onto `x`
+/// itself, so no pass over the activations is spent on a bias or a residual.
+pub fn block_forward(x: &mut [f32], b: usize, n: usize, d: usize, w: &BlockWeights) {
+    let rows = b * n;
+    let hidden = w.fc1.1.len();
+    assert_eq!(x.len(), rows * d, "block input is not [b, n, d]");
+    let mut h = vec![0f32; rows * d];
+    layer_norm(x, &mut h, d, w.norm1, w.eps);
+    let mut qkv = vec![0f32; rows * 3 * d];
+    if let Some((qb, vb)) = w.qv_bias {
+        qkv.par_chunks_mut(3 * d).for_each(|row| {
+            row[..d].copy_from_slice(qb);
+            row[2 * d..].copy_from_slice(vb);
+        });
+    }
+    matmul(&mut qkv, &h, w.qkv, rows, d, 3 * d, w.qv_bias.is_some());
+    let att = attention(&qkv, b, n, w.heads, d / w.heads, w.scale);
+    drop(qkv);
+    add_rows(x, w.proj.1);
+    matmul(x, &att, w.proj.0, rows, d, d, true);
+    drop(att);
+    layer_norm(x, &mut h, d, w.norm2, w.eps);
+    let mut f = vec![0f32; rows * hidden];
+    f.par_chunks_mut(hidden)
+        .for_each(|row| row.copy_from_slice(w.fc1.1));
+    matmul(&mut f, &h, w.fc1.0, rows, d, hidden, true);
+    gelu_in_place(&mut f);
+    add_rows(x, w.fc2.1);
+    matmul(x, &f, w.fc2.0, rows, hidden, d, true);
+}
+
+/// dst[m, n] (+)= a[m, k] · w[k, n], all row-major, on the rayon pool.
+fn matmul(dst: &mut [f32], a: &[f32], w: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    assert!(dst.len() == m * n && a.len() == m * k && w.len() == k * n);
+    // SAFETY: the three buffers hold exactly the [m, n], [m, k] and [k, n] row-major
+    // matrices described by the strides (checked above), and dst does not alias a or w.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// Each row of `x` += `bias`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    x.par_chunks_mut(bias.len())
+        .for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+}
+
+/// out = LayerNorm(x) row by row (biased variance, as torch), statistics in f64.
+fn layer_norm(x: &[f32], out: &mut [f32], d: usize, (g, bta): (&[f32], &[f32]), eps: f32) {
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, r)| {
+            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for i in 0..d {
+                o[i] = ((r[i] as f64 - mean) * inv) as f32 * g[i] + bta[i];
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
