@@ -309,3 +309,18 @@ fn ctrl_c_leaves_only_whole_outputs_and_a_rerun_finishes() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 12);
 }
+
+/// `marlin info w.pt | head -1` and the like: a closed stdout is not a crash.
+#[test]
+fn a_closed_stdout_does_not_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // every write to the pipe now fails with EPIPE
+    let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
+        .args(["config", "marlin_vit_base_ytf"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -49,7 +49,7 @@ fn time<B: Backend, const D: usize>(label: &str, reps: usize, f: impl Fn() -> Te
         sync(f());
     }
     let s = t0.elapsed().as_secs_f64() / reps as f64;
-    println!("  {label:<28} {:>9.2} ms", s * 1e3);
+    outln!("  {label:<28} {:>9.2} ms", s * 1e3);
     s
 }
 
@@ -64,7 +64,7 @@ impl BackendTask for Bench {
         let b = a.batch_size.max(1);
         let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
         let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), &device);
-        println!(
+        outln!(
             "{} on {}: batch {b}, {} threads (RAYON_NUM_THREADS={})",
             cfg.name(),
             a.device,
@@ -79,14 +79,14 @@ impl BackendTask for Bench {
             sync(model.extract_features(clip.clone(), false));
         }
         let per_clip = t0.elapsed().as_secs_f64() / (a.iters.max(1) * b) as f64;
-        println!(
+        outln!(
             "seconds per clip: {per_clip:.3}  (clips/s {:.2})",
             1.0 / per_clip
         );
         if !a.profile {
             return;
         }
-        println!("one block, batch {b}:");
+        outln!("one block, batch {b}:");
         let x = model.encoder.embed(clip.clone());
         let blk = &model.encoder.blocks[0];
         let [bb, n, d] = x.dims();
@@ -156,7 +156,7 @@ impl BackendTask for Bench {
         });
         time("mlp module (as used)", reps, || blk.mlp.forward(x.clone()));
         let whole = time("whole block", reps, || blk.forward(x.clone()));
-        println!(
+        outln!(
             "  sum of parts {:.2} ms vs block {:.2} ms; x{} blocks = {:.2} s per batch",
             total * 1e3,
             whole * 1e3,
@@ -207,14 +207,14 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     };
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
-    println!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
+    outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
     let _ = pt.step(clip.clone(), &idx, 1e-4);
     let t0 = Instant::now();
     for _ in 0..a.iters.max(1) {
         let _ = pt.step(clip.clone(), &idx, 1e-4);
     }
     let per_step = t0.elapsed().as_secs_f64() / a.iters.max(1) as f64;
-    println!(
+    outln!(
         "seconds per step: {per_step:.3}  (samples/s {:.2})",
         b as f64 / per_step
     );

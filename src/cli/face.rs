@@ -142,7 +142,7 @@ impl BackendTask for DetectJob {
         if p.is_file() && video::is_image(p) {
             let mut f = video::read_image(p).map_err(|e| e.to_string())?;
             let faces = det.detect(&[&f]).remove(0);
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&faces_json(&faces)).unwrap_or_default()
             );
@@ -232,7 +232,7 @@ impl BackendTask for DetectJob {
             write_atomic(j, text.as_bytes()).map_err(|e| format!("{}: {e}", j.display()))?;
         }
         let secs = started.elapsed().as_secs_f64();
-        println!(
+        outln!(
             "{}: a face in {with_face} of {examined} frames ({:.1}%), {:.1} frames/s",
             p.display(),
             100.0 * with_face as f64 / examined as f64,

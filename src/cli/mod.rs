@@ -129,7 +129,7 @@ pub fn main() -> i32 {
         Command::Prepare(args) => pretrain::prepare(*args),
         Command::Config { name } => MarlinConfig::template(&name)
             .map(|c| {
-                print!("{}", c.to_yaml());
+                out!("{}", c.to_yaml());
                 0
             })
             .map_err(|e| e.to_string()),
@@ -140,7 +140,7 @@ pub fn main() -> i32 {
         Command::Detect(args) => face::detect(*args),
         Command::Download { name, full, quiet } => hub::fetch(&name, full, !quiet)
             .map(|p| {
-                println!("{}", p.display());
+                outln!("{}", p.display());
                 0
             })
             .map_err(|e| e.to_string()),
@@ -169,9 +169,9 @@ fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), 
         (true, false, _) => "encoder-only",
         _ => "incomplete (no encoder)",
     };
-    println!("file:       {}", file.display());
-    println!("content:    {kind}");
-    println!(
+    outln!("file:       {}", file.display());
+    outln!("content:    {kind}");
+    outln!(
         "tensors:    {} ({} values)",
         s.num_tensors,
         millions(s.num_values)
@@ -187,14 +187,14 @@ fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), 
     };
     match cfg {
         Some(cfg) => {
-            println!("config:     {}", cfg.name());
+            outln!("config:     {}", cfg.name());
             for (label, part) in [
                 ("encoder", Part::Encoder),
                 ("decoder", Part::Decoder),
                 ("discriminator", Part::Discriminator),
             ] {
                 if parts.contains(&part) {
-                    println!(
+                    outln!(
                         "  {label:<13} {} parameters",
                         millions(count_params(&cfg, &[part]))
                     );
@@ -202,11 +202,11 @@ fn info(file: &std::path::Path, config: Option<&std::path::Path>) -> Result<(), 
             }
             let unknown = sd.check(&cfg, &parts).map_err(|e| e.to_string())?;
             for k in unknown {
-                println!("  warning: unknown key '{k}'");
+                outln!("  warning: unknown key '{k}'");
             }
         }
         None => {
-            println!("config:     fits no released model (pass --config YAML for a custom one)")
+            outln!("config:     fits no released model (pass --config YAML for a custom one)")
         }
     }
     Ok(())
@@ -216,9 +216,9 @@ fn cache(action: CacheAction) -> Result<(), String> {
     let dir = hub::cache_dir();
     match action {
         CacheAction::List => {
-            println!("cache: {}", dir.display());
+            outln!("cache: {}", dir.display());
             for (p, len) in hub::cached_files() {
-                println!(
+                outln!(
                     "  {:>10}  {}",
                     len,
                     p.file_name().unwrap_or_default().to_string_lossy()
@@ -227,7 +227,7 @@ fn cache(action: CacheAction) -> Result<(), String> {
         }
         CacheAction::Clean => {
             let (n, bytes) = hub::clean_cache().map_err(|e| e.to_string())?;
-            println!(
+            outln!(
                 "removed {n} files ({:.1} MB) from {}",
                 bytes as f64 / 1e6,
                 dir.display()

@@ -220,13 +220,13 @@ fn finish<B: Backend>(
             r.val.auc().map_or("n/a".into(), |v| format!("{v:.4}"))
         );
     }
-    println!("test: {}", table(&r.test));
+    outln!("test: {}", table(&r.test));
     Ok(())
 }
 
 pub fn split(args: SplitArgs) -> Result<i32, String> {
     for (p, n) in make_split(&args.input, args.seed, args.overwrite)? {
-        println!("{}: {n}", p.display());
+        outln!("{}: {n}", p.display());
     }
     Ok(0)
 }

@@ -220,7 +220,7 @@ impl BackendTask for Job {
         }
         wr.finish().map_err(e)?;
         let shown = visible.iter().filter(|&&v| v).count();
-        println!(
+        outln!(
             "{}: {shown} of {} tokens visible ({:?}, ratio {}); {}{}",
             a.video.display(),
             visible.len(),
