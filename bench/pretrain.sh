@@ -11,8 +11,14 @@ PEER_PY=${PEER_PY:-python3}
 export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 cargo build --release -q
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads; $(date -u +%F)"
-ours=$(target/release/marlin bench --train --batch-size "$batch" --iters 2 | sed -n 's/^seconds per step: \([0-9.]*\).*/\1/p')
-peer=$("$PEER_PY" bench/peer_pretrain_step.py --batch "$batch" --iters 2 --threads "$threads" | sed -n 's/^peer seconds per step: \([0-9.]*\).*/\1/p')
-echo "marlin-rs      $ours s/step (batch $batch)"
-echo "marlin-pytorch $peer s/step (batch $batch)"
+median() { python3 -c "import sys, statistics; print(statistics.median(map(float, sys.argv[1:])))" "$@"; }
+# This machine's timings move by up to 15-25% between runs: 3 alternating rounds, medians.
+o=(); p=()
+for round in 1 2 3; do
+  o+=("$(target/release/marlin bench --train --batch-size "$batch" --iters 2 | sed -n 's/^seconds per step: \([0-9.]*\).*/\1/p')")
+  p+=("$("$PEER_PY" bench/peer_pretrain_step.py --batch "$batch" --iters 2 --threads "$threads" | sed -n 's/^peer seconds per step: \([0-9.]*\).*/\1/p')")
+done
+ours=$(median "${o[@]}"); peer=$(median "${p[@]}")
+echo "marlin-rs      $ours s/step (batch $batch; rounds: ${o[*]})"
+echo "marlin-pytorch $peer s/step (batch $batch; rounds: ${p[*]})"
 python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"

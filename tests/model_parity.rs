@@ -390,8 +390,10 @@ fn videomae_keys_load_as_the_same_model() {
 }
 
 /// The plain CPU backend runs each block as one host kernel (`cpu_kernels::block_forward`);
-/// under autodiff the same block takes burn's generic ops. At ViT-B width (768, 12 heads,
-/// 392 tokens: the matrix products take their blocked paths) both give the same features.
+/// under autodiff the same block takes burn's ops for the LayerNorms, Linears and residuals
+/// (attention and GELU are the autodiff ops of `cpu_autodiff`). At ViT-B width (768, 12
+/// heads, 392 tokens: the matrix products take their blocked paths) both give the same
+/// features.
 #[test]
 fn host_block_kernel_equals_generic_ops_at_vit_b_width() {
     let mut cfg = MarlinConfig::from_name("marlin_vit_base_ytf").unwrap();

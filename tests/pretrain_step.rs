@@ -144,3 +144,63 @@ fn reconstruction_gradients_equal_pytorch() {
     }
     assert!(n > 40, "compared {n} gradients");
 }
+
+/// The CPU attention autodiff op (one op, its own backward kernel, query rows in blocks of
+/// 512) against burn's generic attention under autodiff, at 600 tokens (two row blocks):
+/// outputs and the gradient of the fused qkv input.
+#[test]
+fn cpu_attention_op_equals_burns_generic_attention() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let dev = Default::default();
+    let (b, n, h, hd) = (2, 600, 2, 16);
+    let d = h * hd;
+    let scale = (hd as f32).powf(-0.5);
+    let data = |len: usize, k: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * k) % 1000) as f32 / 250.0 - 2.0)
+            .collect()
+    };
+    let qkv = Tensor::<CpuAutodiff, 3>::from_data(
+        TensorData::new(data(b * n * 3 * d, 7919), [b, n, 3 * d]),
+        &dev,
+    )
+    .require_grad();
+    let w = Tensor::<CpuAutodiff, 3>::from_data(
+        TensorData::new(data(b * n * d, 104_729), [b, n, d]),
+        &dev,
+    );
+
+    let ours = marlin::model::cpu_autodiff::attention(qkv.clone(), h, scale)
+        .unwrap_or_else(|_| panic!("CpuAutodiff takes the CPU attention op"));
+    let g_ours = (ours.clone() * w.clone()).sum().backward();
+
+    let parts = qkv
+        .clone()
+        .reshape([b, n, 3, h, hd])
+        .permute([2, 0, 3, 1, 4]);
+    let mut it = parts.chunk(3, 0).into_iter().map(|t| t.squeeze_dim::<4>(0));
+    let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    let opts = AttentionModuleOptions {
+        scale: Some(scale as f64),
+        softcap: None,
+        is_causal: false,
+    };
+    let generic = attention(q, k, v, None, None, opts)
+        .swap_dims(1, 2)
+        .reshape([b, n, d]);
+    let g_gen = (generic.clone() * w).sum().backward();
+
+    let diff = |a: Tensor<burn::backend::Flex, 3>, c: Tensor<burn::backend::Flex, 3>| {
+        let a: Vec<f32> = a.into_data().into_vec().unwrap();
+        let c: Vec<f32> = c.into_data().into_vec().unwrap();
+        a.iter()
+            .zip(&c)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let fwd = diff(ours.inner(), generic.inner());
+    let grad = diff(qkv.grad(&g_ours).unwrap(), qkv.grad(&g_gen).unwrap());
+    eprintln!("attention op vs burn: output {fwd:.2e}, d qkv {grad:.2e}");
+    assert!(fwd <= 1e-5 && grad <= 1e-4, "output {fwd}, gradient {grad}");
+}

@@ -68,6 +68,11 @@ impl<B: Backend> Attention<B> {
             _ => None,
         };
         let qkv = burn::tensor::module::linear(x, self.qkv.weight.val(), bias);
+        // Under autodiff on the CPU: one op with its own backward kernel.
+        let qkv = match super::cpu_autodiff::attention(qkv, h, self.scale as f32) {
+            Ok(out) => return self.proj.forward(out),
+            Err(qkv) => qkv,
+        };
         if is_plain_cpu::<B>() {
             let device = qkv.device();
             if let Ok(data) = qkv.clone().into_data().into_vec::<f32>() {
@@ -106,6 +111,10 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.fc1.forward(x);
+        let h = match super::cpu_autodiff::gelu(h) {
+            Ok(g) => return self.fc2.forward(g),
+            Err(h) => h,
+        };
         if is_plain_cpu::<B>() {
             // The CPU backend's GELU is scalar and single-threaded: ours is neither.
             let dims = h.dims();

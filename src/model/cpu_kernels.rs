@@ -30,7 +30,25 @@ impl SendPtr {
 /// softmax(q·kᵀ·scale)·v for every (batch, head). `qkv`: `[b, n, 3, h, hd]` row-major;
 /// returns `[b, n, h*hd]`.
 pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
+    attention_lse(qkv, b, n, h, hd, scale, None)
+}
+
+/// [`attention`], also writing each score row's log-sum-exp into `lse` `[b, h, n]` (what
+/// [`attention_backward`] needs to recompute the probabilities).
+pub fn attention_lse(
+    qkv: &[f32],
+    b: usize,
+    n: usize,
+    h: usize,
+    hd: usize,
+    scale: f32,
+    lse: Option<&mut [f32]>,
+) -> Vec<f32> {
     let d = h * hd;
+    let lse_ptr = lse.map(|l| {
+        assert_eq!(l.len(), b * h * n, "lse buffer is not [b, h, n]");
+        SendPtr(l.as_mut_ptr())
+    });
     assert_eq!(
         qkv.len(),
         b * n * 3 * d,
@@ -77,7 +95,12 @@ pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f3
                 );
             }
             for (r, row) in scores.chunks_mut(n).take(rows).enumerate() {
-                sums[r] = softmax_unnormalised(row);
+                let (max, sum) = softmax_unnormalised(row);
+                sums[r] = sum;
+                if let Some(l) = lse_ptr {
+                    // SAFETY: row (bh, r0 + r) of lse belongs to this task alone.
+                    unsafe { *l.get().add(bh * n + r0 + r) = max + sum.ln() };
+                }
             }
             let dst = unsafe { out_ptr.get().add((bi * n + r0) * d + hi * hd) };
             unsafe {
@@ -148,16 +171,16 @@ macro_rules! simd_dispatch {
 }
 
 simd_dispatch!(
-    /// row <- exp(row - max(row)); returns the sum (normalisation is folded into P·V).
+    /// row <- exp(row - max(row)); returns (max, sum) (normalisation is folded into P·V).
     softmax_unnormalised,
     softmax_generic,
-    f32
+    (f32, f32)
 );
 
 /// Written in 16 independent lanes so the compiler vectorises it for the target features of
 /// the function it is inlined into.
 #[inline(always)]
-fn softmax_generic(row: &mut [f32]) -> f32 {
+fn softmax_generic(row: &mut [f32]) -> (f32, f32) {
     const L: usize = 16;
     let mut m = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
@@ -185,7 +208,7 @@ fn softmax_generic(row: &mut [f32]) -> f32 {
         *x = e;
         sum += e;
     }
-    sum
+    (max, sum)
 }
 
 /// e^x for x <= 0 (scores minus their row max): 2^n · e^r with n = round(x·log2 e),
@@ -206,12 +229,285 @@ fn exp_poly(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+/// Gradient of [`attention`]: from `qkv` `[b, n, 3, h, hd]`, the forward output `out` and
+/// its gradient `dout` (both `[b, n, h*hd]`) and the forward's `lse` `[b, h, n]`, returns
+/// d qkv `[b, n, 3, h, hd]`. Per (batch, head), a block of query rows at a time, the
+/// probabilities are recomputed from q·kᵀ and lse (nothing of size n² is kept between the
+/// passes), then with D = rowsum(dO ⊙ O): dV += Pᵀ dO, dS = P ⊙ (dO Vᵀ - D),
+/// dQ = scale dS K, dK += scale dSᵀ Q.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    qkv: &[f32],
+    out: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    b: usize,
+    n: usize,
+    h: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
+    attention_backward_blocked(qkv, out, dout, lse, [b, n, h, hd], scale, ROWS)
+}
+
+/// [`attention_backward`] with `block` query rows per pass.
+fn attention_backward_blocked(
+    qkv: &[f32],
+    out: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    [b, n, h, hd]: [usize; 4],
+    scale: f32,
+    block: usize,
+) -> Vec<f32> {
+    let d = h * hd;
+    assert_eq!(qkv.len(), b * n * 3 * d, "qkv is not [B, N, 3, H, hd]");
+    assert!(out.len() == b * n * d && dout.len() == b * n * d && lse.len() == b * h * n);
+    let mut dqkv = vec![0f32; b * n * 3 * d];
+    let dst = SendPtr(dqkv.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each(|bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let base = bi * n * 3 * d + hi * hd;
+        let rs = (3 * d) as isize;
+        let (q, k, v) = (
+            qkv[base..].as_ptr(),
+            qkv[base + d..].as_ptr(),
+            qkv[base + 2 * d..].as_ptr(),
+        );
+        let obase = bi * n * d + hi * hd;
+        let dq = unsafe { dst.get().add(base) };
+        let dk = unsafe { dst.get().add(base + d) };
+        let dv = unsafe { dst.get().add(base + 2 * d) };
+        // D_i = sum_c dO[i, c] O[i, c]
+        let dsum: Vec<f32> = (0..n)
+            .map(|i| {
+                let o = &out[obase + i * d..][..hd];
+                let g = &dout[obase + i * d..][..hd];
+                o.iter().zip(g).map(|(a, b)| a * b).sum()
+            })
+            .collect();
+        let mut p = vec![0f32; block.min(n) * n];
+        let mut dp = vec![0f32; block.min(n) * n];
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = block.min(n - r0);
+            let go = dout[obase + r0 * d..].as_ptr();
+            // SAFETY (all gemm calls below): every pointer addresses the rows x cols block
+            // its strides describe inside qkv, dout, p, dp or this (batch, head)'s columns of
+            // dqkv, which no other task writes.
+            unsafe {
+                // p = scale * Q_blk · Kᵀ
+                gemm::gemm(
+                    rows,
+                    n,
+                    hd,
+                    p.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q.offset(r0 as isize * rs),
+                    1,
+                    rs,
+                    k,
+                    rs,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dp = dO_blk · Vᵀ
+                gemm::gemm(
+                    rows,
+                    n,
+                    hd,
+                    dp.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    go,
+                    1,
+                    d as isize,
+                    v,
+                    rs,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for r in 0..rows {
+                let i = r0 + r;
+                softmax_grad_row(
+                    &mut p[r * n..(r + 1) * n],
+                    &mut dp[r * n..(r + 1) * n],
+                    lse[bh * n + i],
+                    dsum[i],
+                );
+            }
+            unsafe {
+                // dV += Pᵀ · dO_blk   ([n, rows] · [rows, hd])
+                gemm::gemm(
+                    n,
+                    hd,
+                    rows,
+                    dv,
+                    1,
+                    rs,
+                    r0 > 0,
+                    p.as_ptr(),
+                    n as isize,
+                    1,
+                    go,
+                    1,
+                    d as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dQ_blk = scale * dS · K   ([rows, n] · [n, hd])
+                gemm::gemm(
+                    rows,
+                    hd,
+                    n,
+                    dq.offset(r0 as isize * rs),
+                    1,
+                    rs,
+                    false,
+                    dp.as_ptr(),
+                    1,
+                    n as isize,
+                    k,
+                    1,
+                    rs,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dK += scale * dSᵀ · Q_blk   ([n, rows] · [rows, hd])
+                gemm::gemm(
+                    n,
+                    hd,
+                    rows,
+                    dk,
+                    1,
+                    rs,
+                    r0 > 0,
+                    dp.as_ptr(),
+                    n as isize,
+                    1,
+                    q.offset(r0 as isize * rs),
+                    1,
+                    rs,
+                    1.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            r0 += rows;
+        }
+    });
+    dqkv
+}
+
+/// p <- exp(p - lse) (the probabilities, from the scores); dp <- p * (dp - di) (dS).
+fn softmax_grad_row(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+    #[inline(always)]
+    fn generic(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+        for (x, g) in p.iter_mut().zip(dp.iter_mut()) {
+            let e = exp_poly(*x - lse);
+            *x = e;
+            *g = e * (*g - di);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+            generic(p, dp, lse, di)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(p: &mut [f32], dp: &mut [f32], lse: f32, di: f32) {
+            generic(p, dp, lse, di)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { avx512(p, dp, lse, di) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { avx2(p, dp, lse, di) };
+        }
+    }
+    generic(p, dp, lse, di)
+}
+
 /// Exact (erf) GELU in place, on all cores: x * 0.5 * (1 + erf(x / sqrt 2)).
 pub fn gelu_in_place(xs: &mut [f32]) {
     xs.par_chunks_mut(1 << 14).for_each(gelu_chunk);
 }
 
 simd_dispatch!(gelu_chunk, gelu_generic, ());
+
+/// Gradient of the exact GELU: grad <- grad * (Φ(x) + x φ(x)), on all cores.
+pub fn gelu_backward_in_place(x: &[f32], grad: &mut [f32]) {
+    assert_eq!(
+        x.len(),
+        grad.len(),
+        "GELU input and gradient differ in size"
+    );
+    grad.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(g, x)| gelu_grad_chunk(x, g));
+}
+
+fn gelu_grad_chunk(x: &[f32], g: &mut [f32]) {
+    #[inline(always)]
+    fn generic(x: &[f32], g: &mut [f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (&x, g) in x.iter().zip(g.iter_mut()) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp_poly(-0.5 * x * x);
+            *g *= cdf + x * pdf;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(x: &[f32], g: &mut [f32]) {
+            generic(x, g)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], g: &mut [f32]) {
+            generic(x, g)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { avx512(x, g) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { avx2(x, g) };
+        }
+    }
+    generic(x, g)
+}
 
 #[inline(always)]
 fn gelu_generic(xs: &mut [f32]) {
@@ -385,6 +681,70 @@ mod tests {
             })
             .fold(0f64, f64::max);
         assert!(worst < 1e-6, "max abs error {worst}");
+    }
+
+    /// The backward kernel against central finite differences of a scalar loss
+    /// L = sum(out ⊙ W) in f64 through the naive attention.
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        let (b, n, h, hd) = (2, 37, 2, 8);
+        let d = h * hd;
+        let qkv: Vec<f32> = (0..b * n * 3 * d)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let wts: Vec<f32> = (0..b * n * d)
+            .map(|i| ((i * 104_729 % 997) as f32 / 498.5) - 1.0)
+            .collect();
+        let scale = (hd as f32).powf(-0.5);
+        let naive = |x: &[f64]| -> f64 {
+            let at = |bi: usize, t: usize, part: usize, hi: usize, c: usize| {
+                x[((bi * n + t) * 3 + part) * d + hi * hd + c]
+            };
+            let mut loss = 0.0;
+            for bi in 0..b {
+                for hi in 0..h {
+                    for i in 0..n {
+                        let s: Vec<f64> = (0..n)
+                            .map(|j| {
+                                (0..hd)
+                                    .map(|c| at(bi, i, 0, hi, c) * at(bi, j, 1, hi, c))
+                                    .sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                        let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for c in 0..hd {
+                            let o: f64 = (0..n).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
+                            loss += o * wts[(bi * n + i) * d + hi * hd + c] as f64;
+                        }
+                    }
+                }
+            }
+            loss
+        };
+        let mut lse = vec![0f32; b * h * n];
+        let out = attention_lse(&qkv, b, n, h, hd, scale, Some(&mut lse));
+        let grad = attention_backward(&qkv, &out, &wts, &lse, b, n, h, hd, scale);
+        // Several row blocks (the accumulation of dK and dV across them) give the same.
+        let blocked = attention_backward_blocked(&qkv, &out, &wts, &lse, [b, n, h, hd], scale, 5);
+        let db = grad
+            .iter()
+            .zip(&blocked)
+            .map(|(a, c)| (a - c).abs())
+            .fold(0f32, f32::max);
+        assert!(db < 1e-6, "blocked vs whole: {db}");
+        let x64: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
+        let mut worst = 0f64;
+        for idx in (0..qkv.len()).step_by(7) {
+            let (mut xp, mut xm) = (x64.clone(), x64.clone());
+            xp[idx] += 1e-5;
+            xm[idx] -= 1e-5;
+            let fd = (naive(&xp) - naive(&xm)) / 2e-5;
+            worst = worst.max((fd - grad[idx] as f64).abs());
+        }
+        assert!(worst < 1e-4, "max abs diff {worst}");
     }
 
     #[test]
