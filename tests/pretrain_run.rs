@@ -381,7 +381,10 @@ fn prepare_writes_the_reference_layout_and_fasking_pretrains_on_it() {
         "{}",
         stderr(&o)
     );
+    // With the gradient penalty on (gp_weight 10): it is reported per epoch.
     let cfg = tiny_config(d, "fasking");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("gp_weight: 0.0", "gp_weight: 10.0")).unwrap();
     let out = d.join("run");
     let o = marlin(
         &pretrain_args(&cfg, &data, &out, 2)
@@ -391,7 +394,14 @@ fn prepare_writes_the_reference_layout_and_fasking_pretrains_on_it() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(metric_rows(&out).len(), 2);
+    let rows = metric_rows(&out);
+    assert_eq!(rows.len(), 2);
+    let header = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(header.starts_with("epoch,") && header.lines().next().unwrap().ends_with(",train_gp"));
+    for r in &rows {
+        let gp: f64 = r.rsplit(',').next().unwrap().parse().unwrap();
+        assert!(gp > 0.0 && gp.is_finite(), "{r}");
+    }
 }
 
 #[test]

@@ -46,11 +46,12 @@ fn one_step_equals_pytorch() {
     let losses = LossConfig {
         adv_loss: true,
         adv_weight: 0.01,
+        gp_weight: 0.0,
         d_steps: 1,
         g_steps: 1,
     };
     let mut t = Pretrainer::new(model, losses).unwrap();
-    let got = t.step(clip, &idx, 1.5e-4).unwrap();
+    let got = t.step(clip, &idx, 1.5e-4, 0).unwrap();
     let scalar = |k: &str| want[k].data[0] as f64;
     let mut worst = 0f64;
     for (name, ours, k) in [
@@ -203,4 +204,143 @@ fn cpu_attention_op_equals_burns_generic_attention() {
     let grad = diff(qkv.grad(&g_ours).unwrap(), qkv.grad(&g_gen).unwrap());
     eprintln!("attention op vs burn: output {fwd:.2e}, d qkv {grad:.2e}");
     assert!(fwd <= 1e-5 && grad <= 1e-4, "output {fwd}, gradient {grad}");
+}
+
+/// The tiny_a model (all parts, AdamW as the fixtures), its batch and mask.
+fn tiny_a_batch() -> (Marlin<CpuAutodiff>, Tensor<CpuAutodiff, 5>, MaskIndices) {
+    let dev = Default::default();
+    let mut cfg = MarlinConfig::from_yaml_file(&fx("model/tiny_a.yaml")).unwrap();
+    cfg.weight_decay = 0.05;
+    if let Some(o) = cfg.optimizer.as_mut() {
+        o.betas = [0.9, 0.95];
+        o.eps = 1e-8;
+    }
+    let (model, _) = Marlin::<CpuAutodiff>::load_file(
+        &cfg,
+        &fx("model/tiny_a.ckpt"),
+        &[Part::Encoder, Part::Decoder, Part::Discriminator],
+        &dev,
+    )
+    .unwrap();
+    let io = read_safetensors_file(&fx("model/tiny_a.io.safetensors")).unwrap();
+    let clip_h = &io["clip"];
+    let clip = Tensor::<CpuAutodiff, 5>::from_data(
+        TensorData::new(clip_h.data.clone(), clip_h.shape.clone()),
+        &dev,
+    );
+    let m = &io["mask"];
+    let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
+    let idx = MaskIndices::from_bools(&bools, m.shape[0]).unwrap();
+    (model, clip, idx)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The gradient penalty (gp_weight 10) without second-order autodiff: the critic loss, the
+/// penalty and the critic's gradients equal PyTorch's double backpropagation
+/// (`torch.autograd.grad(..., create_graph=True)`), and a whole step (critic then generator)
+/// ends with the same weights.
+#[test]
+fn gradient_penalty_equals_double_backpropagation() {
+    use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+    use marlin::model::discriminator::Discriminator;
+    let want = read_safetensors_file(&fx("train/step_gp.safetensors")).unwrap();
+    let alpha = marlin::train::gp_alpha(12345, 0);
+    assert!(
+        (alpha - want["alpha"].data[0]).abs() < 1e-7,
+        "same draw as the fixture"
+    );
+
+    // Loss and gradients at the initial weights.
+    let (mut model, clip, idx) = tiny_a_batch();
+    let critic = model.discriminator.take().unwrap();
+    let real = model.target(clip.clone(), &idx);
+    let pred = model.forward_indices(clip.clone(), &idx).unwrap().detach();
+    let interp = real.clone().mul_scalar(alpha) + pred.clone().mul_scalar(1.0 - alpha);
+    let g = critic.input_gradient(interp);
+    let gp = (g.clone() * g)
+        .sum_dim(2)
+        .sqrt()
+        .sub_scalar(1.0)
+        .powi_scalar(2)
+        .mean();
+    let loss =
+        critic.forward(pred).mean() - critic.forward(real).mean() + gp.clone().mul_scalar(10.0);
+    let scalar = |t: Tensor<CpuAutodiff, 1>| t.into_data().into_vec::<f32>().unwrap()[0];
+    let (gp_v, loss_v) = (scalar(gp), scalar(loss.clone()));
+    eprintln!(
+        "gp ours {gp_v:.6} PyTorch {:.6}; critic loss ours {loss_v:.6} PyTorch {:.6}",
+        want["gp"].data[0], want["loss_d"].data[0]
+    );
+    assert!((gp_v - want["gp"].data[0]).abs() <= 1e-5);
+    assert!((loss_v - want["loss_d"].data[0]).abs() <= 1e-4);
+    let grads = GradientsParams::from_grads(loss.backward(), &critic);
+    let before = critic.clone();
+    let mut sgd = SgdConfig::new().init::<CpuAutodiff, Discriminator<CpuAutodiff>>();
+    let after = sgd.step(1.0, critic, grads);
+    let host = |t: Tensor<CpuAutodiff, 2>| -> Vec<f32> { t.into_data().into_vec().unwrap() };
+    let host1 = |t: Tensor<CpuAutodiff, 1>| -> Vec<f32> { t.into_data().into_vec().unwrap() };
+    // burn Linear weights are [in, out]; torch's are [out, in].
+    let t = |t: Tensor<CpuAutodiff, 2>| t.transpose();
+    let checks = [
+        (
+            "discriminator.layers.0.linear.weight",
+            host(t(before.fc1.weight.val()) - t(after.fc1.weight.val())),
+        ),
+        (
+            "discriminator.layers.0.linear.bias",
+            host1(before.fc1.bias.as_ref().unwrap().val() - after.fc1.bias.as_ref().unwrap().val()),
+        ),
+        (
+            "discriminator.layers.1.linear.weight",
+            host(t(before.fc2.weight.val()) - t(after.fc2.weight.val())),
+        ),
+        (
+            "discriminator.layers.1.linear.bias",
+            host1(before.fc2.bias.as_ref().unwrap().val() - after.fc2.bias.as_ref().unwrap().val()),
+        ),
+    ];
+    for (name, ours) in checks {
+        let w = &want[&format!("grad.{name}")].data;
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&ours, w);
+        eprintln!("{name}: max |grad| {scale:.3e}, max abs diff {d:.2e}");
+        assert!(d <= 1e-4 * scale.max(1e-2), "{name}: {d}");
+    }
+
+    // A whole step with the penalty.
+    let (model, clip, idx) = tiny_a_batch();
+    let losses = LossConfig {
+        adv_loss: true,
+        adv_weight: 0.01,
+        gp_weight: 10.0,
+        d_steps: 1,
+        g_steps: 1,
+    };
+    let mut tr = Pretrainer::new(model, losses).unwrap();
+    let got = tr.step(clip, &idx, 1.5e-4, 12345).unwrap();
+    assert!(
+        (got.d_loss - want["loss_d"].data[0] as f64).abs() <= 1e-4,
+        "{got:?}"
+    );
+    assert!(
+        (got.g_loss - want["loss_g"].data[0] as f64).abs() <= 1e-4,
+        "{got:?}"
+    );
+    let sd = tr.model().to_state_dict();
+    let mut n = 0;
+    for (k, v) in &want {
+        if let Some(key) = k.strip_prefix("after.") {
+            let d = max_diff(&sd.tensors[key].data, &v.data);
+            assert!(d <= 1e-4, "{key}: updated weights differ by {d}");
+            n += 1;
+        }
+    }
+    assert!(n > 40, "compared {n} tensors");
 }

@@ -89,3 +89,61 @@ for k, v in (("loss_d", loss_d), ("rec", rec), ("adv", adv), ("loss_g", loss_g))
     out[k] = v.detach().reshape(1)
 save_file(out, str(root / "tests/fixtures/train/step.safetensors"))
 print({k: float(out[k]) for k in ("loss_d", "rec", "adv", "loss_g")})
+
+# ---- The same step with the gradient penalty (gp_weight 10), the reference's definition: one
+# uniform draw a per critic step, x = a * real + (1 - a) * fake, the penalty
+# mean over patches of (|dD/dx| - 1)^2, by double backpropagation (create_graph=True).
+# a is marlin-rs's gp_alpha(seed 12345, step 0) (splitmix64, reproduced below) so the Rust test
+# draws the same. Saved (tests/fixtures/train/step_gp.safetensors): gp, the critic loss with
+# the penalty, its gradient for the 4 critic weights at the initial weights, and every
+# parameter after the whole step (critic then generator).
+M = (1 << 64) - 1
+
+
+def gp_alpha(seed, j):
+    z = (seed + (j + 1) * 0x9E3779B97F4A7C15) & M
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    z ^= z >> 31
+    return (z >> 40) / float(1 << 24)
+
+
+alpha = gp_alpha(12345, 0)
+model.load_state_dict({k: v for k, v in ckpt.items() if not k.startswith("discriminator.")})
+disc[0].weight.data = ckpt["discriminator.layers.0.linear.weight"].clone()
+disc[0].bias.data = ckpt["discriminator.layers.0.linear.bias"].clone()
+disc[2].weight.data = ckpt["discriminator.layers.1.linear.weight"].clone()
+disc[2].bias.data = ckpt["discriminator.layers.1.linear.bias"].clone()
+opt_g = torch.optim.AdamW(list(model.encoder.parameters()) + list(model.decoder.parameters())
+                          + list(model.enc_dec_proj.parameters()), **kw)
+opt_d = torch.optim.AdamW(disc.parameters(), **kw)
+
+opt_d.zero_grad()
+pred = model(clip, mask).detach()
+interp = (alpha * real + (1 - alpha) * pred).requires_grad_(True)
+d_interp = disc(interp)
+g, = torch.autograd.grad(d_interp, interp, torch.ones_like(d_interp), create_graph=True)
+gp = ((g.reshape(-1, patch_dim).norm(2, dim=1) - 1) ** 2).mean()
+loss_d = disc(pred).mean() - disc(real).mean() + 10.0 * gp
+loss_d.backward()
+names = ["discriminator.layers.0.linear.weight", "discriminator.layers.0.linear.bias",
+         "discriminator.layers.1.linear.weight", "discriminator.layers.1.linear.bias"]
+gout = {"alpha": torch.tensor([alpha]), "gp": gp.detach().reshape(1),
+        "loss_d": loss_d.detach().reshape(1)}
+for name, p in zip(names, [disc[0].weight, disc[0].bias, disc[2].weight, disc[2].bias]):
+    gout[f"grad.{name}"] = p.grad.detach().clone().contiguous()
+opt_d.step()
+
+opt_g.zero_grad()
+pred = model(clip, mask)
+rec = torch.nn.functional.mse_loss(pred, real)
+loss_g = rec + 0.01 * -disc(pred).mean()
+loss_g.backward()
+opt_g.step()
+after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+for name, p in zip(names, [disc[0].weight, disc[0].bias, disc[2].weight, disc[2].bias]):
+    after[name] = p.detach().clone()
+gout.update({f"after.{k}": v.contiguous() for k, v in after.items()})
+gout["loss_g"] = loss_g.detach().reshape(1)
+save_file(gout, str(root / "tests/fixtures/train/step_gp.safetensors"))
+print({"alpha": alpha, "gp": float(gp), "loss_d": float(loss_d), "loss_g": float(loss_g)})

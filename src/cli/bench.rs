@@ -185,6 +185,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     let losses = LossConfig {
         adv_loss: true,
         adv_weight: 0.01,
+        gp_weight: 0.0,
         d_steps: 1,
         g_steps: 1,
     };
@@ -208,10 +209,10 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
     outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
-    let _ = pt.step(clip.clone(), &idx, 1e-4);
+    let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
     let t0 = Instant::now();
     for _ in 0..a.iters.max(1) {
-        let _ = pt.step(clip.clone(), &idx, 1e-4);
+        let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
     }
     let per_step = t0.elapsed().as_secs_f64() / a.iters.max(1) as f64;
     outln!(

@@ -27,6 +27,27 @@ impl<B: Backend> Discriminator<B> {
         e.linear("discriminator.layers.1.linear", &self.fc2);
     }
 
+    /// The gradient of each patch's score with respect to that patch, `[B, K, P]`, written as
+    /// an expression of the weights: W1 · (LeakyReLU'(x W1 + b1) ⊙ w2). LeakyReLU's slope is
+    /// piecewise constant (1 above 0, 0.01 at or below, as torch's backward), so the weights'
+    /// first-order gradients of anything built on this equal what double backpropagation gives
+    /// for the gradient penalty.
+    pub fn input_gradient(&self, patches: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, k, p] = patches.dims();
+        let z = self.fc1.forward(patches).detach();
+        let h = z.dims()[2];
+        let slope = z
+            .greater_elem(0.0)
+            .float()
+            .mul_scalar(1.0 - 0.01)
+            .add_scalar(0.01);
+        // [B*K, H] ⊙ w2ᵀ, then · W1ᵀ [H, P]
+        let w2 = self.fc2.weight.val().reshape([1, h]);
+        let s = slope.reshape([b * k, h]) * w2;
+        s.matmul(self.fc1.weight.val().transpose())
+            .reshape([b, k, p])
+    }
+
     /// Patches `[B, K, P]` -> scores `[B, K, 1]`.
     pub fn forward(&self, patches: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2

@@ -2,7 +2,9 @@
 //! critic on the reconstructed patches, as the reference's training step:
 //!
 //! 1. `d_steps` times: critic loss mean(D(fake)) - mean(D(real)) on the masked patches
-//!    (reconstruction detached), one AdamW step of the discriminator;
+//!    (reconstruction detached), plus `gp_weight` times the gradient penalty
+//!    mean over patches of (|dD/dx at x = a*real + (1-a)*fake| - 1)^2 with one uniform draw a
+//!    per critic step (the reference's definition), one AdamW step of the discriminator;
 //! 2. `g_steps` times: MSE(pred, real) + adv_weight * -mean(D(pred)) with the updated critic,
 //!    one AdamW step of encoder + projection + decoder.
 //!
@@ -25,7 +27,8 @@ use burn::tensor::Tensor;
 /// The losses of one step (or of a validation batch).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StepLosses {
-    /// Critic loss mean(D(fake)) - mean(D(real)).
+    /// Critic loss mean(D(fake)) - mean(D(real)) (+ gp_weight * gp in training, as the
+    /// reference logs it).
     pub d_loss: f64,
     /// Reconstruction MSE.
     pub rec: f64,
@@ -33,6 +36,8 @@ pub struct StepLosses {
     pub adv: f64,
     /// rec + adv.
     pub g_loss: f64,
+    /// The gradient penalty (before gp_weight) of the last critic step; 0 when off.
+    pub gp: f64,
 }
 
 /// Losses settings from the model config.
@@ -40,21 +45,21 @@ pub struct StepLosses {
 pub struct LossConfig {
     pub adv_loss: bool,
     pub adv_weight: f64,
+    /// Weight of the critic's gradient penalty (0: none, as the released configs).
+    pub gp_weight: f64,
     pub d_steps: usize,
     pub g_steps: usize,
 }
 
 impl LossConfig {
     pub fn from_config(cfg: &MarlinConfig) -> Result<Self, String> {
-        if cfg.gp_weight > 0.0 {
-            return Err(format!(
-                "gp_weight {}: the gradient penalty needs second-order gradients, which burn 0.21 does not provide; set gp_weight: 0 (as the released configs do)",
-                cfg.gp_weight
-            ));
+        if !(cfg.gp_weight >= 0.0 && cfg.gp_weight.is_finite()) {
+            return Err(format!("gp_weight {} must be 0 or more", cfg.gp_weight));
         }
         Ok(Self {
             adv_loss: cfg.adv_loss,
             adv_weight: cfg.adv_weight,
+            gp_weight: cfg.gp_weight,
             d_steps: cfg.d_steps.max(1),
             g_steps: cfg.g_steps.max(1),
         })
@@ -143,24 +148,37 @@ impl<B: AutodiffBackend> Pretrainer<B> {
         self.opt_d = self.opt_d.clone().load_record(d);
     }
 
-    /// One training step on clips `[B, 3, T, H, W]` with visibility `idx`, learning rate `lr`.
+    /// One training step on clips `[B, 3, T, H, W]` with visibility `idx`, learning rate `lr`;
+    /// `gp_seed` draws the gradient penalty's interpolation weight of each critic step (the run
+    /// derives it from `--seed`, epoch and batch, so runs repeat).
     pub fn step(
         &mut self,
         clip: Tensor<B, 5>,
         idx: &MaskIndices,
         lr: f64,
+        gp_seed: u64,
     ) -> Result<StepLosses, String> {
         let real = self.generator().target(clip.clone(), idx);
         let mut out = StepLosses::default();
         if self.losses.adv_loss {
-            for _ in 0..self.losses.d_steps {
+            for j in 0..self.losses.d_steps {
                 // The critic learns from a reconstruction that needs no gradient: run the
                 // generator on the inner backend (no autodiff graph; the CPU backend's fast
                 // inference kernels apply) and lift the result.
                 let inner = self.generator().valid();
                 let pred = Tensor::from_inner(inner.forward_indices(clip.clone().inner(), idx)?);
                 let critic = self.critic();
-                let loss = critic.forward(pred).mean() - critic.forward(real.clone()).mean();
+                let mut loss =
+                    critic.forward(pred.clone()).mean() - critic.forward(real.clone()).mean();
+                if self.losses.gp_weight > 0.0 {
+                    let a = gp_alpha(gp_seed, j);
+                    let interp = real.clone().mul_scalar(a) + pred.mul_scalar(1.0 - a);
+                    let g = critic.input_gradient(interp);
+                    let norm = (g.clone() * g).sum_dim(2).sqrt();
+                    let gp = norm.sub_scalar(1.0).powi_scalar(2).mean();
+                    out.gp = to_scalar(gp.clone().inner());
+                    loss = loss + gp.mul_scalar(self.losses.gp_weight);
+                }
                 out.d_loss = to_scalar(loss.clone().inner());
                 let grads = GradientsParams::from_grads(loss.backward(), critic);
                 let c = self.critic.take().ok_or("critic missing")?;
@@ -193,6 +211,16 @@ impl<B: AutodiffBackend> Pretrainer<B> {
     }
 }
 
+/// The gradient penalty's interpolation weight for critic step `j`: uniform in [0, 1) from
+/// `seed` (splitmix64).
+pub fn gp_alpha(seed: u64, j: usize) -> f32 {
+    let mut z = seed.wrapping_add((j as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
 /// Losses of a batch without training (validation), on the inner backend.
 pub fn evaluate<B: Backend>(
     model: &Marlin<B>,
@@ -212,11 +240,13 @@ pub fn evaluate<B: Backend>(
     } else {
         (0.0, 0.0)
     };
+    // As the reference, validation has no gradient penalty.
     Ok(StepLosses {
         d_loss,
         rec,
         adv,
         g_loss: rec + adv,
+        gp: 0.0,
     })
 }
 

@@ -8,7 +8,7 @@
 //! weights alone, for `extract --weights` and `reconstruct`), `metrics.csv`,
 //! `samples/epoch_NNNN.png`.
 
-use super::data::{epoch_order, read_batch, ClipSettings, Sample, Split};
+use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split};
 use super::schedule::lr_at;
 use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, StepLosses};
 use crate::model::config::LearningRateConfig;
@@ -74,20 +74,24 @@ pub struct EpochRow {
     pub seconds: f64,
 }
 
-const CSV_HEADER: &str = "epoch,lr,train_d_loss,train_rec,train_adv,train_g_loss,val_d_loss,val_rec,val_adv,val_g_loss,samples_per_s,seconds";
+const CSV_HEADER: &str = "epoch,lr,train_d_loss,train_rec,train_adv,train_g_loss,val_d_loss,val_rec,val_adv,val_g_loss,samples_per_s,seconds,train_gp";
+
+/// Salt of the gradient penalty's draws in `clip_rng` (apart from the clips' own draws).
+const GP_SALT: u64 = 0x6770;
 
 impl EpochRow {
     fn csv(&self) -> String {
         let l =
             |s: &StepLosses| format!("{:.6},{:.6},{:.6},{:.6}", s.d_loss, s.rec, s.adv, s.g_loss);
         format!(
-            "{},{:e},{},{},{:.2},{:.1}",
+            "{},{:e},{},{},{:.2},{:.1},{:.6}",
             self.epoch,
             self.lr,
             l(&self.train),
             l(&self.val),
             self.samples_per_s,
-            self.seconds
+            self.seconds,
+            self.train.gp
         )
     }
 }
@@ -164,6 +168,7 @@ fn add(a: &mut StepLosses, b: &StepLosses, w: f64) {
     a.rec += b.rec * w;
     a.adv += b.adv * w;
     a.g_loss += b.g_loss * w;
+    a.gp += b.gp * w;
 }
 
 /// Ground truth | masked | reconstruction of frame `frame` of a clip, as an RGB image
@@ -468,7 +473,8 @@ pub fn pretrain<B: AutodiffBackend>(
                 }
                 let samples = batch?;
                 let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
-                let l = pt.step(clip, &idx, lr)?;
+                let gp_seed = rand::RngExt::random::<u64>(&mut clip_rng(seed, epoch, i, GP_SALT));
+                let l = pt.step(clip, &idx, lr, gp_seed)?;
                 state.step += 1;
                 seen += samples.len();
                 add(&mut sum, &l, samples.len() as f64);
