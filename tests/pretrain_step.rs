@@ -18,31 +18,8 @@ fn fx(p: &str) -> std::path::PathBuf {
 
 #[test]
 fn one_step_equals_pytorch() {
-    let dev = Default::default();
-    let mut cfg = MarlinConfig::from_yaml_file(&fx("model/tiny_a.yaml")).unwrap();
-    cfg.weight_decay = 0.05;
-    if let Some(o) = cfg.optimizer.as_mut() {
-        o.betas = [0.9, 0.95];
-        o.eps = 1e-8;
-    }
-    let (model, _) = Marlin::<CpuAutodiff>::load_file(
-        &cfg,
-        &fx("model/tiny_a.ckpt"),
-        &[Part::Encoder, Part::Decoder, Part::Discriminator],
-        &dev,
-    )
-    .unwrap();
-    let io = read_safetensors_file(&fx("model/tiny_a.io.safetensors")).unwrap();
+    let (model, clip, idx) = tiny_a_batch();
     let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
-    let clip_h = &io["clip"];
-    let clip = Tensor::<CpuAutodiff, 5>::from_data(
-        TensorData::new(clip_h.data.clone(), clip_h.shape.clone()),
-        &dev,
-    );
-    let m = &io["mask"];
-    let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
-    let idx = MaskIndices::from_bools(&bools, m.shape[0]).unwrap();
-
     let losses = LossConfig {
         adv_loss: true,
         adv_weight: 0.01,
@@ -97,25 +74,9 @@ fn one_step_equals_pytorch() {
 #[test]
 fn reconstruction_gradients_equal_pytorch() {
     use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-    let dev = Default::default();
-    let cfg = MarlinConfig::from_yaml_file(&fx("model/tiny_a.yaml")).unwrap();
-    let (model, _) = Marlin::<CpuAutodiff>::load_file(
-        &cfg,
-        &fx("model/tiny_a.ckpt"),
-        &[Part::Encoder, Part::Decoder],
-        &dev,
-    )
-    .unwrap();
-    let io = read_safetensors_file(&fx("model/tiny_a.io.safetensors")).unwrap();
+    let (mut model, clip, idx) = tiny_a_batch();
+    model.discriminator = None;
     let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
-    let clip_h = &io["clip"];
-    let clip = Tensor::<CpuAutodiff, 5>::from_data(
-        TensorData::new(clip_h.data.clone(), clip_h.shape.clone()),
-        &dev,
-    );
-    let m = &io["mask"];
-    let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
-    let idx = MaskIndices::from_bools(&bools, m.shape[0]).unwrap();
     let before = model.to_state_dict();
     let diff = model.forward_indices(clip.clone(), &idx).unwrap() - model.target(clip, &idx);
     let loss = (diff.clone() * diff).mean();

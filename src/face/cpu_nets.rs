@@ -96,33 +96,7 @@ impl HConv {
 /// `dst[m, n] += a[m, k] @ b[k, n]`, row-major, single-threaded (callers parallelise over
 /// images).
 fn matmul_acc(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the slices hold m*n, m*k and k*n elements with the row-major strides given.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    crate::model::cpu_kernels::matmul_with(dst, a, b, [m, k, n], true, false);
 }
 
 fn prelu(x: &mut [f32], a: &[f32]) {

@@ -27,6 +27,51 @@ impl SendPtr {
     }
 }
 
+/// A strided matrix operand: element (i, j) at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct Strided {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Strided {
+    fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
+        Self { ptr, rs, cs }
+    }
+}
+
+/// dst[m, n] = (acc ? dst : 0) + beta * a[m, k] · b[k, n]; dst's rows `dst_rs` apart, its
+/// columns contiguous.
+///
+/// # Safety
+/// The pointers must address the described blocks, and dst must not overlap a or b.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    acc: bool,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let alpha = if acc { 1.0 } else { 0.0 };
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, dst_rs, acc, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, alpha, beta, false,
+            false, false, par,
+        )
+    }
+}
+
 /// softmax(q·kᵀ·scale)·v for every (batch, head). `qkv`: `[b, n, 3, h, hd]` row-major;
 /// returns `[b, n, h*hd]`.
 pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
@@ -72,25 +117,16 @@ pub fn attention_lse(
             // `scores` and this (batch, head)'s columns of `out`, with the strides given.
             unsafe {
                 // scores[rows, n] = scale * Q[r0.., :] · Kᵀ
-                gemm::gemm(
+                mm(
                     rows,
                     n,
                     hd,
                     scores.as_mut_ptr(),
-                    1,
                     n as isize,
                     false,
-                    q.offset(r0 as isize * row_stride),
-                    1,
-                    row_stride,
-                    k,
-                    row_stride,
-                    1,
-                    0.0,
+                    Strided::new(q.offset(r0 as isize * row_stride), row_stride, 1),
+                    Strided::new(k, 1, row_stride),
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -105,25 +141,16 @@ pub fn attention_lse(
             let dst = unsafe { out_ptr.get().add((bi * n + r0) * d + hi * hd) };
             unsafe {
                 // out[r0.., head cols] = P · V
-                gemm::gemm(
+                mm(
                     rows,
                     hd,
                     n,
                     dst,
-                    1,
                     d as isize,
                     false,
-                    scores.as_ptr(),
-                    1,
-                    n as isize,
-                    v,
-                    1,
-                    row_stride,
-                    0.0,
+                    Strided::new(scores.as_ptr(), n as isize, 1),
+                    Strided::new(v, row_stride, 1),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 for (r, &sum) in sums.iter().enumerate().take(rows) {
@@ -297,47 +324,29 @@ fn attention_backward_blocked(
             // dqkv, which no other task writes.
             unsafe {
                 // p = scale * Q_blk · Kᵀ
-                gemm::gemm(
+                mm(
                     rows,
                     n,
                     hd,
                     p.as_mut_ptr(),
-                    1,
                     n as isize,
                     false,
-                    q.offset(r0 as isize * rs),
-                    1,
-                    rs,
-                    k,
-                    rs,
-                    1,
-                    0.0,
+                    Strided::new(q.offset(r0 as isize * rs), rs, 1),
+                    Strided::new(k, 1, rs),
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 // dp = dO_blk · Vᵀ
-                gemm::gemm(
+                mm(
                     rows,
                     n,
                     hd,
                     dp.as_mut_ptr(),
-                    1,
                     n as isize,
                     false,
-                    go,
-                    1,
-                    d as isize,
-                    v,
-                    rs,
-                    1,
-                    0.0,
+                    Strided::new(go, d as isize, 1),
+                    Strided::new(v, 1, rs),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -352,69 +361,42 @@ fn attention_backward_blocked(
             }
             unsafe {
                 // dV += Pᵀ · dO_blk   ([n, rows] · [rows, hd])
-                gemm::gemm(
+                mm(
                     n,
                     hd,
                     rows,
                     dv,
-                    1,
                     rs,
                     r0 > 0,
-                    p.as_ptr(),
-                    n as isize,
-                    1,
-                    go,
-                    1,
-                    d as isize,
+                    Strided::new(p.as_ptr(), 1, n as isize),
+                    Strided::new(go, d as isize, 1),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 // dQ_blk = scale * dS · K   ([rows, n] · [n, hd])
-                gemm::gemm(
+                mm(
                     rows,
                     hd,
                     n,
                     dq.offset(r0 as isize * rs),
-                    1,
                     rs,
                     false,
-                    dp.as_ptr(),
-                    1,
-                    n as isize,
-                    k,
-                    1,
-                    rs,
-                    0.0,
+                    Strided::new(dp.as_ptr(), n as isize, 1),
+                    Strided::new(k, rs, 1),
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 // dK += scale * dSᵀ · Q_blk   ([n, rows] · [rows, hd])
-                gemm::gemm(
+                mm(
                     n,
                     hd,
                     rows,
                     dk,
-                    1,
                     rs,
                     r0 > 0,
-                    dp.as_ptr(),
-                    n as isize,
-                    1,
-                    q.offset(r0 as isize * rs),
-                    1,
-                    rs,
-                    1.0,
+                    Strided::new(dp.as_ptr(), 1, n as isize),
+                    Strided::new(q.offset(r0 as isize * rs), rs, 1),
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -587,30 +569,38 @@ pub fn block_forward(x: &mut [f32], b: usize, n: usize, d: usize, w: &BlockWeigh
 
 /// dst[m, n] (+)= a[m, k] · w[k, n], all row-major, on the rayon pool.
 fn matmul(dst: &mut [f32], a: &[f32], w: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    matmul_with(dst, a, w, [m, k, n], acc, true)
+}
+
+/// [`matmul`], on the rayon pool or (`parallel` false: callers that parallelise over images
+/// themselves) on this thread.
+pub(crate) fn matmul_with(
+    dst: &mut [f32],
+    a: &[f32],
+    w: &[f32],
+    [m, k, n]: [usize; 3],
+    acc: bool,
+    parallel: bool,
+) {
     assert!(dst.len() == m * n && a.len() == m * k && w.len() == k * n);
     // SAFETY: the three buffers hold exactly the [m, n], [m, k] and [k, n] row-major
     // matrices described by the strides (checked above), and dst does not alias a or w.
     unsafe {
-        gemm::gemm(
+        mm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
             n as isize,
             acc,
-            a.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
+            Strided::new(a.as_ptr(), k as isize, 1),
+            Strided::new(w.as_ptr(), n as isize, 1),
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            if parallel {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -697,32 +687,11 @@ mod tests {
             .collect();
         let scale = (hd as f32).powf(-0.5);
         let naive = |x: &[f64]| -> f64 {
-            let at = |bi: usize, t: usize, part: usize, hi: usize, c: usize| {
-                x[((bi * n + t) * 3 + part) * d + hi * hd + c]
-            };
-            let mut loss = 0.0;
-            for bi in 0..b {
-                for hi in 0..h {
-                    for i in 0..n {
-                        let s: Vec<f64> = (0..n)
-                            .map(|j| {
-                                (0..hd)
-                                    .map(|c| at(bi, i, 0, hi, c) * at(bi, j, 1, hi, c))
-                                    .sum::<f64>()
-                                    * scale as f64
-                            })
-                            .collect();
-                        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                        let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
-                        let z: f64 = e.iter().sum();
-                        for c in 0..hd {
-                            let o: f64 = (0..n).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
-                            loss += o * wts[(bi * n + i) * d + hi * hd + c] as f64;
-                        }
-                    }
-                }
-            }
-            loss
+            naive_attention(x, [b, n, h, hd], scale as f64)
+                .iter()
+                .zip(&wts)
+                .map(|(o, &w)| o * w as f64)
+                .sum()
         };
         let mut lse = vec![0f32; b * h * n];
         let out = attention_lse(&qkv, b, n, h, hd, scale, Some(&mut lse));
@@ -747,19 +716,13 @@ mod tests {
         assert!(worst < 1e-4, "max abs diff {worst}");
     }
 
-    #[test]
-    fn matches_naive_attention() {
-        let (b, n, h, hd) = (2, 150, 3, 8);
+    /// softmax(q·kᵀ·scale)·v in f64, the textbook way: `qkv` `[b, n, 3, h, hd]` -> `[b, n, h*hd]`.
+    fn naive_attention(x: &[f64], [b, n, h, hd]: [usize; 4], scale: f64) -> Vec<f64> {
         let d = h * hd;
-        let qkv: Vec<f32> = (0..b * n * 3 * d)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
-        let scale = (hd as f32).powf(-0.5);
-        let out = attention(&qkv, b, n, h, hd, scale);
         let at = |bi: usize, t: usize, part: usize, hi: usize, c: usize| {
-            qkv[((bi * n + t) * 3 + part) * d + hi * hd + c] as f64
+            x[((bi * n + t) * 3 + part) * d + hi * hd + c]
         };
-        let mut worst = 0f64;
+        let mut out = vec![0f64; b * n * d];
         for bi in 0..b {
             for hi in 0..h {
                 for i in 0..n {
@@ -768,20 +731,37 @@ mod tests {
                             (0..hd)
                                 .map(|c| at(bi, i, 0, hi, c) * at(bi, j, 1, hi, c))
                                 .sum::<f64>()
-                                * scale as f64
+                                * scale
                         })
                         .collect();
                     let mx = s.iter().cloned().fold(f64::MIN, f64::max);
                     let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for c in 0..hd {
-                        let want: f64 = (0..n).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
-                        let got = out[(bi * n + i) * d + hi * hd + c] as f64;
-                        worst = worst.max((got - want).abs());
+                        out[(bi * n + i) * d + hi * hd + c] =
+                            (0..n).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
                     }
                 }
             }
         }
+        out
+    }
+
+    #[test]
+    fn matches_naive_attention() {
+        let (b, n, h, hd) = (2, 150, 3, 8);
+        let qkv: Vec<f32> = (0..b * n * 3 * h * hd)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let scale = (hd as f32).powf(-0.5);
+        let out = attention(&qkv, b, n, h, hd, scale);
+        let x: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
+        let want = naive_attention(&x, [b, n, h, hd], scale as f64);
+        let worst = out
+            .iter()
+            .zip(&want)
+            .map(|(&g, w)| (g as f64 - w).abs())
+            .fold(0f64, f64::max);
         assert!(worst < 1e-5, "max abs diff {worst}");
     }
 }
