@@ -1,8 +1,22 @@
 #!/usr/bin/env python3
-"""marlin-pytorch side of the CPU feature benchmark: seconds per clip of extract_features
-(random weights, same shapes as the released model). Run by bench/cpu.sh."""
+"""marlin-pytorch side of the feature benchmark: seconds per clip of extract_features (random
+weights, same shapes as the released model). Run by bench/cpu.sh and bench/gpu.sh.
+
+--device cuda times on the GPU (synchronised); --precision tf32 allows TF32 matrix products,
+bf16 runs under torch.autocast(bfloat16), as the issue's reference numbers were taken."""
 import argparse
 import time
+import importlib
+import sys
+import types
+
+# The GPU machine has torch but neither OpenCV nor ffmpeg-python, which marlin_pytorch imports
+# at module level for its video helpers; the timed code never calls them.
+for _name in ("cv2", "ffmpeg"):
+    try:
+        importlib.import_module(_name)
+    except ImportError:
+        sys.modules[_name] = types.ModuleType(_name)
 
 import torch
 from marlin_pytorch import Marlin
@@ -13,8 +27,24 @@ p.add_argument("--model", default="marlin_vit_base_ytf")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--batch-size", type=int, default=1)
 p.add_argument("--iters", type=int, default=3)
+p.add_argument("--device", default="cpu")
+p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
+dev = torch.device(a.device)
+torch.backends.cuda.matmul.allow_tf32 = a.precision == "tf32"
+torch.backends.cudnn.allow_tf32 = a.precision == "tf32"
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast():
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+
+
 c = resolve_config(a.model)
 m = Marlin(img_size=c.img_size, patch_size=c.patch_size, n_frames=c.n_frames,
            encoder_embed_dim=c.encoder_embed_dim, encoder_depth=c.encoder_depth,
@@ -22,12 +52,15 @@ m = Marlin(img_size=c.img_size, patch_size=c.patch_size, n_frames=c.n_frames,
            decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads,
            mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, qk_scale=c.qk_scale, drop_rate=0.0,
            attn_drop_rate=0.0, norm_layer=c.norm_layer, init_values=c.init_values,
-           tubelet_size=c.tubelet_size, as_feature_extractor=True).eval()
-x = torch.rand(a.batch_size, 3, 16, 224, 224)
-with torch.no_grad():
+           tubelet_size=c.tubelet_size, as_feature_extractor=True).eval().to(dev)
+x = torch.rand(a.batch_size, 3, 16, 224, 224, device=dev)
+with torch.no_grad(), autocast():
     m.extract_features(x, keep_seq=False)
+    sync()
     t0 = time.perf_counter()
     for _ in range(a.iters):
         m.extract_features(x, keep_seq=False)
+    sync()
     s = (time.perf_counter() - t0) / (a.iters * a.batch_size)
-print(f"peer seconds per clip: {s:.3f}  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+print(f"peer seconds per clip: {s:.4f}  (clips/s {1 / s:.2f}; torch {torch.__version__}, "
+      f"{a.device}, {a.precision}, batch {a.batch_size}, {torch.get_num_threads()} threads)")
