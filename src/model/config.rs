@@ -117,6 +117,8 @@ pub const TINY_SMOKE: &str = "tiny_smoke";
 pub enum ConfigError {
     #[error("unknown model '{0}' (known: marlin_vit_small_ytf, marlin_vit_base_ytf, marlin_vit_large_ytf)")]
     UnknownModel(String),
+    #[error("unknown config '{0}' (known: marlin_vit_small_ytf, marlin_vit_base_ytf, marlin_vit_large_ytf, tiny_smoke)")]
+    UnknownTemplate(String),
     #[error("{path}: cannot read config: {source}")]
     Io {
         path: String,
@@ -215,7 +217,7 @@ impl MarlinConfig {
         if name == TINY_SMOKE {
             return Ok(Self::tiny_smoke());
         }
-        Self::from_name(name)
+        Self::from_name(name).map_err(|_| ConfigError::UnknownTemplate(name.to_string()))
     }
 
     /// Parse a reference-format YAML string and validate it.
@@ -239,7 +241,14 @@ impl MarlinConfig {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_yaml_str(&text, &path.display().to_string())
+        Self::from_yaml_str(&text, &path.display().to_string()).map_err(|e| match e {
+            // Name the file, which is what the user can open and fix.
+            ConfigError::Invalid { msg, .. } => ConfigError::Invalid {
+                name: Some(path.display().to_string()),
+                msg,
+            },
+            e => e,
+        })
     }
 
     /// Serialise in the reference YAML format.
@@ -273,6 +282,14 @@ impl MarlinConfig {
                 "tubelet_size {} must divide clip_frames {}",
                 self.tubelet_size, self.clip_frames
             ));
+        }
+        for (key, v) in [
+            ("gp_weight", self.gp_weight),
+            ("adv_weight", self.adv_weight),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return err(format!("{key} {v} must be a number >= 0"));
+            }
         }
         for (part, s) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
             if s.embed_dim == 0 || s.num_heads == 0 || s.embed_dim % s.num_heads != 0 {
@@ -353,6 +370,26 @@ impl MarlinConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_and_loss_weights_are_checked() {
+        let smoke = MarlinConfig::template("tiny_smoke").unwrap();
+        smoke.validate().unwrap();
+        assert_eq!((smoke.img_size, smoke.num_patches()), (32, 128));
+        let back = MarlinConfig::from_yaml_str(&smoke.to_yaml(), "tiny.yaml").unwrap();
+        assert_eq!(back, smoke);
+        let e = MarlinConfig::template("nonsense").unwrap_err().to_string();
+        assert!(e.contains("'nonsense'") && e.contains("tiny_smoke"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bad.yaml");
+        std::fs::write(
+            &f,
+            smoke.to_yaml().replace("gp_weight: 0.0", "gp_weight: -1.0"),
+        )
+        .unwrap();
+        let e = MarlinConfig::from_yaml_file(&f).unwrap_err().to_string();
+        assert!(e.contains("bad.yaml") && e.contains("gp_weight -1"), "{e}");
+    }
 
     #[test]
     fn released_shapes() {

@@ -53,9 +53,7 @@ pub struct LossConfig {
 
 impl LossConfig {
     pub fn from_config(cfg: &MarlinConfig) -> Result<Self, String> {
-        if !(cfg.gp_weight >= 0.0 && cfg.gp_weight.is_finite()) {
-            return Err(format!("gp_weight {} must be 0 or more", cfg.gp_weight));
-        }
+        // gp_weight and adv_weight are checked (>= 0, finite) by MarlinConfig::validate.
         Ok(Self {
             adv_loss: cfg.adv_loss,
             adv_weight: cfg.adv_weight,
