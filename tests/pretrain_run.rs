@@ -289,6 +289,9 @@ fn pretraining_on_a_shared_face_sample_brings_the_face_back() {
     // The face comes back: the masked pixels of the last sample image are mostly explained
     // by the reconstruction (seeds 0-6 gave R^2 0.66-0.82), while 30 epochs in the model
     // still predicts about the mean colour.
+    // The 32 px sample is enlarged 4x (nearest neighbour) to be looked at.
+    let img = image::open(out.join("samples/epoch_0149.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (3 * 128, 128));
     let early = masked_r2(&out.join("samples/epoch_0030.png"));
     let late = masked_r2(&out.join("samples/epoch_0149.png"));
     eprintln!("masked-pixel R^2 of the sample image: epoch 30 {early:.3}, epoch 149 {late:.3}");
@@ -509,6 +512,15 @@ fn a_perfect_prediction_reconstructs_the_ground_truth_panel() {
     };
     for frame in [0, 5, 15] {
         let img = sample_image(&clip, &visible, Some(&target), &settings, frame);
+        // Enlarged for viewing: every pixel becomes a 4x4 block of its colour.
+        let big = marlin::train::run::enlarge_small(&img, 128);
+        assert_eq!(big.dimensions(), (4 * img.width(), 4 * img.height()));
+        for (x, y, p) in img.enumerate_pixels() {
+            for (dx, dy) in [(0, 0), (3, 3), (1, 2)] {
+                assert_eq!(big.get_pixel(4 * x + dx, 4 * y + dy), p);
+            }
+        }
+        assert_eq!(marlin::train::run::enlarge_small(&big, 128), big);
         for y in 0..s as u32 {
             for x in 0..s as u32 {
                 assert_eq!(

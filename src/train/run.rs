@@ -226,6 +226,26 @@ pub fn sample_image(
     img
 }
 
+/// Epoch samples of small models (a 32 px smoke config) are enlarged to at least this many
+/// pixels a side, so they can be looked at.
+const SAMPLE_MIN_SIDE: u32 = 128;
+
+/// `img` enlarged by the smallest whole factor (nearest neighbour: every pixel stays a
+/// block of one colour) that makes its shorter side at least `min_side`; as is when it is.
+pub fn enlarge_small(img: &image::RgbImage, min_side: u32) -> image::RgbImage {
+    let side = img.width().min(img.height()).max(1);
+    let k = min_side.div_ceil(side);
+    if k <= 1 {
+        return img.clone();
+    }
+    image::imageops::resize(
+        img,
+        img.width() * k,
+        img.height() * k,
+        image::imageops::FilterType::Nearest,
+    )
+}
+
 pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), String> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
@@ -524,7 +544,10 @@ pub fn pretrain<B: AutodiffBackend>(
         let mut val_mean = StepLosses::default();
         add(&mut val_mean, &vsum, 1.0 / val_n.max(1) as f64);
         if let Some((s, p)) = &first {
-            let img = sample_image(&s.clip, &s.visible, Some(p), &settings, 0);
+            let img = enlarge_small(
+                &sample_image(&s.clip, &s.visible, Some(p), &settings, 0),
+                SAMPLE_MIN_SIDE,
+            );
             save_png(
                 &img,
                 &out.join("samples").join(format!("epoch_{epoch:04}.png")),
