@@ -84,6 +84,14 @@ fn pretrain_args(cfg: &Path, data: &Path, out: &Path, epochs: usize) -> Vec<Stri
     .to_vec()
 }
 
+/// `marlin pretrain` to the end (asserting success); the rows of its metrics.csv.
+fn pretrain(cfg: &Path, data: &Path, out: &Path, epochs: usize) -> Vec<String> {
+    let args = pretrain_args(cfg, data, out, epochs);
+    let o = marlin(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    metric_rows(out)
+}
+
 fn metric_rows(out: &Path) -> Vec<String> {
     std::fs::read_to_string(out.join("metrics.csv"))
         .unwrap()
@@ -110,11 +118,7 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
     let epochs = 120;
 
     let whole = d.join("whole");
-    let o = Command::new(env!("CARGO_BIN_EXE_marlin"))
-        .args(pretrain_args(&cfg, &data, &whole, epochs))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    pretrain(&cfg, &data, &whole, epochs);
 
     // The same run, killed (SIGKILL) once a few epochs are checkpointed, then resumed.
     let cut = d.join("cut");
@@ -272,15 +276,7 @@ fn pretraining_on_a_shared_face_sample_brings_the_face_back() {
     std::fs::write(&cfg, &o.stdout).unwrap();
     let out = d.join("run");
     // 150 epochs of 2 steps (4 clips, batch 2): 300 steps.
-    let o = marlin(
-        &pretrain_args(&cfg, &data, &out, 150)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let rows = metric_rows(&out);
+    let rows = pretrain(&cfg, &data, &out, 150);
     assert_eq!(rows.len(), 150);
     let val_rec = |r: &String| r.split(',').nth(7).unwrap().parse::<f64>().unwrap();
     let (first, last) = (val_rec(&rows[0]), val_rec(rows.last().unwrap()));
@@ -389,15 +385,7 @@ fn prepare_writes_the_reference_layout_and_fasking_pretrains_on_it() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("gp_weight: 0.0", "gp_weight: 10.0")).unwrap();
     let out = d.join("run");
-    let o = marlin(
-        &pretrain_args(&cfg, &data, &out, 2)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let rows = metric_rows(&out);
+    let rows = pretrain(&cfg, &data, &out, 2);
     assert_eq!(rows.len(), 2);
     let header = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert!(header.starts_with("epoch,") && header.lines().next().unwrap().ends_with(",train_gp"));

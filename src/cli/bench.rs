@@ -182,14 +182,8 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         0,
         device,
     );
-    let losses = LossConfig {
-        adv_loss: true,
-        adv_weight: 0.01,
-        gp_weight: 0.0,
-        d_steps: 1,
-        g_steps: 1,
-    };
-    let Ok(mut pt) = Pretrainer::new(model, losses) else {
+    // The config's losses (the released ones: critic on, adv_weight 0.01, no penalty).
+    let Ok(mut pt) = Pretrainer::new(model, LossConfig::from_config(cfg)) else {
         return;
     };
     let g = cfg.img_size / cfg.patch_size;

@@ -52,15 +52,16 @@ pub struct LossConfig {
 }
 
 impl LossConfig {
-    pub fn from_config(cfg: &MarlinConfig) -> Result<Self, String> {
-        // gp_weight and adv_weight are checked (>= 0, finite) by MarlinConfig::validate.
-        Ok(Self {
+    /// The config's loss settings (its weights are checked, >= 0 and finite, by
+    /// `MarlinConfig::validate`).
+    pub fn from_config(cfg: &MarlinConfig) -> Self {
+        Self {
             adv_loss: cfg.adv_loss,
             adv_weight: cfg.adv_weight,
             gp_weight: cfg.gp_weight,
             d_steps: cfg.d_steps.max(1),
             g_steps: cfg.g_steps.max(1),
-        })
+        }
     }
 }
 

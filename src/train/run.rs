@@ -394,7 +394,7 @@ pub fn pretrain<B: AutodiffBackend>(
     let train = Split::load(data, "train")?;
     let val = Split::load(data, "val")?;
     let settings = ClipSettings::from_config(cfg)?;
-    let losses = LossConfig::from_config(cfg)?;
+    let losses = LossConfig::from_config(cfg);
     let lrc = lr_config(cfg);
     std::fs::create_dir_all(out.join("samples")).map_err(|e| format!("{}: {e}", out.display()))?;
     // Temp files of a killed run: the real files beside them are whole; drop the leftovers.
