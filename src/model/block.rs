@@ -137,7 +137,6 @@ impl<B: Backend> Block<B> {
         if !is_plain_cpu::<B>() || self.gamma_1.is_some() || self.gamma_2.is_some() {
             return Err(x);
         }
-        let weights = |t: Tensor<B, 1>| flex(t);
         let linear = |l: &Linear<B>| -> Option<(FlexTensor, Option<FlexTensor>)> {
             Some((
                 flex(l.weight.val())?,
@@ -148,11 +147,11 @@ impl<B: Backend> Block<B> {
             ))
         };
         let norm = |n: &LayerNorm<B>| -> Option<(FlexTensor, FlexTensor)> {
-            Some((weights(n.gamma.val())?, weights(n.beta.as_ref()?.val())?))
+            Some((flex(n.gamma.val())?, flex(n.beta.as_ref()?.val())?))
         };
         let held = (|| {
             let qv = match (&self.attn.q_bias, &self.attn.v_bias) {
-                (Some(q), Some(v)) => Some((weights(q.val())?, weights(v.val())?)),
+                (Some(q), Some(v)) => Some((flex(q.val())?, flex(v.val())?)),
                 _ => None,
             };
             Some((
