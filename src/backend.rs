@@ -54,13 +54,43 @@ pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, St
     match spec {
         DeviceSpec::Cpu => Ok(task.run::<Cpu>(Default::default())),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => Ok(task.run::<Gpu>(burn::backend::cuda::CudaDevice::new(i))),
+        DeviceSpec::Cuda(i) => {
+            cuda_driver()?;
+            Ok(task.run::<Gpu>(burn::backend::cuda::CudaDevice::new(i)))
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(
             "this marlin was built without CUDA: rebuild with `cargo build --release --features cuda`"
                 .into(),
         ),
     }
+}
+
+/// The NVIDIA driver library must load before the CUDA backend starts: without it the runtime
+/// panics in a worker thread. One line instead.
+#[cfg(feature = "cuda")]
+fn cuda_driver() -> Result<(), String> {
+    let names: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    let mut first = None;
+    for &name in names {
+        // SAFETY: loading the driver runs its initialisers, as the CUDA runtime would a moment
+        // later; nothing from the library is called here.
+        match unsafe { libloading::Library::new(name) } {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let why = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+                first.get_or_insert(why);
+            }
+        }
+    }
+    Err(format!(
+        "--device cuda: no NVIDIA driver on this machine ({}); install the driver or use --device cpu",
+        first.unwrap_or_default()
+    ))
 }
 
 #[cfg(test)]
