@@ -401,16 +401,17 @@ fn reconstruct_draws_mask_and_reconstruction_panels() {
     let d = t.path();
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model");
+    let cfg = fx.join("tiny_a.yaml");
+    // `marlin reconstruct sample_face.mp4 EXTRA... --out d/OUT`
+    let reconstruct = |out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let mut args = vec!["reconstruct", sample.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        marlin(&args, &[])
+    };
     // No weights: original | masked, every frame, Fasking at 0.9 keeps 156 of 1568 tokens.
-    let o = marlin(
-        &[
-            "reconstruct",
-            sample.to_str().unwrap(),
-            "--out",
-            d.join("a").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = reconstruct("a", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("156 of 1568 tokens visible"));
     let img = image::open(d.join("a/sample_face_reconstruction.png")).unwrap();
@@ -420,37 +421,31 @@ fn reconstruct_draws_mask_and_reconstruction_panels() {
         (16, 448, 224)
     );
     // With a full checkpoint: three panels.
-    let o = marlin(
+    let full = fx.join("tiny_a.full.pt");
+    let o = reconstruct(
+        "b",
         &[
-            "reconstruct",
-            sample.to_str().unwrap(),
             "--config",
-            fx.join("tiny_a.yaml").to_str().unwrap(),
+            cfg.to_str().unwrap(),
             "--weights",
-            fx.join("tiny_a.full.pt").to_str().unwrap(),
+            full.to_str().unwrap(),
             "--strategy",
             "tube",
-            "--out",
-            d.join("b").to_str().unwrap(),
         ],
-        &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let img = image::open(d.join("b/sample_face_reconstruction.png")).unwrap();
     assert_eq!((img.width(), img.height()), (3 * 32, 16 * 32));
     // An encoder-only file cannot reconstruct: one line saying so.
-    let o = marlin(
+    let encoder = fx.join("tiny_a.encoder.pt");
+    let o = reconstruct(
+        "c",
         &[
-            "reconstruct",
-            sample.to_str().unwrap(),
             "--config",
-            fx.join("tiny_a.yaml").to_str().unwrap(),
+            cfg.to_str().unwrap(),
             "--weights",
-            fx.join("tiny_a.encoder.pt").to_str().unwrap(),
-            "--out",
-            d.join("c").to_str().unwrap(),
+            encoder.to_str().unwrap(),
         ],
-        &[],
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(
