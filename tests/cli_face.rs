@@ -228,10 +228,9 @@ fn extract_crop_face_equals_extracting_the_cropped_frames() {
     assert_eq!(fa.shape(), &[1, 32]);
     assert_eq!(fa.shape(), fb.shape());
     let diff = |x: &ndarray::ArrayD<f32>, y: &ndarray::ArrayD<f32>| {
-        x.iter()
-            .zip(y.iter())
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max)
+        let (x, y): (Vec<f32>, Vec<f32>) =
+            (x.iter().copied().collect(), y.iter().copied().collect());
+        common::max_abs_diff(&x, &y).diff
     };
     assert!(
         diff(&fa, &fb) <= 1e-5,

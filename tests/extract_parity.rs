@@ -8,6 +8,8 @@ use marlin::model::weights::read_safetensors_file;
 use marlin::{Marlin, MarlinConfig};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video")
 }
@@ -51,11 +53,8 @@ fn features_and_window_counts_match_peer() {
                 &peer.shape[..],
                 "{key}: shape (window count) differs"
             );
-            let diff = ours
-                .iter()
-                .zip(&peer.data)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let ours_flat: Vec<f32> = ours.iter().copied().collect();
+            let diff = common::max_abs_diff(&ours_flat, &peer.data).diff;
             if batch_size == 1 {
                 eprintln!("{key}: {} clips, max abs diff {diff:.2e}", stats.clips);
             }

@@ -7,6 +7,8 @@ use marlin::face::{DetectOptions, Detector, Face};
 use marlin::video::read_image;
 use std::path::Path;
 
+mod common;
+
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face")
 }
@@ -24,25 +26,31 @@ fn detections_match_facenet_pytorch() {
         .collect();
     // All three in one call: frames of different sizes are grouped internally.
     let got = det.detect(&frames.iter().collect::<Vec<_>>());
-    let (mut box_diff, mut score_diff) = (0f32, 0f32);
+    let (mut coords, mut scores) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    let flat = |f: &Face| -> Vec<f32> {
+        f.bbox
+            .iter()
+            .copied()
+            .chain(f.landmarks.iter().flatten().copied())
+            .collect()
+    };
     for (name, faces) in names.iter().zip(&got) {
         let want: Vec<Face> = serde_json::from_value(expected[name].clone()).unwrap();
         assert_eq!(faces.len(), want.len(), "{name}: {faces:?} vs {want:?}");
         for (a, b) in faces.iter().zip(&want) {
-            for k in 0..4 {
-                box_diff = box_diff.max((a.bbox[k] - b.bbox[k]).abs());
-            }
-            for k in 0..5 {
-                for c in 0..2 {
-                    box_diff = box_diff.max((a.landmarks[k][c] - b.landmarks[k][c]).abs());
-                }
-            }
-            score_diff = score_diff.max((a.score - b.score).abs());
+            coords.0.extend(flat(a));
+            coords.1.extend(flat(b));
+            scores.0.push(a.score);
+            scores.1.push(b.score);
         }
     }
-    eprintln!("detections: max coordinate diff {box_diff:.2e} px, score diff {score_diff:.2e}");
-    assert!(box_diff <= 0.05, "coordinates differ by {box_diff} px");
-    assert!(score_diff <= 1e-4, "scores differ by {score_diff}");
+    assert_eq!(
+        scores.0.len(),
+        3,
+        "faces compared (astronaut 1, two_faces 2, no_face 0)"
+    );
+    common::assert_close("detections: coordinates (px)", &coords.0, &coords.1, 0.05);
+    common::assert_close("detections: scores", &scores.0, &scores.1, 1e-4);
 }
 
 #[test]
@@ -126,9 +134,7 @@ fn detecting_on_a_downscaled_copy_maps_boxes_back() {
     let (a, b) = (full.detect(&[&f]).remove(0), half.detect(&[&f]).remove(0));
     // The large face (150 px) is found at half resolution, in frame coordinates.
     let big = &a[0];
-    let best = b
-        .iter()
-        .map(|x| iou(&x.bbox, &big.bbox))
-        .fold(0f32, f32::max);
+    let ious: Vec<f32> = b.iter().map(|x| iou(&x.bbox, &big.bbox)).collect();
+    let best = common::max_abs(&ious);
     assert!(best >= 0.8, "IoU {best}: {b:?} vs {big:?}");
 }

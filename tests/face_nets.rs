@@ -7,6 +7,8 @@ use marlin::face::mtcnn::Mtcnn;
 use marlin::model::weights::{read_safetensors_file, HostTensor};
 use std::path::Path;
 
+mod common;
+
 fn t<B: Backend, const D: usize>(h: &HostTensor, dev: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(h.data.clone(), h.shape.clone()), dev)
 }
@@ -14,10 +16,7 @@ fn t<B: Backend, const D: usize>(h: &HostTensor, dev: &B::Device) -> Tensor<B, D
 fn diff<B: Backend, const D: usize>(ours: Tensor<B, D>, peer: &HostTensor) -> f32 {
     assert_eq!(ours.dims().to_vec(), peer.shape);
     let v = ours.into_data().into_vec::<f32>().unwrap();
-    v.iter()
-        .zip(&peer.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    common::max_abs_diff(&v, &peer.data).diff
 }
 
 #[test]

@@ -187,11 +187,14 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
         read_safetensors_file(&whole.join("model.safetensors")).unwrap(),
         read_safetensors_file(&cut.join("model.safetensors")).unwrap(),
     );
+    assert_eq!(
+        wa.keys().collect::<Vec<_>>(),
+        wb.keys().collect::<Vec<_>>(),
+        "the same tensors"
+    );
     let mut worst = 0f32;
     for (k, v) in &wa {
-        for (x, y) in v.data.iter().zip(&wb[k].data) {
-            worst = worst.max((x - y).abs());
-        }
+        worst = worst.max(common::max_abs_diff(&wb[k].data, &v.data).diff);
     }
     assert!(worst <= 1e-6, "resumed weights differ by {worst}");
     let leftovers: Vec<String> = std::fs::read_dir(&cut)
@@ -250,13 +253,9 @@ fn masked_r2(png: &Path) -> f64 {
 
 #[test]
 fn pretraining_on_a_shared_face_sample_brings_the_face_back() {
-    let samples = std::env::var_os("MARLIN_SAMPLES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples"));
-    if !samples.join("cropped01.mp4").exists() {
-        eprintln!("SKIPPED: no sample videos in {}", samples.display());
+    let Some(samples) = common::samples() else {
         return;
-    }
+    };
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
     let data = d.join("data");

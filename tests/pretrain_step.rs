@@ -10,6 +10,8 @@ use marlin::train::{LossConfig, Pretrainer};
 use marlin::{Marlin, MarlinConfig};
 use std::path::Path;
 
+mod common;
+
 fn fx(p: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -54,12 +56,7 @@ fn one_step_equals_pytorch() {
             .get(key)
             .unwrap_or_else(|| panic!("{key} missing"));
         assert_eq!(ours.shape, v.shape, "{key}");
-        let d = ours
-            .data
-            .iter()
-            .zip(&v.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = common::max_abs_diff(&ours.data, &v.data).diff;
         assert!(d <= 1e-4, "{key}: updated weights differ by {d}");
         wmax = wmax.max(d);
         n += 1;
@@ -89,14 +86,9 @@ fn reconstruction_gradients_equal_pytorch() {
             continue;
         };
         let (b, a) = (&before.tensors[key], &after.tensors[key]);
-        let scale = g.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = b
-            .data
-            .iter()
-            .zip(&a.data)
-            .zip(&g.data)
-            .map(|((b, a), g)| ((b - a) - g).abs())
-            .fold(0f32, f32::max);
+        let scale = common::max_abs(&g.data);
+        let update: Vec<f32> = b.data.iter().zip(&a.data).map(|(b, a)| b - a).collect();
+        let d = common::max_abs_diff(&update, &g.data).diff;
         eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {d:.2e}");
         assert!(
             d <= 1e-4 * scale.max(1e-2),
@@ -156,10 +148,7 @@ fn cpu_attention_op_equals_burns_generic_attention() {
     let diff = |a: Tensor<burn::backend::Flex, 3>, c: Tensor<burn::backend::Flex, 3>| {
         let a: Vec<f32> = a.into_data().into_vec().unwrap();
         let c: Vec<f32> = c.into_data().into_vec().unwrap();
-        a.iter()
-            .zip(&c)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
+        common::max_abs_diff(&a, &c).diff
     };
     let fwd = diff(ours.inner(), generic.inner());
     let grad = diff(qkv.grad(&g_ours).unwrap(), qkv.grad(&g_gen).unwrap());
@@ -196,11 +185,7 @@ fn tiny_a_batch() -> (Marlin<CpuAutodiff>, Tensor<CpuAutodiff, 5>, MaskIndices) 
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
+    common::max_abs_diff(a, b).diff
 }
 
 /// The gradient penalty (gp_weight 10) without second-order autodiff: the critic loss, the
@@ -269,7 +254,7 @@ fn gradient_penalty_equals_double_backpropagation() {
     ];
     for (name, ours) in checks {
         let w = &want[&format!("grad.{name}")].data;
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = common::max_abs(w);
         let d = max_diff(&ours, w);
         eprintln!("{name}: max |grad| {scale:.3e}, max abs diff {d:.2e}");
         assert!(d <= 1e-4 * scale.max(1e-2), "{name}: {d}");

@@ -117,3 +117,112 @@ pub fn video_shape(p: &Path) -> (usize, usize, usize) {
     let info = marlin::video::probe(p).unwrap();
     (info.frames, info.width, info.height)
 }
+
+/// The largest element-wise difference of two arrays, and where it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Worst {
+    pub diff: f32,
+    pub index: usize,
+    pub ours: f32,
+    pub peer: f32,
+}
+
+impl std::fmt::Display for Worst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2e} at element {} (ours {}, peer {})",
+            self.diff, self.index, self.ours, self.peer
+        )
+    }
+}
+
+/// Max abs diff of `ours` against `peer`. An error, never a small number, when the lengths
+/// differ, when there is nothing to compare, or when any value on either side is NaN or
+/// infinite (`f32::max` skips NaN, so a NaN output would otherwise score 0).
+pub fn try_max_abs_diff(ours: &[f32], peer: &[f32]) -> Result<Worst, String> {
+    if ours.len() != peer.len() {
+        return Err(format!(
+            "lengths differ: ours {}, peer {}",
+            ours.len(),
+            peer.len()
+        ));
+    }
+    if ours.is_empty() {
+        return Err("nothing to compare (both empty)".into());
+    }
+    let mut worst = Worst {
+        diff: 0.0,
+        index: 0,
+        ours: ours[0],
+        peer: peer[0],
+    };
+    for (i, (&a, &b)) in ours.iter().zip(peer).enumerate() {
+        if !a.is_finite() || !b.is_finite() {
+            return Err(format!("element {i} is not finite: ours {a}, peer {b}"));
+        }
+        let d = (a - b).abs();
+        if d > worst.diff {
+            worst = Worst {
+                diff: d,
+                index: i,
+                ours: a,
+                peer: b,
+            };
+        }
+    }
+    Ok(worst)
+}
+
+/// [`try_max_abs_diff`], failing the test on an error.
+pub fn max_abs_diff(ours: &[f32], peer: &[f32]) -> Worst {
+    try_max_abs_diff(ours, peer).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Fails unless `ours` equals `peer` within `tol` (max abs diff, every value finite); prints
+/// and returns the worst element.
+pub fn assert_close(what: &str, ours: &[f32], peer: &[f32], tol: f32) -> Worst {
+    let w = try_max_abs_diff(ours, peer).unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!("{what}: max abs diff {w}");
+    assert!(w.diff <= tol, "{what}: max abs diff {w} exceeds {tol:e}");
+    w
+}
+
+/// The largest absolute value (the scale of a relative tolerance); fails on a non-finite one.
+pub fn max_abs(x: &[f32]) -> f32 {
+    x.iter().enumerate().fold(0f32, |m, (i, v)| {
+        assert!(v.is_finite(), "element {i} is not finite: {v}");
+        m.max(v.abs())
+    })
+}
+
+/// The shared sample videos (`../shared/samples`, or `$MARLIN_SAMPLES`), which the repository
+/// does not hold (their license). Where they are absent a test fails under CI (`CI` set) and
+/// is skipped with a loud line elsewhere.
+pub fn samples() -> Option<PathBuf> {
+    let dir = std::env::var_os("MARLIN_SAMPLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples"));
+    let names = [
+        "cropped01.mp4",
+        "cropped02.mp4",
+        "video01.mp4",
+        "video02.mp4",
+    ];
+    let missing: Vec<&str> = names
+        .into_iter()
+        .filter(|n| !dir.join(n).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "the shared sample videos {missing:?} are not in {} (set MARLIN_SAMPLES to their folder)",
+        dir.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}: CI must run the sample tests");
+    }
+    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    None
+}
