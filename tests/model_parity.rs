@@ -10,6 +10,8 @@ use marlin::{Marlin, MarlinConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 const TOL: f32 = 1e-4;
 const CASES: [&str; 4] = ["tiny_a", "tiny_b", "tiny_ls", "tiny_nobias"];
 
@@ -34,10 +36,7 @@ fn max_abs_diff<B: Backend, const D: usize>(ours: Tensor<B, D>, peer: &HostTenso
         "shape differs from the peer's"
     );
     let ours = ours.into_data().into_vec::<f32>().unwrap();
-    ours.iter()
-        .zip(&peer.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    common::max_abs_diff(&ours, &peer.data).diff
 }
 
 fn mask_indices(io: &BTreeMap<String, HostTensor>) -> MaskIndices {
@@ -307,7 +306,7 @@ fn reconstruction_gradient_matches_peer() {
         ] {
             let peer = &io[&format!("grad.{key}")];
             let flat = HostTensor::new(vec![peer.numel()], peer.data.clone());
-            let scale = peer.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = common::max_abs(&peer.data);
             let d = max_abs_diff(sd_grads(key), &flat);
             eprintln!("{case}: grad {key}: max abs diff {d:.2e} (max |grad| {scale:.2e})");
             assert!(
@@ -418,11 +417,156 @@ fn host_block_kernel_equals_generic_ops_at_vit_b_width() {
     assert_eq!(a.dims(), [1, 392, 768]);
     let a: Vec<f32> = a.into_data().into_vec().unwrap();
     let b: Vec<f32> = b.into_data().into_vec().unwrap();
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let d = common::max_abs_diff(&a, &b).diff;
     eprintln!("host kernel vs generic ops: max abs diff {d:.2e}");
     assert!(d <= 1e-4, "max abs diff {d}");
+}
+
+/// A NaN or infinity on either side fails every comparison (`f32::max` skips NaN, so a
+/// NaN output would otherwise score a perfect 0), and so do different lengths and empty input.
+#[test]
+fn comparison_helper_fails_on_non_finite_values() {
+    let peer = [0.5f32, -1.0, 2.0];
+    let w = common::try_max_abs_diff(&[0.5, -1.25, 2.0], &peer).unwrap();
+    assert_eq!((w.diff, w.index, w.ours, w.peer), (0.25, 1, -1.25, -1.0));
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for i in 0..3 {
+            let mut x = peer;
+            x[i] = bad;
+            let e = common::try_max_abs_diff(&x, &peer).unwrap_err();
+            assert!(e.contains(&format!("element {i}")), "{e}");
+            let e = common::try_max_abs_diff(&peer, &x).unwrap_err();
+            assert!(e.contains(&format!("element {i}")), "{e}");
+            let caught = std::panic::catch_unwind(|| common::assert_close("x", &x, &peer, 1.0));
+            assert!(caught.is_err(), "assert_close passed {x:?}");
+        }
+    }
+    assert!(common::try_max_abs_diff(&[1.0], &peer).is_err());
+    assert!(common::try_max_abs_diff(&[], &[]).is_err());
+    let all_nan = [f32::NAN; 3];
+    assert!(std::panic::catch_unwind(|| common::max_abs_diff(&all_nan, &all_nan)).is_err());
+}
+
+/// Weights and inputs of `tools/make_vitb_fixtures.py`'s formula: 16-bit integers from a
+/// splitmix64 stream keyed by the parameter's name (exact in f32 on both sides).
+fn formula_draws(key: &str, n: usize) -> impl Iterator<Item = u64> {
+    let mut h: u64 = 0xCBF29CE484222325;
+    for &b in key.as_bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001B3);
+    }
+    (1..=n as u64).map(move |i| {
+        let mut z = h.wrapping_add(i.wrapping_mul(0x9E3779B97F4A7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        (z ^ (z >> 31)) >> 48
+    })
+}
+
+fn formula_state_dict(cfg: &MarlinConfig) -> StateDict {
+    use marlin::model::weights::param_specs;
+    let mut sd = StateDict::new("<formula>");
+    for s in param_specs(cfg, &[Part::Encoder]) {
+        if s.key.ends_with("pos_embedding.emb") {
+            continue; // the fixed sin-cos table, filled in by the loader
+        }
+        let (offset, step) = if s.key.contains("norm") && s.key.ends_with(".weight") {
+            (1.0, 2f32.powi(-17))
+        } else if s.key.ends_with("bias") {
+            (0.0, 2f32.powi(-18))
+        } else {
+            (0.0, 2f32.powi(-19))
+        };
+        let data = formula_draws(&s.key, s.numel())
+            .map(|k| offset + (k as f32 - 32768.0) * step)
+            .collect();
+        sd.tensors
+            .insert(s.key.clone(), HostTensor::new(s.shape, data));
+    }
+    sd
+}
+
+fn vitb2() -> (MarlinConfig, BTreeMap<String, HostTensor>) {
+    let cfg = MarlinConfig::from_yaml_file(&fixture("vitb2.yaml")).unwrap();
+    assert_eq!(
+        (
+            cfg.encoder.embed_dim,
+            cfg.encoder.num_heads,
+            cfg.encoder.depth
+        ),
+        (768, 12, 2)
+    );
+    (
+        cfg,
+        read_safetensors_file(&fixture("vitb2.io.safetensors")).unwrap(),
+    )
+}
+
+/// The released width (768 wide, 12 heads of 64, 1568 tokens; 2 of ViT-B's 12 blocks) against
+/// marlin-pytorch, with weights from a formula on both sides (tools/make_vitb_fixtures.py): on
+/// the CPU backend this runs the fused host block kernel at its real size.
+#[test]
+fn released_width_features_match_peer() {
+    let (cfg, io) = vitb2();
+    let dev = Default::default();
+    let (model, _) =
+        Marlin::<Cpu>::from_state_dict(&cfg, &formula_state_dict(&cfg), &[], &dev).unwrap();
+    let shape = [2, 3, 16, 224, 224];
+    let clip: Vec<f32> = formula_draws("input", shape.iter().product())
+        .map(|k| k as f32 / 65536.0)
+        .collect();
+    let clip = Tensor::<Cpu, 5>::from_data(TensorData::new(clip, shape), &dev);
+    let pooled = model.extract_features(clip.clone(), false);
+    assert_eq!(pooled.dims(), [2, 1, 768]);
+    let pooled: Vec<f32> = pooled.into_data().into_vec().unwrap();
+    common::assert_close("ViT-B width, pooled", &pooled, &io["features"].data, TOL);
+    let seq = model.extract_features(clip, true);
+    assert_eq!(seq.dims(), [2, 1568, 768]);
+    let seq: Vec<f32> = seq.into_data().into_vec().unwrap();
+    // The fixture keeps tokens 0, 49, ..., 1519 of each clip.
+    let rows: Vec<f32> = (0..2)
+        .flat_map(|b| (0..1568).step_by(49).map(move |t| (b, t)))
+        .flat_map(|(b, t)| seq[(b * 1568 + t) * 768..(b * 1568 + t + 1) * 768].to_vec())
+        .collect();
+    assert_eq!(io["seq_rows"].shape, vec![2, 32, 768]);
+    common::assert_close("ViT-B width, keep_seq", &rows, &io["seq_rows"].data, TOL);
+}
+
+/// `marlin extract` on the shared cropped sample videos against the peer's `extract_video`
+/// of the same formula model: window counts and features.
+#[test]
+fn extract_on_the_shared_samples_matches_peer() {
+    let Some(samples) = common::samples() else {
+        return;
+    };
+    let (cfg, io) = vitb2();
+    let t = tempfile::tempdir().unwrap();
+    let weights = t.path().join("vitb2.safetensors");
+    formula_state_dict(&cfg)
+        .save_safetensors(&weights, None)
+        .unwrap();
+    let out = t.path().join("out");
+    let names = ["cropped01.mp4", "cropped02.mp4"];
+    let mut args: Vec<String> = vec![
+        "extract".into(),
+        "--config".into(),
+        fixture("vitb2.yaml").display().to_string(),
+        "--weights".into(),
+        weights.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--quiet".into(),
+        "--batch-size".into(),
+        "3".into(),
+    ];
+    args.extend(names.iter().map(|n| samples.join(n).display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = common::marlin(&args, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for name in names {
+        let ours = common::read(&out.join(name).with_extension("npy"));
+        let peer = &io[name];
+        assert_eq!(ours.shape(), &peer.shape[..], "{name}: window count");
+        let ours: Vec<f32> = ours.iter().copied().collect();
+        common::assert_close(&format!("extract {name}"), &ours, &peer.data, TOL);
+    }
 }
