@@ -490,6 +490,16 @@ enum Overlap {
 /// Greedy non-maximum suppression, best score first; a box goes when its overlap with a kept
 /// box exceeds `thresh`.
 fn nms(mut c: Vec<Cand>, thresh: f32, how: Overlap) -> Vec<Cand> {
+    // Equal scores are common: O-Net's probabilities saturate at 1.0 in f32 on real faces.
+    // facenet-pytorch's last NMS ("Min", in numpy) walks `np.argsort(scores)` from its end. With
+    // a stable sort, of equal scores the later candidate wins, and so it does here; numpy's
+    // default sort is not stable where it uses the CPU's SIMD sort (AVX-512), so the peer's own
+    // pick among equal scores depends on the machine. Its other NMS steps ("Union",
+    // torchvision) sort stably in descending order: the earlier one wins. A stable sort of the
+    // reversed list gives the former.
+    if how == Overlap::Min {
+        c.reverse();
+    }
     c.sort_by(|a, b| b.score.total_cmp(&a.score));
     let one = if how == Overlap::Min { 1.0 } else { 0.0 };
     let area = |b: &[f32; 4]| (b[2] - b[0] + one) * (b[3] - b[1] + one);
