@@ -10,11 +10,8 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
 
 /// Masking strategy (the reference config's `mask_strategy`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum Strategy {
     /// Background and skin stay visible first, then facial components in random order: the
     /// eyes, nose, mouth and hair end up masked.
@@ -27,6 +24,11 @@ pub enum Strategy {
     Tube,
     /// Whole tubelets visible or masked.
     Frame,
+}
+
+impl Strategy {
+    /// The names [`Strategy::from_str`](std::str::FromStr) takes.
+    pub const NAMES: [&str; 5] = ["fasking", "fasking_opp", "random", "tube", "frame"];
 }
 
 impl std::str::FromStr for Strategy {

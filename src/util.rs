@@ -30,3 +30,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     }
     result
 }
+
+/// Write `array` as a `.npy` file atomically (see [`write_atomic`]).
+pub fn write_npy_atomic<A, D>(path: &Path, array: &ndarray::ArrayBase<A, D>) -> std::io::Result<()>
+where
+    A: ndarray::Data,
+    A::Elem: ndarray_npy::WritableElement,
+    D: ndarray::Dimension,
+{
+    let mut buf = Vec::new();
+    ndarray_npy::WriteNpyExt::write_npy(array, &mut buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    write_atomic(path, &buf)
+}

@@ -1,10 +1,10 @@
 //! `marlin bench`: seconds per clip of feature extraction on this machine (random weights; the
 //! arithmetic is the same as with real ones), with a per-operation breakdown of one block.
 
-use crate::backend::{run_on, BackendTask, DeviceSpec};
-use crate::model::{Marlin, MarlinConfig, Part};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use clap::Args;
+use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::model::{Marlin, MarlinConfig, Part};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -172,9 +172,9 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     a: &BenchArgs,
     device: &B::Device,
 ) {
-    use crate::masking::{make_mask, Grid, RngDraws, Strategy};
-    use crate::model::MaskIndices;
-    use crate::train::{LossConfig, Pretrainer};
+    use marlin::masking::{make_mask, Grid, RngDraws, Strategy};
+    use marlin::model::MaskIndices;
+    use marlin::train::{LossConfig, Pretrainer};
     let b = a.batch_size.max(1);
     let model = Marlin::<B>::init(
         cfg,

@@ -1,19 +1,21 @@
 //! `marlin detect` (look at what the detector finds) and `marlin crop` (faces in the wild ->
 //! face videos or frame folders plus their tracks as JSON).
 
-use super::extract::{discover, report, Item};
+use super::extract::report;
 use super::face_args::FaceArgs;
-use crate::backend::{run_on, BackendTask, DeviceSpec};
-use crate::extract::{open_input, Input};
-use crate::face::draw::draw_faces;
-use crate::face::track::{detect_frames, detect_stream, plan_track, Track};
-use crate::face::{crop_resize, Detector, Face};
-use crate::util::{temp_path, write_atomic};
-use crate::video::writer::VideoWriter;
-use crate::video::{self, Frame, VideoError};
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
+use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::extract::batch::Failure;
+use marlin::extract::inputs::{discover, DiscoverOptions, Item, OutputName};
+use marlin::face::draw::draw_faces;
+use marlin::face::track::{detect_frames, detect_stream, plan_track, Track};
+use marlin::face::{crop_resize, Detector, Face};
+use marlin::util::{temp_path, write_atomic};
+use marlin::video::writer::VideoWriter;
+use marlin::video::{self, Frame, VideoError};
+use marlin::video::{open_input, Input};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -405,7 +407,7 @@ impl CropJob {
 }
 
 impl BackendTask for CropJob {
-    type Output = Result<(usize, Vec<(String, String)>), String>;
+    type Output = Result<(usize, Vec<Failure>), String>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let det = Detector::<B>::new(&device, self.args.face.detect_options())
@@ -419,7 +421,7 @@ impl BackendTask for CropJob {
             match self.one(&det, it, &pb) {
                 Ok(()) if !self.stop.load(Ordering::Relaxed) => written += 1,
                 Ok(()) => {}
-                Err(msg) => failures.push((it.input.path().display().to_string(), msg)),
+                Err(msg) => failures.push(Failure::new(&it.input, msg)),
             }
             pb.inc(1);
         }
@@ -433,26 +435,20 @@ pub fn crop(args: CropArgs) -> Result<i32, String> {
     if args.size < 16 {
         return Err("--size must be at least 16".into());
     }
-    let mut failures = Vec::new();
-    let ext = match args.format {
-        CropFormat::Mp4 => Some("mp4"),
-        CropFormat::Frames => None,
+    let name = match args.format {
+        CropFormat::Mp4 => OutputName::Extension("mp4".into()),
+        CropFormat::Frames => OutputName::Stem,
     };
-    let name = move |rel: &Path| -> PathBuf {
-        let base = rel.with_extension("");
-        match ext {
-            Some(x) => base.with_extension(x),
-            None => base,
-        }
-    };
-    let all = discover(
+    let found = discover(
         &args.inputs,
-        None,
-        &args.glob,
-        &args.out,
-        &name,
-        &mut failures,
-    )?;
+        &DiscoverOptions {
+            glob: args.glob.clone(),
+            name,
+            ..DiscoverOptions::new(&args.out)
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let (mut failures, all) = (found.failures, found.items);
     let total = all.len();
     let (items, skipped): (Vec<Item>, Vec<Item>) = all
         .into_iter()

@@ -1,12 +1,12 @@
 //! Options of face detection and cropping, shared by `extract --crop-face`, `crop` and `detect`.
 
-use crate::face::{DetectOptions, FaceSelect, TrackOptions};
 use clap::Args;
+use marlin::face::{DetectOptions, FaceSelect, TrackOptions};
 
 #[derive(Args, Debug, Clone)]
 pub struct FaceArgs {
     /// Which face to follow when a frame has several: largest box or highest score.
-    #[arg(long, value_enum, default_value_t = FaceSelect::Largest)]
+    #[arg(long, default_value = "largest", value_parser = super::names::<FaceSelect>(&FaceSelect::NAMES))]
     pub face_select: FaceSelect,
     /// Smooth the face boxes over this many frames (centred moving average; 0: off).
     #[arg(long, default_value_t = 0)]

@@ -9,13 +9,11 @@ mod pretrain;
 mod probe;
 mod reconstruct;
 
-use crate::hub;
-use crate::model::weights::{count_params, StateDict};
-use crate::model::{MarlinConfig, Part};
 use clap::{Parser, Subcommand};
+use marlin::hub;
+use marlin::model::weights::{count_params, StateDict};
+use marlin::model::{MarlinConfig, Part};
 use std::path::PathBuf;
-
-pub use model_args::ModelArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,6 +88,19 @@ enum CacheAction {
     List,
     /// Remove every cached file.
     Clean,
+}
+
+/// A clap parser of a library enum: one of `names` (listed in `--help`), then `FromStr`.
+fn names<T>(names: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    // Clap has already checked the value is one of `names`, each of which `T` parses.
+    clap::builder::PossibleValuesParser::new(names).map(|s| {
+        s.parse::<T>()
+            .unwrap_or_else(|_| unreachable!("'{s}' is one of the listed names"))
+    })
 }
 
 /// A progress bar of `len` items with an indicatif `template`, hidden with `quiet`.

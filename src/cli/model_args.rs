@@ -1,9 +1,9 @@
 //! Options that choose a model and its weights, shared by the subcommands.
 
-use crate::backend::DeviceSpec;
-use crate::hub;
-use crate::model::MarlinConfig;
 use clap::Args;
+use marlin::backend::DeviceSpec;
+use marlin::hub;
+use marlin::model::MarlinConfig;
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]

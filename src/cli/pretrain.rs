@@ -1,13 +1,15 @@
 //! `marlin pretrain`: self-supervised pretraining on a prepared face dataset, resumable.
 
-use crate::backend::{run_on, BackendTask, DeviceSpec};
-use crate::model::MarlinConfig;
-use crate::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions};
-use crate::train::StepLosses;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
+use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::extract::batch::Failure;
+use marlin::extract::inputs::{discover, DiscoverOptions, OutputName};
+use marlin::model::MarlinConfig;
+use marlin::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions};
+use marlin::train::StepLosses;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -208,15 +210,15 @@ pub struct PrepareArgs {
 
 struct PrepareJob {
     args: PrepareArgs,
-    items: Vec<(crate::extract::Input, PathBuf)>,
+    items: Vec<(marlin::video::Input, PathBuf)>,
     stop: Arc<AtomicBool>,
 }
 
 impl BackendTask for PrepareJob {
-    type Output = Result<(usize, Vec<(String, String)>), String>;
+    type Output = Result<(usize, Vec<Failure>), String>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let a = &self.args;
-        let det = crate::face::Detector::<B>::new(&device, a.face.detect_options())
+        let det = marlin::face::Detector::<B>::new(&device, a.face.detect_options())
             .map_err(|e| e.to_string())?;
         let bar = super::progress_bar(
             a.quiet,
@@ -229,7 +231,7 @@ impl BackendTask for PrepareJob {
                 break;
             }
             bar.set_message(rel.display().to_string());
-            match crate::face::prepare::prepare_video(
+            match marlin::face::prepare::prepare_video(
                 input,
                 rel,
                 &a.out,
@@ -242,7 +244,7 @@ impl BackendTask for PrepareJob {
                 Err(e) if self.stop.load(Ordering::Relaxed) => {
                     let _ = e;
                 }
-                Err(e) => failures.push((input.path().display().to_string(), e)),
+                Err(e) => failures.push(Failure::new(input, e)),
             }
             bar.inc(1);
         }
@@ -254,19 +256,19 @@ impl BackendTask for PrepareJob {
 /// `marlin prepare`: crops, parsing maps and split CSVs for pretraining.
 pub fn prepare(args: PrepareArgs) -> Result<i32, String> {
     args.face.check()?;
-    let mut failures = Vec::new();
-    let name = |rel: &std::path::Path| rel.with_extension("");
-    let all = super::extract::discover(
+    let found = discover(
         &args.inputs,
-        None,
-        &args.glob,
-        &args.out,
-        &name,
-        &mut failures,
-    )?;
+        &DiscoverOptions {
+            glob: args.glob.clone(),
+            name: OutputName::Stem,
+            ..DiscoverOptions::new(&args.out)
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let (mut failures, all) = (found.failures, found.items);
     let total = all.len();
     let crops = args.out.join("crop_images_DB");
-    let items: Vec<(crate::extract::Input, PathBuf)> = all
+    let items: Vec<(marlin::video::Input, PathBuf)> = all
         .into_iter()
         .map(|it| {
             let rel = it
@@ -335,7 +337,7 @@ pub fn prepare(args: PrepareArgs) -> Result<i32, String> {
                 text += &format!("{},{}\n", rows[i].0, rows[i].1);
             }
             let p = out.join(file);
-            crate::util::write_atomic(&p, text.as_bytes())
+            marlin::util::write_atomic(&p, text.as_bytes())
                 .map_err(|e| format!("{}: {e}", p.display()))?;
         }
     }

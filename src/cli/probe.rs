@@ -2,22 +2,22 @@
 //! MARLIN features, with reports.
 
 use super::model_args::ModelArgs;
-use crate::backend::{run_on, BackendTask, DeviceSpec};
-use crate::extract::{read_clips, ClipData, ExtractOptions, Input};
-use crate::model::weights::{read_safetensors_file, StateDict};
-use crate::model::{Marlin, MarlinConfig, Part};
-use crate::probe::data::{make_split, Dataset};
-use crate::probe::metrics::{table, Metrics, TaskKind};
-use crate::probe::train::{
-    load_features, probs, reduce_clips, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks,
-    TrainOptions,
-};
-use crate::util::write_atomic;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use indicatif::ProgressBar;
+use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::extract::{read_clips, ClipData, ExtractOptions, Input};
+use marlin::model::weights::{read_safetensors_file, StateDict};
+use marlin::model::{Marlin, MarlinConfig, Part};
+use marlin::probe::data::{make_split, Dataset};
+use marlin::probe::metrics::{table, Metrics, TaskKind};
+use marlin::probe::train::{
+    load_features, probs, reduce_clips, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks,
+    TrainOptions,
+};
+use marlin::util::write_atomic;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -189,7 +189,7 @@ fn metrics_json(m: &Metrics) -> serde_json::Value {
 fn finish<B: Backend>(
     out: &Path,
     info: &ClassifierInfo,
-    r: &crate::probe::train::RunResult<B>,
+    r: &marlin::probe::train::RunResult<B>,
     quiet: bool,
 ) -> Result<(), String> {
     let w = |name: &str, text: String| {
@@ -211,7 +211,7 @@ fn finish<B: Backend>(
         }))
         .unwrap_or_default(),
     )?;
-    crate::probe::plot::curves(&r.epochs, &out.join("curves.png"))?;
+    marlin::probe::plot::curves(&r.epochs, &out.join("curves.png"))?;
     if !quiet {
         eprintln!(
             "stopped: {}; best epoch {} (validation AUC {})",

@@ -1,21 +1,21 @@
 //! `marlin reconstruct`: show what masked pretraining sees and predicts for a clip: every frame
 //! as original | masked | reconstruction, as a PNG grid and an MP4.
 
-use crate::backend::{run_on, BackendTask, DeviceSpec};
-use crate::extract::{open_input, Input};
-use crate::face::parsing::parse_from_landmarks;
-use crate::face::track::plan_track;
-use crate::face::{crop_resize, DetectOptions, Detector, TrackOptions};
-use crate::masking::{make_mask, Grid, ParsingMap, RngDraws, Strategy};
-use crate::model::weights::StateDict;
-use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
-use crate::train::data::ClipSettings;
-use crate::train::run::{sample_image, save_png};
-use crate::video::writer::VideoWriter;
-use crate::video::{self, Frame};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
+use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::face::parsing::parse_from_landmarks;
+use marlin::face::track::plan_track;
+use marlin::face::{crop_resize, DetectOptions, Detector, TrackOptions};
+use marlin::masking::{make_mask, Grid, ParsingMap, RngDraws, Strategy};
+use marlin::model::weights::StateDict;
+use marlin::model::{Marlin, MarlinConfig, MaskIndices, Part};
+use marlin::train::data::ClipSettings;
+use marlin::train::run::{sample_image, save_png};
+use marlin::video::writer::VideoWriter;
+use marlin::video::{self, Frame};
+use marlin::video::{open_input, Input};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -32,7 +32,7 @@ pub struct ReconstructArgs {
     /// A custom config (YAML) for --weights.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Strategy::Fasking)]
+    #[arg(long, default_value = "fasking", value_parser = super::names::<Strategy>(&Strategy::NAMES))]
     pub strategy: Strategy,
     #[arg(long, default_value_t = 0.9)]
     pub mask_ratio: f64,
@@ -98,7 +98,7 @@ impl BackendTask for Job {
             Detector::<B>::new(&device, DetectOptions::default()).map_err(|e| e.to_string())?;
         let frames: Vec<Frame> = if a.crop_face {
             let refs: Vec<&Frame> = raw.iter().collect();
-            let dets: Vec<Option<Vec<crate::face::Face>>> =
+            let dets: Vec<Option<Vec<marlin::face::Face>>> =
                 det.detect(&refs).into_iter().map(Some).collect();
             let track = plan_track(&dets, &vec![true; raw.len()], &TrackOptions::default())
                 .map_err(|m| format!("{}: {m}", a.video.display()))?;
@@ -250,7 +250,7 @@ pub fn run(args: ReconstructArgs) -> Result<i32, String> {
     };
     let weights = match (&args.weights, &args.model) {
         (Some(w), _) => Some(w.clone()),
-        (None, Some(m)) => Some(crate::hub::fetch(m, true, true).map_err(|e| e.to_string())?),
+        (None, Some(m)) => Some(marlin::hub::fetch(m, true, true).map_err(|e| e.to_string())?),
         (None, None) => None,
     };
     if !args.video.exists() {

@@ -7,8 +7,8 @@ use super::crop::crop_resize;
 use super::detect::Detector;
 use super::parsing::parse_from_landmarks;
 use super::track::{detect_frames, plan_track, TrackOptions};
-use crate::extract::{open_input, Input};
 use crate::util::temp_path;
+use crate::video::{open_input, Input};
 use burn::tensor::backend::Backend;
 use std::path::Path;
 

@@ -9,7 +9,7 @@ use crate::video::{Frame, FrameReader, VideoError};
 use burn::tensor::backend::Backend;
 
 /// Which face to follow when a frame has several.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FaceSelect {
     /// The largest box (facenet-pytorch's default, usually the subject).
@@ -17,6 +17,22 @@ pub enum FaceSelect {
     Largest,
     /// The most confident detection.
     Score,
+}
+
+impl FaceSelect {
+    /// The names [`FaceSelect::from_str`](std::str::FromStr) takes.
+    pub const NAMES: [&str; 2] = ["largest", "score"];
+}
+
+impl std::str::FromStr for FaceSelect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "largest" => Ok(Self::Largest),
+            "score" => Ok(Self::Score),
+            _ => Err(format!("face selection '{s}': expected largest or score")),
+        }
+    }
 }
 
 /// How a track is made.

@@ -6,11 +6,12 @@
 
 use super::data::{Dataset, Sample};
 use super::metrics::{evaluate, Metrics, TaskKind};
-use crate::extract::{open_input, to_clip, ClipData, Input};
+use crate::extract::{to_clip, ClipData};
 use crate::model::encoder::Encoder;
 use crate::model::load::{to_scalar, Exporter, Loader};
 use crate::model::weights::{HostTensor, StateDict, WeightsError};
 use crate::model::MarlinConfig;
+use crate::video::{open_input, Input};
 use crate::video::{Frame, VideoError};
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::Linear;

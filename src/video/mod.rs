@@ -434,6 +434,58 @@ impl FrameReader for FolderReader {
     }
 }
 
+/// An input: a video file or a folder of frames.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Input {
+    Video(PathBuf),
+    Frames(PathBuf),
+}
+
+impl Input {
+    /// A folder is a frame folder; anything else is taken as a video file.
+    pub fn from_path(p: &Path) -> Self {
+        if p.is_dir() {
+            Input::Frames(p.to_path_buf())
+        } else {
+            Input::Video(p.to_path_buf())
+        }
+    }
+    pub fn path(&self) -> &Path {
+        match self {
+            Input::Video(p) | Input::Frames(p) => p,
+        }
+    }
+}
+
+/// Open an input for reading: the reader (frames at `size` (w, h) when given, else as
+/// decoded), its frame count and its source frame size.
+#[allow(clippy::type_complexity)]
+pub fn open_input(
+    input: &Input,
+    size: Option<(usize, usize)>,
+) -> Result<(Box<dyn FrameReader>, usize, (usize, usize)), VideoError> {
+    Ok(match input {
+        Input::Video(p) => {
+            let info = probe(p)?;
+            let r = FfmpegReader::open(p, &info, size)?;
+            (Box::new(r), info.frames, (info.width, info.height))
+        }
+        Input::Frames(d) => {
+            let files = list_frames(d)?;
+            let n = files.len();
+            let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
+                path: files[0].display().to_string(),
+                msg: format!("cannot read image: {e}"),
+            })?;
+            (
+                Box::new(FolderReader::open(files, size)),
+                n,
+                (first.0 as usize, first.1 as usize),
+            )
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,42 @@
 //! Video -> clips -> features, as marlin-pytorch's `extract_video`, streaming: frames are decoded
 //! once, in order, and only the frames of pending windows are held in memory.
 
+pub mod batch;
+pub mod inputs;
+
 use crate::face::{self, crop, crop::CropBox, track::Track, track::TrackOptions, Detector};
 use crate::model::Marlin;
-use crate::video::{self, windows, Frame, FrameReader, VideoError};
+pub use crate::video::{open_input, Input};
+use crate::video::{windows, Frame, VideoError};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use ndarray::{ArrayD, Axis, IxDyn};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
+/// Why extraction of an input, or a whole job, failed. Each message is one line naming the
+/// file.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error(transparent)]
+    Video(#[from] VideoError),
+    #[error("{path}: no complete clip ({decoded} of {frames} frames decoded)")]
+    NoClip {
+        path: String,
+        decoded: usize,
+        frames: usize,
+    },
+    #[error("{path}: cannot write: {msg}")]
+    Write { path: String, msg: String },
+    #[error(transparent)]
+    Weights(#[from] crate::model::weights::WeightsError),
+    /// Settings that cannot work (a zero stride, a bad pattern, an unreadable list file).
+    #[error("{0}")]
+    Options(String),
+}
+
 /// How per-clip features are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Reduction {
     /// One row per clip: `[n_clips, D]` (`[n_clips, N, D]` with keep_seq).
     #[default]
@@ -36,6 +61,32 @@ pub struct ExtractOptions {
     pub batch_size: usize,
 }
 
+impl ExtractOptions {
+    /// Rates, strides and batch sizes of zero cannot work.
+    pub fn check(&self) -> Result<(), ExtractError> {
+        if self.sample_rate == 0 || self.stride == 0 || self.batch_size == 0 {
+            return Err(ExtractError::Options(
+                "--sample-rate, --stride and --batch-size must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "mean" => Ok(Self::Mean),
+            "max" => Ok(Self::Max),
+            _ => Err(format!(
+                "unknown reduction '{s}' (expected none, mean or max)"
+            )),
+        }
+    }
+}
+
 impl Default for ExtractOptions {
     fn default() -> Self {
         Self {
@@ -44,29 +95,6 @@ impl Default for ExtractOptions {
             keep_seq: false,
             reduction: Reduction::None,
             batch_size: 4,
-        }
-    }
-}
-
-/// An input: a video file or a folder of frames.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Input {
-    Video(PathBuf),
-    Frames(PathBuf),
-}
-
-impl Input {
-    /// A folder is a frame folder; anything else is taken as a video file.
-    pub fn from_path(p: &Path) -> Self {
-        if p.is_dir() {
-            Input::Frames(p.to_path_buf())
-        } else {
-            Input::Video(p.to_path_buf())
-        }
-    }
-    pub fn path(&self) -> &Path {
-        match self {
-            Input::Video(p) | Input::Frames(p) => p,
         }
     }
 }
@@ -105,35 +133,6 @@ pub(crate) fn to_clip(frames: &[Arc<Frame>]) -> ClipData {
         }
     }
     ClipData { data }
-}
-
-/// Open an input for reading: the reader (frames at `size` (w, h) when given, else as
-/// decoded), its frame count and its source frame size.
-#[allow(clippy::type_complexity)]
-pub fn open_input(
-    input: &Input,
-    size: Option<(usize, usize)>,
-) -> Result<(Box<dyn FrameReader>, usize, (usize, usize)), VideoError> {
-    Ok(match input {
-        Input::Video(p) => {
-            let info = video::probe(p)?;
-            let r = video::FfmpegReader::open(p, &info, size)?;
-            (Box::new(r), info.frames, (info.width, info.height))
-        }
-        Input::Frames(d) => {
-            let files = video::list_frames(d)?;
-            let n = files.len();
-            let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
-                path: files[0].display().to_string(),
-                msg: format!("cannot read image: {e}"),
-            })?;
-            (
-                Box::new(video::FolderReader::open(files, size)),
-                n,
-                (first.0 as usize, first.1 as usize),
-            )
-        }
-    })
 }
 
 /// Which source frames the windows of a `frames`-frame input use.
@@ -317,18 +316,36 @@ impl<B: Backend> Marlin<B> {
         &self,
         path: &Path,
         opts: &ExtractOptions,
-    ) -> Result<(ArrayD<f32>, ClipStats), VideoError> {
+    ) -> Result<(ArrayD<f32>, ClipStats), ExtractError> {
+        self.extract_video_faces(path, opts, None)
+    }
+
+    /// [`Marlin::extract_video`]; with `faces`, the face is detected and tracked first and
+    /// the clips are cut from its crops (the peer's `crop_face=True`, with the built-in
+    /// detector).
+    pub fn extract_video_faces(
+        &self,
+        path: &Path,
+        opts: &ExtractOptions,
+        faces: Option<&batch::FaceCrop<B>>,
+    ) -> Result<(ArrayD<f32>, ClipStats), ExtractError> {
+        opts.check()?;
         let input = Input::from_path(path);
+        let (t, size) = (self.config.clip_frames, self.config.img_size);
+        let crops = match faces {
+            Some(f) => Some(face_track(&input, t, opts, &f.detector, &f.track, &|| false)?.crops()),
+            None => None,
+        };
         let mut pending = Vec::new();
         let mut rows = Vec::new();
         let mut row_shape = vec![];
         let bs = opts.batch_size.max(1);
         let stats = read_clips(
             &input,
-            self.config.clip_frames,
-            self.config.img_size,
+            t,
+            size,
             opts,
-            None,
+            crops.as_deref(),
             &|| false,
             &mut |clip| {
                 pending.push(clip);
@@ -346,12 +363,10 @@ impl<B: Backend> Marlin<B> {
             row_shape = s;
         }
         if rows.is_empty() {
-            return Err(VideoError::Other {
+            return Err(ExtractError::NoClip {
                 path: path.display().to_string(),
-                msg: format!(
-                    "no complete clip ({} frames decoded of {})",
-                    stats.decoded, stats.frames
-                ),
+                decoded: stats.decoded,
+                frames: stats.frames,
             });
         }
         Ok((assemble(rows, &row_shape, opts.reduction), stats))

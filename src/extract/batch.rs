@@ -1,0 +1,414 @@
+//! Many inputs -> features, streaming: one thread decodes (and detects faces), the model takes
+//! batches of clips across inputs, each input's features go to a [`Sink`] as soon as its last
+//! clip is through. Failures are values: an input that cannot be read, has no complete clip or
+//! cannot be written is recorded and the run goes on.
+//!
+//! ```no_run
+//! use marlin::backend::Cpu;
+//! use marlin::extract::batch::{extract_to_npy, BatchOptions};
+//! use marlin::extract::inputs::{discover, DiscoverOptions};
+//! use marlin::{Marlin, MarlinConfig};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = MarlinConfig::from_name("marlin_vit_base_ytf")?;
+//! let weights = std::path::Path::new("marlin_vit_base_ytf.encoder.pt");
+//! let (model, _) = Marlin::<Cpu>::load_file(&cfg, weights, &[], &Default::default())?;
+//! let found = discover(&["videos/".into()], &DiscoverOptions::new("features/"))?;
+//! let summary = extract_to_npy(&model, &found.items, &BatchOptions::default(), None,
+//!     &Default::default(), &mut |p| eprintln!("{}/{} inputs", p.done, p.total))?;
+//! println!("{} written, {} failed", summary.written, summary.failures.len());
+//! # Ok(()) }
+//! ```
+
+use super::inputs::Item;
+use super::{assemble, face_track, read_clips, ClipData, ClipStats, ExtractError, ExtractOptions};
+use crate::face::{Detector, TrackOptions};
+use crate::model::Marlin;
+use crate::video::Input;
+use burn::tensor::backend::Backend;
+use ndarray::ArrayD;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Settings of a batch run: the reference's windowing and batching, and whether existing
+/// outputs are recomputed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchOptions {
+    pub extract: ExtractOptions,
+    /// Recompute outputs that already exist (else they are skipped: a rerun resumes).
+    pub overwrite: bool,
+}
+
+/// Faces in the wild: the detector (on the model's device) and how one face is followed.
+pub struct FaceCrop<B: Backend> {
+    pub detector: Detector<B>,
+    pub track: TrackOptions,
+}
+
+/// An input that produced no output, and why (one line).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub file: String,
+    pub error: String,
+}
+
+impl Failure {
+    pub fn new(input: &Input, error: impl ToString) -> Self {
+        Self {
+            file: input.path().display().to_string(),
+            error: error.to_string(),
+        }
+    }
+}
+
+/// Where a run stands, after each finished input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Inputs finished (written or failed) of `total`.
+    pub done: usize,
+    pub total: usize,
+    /// Clips through the model so far.
+    pub clips: usize,
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    pub fn clips_per_second(&self) -> f64 {
+        self.clips as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One input's features: `[clips, D]` (`[clips, N, D]` with keep_seq) or reduced over clips.
+#[derive(Debug, Clone)]
+pub struct Features {
+    pub array: ArrayD<f32>,
+    pub stats: ClipStats,
+}
+
+/// What receives a run's results, in the order inputs finish.
+pub trait Sink {
+    /// The features of `items[index]`. An error makes that input a failure.
+    fn features(&mut self, index: usize, features: Features) -> Result<(), ExtractError>;
+    /// Advice worth telling once (frames are being resized).
+    fn note(&mut self, _message: &str) {}
+    /// Something about the data the user must know (a truncated file gave fewer clips).
+    fn warning(&mut self, _message: &str) {}
+    /// After each finished input.
+    fn progress(&mut self, _p: &Progress) {}
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Inputs whose features reached the sink.
+    pub written: usize,
+    pub clips: usize,
+    pub failures: Vec<Failure>,
+    /// The run stopped early (`stop` was set); finished outputs are whole.
+    pub interrupted: bool,
+}
+
+enum Msg {
+    Clip(usize, ClipData),
+    Done(usize, Result<ClipStats, ExtractError>),
+}
+
+/// Extract the features of `inputs` with `model`, batching clips across inputs (`batch_size`),
+/// decoding (and detecting faces, with `faces`) in a second thread. `stop` is polled between
+/// frames and batches: once set, the run ends after the current batch and reports
+/// `interrupted`.
+pub fn extract_many<B: Backend>(
+    model: &Marlin<B>,
+    inputs: &[Input],
+    opts: &ExtractOptions,
+    faces: Option<&FaceCrop<B>>,
+    stop: &AtomicBool,
+    sink: &mut dyn Sink,
+) -> Summary {
+    let (clip_frames, size) = (model.config.clip_frames, model.config.img_size);
+    let bs = opts.batch_size.max(1);
+    let (tx, rx) = mpsc::sync_channel::<Msg>(2 * bs);
+    let halt = || stop.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut out = Summary::default();
+    std::thread::scope(|scope| {
+        // Decoding (and face detection) runs in its own thread, overlapping the model.
+        scope.spawn(move || {
+            for (i, input) in inputs.iter().enumerate() {
+                if halt() {
+                    break;
+                }
+                let crops = match faces {
+                    Some(f) => {
+                        match face_track(input, clip_frames, opts, &f.detector, &f.track, &halt) {
+                            Ok(t) => Some(t.crops()),
+                            Err(e) => {
+                                if tx.send(Msg::Done(i, Err(e.into()))).is_err() {
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                let r = read_clips(
+                    input,
+                    clip_frames,
+                    size,
+                    opts,
+                    crops.as_deref(),
+                    &halt,
+                    &mut |c| {
+                        let _ = tx.send(Msg::Clip(i, c));
+                    },
+                );
+                if tx.send(Msg::Done(i, r.map_err(Into::into))).is_err() {
+                    break;
+                }
+            }
+        });
+
+        let mut rows: BTreeMap<usize, Vec<Vec<f32>>> = BTreeMap::new();
+        let mut done: BTreeMap<usize, ClipStats> = BTreeMap::new();
+        let mut batch: Vec<(usize, ClipData)> = Vec::new();
+        let mut row_shape = Vec::new();
+        let mut resized_note = false;
+
+        let flush = |batch: &mut Vec<(usize, ClipData)>,
+                     rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                     row_shape: &mut Vec<usize>| {
+            if batch.is_empty() {
+                return;
+            }
+            let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
+            let (r, s) = model.extract_clips(&clips, opts.keep_seq);
+            *row_shape = s;
+            for (i, row) in ids.into_iter().zip(r) {
+                rows.entry(i).or_default().push(row);
+            }
+        };
+
+        // Inputs whose decoding is done and none of whose clips wait in the batch go out.
+        let complete = |done: &mut BTreeMap<usize, ClipStats>,
+                        rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                        batch: &[(usize, ClipData)],
+                        row_shape: &[usize],
+                        out: &mut Summary,
+                        sink: &mut dyn Sink| {
+            let ready: Vec<usize> = done
+                .keys()
+                .copied()
+                .filter(|i| !batch.iter().any(|(b, _)| b == i))
+                .collect();
+            for i in ready {
+                let stats = done.remove(&i).unwrap_or_default();
+                let r = rows.remove(&i).unwrap_or_default();
+                match finish(&inputs[i], stats, r, row_shape, opts) {
+                    Ok((features, warning)) => {
+                        if let Some(w) = warning {
+                            sink.warning(&w);
+                        }
+                        let clips = features.stats.clips;
+                        match sink.features(i, features) {
+                            Ok(()) => {
+                                out.written += 1;
+                                out.clips += clips;
+                            }
+                            Err(e) => out.failures.push(Failure::new(&inputs[i], e)),
+                        }
+                    }
+                    Err(e) => out.failures.push(Failure::new(&inputs[i], e)),
+                }
+                sink.progress(&Progress {
+                    done: out.written + out.failures.len(),
+                    total: inputs.len(),
+                    clips: out.clips,
+                    elapsed: started.elapsed(),
+                });
+            }
+        };
+
+        for msg in rx.iter() {
+            if halt() {
+                break;
+            }
+            match msg {
+                Msg::Clip(i, c) => {
+                    batch.push((i, c));
+                    if batch.len() >= bs {
+                        flush(&mut batch, &mut rows, &mut row_shape);
+                        complete(&mut done, &mut rows, &batch, &row_shape, &mut out, sink);
+                    }
+                }
+                Msg::Done(i, Ok(stats)) => {
+                    let (w, h) = stats.source_size;
+                    if !resized_note && faces.is_none() && (w, h) != (size, size) {
+                        resized_note = true;
+                        sink.note(&format!(
+                            "{} has {w}x{h} frames; frames are resized to {size}x{size} (bilinear). \
+                             For faces in the wild, crop faces first.",
+                            inputs[i].path().display()
+                        ));
+                    }
+                    done.insert(i, stats);
+                    complete(&mut done, &mut rows, &batch, &row_shape, &mut out, sink);
+                }
+                Msg::Done(i, Err(e)) => {
+                    batch.retain(|(b, _)| *b != i);
+                    rows.remove(&i);
+                    out.failures.push(Failure::new(&inputs[i], e));
+                    sink.progress(&Progress {
+                        done: out.written + out.failures.len(),
+                        total: inputs.len(),
+                        clips: out.clips,
+                        elapsed: started.elapsed(),
+                    });
+                }
+            }
+        }
+        if !halt() {
+            flush(&mut batch, &mut rows, &mut row_shape);
+            complete(&mut done, &mut rows, &batch, &row_shape, &mut out, sink);
+        }
+        // Dropping the receiver ends the decoder at its next send; the scope joins it.
+        drop(rx);
+    });
+    out.interrupted = stop.load(Ordering::Relaxed);
+    out
+}
+
+/// One input's rows -> its features, or why there are none; with a warning for a truncated
+/// file.
+fn finish(
+    input: &Input,
+    stats: ClipStats,
+    rows: Vec<Vec<f32>>,
+    row_shape: &[usize],
+    opts: &ExtractOptions,
+) -> Result<(Features, Option<String>), ExtractError> {
+    if rows.is_empty() {
+        return Err(ExtractError::NoClip {
+            path: input.path().display().to_string(),
+            decoded: stats.decoded,
+            frames: stats.frames,
+        });
+    }
+    let note = (stats.decoded < stats.frames && stats.clips < stats.clips_planned).then(|| {
+        format!(
+            "{}: decoded {} of {} frames (truncated?); {} of {} clips",
+            input.path().display(),
+            stats.decoded,
+            stats.frames,
+            stats.clips,
+            stats.clips_planned
+        )
+    });
+    Ok((
+        Features {
+            array: assemble(rows, row_shape, opts.reduction),
+            stats,
+        },
+        note,
+    ))
+}
+
+/// A [`Sink`] that writes each input's features to its item's `.npy` path atomically (a temp
+/// file renamed into place), forwarding notes and progress.
+pub struct NpyWriter<'a> {
+    outs: Vec<PathBuf>,
+    on_progress: &'a mut dyn FnMut(&Progress),
+    notes: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Sink for NpyWriter<'_> {
+    fn features(&mut self, index: usize, f: Features) -> Result<(), ExtractError> {
+        let out = &self.outs[index];
+        crate::util::write_npy_atomic(out, &f.array).map_err(|e| ExtractError::Write {
+            path: out.display().to_string(),
+            msg: e.to_string(),
+        })
+    }
+    fn note(&mut self, message: &str) {
+        self.notes.push(message.to_string());
+    }
+    fn warning(&mut self, message: &str) {
+        self.warnings.push(message.to_string());
+    }
+    fn progress(&mut self, p: &Progress) {
+        (self.on_progress)(p)
+    }
+}
+
+/// What [`extract_to_npy`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NpySummary {
+    pub written: usize,
+    /// Items whose output already existed (not recomputed without `overwrite`).
+    pub skipped: usize,
+    pub clips: usize,
+    pub failures: Vec<Failure>,
+    /// Advice for the user (frames resized).
+    pub notes: Vec<String>,
+    /// What the user must know about the data (truncated files).
+    pub warnings: Vec<String>,
+    pub interrupted: bool,
+}
+
+/// [`extract_many`] into `.npy` files: items whose output exists are skipped unless
+/// `overwrite` (so a killed run resumes), each output is written atomically, and failures are
+/// returned (see [`write_failures`] for the reference's `failures.json`). `progress` counts the
+/// items that run.
+pub fn extract_to_npy<B: Backend>(
+    model: &Marlin<B>,
+    items: &[Item],
+    opts: &BatchOptions,
+    faces: Option<&FaceCrop<B>>,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<NpySummary, ExtractError> {
+    opts.extract.check()?;
+    let (todo, skipped): (Vec<&Item>, Vec<&Item>) = items
+        .iter()
+        .partition(|it| opts.overwrite || !it.out.exists());
+    let inputs: Vec<Input> = todo.iter().map(|it| it.input.clone()).collect();
+    let mut sink = NpyWriter {
+        outs: todo.iter().map(|it| it.out.clone()).collect(),
+        on_progress: progress,
+        notes: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let s = extract_many(model, &inputs, &opts.extract, faces, stop, &mut sink);
+    Ok(NpySummary {
+        written: s.written,
+        skipped: skipped.len(),
+        clips: s.clips,
+        failures: s.failures,
+        notes: sink.notes,
+        warnings: sink.warnings,
+        interrupted: s.interrupted,
+    })
+}
+
+/// The failures of a batch job as `dir/failures.json` (`[{"file", "error"}]`, written
+/// atomically), or no such file when there were none. Returns its path when written.
+pub fn write_failures(
+    dir: &std::path::Path,
+    failures: &[Failure],
+) -> Result<Option<PathBuf>, ExtractError> {
+    let path = dir.join("failures.json");
+    if failures.is_empty() {
+        let _ = std::fs::remove_file(&path);
+        return Ok(None);
+    }
+    let write_err = |msg: String| ExtractError::Write {
+        path: path.display().to_string(),
+        msg,
+    };
+    let text = serde_json::to_string_pretty(failures).map_err(|e| write_err(e.to_string()))?;
+    crate::util::write_atomic(&path, text.as_bytes()).map_err(|e| write_err(e.to_string()))?;
+    Ok(Some(path))
+}
