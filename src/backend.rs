@@ -42,6 +42,17 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// Why a device cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error(
+        "this marlin was built without CUDA: rebuild with `cargo build --release --features cuda`"
+    )]
+    NoCudaBuild,
+    #[error("--device cuda: no NVIDIA driver on this machine ({0}); install the driver or use --device cpu")]
+    NoDriver(String),
+}
+
 /// Work that is generic over the backend; [`run_on`] picks the backend at run time.
 pub trait BackendTask {
     type Output;
@@ -50,7 +61,7 @@ pub trait BackendTask {
 
 /// Run `task` on the backend of `spec`. A CUDA device in a build without the `cuda` feature is
 /// an error saying how to get one.
-pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, String> {
+pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, BackendError> {
     match spec {
         DeviceSpec::Cpu => Ok(task.run::<Cpu>(Default::default())),
         #[cfg(feature = "cuda")]
@@ -59,17 +70,14 @@ pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, St
             Ok(task.run::<Gpu>(burn::backend::cuda::CudaDevice::new(i)))
         }
         #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => Err(
-            "this marlin was built without CUDA: rebuild with `cargo build --release --features cuda`"
-                .into(),
-        ),
+        DeviceSpec::Cuda(_) => Err(BackendError::NoCudaBuild),
     }
 }
 
 /// The NVIDIA driver library must load before the CUDA backend starts: without it the runtime
 /// panics in a worker thread. One line instead.
 #[cfg(feature = "cuda")]
-fn cuda_driver() -> Result<(), String> {
+fn cuda_driver() -> Result<(), BackendError> {
     let names: &[&str] = if cfg!(windows) {
         &["nvcuda.dll"]
     } else {
@@ -87,10 +95,7 @@ fn cuda_driver() -> Result<(), String> {
             }
         }
     }
-    Err(format!(
-        "--device cuda: no NVIDIA driver on this machine ({}); install the driver or use --device cpu",
-        first.unwrap_or_default()
-    ))
+    Err(BackendError::NoDriver(first.unwrap_or_default()))
 }
 
 #[cfg(test)]

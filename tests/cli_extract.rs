@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[test]
@@ -336,4 +336,47 @@ fn a_closed_stdout_does_not_panic() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The library's examples run and agree with the command line.
+#[test]
+fn library_examples_run_and_match_the_cli() {
+    let o = example("extract_video", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("100 frames, 3 windows -> features [3, 32]"),
+        "{out}"
+    );
+
+    // extract_folder crops faces: the same features as `marlin extract --crop-face`.
+    let t = tempfile::tempdir().unwrap();
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    let f = fixtures();
+    let (lib, cli) = (t.path().join("lib"), t.path().join("cli"));
+    let o = example(
+        "extract_folder",
+        &[
+            assets.to_str().unwrap(),
+            lib.to_str().unwrap(),
+            f.join("tiny224.yaml").to_str().unwrap(),
+            f.join("tiny224.pt").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("1 written, 0 skipped"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let video = assets.join("sample_face.mp4");
+    let o = extract(&[video.to_str().unwrap(), "--crop-face"], &cli);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (
+        read(&lib.join("sample_face.npy")),
+        read(&cli.join("sample_face.npy")),
+    );
+    assert_eq!(a.shape(), b.shape());
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.iter().copied().collect(), b.iter().copied().collect());
+    assert_eq!(max_abs_diff(&a, &b).diff, 0.0);
 }

@@ -234,6 +234,23 @@ fn probe_beats_chance_and_finetune_beats_probe() {
         .map(|l| l.rsplit(',').next().unwrap())
         .collect();
     assert_eq!(preds, vec!["0", "1"], "{text}");
+    // The library example gives the same predictions.
+    let o = example(
+        "predict",
+        &[
+            ft.to_str().unwrap(),
+            d.join("videos/v100.mp4").to_str().unwrap(),
+            d.join("videos/v101.mp4").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let labels: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split(": ").nth(1).unwrap().split(' ').next().unwrap())
+        .collect();
+    assert_eq!(labels, preds, "{out}");
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! `marlin bench`: seconds per clip of feature extraction on this machine (random weights; the
 //! arithmetic is the same as with real ones), with a per-operation breakdown of one block.
 
+use super::run_on;
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use clap::Args;
-use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::backend::{BackendTask, DeviceSpec};
 use marlin::model::{Marlin, MarlinConfig, Part};
 use std::time::Instant;
 

@@ -2,9 +2,10 @@
 
 use super::face_args::FaceArgs;
 use super::model_args::ModelArgs;
+use super::run_on;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use marlin::backend::{run_on, BackendTask};
+use marlin::backend::BackendTask;
 use marlin::extract::batch::{
     extract_to_npy, write_failures, BatchOptions, FaceCrop, Failure, NpySummary,
 };

@@ -3,10 +3,11 @@
 
 use super::extract::report;
 use super::face_args::FaceArgs;
+use super::run_on;
 use burn::tensor::backend::Backend;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
-use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::backend::{BackendTask, DeviceSpec};
 use marlin::extract::batch::Failure;
 use marlin::extract::inputs::{discover, DiscoverOptions, Item, OutputName};
 use marlin::face::draw::draw_faces;

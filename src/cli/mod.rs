@@ -90,6 +90,14 @@ enum CacheAction {
     Clean,
 }
 
+/// [`marlin::backend::run_on`] with its error as the CLI's one line.
+fn run_on<T: marlin::backend::BackendTask>(
+    spec: marlin::backend::DeviceSpec,
+    task: T,
+) -> Result<T::Output, String> {
+    marlin::backend::run_on(spec, task).map_err(|e| e.to_string())
+}
+
 /// A clap parser of a library enum: one of `names` (listed in `--help`), then `FromStr`.
 fn names<T>(names: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
 where

@@ -1,10 +1,11 @@
 //! `marlin pretrain`: self-supervised pretraining on a prepared face dataset, resumable.
 
+use super::run_on;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
-use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::backend::{BackendTask, DeviceSpec};
 use marlin::extract::batch::Failure;
 use marlin::extract::inputs::{discover, DiscoverOptions, OutputName};
 use marlin::model::MarlinConfig;

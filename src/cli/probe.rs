@@ -2,20 +2,18 @@
 //! MARLIN features, with reports.
 
 use super::model_args::ModelArgs;
+use super::run_on;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use indicatif::ProgressBar;
-use marlin::backend::{run_on, BackendTask, DeviceSpec};
-use marlin::extract::{read_clips, ClipData, ExtractOptions, Input};
-use marlin::model::weights::{read_safetensors_file, StateDict};
+use marlin::backend::{BackendTask, DeviceSpec};
 use marlin::model::{Marlin, MarlinConfig, Part};
 use marlin::probe::data::{make_split, Dataset};
 use marlin::probe::metrics::{table, Metrics, TaskKind};
+use marlin::probe::saved::{ClassifierInfo, SavedClassifier};
 use marlin::probe::train::{
-    load_features, probs, reduce_clips, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks,
-    TrainOptions,
+    load_features, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks, TrainOptions,
 };
 use marlin::util::write_atomic;
 use std::path::{Path, PathBuf};
@@ -99,23 +97,6 @@ pub struct PredictArgs {
     /// For videos with a probe classifier: the model that made its features.
     #[command(flatten)]
     pub model: ModelArgs,
-}
-
-/// What `classifier.json` records of a run, so `predict` can use it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ClassifierInfo {
-    /// probe or finetune.
-    pub mode: String,
-    pub task: TaskKind,
-    pub names: Vec<String>,
-    pub feature_dim: usize,
-    /// probe: how clips were combined.
-    pub reduction: Option<String>,
-    /// finetune: the encoder's config.
-    pub config: Option<MarlinConfig>,
-    pub sample_rate: Option<usize>,
-    pub best_epoch: usize,
-    pub val_auc: Option<f64>,
 }
 
 struct Hooks {
@@ -399,22 +380,16 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
 
 struct PredictJob {
     args: PredictArgs,
-    info: ClassifierInfo,
-    sd: StateDict,
 }
 
 impl BackendTask for PredictJob {
     type Output = Result<i32, String>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let info = &self.info;
-        let clf = Classifier::<B>::from_state_dict(&self.sd, info.config.as_ref(), &device)
+        let clf = SavedClassifier::<B>::load(&self.args.classifier, &device)
             .map_err(|e| e.to_string())?;
-        let k = match info.task {
-            TaskKind::Binary => 1,
-            _ => info.names.len(),
-        };
+        let info = &clf.info;
         // A probe's videos need the model that made its features.
-        let extractor = if info.mode == "probe"
+        let encoder = if info.mode == "probe"
             && self
                 .args
                 .inputs
@@ -430,10 +405,8 @@ impl BackendTask for PredictJob {
         } else {
             None
         };
-        let how = info.reduction.as_deref().unwrap_or("mean");
-        let reduce = |a: ndarray::ArrayD<f32>| reduce_clips(a, how);
         let mut header = vec!["path".to_string()];
-        header.extend(info.names.iter().take(k).cloned());
+        header.extend(info.names.iter().take(clf.width()).cloned());
         if info.task == TaskKind::Binary && header.len() == 1 {
             header.push("probability".into());
         }
@@ -441,90 +414,11 @@ impl BackendTask for PredictJob {
         let mut rows = vec![header.join(",")];
         let mut failures = 0;
         for p in &self.args.inputs {
-            let r: Result<Vec<f32>, String> = (|| {
-                if p.extension().is_some_and(|e| e == "npy") {
-                    let a: ndarray::ArrayD<f32> = ndarray_npy::read_npy(p)
-                        .map_err(|e| format!("{}: cannot read features: {e}", p.display()))?;
-                    let f = reduce(a)?;
-                    if f.len() != info.feature_dim {
-                        return Err(format!(
-                            "{}: {} features, the classifier takes {}",
-                            p.display(),
-                            f.len(),
-                            info.feature_dim
-                        ));
-                    }
-                    let x = Tensor::<B, 2>::from_data(
-                        TensorData::new(f, [1, info.feature_dim]),
-                        &device,
-                    );
-                    Ok(probs(clf.forward_features(x), info.task))
-                } else if let Some(m) = &extractor {
-                    let (a, _) = m
-                        .extract_video(p, &ExtractOptions::default())
-                        .map_err(|e| e.to_string())?;
-                    let f = reduce(a)?;
-                    let x = Tensor::<B, 2>::from_data(
-                        TensorData::new(f, [1, info.feature_dim]),
-                        &device,
-                    );
-                    Ok(probs(clf.forward_features(x), info.task))
-                } else {
-                    // Fine-tuned: every window of the video, probabilities averaged.
-                    let cfg = info
-                        .config
-                        .as_ref()
-                        .ok_or("classifier.json has no config")?;
-                    let opts = ExtractOptions {
-                        sample_rate: info.sample_rate.unwrap_or(2),
-                        ..Default::default()
-                    };
-                    let mut clips: Vec<ClipData> = Vec::new();
-                    read_clips(
-                        &Input::from_path(p),
-                        cfg.clip_frames,
-                        cfg.img_size,
-                        &opts,
-                        None,
-                        &|| false,
-                        &mut |c| clips.push(c),
-                    )
-                    .map_err(|e| e.to_string())?;
-                    if clips.is_empty() {
-                        return Err(format!("{}: no complete clip", p.display()));
-                    }
-                    let mut sum = vec![0f32; k];
-                    for c in &clips {
-                        let (t, s) = (cfg.clip_frames, cfg.img_size);
-                        let x = Tensor::<B, 5>::from_data(
-                            TensorData::new(c.data.clone(), [1, 3, t, s, s]),
-                            &device,
-                        );
-                        for (a, b) in sum.iter_mut().zip(probs(clf.forward_clips(x), info.task)) {
-                            *a += b;
-                        }
-                    }
-                    Ok(sum.into_iter().map(|v| v / clips.len() as f32).collect())
-                }
-            })();
-            match r {
+            match clf.predict_file(p, encoder.as_ref()) {
                 Ok(probs) => {
-                    let pred = match info.task {
-                        TaskKind::Multiclass => {
-                            let arg = (0..k)
-                                .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
-                                .unwrap_or(0);
-                            info.names.get(arg).cloned().unwrap_or_default()
-                        }
-                        _ => probs
-                            .iter()
-                            .map(|&v| if v > 0.5 { "1" } else { "0" })
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    };
                     let mut cells = vec![csv_cell(&p.display().to_string())];
                     cells.extend(probs.iter().map(|v| format!("{v:.6}")));
-                    cells.push(csv_cell(&pred));
+                    cells.push(csv_cell(&clf.label(&probs)));
                     rows.push(cells.join(","));
                 }
                 Err(e) => {
@@ -555,17 +449,6 @@ fn csv_cell(s: &str) -> String {
 }
 
 pub fn predict(args: PredictArgs) -> Result<i32, String> {
-    let info_path = args.classifier.join("classifier.json");
-    let info: ClassifierInfo = serde_json::from_str(
-        &std::fs::read_to_string(&info_path)
-            .map_err(|e| format!("{}: {e}", info_path.display()))?,
-    )
-    .map_err(|e| format!("{}: {e}", info_path.display()))?;
-    let ckpt = args.classifier.join("best.safetensors");
-    let sd = StateDict {
-        tensors: read_safetensors_file(&ckpt).map_err(|e| format!("{}: {e}", ckpt.display()))?,
-        source: ckpt.display().to_string(),
-    };
     let device = args.model.device;
-    run_on(device, PredictJob { args, info, sd })?
+    run_on(device, PredictJob { args })?
 }

@@ -1,10 +1,11 @@
 //! `marlin reconstruct`: show what masked pretraining sees and predicts for a clip: every frame
 //! as original | masked | reconstruction, as a PNG grid and an MP4.
 
+use super::run_on;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use marlin::backend::{run_on, BackendTask, DeviceSpec};
+use marlin::backend::{BackendTask, DeviceSpec};
 use marlin::face::parsing::parse_from_landmarks;
 use marlin::face::track::plan_track;
 use marlin::face::{crop_resize, DetectOptions, Detector, TrackOptions};
@@ -169,8 +170,8 @@ impl BackendTask for Job {
                     TensorData::new(clip.clone(), [1, 3, t, size, size]),
                     &device,
                 );
-                let idx = MaskIndices::from_bools(&visible, 1)?;
-                let y = m.forward_indices(x, &idx)?;
+                let idx = MaskIndices::from_bools(&visible, 1).map_err(|e| e.to_string())?;
+                let y = m.forward_indices(x, &idx).map_err(|e| e.to_string())?;
                 Some(
                     y.into_data()
                         .convert::<f32>()

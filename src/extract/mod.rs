@@ -300,11 +300,7 @@ impl<B: Backend> Marlin<B> {
         let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [b, 3, t, s, s]), &device);
         let f = self.extract_features(x, keep_seq);
         let [_, n, d] = f.dims();
-        let data = f
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default();
+        let data = crate::model::load::to_f32_vec(f);
         let row = n * d;
         let rows = data.chunks(row).map(<[f32]>::to_vec).collect();
         (rows, if keep_seq { vec![n, d] } else { vec![d] })

@@ -12,10 +12,7 @@ use rayon::prelude::*;
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     // Float parameters convert to f32 without loss of meaning.
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
+    crate::model::load::to_f32_vec(t)
 }
 
 /// A k x k convolution (stride 1, no padding) with weights as `[k * k * C, O]` (rows in

@@ -411,10 +411,7 @@ impl<B: Backend> Detector<B> {
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     // The nets output float tensors of the backend's float type; conversion cannot fail.
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
+    crate::model::load::to_f32_vec(t)
 }
 
 /// Region `[x0, y0, x1, y1)` of an RGB frame -> `[oh, ow, 3]` by area averaging (PyTorch's

@@ -154,10 +154,7 @@ impl<B: Backend> Mtcnn<B> {
     /// The networks with the embedded pretrained weights.
     pub fn embedded(device: &B::Device) -> Result<Self, WeightsError> {
         let source = "embedded assets/mtcnn.safetensors";
-        let tensors = read_safetensors_bytes(WEIGHTS).map_err(|msg| WeightsError::Read {
-            file: source.into(),
-            msg,
-        })?;
+        let tensors = read_safetensors_bytes(WEIGHTS, source)?;
         let sd = StateDict {
             tensors,
             source: source.into(),

@@ -99,26 +99,24 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 }
 
-/// A tensor back to host memory.
-pub fn to_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> HostTensor {
-    let shape = t.dims().to_vec();
-    // Float tensors of our models are f32 (or convert losslessly to it).
-    let data = t
-        .to_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default();
-    HostTensor::new(shape, data)
-}
-
-/// The first value of a tensor (a loss) as f64.
-pub fn to_scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
+/// A float tensor's values as `f32`, row-major.
+pub fn to_f32_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    // `convert::<f32>` makes the data f32 whatever the backend's float type, so reading it
+    // back as f32 cannot fail.
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f32::NAN) as f64
+        .expect("data converted to f32 reads back as f32")
+}
+
+/// A tensor back to host memory.
+pub fn to_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> HostTensor {
+    HostTensor::new(t.dims().to_vec(), to_f32_vec(t.clone()))
+}
+
+/// The first value of a tensor (a loss) as f64 (NaN for an empty tensor).
+pub fn to_scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
+    to_f32_vec(t).first().copied().unwrap_or(f32::NAN) as f64
 }
 
 /// Exports burn parameters to a state dict with official names.

@@ -42,6 +42,25 @@ pub struct LoadReport {
     pub unknown_keys: Vec<String>,
 }
 
+/// Why a reconstruction cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaskError {
+    #[error("mask of {values} values is not [B={batch}, N]")]
+    Shape { values: usize, batch: usize },
+    #[error("clip {clip} has {count} visible tokens but clip 0 has {first}: every clip of a batch needs the same count")]
+    UnequalCounts {
+        clip: usize,
+        count: usize,
+        first: usize,
+    },
+    #[error("a mask must leave at least one token visible and one masked")]
+    AllOrNothing,
+    #[error("the mask is not a bool tensor: {0}")]
+    NotBool(String),
+    #[error("reconstruction needs the decoder: load a full checkpoint (`--full`)")]
+    NoDecoder,
+}
+
 /// Token indices of a visibility mask: visible and masked, each ascending, per clip.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskIndices {
@@ -53,12 +72,12 @@ pub struct MaskIndices {
 impl MaskIndices {
     /// From a row-major `[B, N]` visibility mask (true = visible). Every clip must have the same
     /// number of visible tokens, as the batched reference requires.
-    pub fn from_bools(mask: &[bool], batch: usize) -> Result<Self, String> {
+    pub fn from_bools(mask: &[bool], batch: usize) -> Result<Self, MaskError> {
         if batch == 0 || !mask.len().is_multiple_of(batch) {
-            return Err(format!(
-                "mask of {} values is not [B={batch}, N]",
-                mask.len()
-            ));
+            return Err(MaskError::Shape {
+                values: mask.len(),
+                batch,
+            });
         }
         let n = mask.len() / batch;
         let mut visible = Vec::new();
@@ -77,15 +96,17 @@ impl MaskIndices {
             match n_vis {
                 None => n_vis = Some(k),
                 Some(m) if m != k => {
-                    return Err(format!(
-                        "clip {b} has {k} visible tokens but clip 0 has {m}: every clip of a batch needs the same count"
-                    ))
+                    return Err(MaskError::UnequalCounts {
+                        clip: b,
+                        count: k,
+                        first: m,
+                    })
                 }
                 _ => {}
             }
         }
         if n_vis == Some(0) || n_vis == Some(n) {
-            return Err("a mask must leave at least one token visible and one masked".into());
+            return Err(MaskError::AllOrNothing);
         }
         Ok(Self {
             batch,
@@ -223,12 +244,12 @@ impl<B: Backend> Marlin<B> {
         &self,
         clip: Tensor<B, 5>,
         visible_mask: Tensor<B, 2, Bool>,
-    ) -> Result<Tensor<B, 3>, String> {
+    ) -> Result<Tensor<B, 3>, MaskError> {
         let [b, _] = visible_mask.dims();
         let bools = visible_mask
             .into_data()
             .into_vec::<bool>()
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| MaskError::NotBool(format!("{e:?}")))?;
         let idx = MaskIndices::from_bools(&bools, b)?;
         self.forward_indices(clip, &idx)
     }
@@ -238,11 +259,9 @@ impl<B: Backend> Marlin<B> {
         &self,
         clip: Tensor<B, 5>,
         idx: &MaskIndices,
-    ) -> Result<Tensor<B, 3>, String> {
+    ) -> Result<Tensor<B, 3>, MaskError> {
         let (Some(proj), Some(decoder)) = (&self.enc_dec_proj, &self.decoder) else {
-            return Err(
-                "reconstruction needs the decoder: load a full checkpoint (`--full`)".into(),
-            );
+            return Err(MaskError::NoDecoder);
         };
         let (vis, mask) = idx.to_tensors::<B>(&clip.device());
         let x = self.encoder.forward(clip, vis.clone());

@@ -693,10 +693,18 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, LazyTensor>, String>
 
 /// Every tensor of safetensors bytes as float32 host tensors, names as stored (embedded
 /// weights, e.g. the face detector's).
-pub fn read_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, HostTensor>, String> {
-    read_safetensors_raw(bytes)?
+pub fn read_safetensors_bytes(
+    bytes: &[u8],
+    name: &str,
+) -> Result<BTreeMap<String, HostTensor>, WeightsError> {
+    let read_err = |msg: String| WeightsError::Read {
+        file: name.to_string(),
+        msg,
+    };
+    read_safetensors_raw(bytes)
+        .map_err(read_err)?
         .into_iter()
-        .map(|(k, v)| v.materialise().map(|t| (k, t)))
+        .map(|(k, v)| v.materialise().map(|t| (k, t)).map_err(read_err))
         .collect()
 }
 
@@ -735,10 +743,15 @@ fn read_safetensors_raw(bytes: &[u8]) -> Result<BTreeMap<String, LazyTensor>, St
 
 /// Every tensor of a safetensors file as float32 host tensors, names as stored (no key
 /// normalisation): for data files such as test fixtures.
-pub fn read_safetensors_file(path: &Path) -> Result<BTreeMap<String, HostTensor>, String> {
-    read_safetensors(path)?
+pub fn read_safetensors_file(path: &Path) -> Result<BTreeMap<String, HostTensor>, WeightsError> {
+    let read_err = |msg: String| WeightsError::Read {
+        file: path.display().to_string(),
+        msg,
+    };
+    read_safetensors(path)
+        .map_err(read_err)?
         .into_iter()
-        .map(|(k, v)| v.materialise().map(|t| (k, t)))
+        .map(|(k, v)| v.materialise().map(|t| (k, t)).map_err(read_err))
         .collect()
 }
 

@@ -4,4 +4,5 @@
 pub mod data;
 pub mod metrics;
 pub mod plot;
+pub mod saved;
 pub mod train;

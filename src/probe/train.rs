@@ -312,10 +312,7 @@ pub fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
         TaskKind::Multiclass => softmax(logits, 1),
         _ => sigmoid(logits),
     };
-    p.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
+    crate::model::load::to_f32_vec(p)
 }
 
 impl Inputs {

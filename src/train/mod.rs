@@ -165,7 +165,11 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                 // generator on the inner backend (no autodiff graph; the CPU backend's fast
                 // inference kernels apply) and lift the result.
                 let inner = self.generator().valid();
-                let pred = Tensor::from_inner(inner.forward_indices(clip.clone().inner(), idx)?);
+                let pred = Tensor::from_inner(
+                    inner
+                        .forward_indices(clip.clone().inner(), idx)
+                        .map_err(|e| e.to_string())?,
+                );
                 let critic = self.critic();
                 let mut loss =
                     critic.forward(pred.clone()).mean() - critic.forward(real.clone()).mean();
@@ -185,7 +189,10 @@ impl<B: AutodiffBackend> Pretrainer<B> {
             }
         }
         for _ in 0..self.losses.g_steps {
-            let pred = self.generator().forward_indices(clip.clone(), idx)?;
+            let pred = self
+                .generator()
+                .forward_indices(clip.clone(), idx)
+                .map_err(|e| e.to_string())?;
             let diff = pred.clone() - real.clone();
             let rec = (diff.clone() * diff).mean();
             let loss = if self.losses.adv_loss {
@@ -229,7 +236,9 @@ pub fn evaluate<B: Backend>(
     losses: &LossConfig,
 ) -> Result<StepLosses, String> {
     let real = model.target(clip.clone(), idx);
-    let pred = model.forward_indices(clip, idx)?;
+    let pred = model
+        .forward_indices(clip, idx)
+        .map_err(|e| e.to_string())?;
     let diff = pred.clone() - real.clone();
     let rec = to_scalar((diff.clone() * diff).mean());
     let (d_loss, adv) = if losses.adv_loss {

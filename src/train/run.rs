@@ -160,7 +160,10 @@ fn batch_tensors<B: Backend>(
         .flat_map(|x| x.visible.iter().copied())
         .collect();
     let clip = Tensor::from_data(TensorData::new(flat, [b, 3, t, h, h]), device);
-    Ok((clip, MaskIndices::from_bools(&vis, b)?))
+    Ok((
+        clip,
+        MaskIndices::from_bools(&vis, b).map_err(|e| e.to_string())?,
+    ))
 }
 
 fn add(a: &mut StepLosses, b: &StepLosses, w: f64) {
@@ -342,7 +345,7 @@ fn load_checkpoint<B: AutodiffBackend>(
         bytes_of("train.optimizer_generator")?,
         bytes_of("train.optimizer_critic")?,
     );
-    let mut tensors = read_safetensors_file(&p)?;
+    let mut tensors = read_safetensors_file(&p).map_err(|e| e.to_string())?;
     tensors.retain(|k, _| !k.starts_with("train."));
     let sd = StateDict {
         tensors,
@@ -531,12 +534,8 @@ pub fn pretrain<B: AutodiffBackend>(
                         &settings,
                         device,
                     )?;
-                    let pred = g.forward_indices(c1, &i1)?;
-                    let p: Vec<f32> = pred
-                        .into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .unwrap_or_default();
+                    let pred = g.forward_indices(c1, &i1).map_err(|e| e.to_string())?;
+                    let p: Vec<f32> = crate::model::load::to_f32_vec(pred);
                     first = Some((s, p));
                 }
             }

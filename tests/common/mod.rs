@@ -226,3 +226,22 @@ pub fn samples() -> Option<PathBuf> {
     eprintln!("\n*** SKIPPED: {msg} ***\n");
     None
 }
+
+/// Runs one of the library's examples (`examples/NAME.rs`; `cargo test` builds them beside
+/// the test binaries) with `args`.
+pub fn example(name: &str, args: &[&str]) -> Output {
+    // target/<profile>/deps/<test binary> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not built (cargo test builds examples)",
+        bin.display()
+    );
+    Command::new(bin).args(args).output().unwrap()
+}
