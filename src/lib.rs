@@ -38,6 +38,7 @@ pub mod backend;
 pub mod extract;
 pub mod face;
 pub mod hub;
+pub mod kernels;
 pub mod masking;
 pub mod model;
 pub mod probe;

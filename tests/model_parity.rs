@@ -388,9 +388,9 @@ fn videomae_keys_load_as_the_same_model() {
     assert!(d <= 1e-6, "VideoMAE-keyed model differs by {d}");
 }
 
-/// The plain CPU backend runs each block as one host kernel (`cpu_kernels::block_forward`);
+/// The plain CPU backend runs each block as one host kernel (`kernels::cpu::block_forward`);
 /// under autodiff the same block takes burn's ops for the LayerNorms, Linears and residuals
-/// (attention and GELU are the autodiff ops of `cpu_autodiff`). At ViT-B width (768, 12
+/// (attention and GELU are the autodiff ops of `kernels::cpu_autodiff`). At ViT-B width (768, 12
 /// heads, 392 tokens: the matrix products take their blocked paths) both give the same
 /// features.
 #[test]

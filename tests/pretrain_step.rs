@@ -125,7 +125,7 @@ fn cpu_attention_op_equals_burns_generic_attention() {
         &dev,
     );
 
-    let ours = marlin::model::cpu_autodiff::attention(qkv.clone(), h, scale)
+    let ours = marlin::kernels::cpu_autodiff::attention(qkv.clone(), h, scale)
         .unwrap_or_else(|_| panic!("CpuAutodiff takes the CPU attention op"));
     let g_ours = (ours.clone() * w.clone()).sum().backward();
 

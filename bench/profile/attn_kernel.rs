@@ -5,10 +5,10 @@ fn main() {
     let qkv: Vec<f32> = (0..b * n * 3 * h * hd)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
         .collect();
-    let _ = marlin::model::cpu_kernels::attention(&qkv, b, n, h, hd, 0.125);
+    let _ = marlin::kernels::cpu::attention(&qkv, b, n, h, hd, 0.125);
     let t = Instant::now();
     for _ in 0..5 {
-        let _ = marlin::model::cpu_kernels::attention(&qkv, b, n, h, hd, 0.125);
+        let _ = marlin::kernels::cpu::attention(&qkv, b, n, h, hd, 0.125);
     }
     println!(
         "attention kernel: {:.1} ms",
@@ -19,7 +19,7 @@ fn main() {
         .collect();
     let t = Instant::now();
     for _ in 0..5 {
-        marlin::model::cpu_kernels::gelu_in_place(&mut h);
+        marlin::kernels::cpu::gelu_in_place(&mut h);
     }
     println!(
         "gelu kernel (1568 x 3072): {:.1} ms",

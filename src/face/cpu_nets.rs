@@ -93,7 +93,7 @@ impl HConv {
 /// `dst[m, n] += a[m, k] @ b[k, n]`, row-major, single-threaded (callers parallelise over
 /// images).
 fn matmul_acc(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
-    crate::model::cpu_kernels::matmul_with(dst, a, b, [m, k, n], true, false);
+    crate::kernels::cpu::matmul_with(dst, a, b, [m, k, n], true, false);
 }
 
 fn prelu(x: &mut [f32], a: &[f32]) {

@@ -3,8 +3,6 @@
 
 pub mod block;
 pub mod config;
-pub mod cpu_autodiff;
-pub mod cpu_kernels;
 pub mod decoder;
 pub mod discriminator;
 pub mod encoder;

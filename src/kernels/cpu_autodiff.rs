@@ -9,7 +9,7 @@
 //! path when `B` is `Autodiff<Flex>` (checked by type at run time) and hand the tensor back
 //! otherwise.
 
-use super::cpu_kernels;
+use super::cpu as cpu_kernels;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
