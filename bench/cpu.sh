@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Side-by-side CPU benchmarks of marlin-rs and marlin-pytorch, same machine, same thread count,
-# one run. PEER_PY is a python with marlin-pytorch and torch (a throw-away venv, see
+# one run; every figure is the median of 3 rounds that alternate the programs. PEER_PY is a python with marlin-pytorch and torch (a throw-away venv, see
 # tools/make_model_fixtures.py).
 #
 #   PEER_PY=/opt/venv/peer/bin/python bench/cpu.sh [threads]
 #
-# 1. ViT-B extract_features, seconds per clip (batch 1, random weights).
+# 1. ViT-B extract_features, seconds per clip (batch 1, random weights); the peer in fp32 and
+#    under torch.autocast(bfloat16) (its fastest CPU mode where the CPU has bf16 instructions).
 # 2. End to end: a 10 s, 30 fps, 224x224 H.264 video (300 frames -> 9 clips) through
 #    `marlin extract` and the peer's extract_video, ViT-B weights from the same .pt file.
 set -euo pipefail
@@ -21,24 +22,31 @@ trap 'rm -rf "$work"' EXIT
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads; $(date -u +%F)"
 median() { python3 -c "import sys, statistics; print(statistics.median(map(float, sys.argv[1:])))" "$@"; }
 echo "== 1. ViT-B extract_features, batch 1 (3 alternating rounds of 3 clips each; medians)"
-o=(); p=()
+o=(); p=(); pb=()
+peer_clip() { "$PEER_PY" bench/peer_features.py --threads "$threads" --iters 3 "$@" | sed -n 's/^peer seconds per clip: \([0-9.]*\).*/\1/p'; }
 for round in 1 2 3; do
   o+=("$($bin bench --model marlin_vit_base_ytf --iters 3 | sed -n 's/^seconds per clip: \([0-9.]*\).*/\1/p')")
-  p+=("$("$PEER_PY" bench/peer_features.py --threads "$threads" --iters 3 | sed -n 's/^peer seconds per clip: \([0-9.]*\).*/\1/p')")
+  p+=("$(peer_clip --precision fp32)")
+  pb+=("$(peer_clip --precision bf16)")
 done
-ours=$(median "${o[@]}"); peer=$(median "${p[@]}")
-echo "marlin-rs      $ours s/clip (rounds: ${o[*]})"
-echo "marlin-pytorch $peer s/clip (rounds: ${p[*]})"
-python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"
+ours=$(median "${o[@]}"); peer=$(median "${p[@]}"); peer_bf16=$(median "${pb[@]}")
+echo "marlin-rs (f32)               $ours s/clip (rounds: ${o[*]})"
+echo "marlin-pytorch (fp32)         $peer s/clip (rounds: ${p[*]})"
+echo "marlin-pytorch (bf16 autocast) $peer_bf16 s/clip (rounds: ${pb[*]})"
+python3 -c "print(f'ratio (ours / peer fp32): {$ours / $peer:.2f}x; (ours / peer bf16): {$ours / $peer_bf16:.2f}x')"
 
-echo "== 2. end to end, 10 s 30 fps 224x224 video"
+echo "== 2. end to end, 10 s 30 fps 224x224 video (3 alternating rounds; medians)"
 ffmpeg -v error -y -f lavfi -i testsrc2=size=224x224:rate=30 -frames:v 300 -c:v libx264 -pix_fmt yuv420p "$work/v.mp4"
 "$PEER_PY" bench/peer_extract.py --save-weights "$work/vitb.pt" --threads "$threads" >/dev/null
-t0=$(date +%s.%N)
-$bin extract "$work/v.mp4" --weights "$work/vitb.pt" --out "$work/out" --quiet --batch-size 1
-t1=$(date +%s.%N)
-ours=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
-peer=$("$PEER_PY" bench/peer_extract.py --weights "$work/vitb.pt" --video "$work/v.mp4" --threads "$threads" | sed -n 's/^peer seconds: //p')
-echo "marlin extract         $ours s (process start, weights load, decode, 9 clips, write)"
-echo "peer extract_video     $peer s (weights load, decode, 9 clips)"
+o=(); p=()
+for round in 1 2 3; do
+  t0=$(date +%s.%N)
+  $bin extract "$work/v.mp4" --weights "$work/vitb.pt" --out "$work/out" --quiet --batch-size 1 --overwrite
+  t1=$(date +%s.%N)
+  o+=("$(python3 -c "print(f'{$t1 - $t0:.2f}')")")
+  p+=("$("$PEER_PY" bench/peer_extract.py --weights "$work/vitb.pt" --video "$work/v.mp4" --threads "$threads" | sed -n 's/^peer seconds: //p')")
+done
+ours=$(median "${o[@]}"); peer=$(median "${p[@]}")
+echo "marlin extract         $ours s (process start, weights load, decode, 9 clips, write; rounds: ${o[*]})"
+echo "peer extract_video     $peer s (weights load, decode, 9 clips; rounds: ${p[*]})"
 python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"

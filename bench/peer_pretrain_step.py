@@ -2,6 +2,9 @@
 """The reference's pretraining step in PyTorch (marlin-pytorch's ViT-B encoder/decoder, the
 critic MLP, two AdamW), timed like `marlin bench --train`: random clips, random 90% masks,
 one critic update then one generator update per step; seconds per step after a warm-up.
+The critic update is the reference's `d_step` as written (ControlNet/MARLIN model/marlin.py):
+its loss back-propagates through the generator's reconstruction too (no detach), and the
+generator's gradients from it are then zeroed before the generator update.
 Run by bench/pretrain.sh and bench/gpu.sh: --device cuda (synchronised), --precision tf32 (TF32
 matrix products) or bf16 (torch.autocast(bfloat16) around the forward passes; fp32 weights and
 AdamW, as mixed-precision training does)."""
@@ -69,7 +72,7 @@ def step():
     opt_d.zero_grad()
     with autocast():
         pred = m(clip, mask)
-        loss_d = disc(pred.detach()).mean() - disc(real).mean()
+        loss_d = disc(pred).mean() - disc(real).mean()
     loss_d.backward()
     opt_d.step()
     opt_g.zero_grad()
