@@ -82,18 +82,17 @@ impl BackendTask for Job {
                 last + 1
             ));
         }
-        let mut raw: Vec<Frame> = Vec::new();
-        for i in 0..=last {
-            if picks.contains(&i) {
-                raw.push(
-                    reader
-                        .next_frame()
-                        .map_err(e)?
-                        .ok_or_else(|| format!("{}: ended at frame {i}", a.video.display()))?,
-                );
-            } else if !reader.skip_frame().map_err(e)? {
-                return Err(format!("{}: ended at frame {i}", a.video.display()));
-            }
+        let raw: Vec<Frame> = video::clip::read_indices(reader.as_mut(), &picks)
+            .map_err(e)?
+            .into_iter()
+            .map(|f| (*f).clone())
+            .collect();
+        if raw.len() < picks.len() {
+            return Err(format!(
+                "{}: ended at frame {}",
+                a.video.display(),
+                picks[raw.len()]
+            ));
         }
         let det =
             Detector::<B>::new(&device, DetectOptions::default()).map_err(|e| e.to_string())?;

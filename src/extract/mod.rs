@@ -6,6 +6,7 @@ pub mod inputs;
 
 use crate::face::{self, crop, crop::CropBox, track::Track, track::TrackOptions, Detector};
 use crate::model::Marlin;
+pub use crate::video::clip::{to_clip, ClipData};
 pub use crate::video::{open_input, Input};
 use crate::video::{windows, Frame, VideoError};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -99,12 +100,6 @@ impl Default for ExtractOptions {
     }
 }
 
-/// One clip ready for the model: `[3, T, H, W]` float32 in [0, 1].
-#[derive(Debug, Clone)]
-pub struct ClipData {
-    pub data: Vec<f32>,
-}
-
 /// What reading an input's clips found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClipStats {
@@ -116,23 +111,6 @@ pub struct ClipStats {
     pub source_size: (usize, usize),
     /// Frames actually decoded (fewer than `frames` for a truncated file).
     pub decoded: usize,
-}
-
-/// Frames `[H, W, 3]` u8 -> clip `[3, T, H, W]` f32 / 255.
-pub(crate) fn to_clip(frames: &[Arc<Frame>]) -> ClipData {
-    let t = frames.len();
-    let (h, w) = (frames[0].height, frames[0].width);
-    let mut data = vec![0f32; 3 * t * h * w];
-    let plane = t * h * w;
-    for (ti, f) in frames.iter().enumerate() {
-        for (p, px) in f.data.chunks_exact(3).enumerate() {
-            let o = ti * h * w + p;
-            data[o] = px[0] as f32 / 255.0;
-            data[plane + o] = px[1] as f32 / 255.0;
-            data[2 * plane + o] = px[2] as f32 / 255.0;
-        }
-    }
-    ClipData { data }
 }
 
 /// Which source frames the windows of a `frames`-frame input use.

@@ -6,13 +6,13 @@
 
 use super::data::{Dataset, Sample};
 use super::metrics::{evaluate, Metrics, TaskKind};
-use crate::extract::{to_clip, ClipData};
 use crate::model::encoder::Encoder;
 use crate::model::load::{to_scalar, Exporter, Loader};
 use crate::model::weights::{HostTensor, StateDict, WeightsError};
 use crate::model::MarlinConfig;
+use crate::video::clip::{self, to_clip, ClipData};
+use crate::video::VideoError;
 use crate::video::{open_input, Input};
-use crate::video::{Frame, VideoError};
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::Linear;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -23,7 +23,6 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use rayon::prelude::*;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// A linear head, with the encoder under it when fine-tuning.
@@ -207,32 +206,8 @@ impl ClipSpec {
         let input = Input::Video(video.to_path_buf());
         let (mut reader, n, _) = open_input(&input, Some((self.size, self.size)))?;
         let t = self.clip_frames;
-        let rate = if n <= t {
-            1
-        } else if n <= t * self.sample_rate {
-            (n / t).max(1)
-        } else {
-            self.sample_rate
-        };
-        let span = (t - 1) * rate + 1;
-        let room = n.saturating_sub(span);
-        let start = match rng {
-            Some(r) if room > 0 => r.random_range(0..=room),
-            _ => room / 2,
-        };
-        let wanted: Vec<usize> = (0..t).map(|i| start + i * rate).collect();
-        let mut frames: Vec<Arc<Frame>> = Vec::with_capacity(t);
-        let last_needed = *wanted.last().unwrap_or(&0);
-        for i in 0..=last_needed {
-            if wanted.contains(&i) {
-                match reader.next_frame()? {
-                    Some(f) => frames.push(Arc::new(f)),
-                    None => break,
-                }
-            } else if !reader.skip_frame()? {
-                break;
-            }
-        }
+        let wanted = clip::sample_indices(n, t, self.sample_rate, rng);
+        let mut frames = clip::read_indices(reader.as_mut(), &wanted)?;
         let Some(last) = frames.last().cloned() else {
             return Err(VideoError::Other {
                 path: video.display().to_string(),

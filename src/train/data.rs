@@ -182,23 +182,8 @@ pub fn read_sample(
     let dir = split.root.join("crop_images_DB").join(rel);
     let mut files = video::list_frames(&dir).map_err(|e| e.to_string())?;
     files.sort_by(|a, b| natural_cmp(&a.to_string_lossy(), &b.to_string_lossy()));
-    let n = files.len();
     let t = s.clip_frames;
-    let rate = if n <= t {
-        1
-    } else if n <= t * s.sample_rate {
-        (n / t).max(1)
-    } else {
-        s.sample_rate
-    };
-    let span = (t - 1) * rate + 1;
-    let room = n.saturating_sub(span);
-    let start = if room > 0 {
-        rng.random_range(0..=room)
-    } else {
-        0
-    };
-    let picks: Vec<usize> = (0..t).map(|i| (start + i * rate).min(n - 1)).collect();
+    let picks = video::clip::sample_indices(files.len(), t, s.sample_rate, Some(rng));
     let size = s.img_size;
     let plane = t * size * size;
     let mut clip = vec![0f32; 3 * plane];

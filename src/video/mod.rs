@@ -1,6 +1,7 @@
 //! Reading frames: video files through FFmpeg (a streaming rgb24 pipe, any codec) and frame
 //! folders through the `image` crate.
 
+pub mod clip;
 pub mod windows;
 pub mod writer;
 
