@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Face-detection fixtures: small public-domain images and facenet-pytorch 2.6's MTCNN
-detections on them (boxes, scores, 5 landmarks), for tests/face_detect.rs.
+detections on them (boxes, scores, 5 landmarks), for tests/suite/face_detect.rs.
 
     /opt/venv/peer/bin/python tools/make_face_fixtures.py
 

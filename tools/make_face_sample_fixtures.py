@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Detector parity on real frames: facenet-pytorch 2.6's `detect_face` (MTCNN defaults:
 min_face_size 20, thresholds 0.6/0.7/0.7, factor 0.709) on 12 evenly spaced frames of each
-shared sample video, for tests/face_samples.rs. Needs the ffmpeg program and the venv of
+shared sample video, for tests/suite/face_samples.rs. Needs the ffmpeg program and the venv of
 make_face_fixtures.py (facenet-pytorch installed with --no-deps, see convert_mtcnn_weights.py):
 
     /opt/venv/peer/bin/python tools/make_face_sample_fixtures.py ../shared/samples

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Masking fixtures: a Python implementation of the masking described in
 ../shared/MARLIN_NOTES.md ("Fasking"), run on synthetic face-parsing maps with numpy's random
-draws recorded, for tests/masking.rs. The Rust test replays the same draws and must produce
+draws recorded, for tests/suite/masking.rs. The Rust test replays the same draws and must produce
 the same masks.
 
     /opt/venv/peer/bin/python tools/make_mask_fixtures.py

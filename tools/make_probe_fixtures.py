@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Metric fixtures: scikit-learn's accuracy and ROC AUC on seeded scores with ties, for
-tests/probe_metrics.rs (tests/fixtures/probe/metrics.json).
+tests/suite/probe_metrics.rs (tests/fixtures/probe/metrics.json).
 
     /opt/venv/peer/bin/pip install scikit-learn
     /opt/venv/peer/bin/python tools/make_probe_fixtures.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Training-loop fixtures: the downstream classifier's head trained in PyTorch on fixed
-features, for tests/probe_train.rs (tests/fixtures/probe/train_<case>.safetensors + .json).
+features, for tests/suite/probe_train.rs (tests/fixtures/probe/train_<case>.safetensors + .json).
 
     /opt/venv/peer/bin/pip install scikit-learn
     /opt/venv/peer/bin/python tools/make_probe_train_fixtures.py

@@ -2,7 +2,7 @@
 """Pretraining-step fixture: one discriminator step then one generator step, as the notes
 describe the reference's training_step, in PyTorch with marlin-pytorch's encoder/decoder, from
 the tiny_a weights (tests/fixtures/model/tiny_a.ckpt: model + discriminator), batch and mask
-(tiny_a.io.safetensors), for tests/pretrain_step.rs.
+(tiny_a.io.safetensors), for tests/suite/pretrain_step.rs.
 
     /opt/venv/peer/bin/python tools/make_train_fixtures.py
 

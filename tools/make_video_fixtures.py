@@ -60,7 +60,7 @@ def encode(out: Path, frames: int, codec: str, pattern: str):
 
 
 def fnv1a64(data: bytes, h: int = 0xCBF29CE484222325) -> int:
-    # Small, dependency-free hash; tests/extract_parity.rs computes the same.
+    # Small, dependency-free hash; tests/suite/extract_parity.rs computes the same.
     for b in data:
         h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return h

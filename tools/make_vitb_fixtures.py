@@ -6,7 +6,7 @@ the ffmpeg program (see make_model_fixtures.py for the venv), and the shared sam
 
     /opt/venv/peer/bin/python tools/make_vitb_fixtures.py ../shared/samples
 
-The formula (tests/vitb_parity.rs computes the same): for the parameter named `key` and its
+The formula (tests/suite/vitb_parity.rs computes the same): for the parameter named `key` and its
 flat element index i (row-major, PyTorch layout),
     z = splitmix64(fnv1a64(key) + (i + 1) * 0x9E3779B97F4A7C15)       (64-bit wrapping)
     k = (z >> 48) - 32768                                               (a 16-bit integer)

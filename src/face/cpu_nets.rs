@@ -2,7 +2,7 @@
 //! im2col + one matrix product (the `gemm` crate), PReLU fused into the product's output, one
 //! image per rayon task. burn 0.21's `Flex` conv2d runs these small-channel convolutions at
 //! about 4 GMAC/s; this path is ~10x faster (BENCHMARKS.md). Same weights, same results
-//! (tests/face_nets.rs and tests/face_detect.rs run the networks through the detector).
+//! (tests/suite/face_nets.rs and tests/suite/face_detect.rs run the networks through the detector).
 
 use super::mtcnn::{Conv, Mtcnn};
 use burn::module::Param;

@@ -1,6 +1,6 @@
 //! MTCNN face detection: image pyramid -> P-Net proposals -> R-Net refinement -> O-Net boxes,
 //! scores and 5 landmarks, with the semantics of facenet-pytorch 2.6's `detect_face` (so its
-//! boxes are ours to within float rounding, tests/face_detect.rs). The networks run on the
+//! boxes are ours to within float rounding, tests/suite/face_detect.rs). The networks run on the
 //! backend's device, batched over frames and candidates; the bookkeeping (resizing, NMS, box
 //! calibration) is plain Rust on the host.
 

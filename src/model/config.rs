@@ -189,7 +189,7 @@ impl MarlinConfig {
     /// frames, 8 px patches, 16 frames, encoder and decoder 64 wide and 2 deep. Its schedule
     /// (base 2.0, i.e. 1.6e-2 at batch 2 after the batch/256 scaling; 40 warmup epochs) is
     /// the one with which 300 steps at batch 2 on one face video bring the face back in the
-    /// reconstruction of held-out frames (tests/pretrain_run.rs); the reference's 1.5e-4 is for
+    /// reconstruction of held-out frames (tests/suite/pretrain_run.rs); the reference's 1.5e-4 is for
     /// ViT-B at batch 64.
     pub fn tiny_smoke() -> Self {
         let mut cfg = Self::from_name("marlin_vit_small_ytf").expect("a released name");

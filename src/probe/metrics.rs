@@ -1,5 +1,5 @@
 //! Evaluation metrics of the downstream tasks: accuracy at 0.5 and the area under the ROC curve,
-//! equal to scikit-learn's `accuracy_score(y, p > 0.5)` and `roc_auc_score` (tests/probe_metrics.rs).
+//! equal to scikit-learn's `accuracy_score(y, p > 0.5)` and `roc_auc_score` (tests/suite/probe_metrics.rs).
 //!
 //! Defined behaviour where scikit-learn raises: a label whose true values are all one class has
 //! no ROC curve; its AUROC is `None` (JSON null), it is left out of the macro average, and the

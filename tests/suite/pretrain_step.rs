@@ -10,7 +10,7 @@ use marlin::train::{LossConfig, Pretrainer};
 use marlin::{Marlin, MarlinConfig};
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 fn fx(p: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

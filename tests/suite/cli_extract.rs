@@ -1,7 +1,7 @@
 //! `marlin extract` as a user runs it: many inputs, bad ones among them, resume, layouts.
 //! Needs the ffmpeg/ffprobe programs (`.ci/run` installs them).
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@ use marlin::face::{DetectOptions, Detector, Face, TrackOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 /// The fixture's checksums of an rgb24 frame: sum of bytes, and of byte * (i % 65521 + 1).
 fn checksums(data: &[u8]) -> [u64; 2] {
@@ -155,7 +155,7 @@ fn without_the_samples_ci_fails_and_a_local_run_skips_loudly() {
     let run = |ci: bool| {
         let mut c = std::process::Command::new(std::env::current_exe().unwrap());
         c.args([
-            "faces_found_in_98_percent_of_frames",
+            "face_samples::faces_found_in_98_percent_of_frames",
             "--exact",
             "--nocapture",
         ])

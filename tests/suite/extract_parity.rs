@@ -8,7 +8,7 @@ use marlin::model::weights::read_safetensors_file;
 use marlin::{Marlin, MarlinConfig};
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video")

@@ -7,7 +7,7 @@ use marlin::face::mtcnn::Mtcnn;
 use marlin::model::weights::{read_safetensors_file, HostTensor};
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 fn t<B: Backend, const D: usize>(h: &HostTensor, dev: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(h.data.clone(), h.shape.clone()), dev)

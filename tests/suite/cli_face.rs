@@ -1,7 +1,7 @@
 //! Faces in the wild from the command line: `crop`, `detect --draw`, `extract --crop-face`, and
 //! the inputs that must fail cleanly (no face, black, empty, corrupt). Needs ffmpeg.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::path::Path;

@@ -7,7 +7,7 @@ use marlin::face::{DetectOptions, Detector, Face};
 use marlin::video::read_image;
 use std::path::Path;
 
-mod common;
+use crate::common;
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face")

@@ -3,7 +3,7 @@
 //! validation reconstruction loss; the sample image's panels are where they should be.
 //! Needs ffmpeg.
 
-mod common;
+use crate::common;
 
 use common::*;
 use marlin::model::weights::read_safetensors_file;

@@ -10,7 +10,7 @@ use marlin::{Marlin, MarlinConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 
 const TOL: f32 = 1e-4;
 const CASES: [&str; 4] = ["tiny_a", "tiny_b", "tiny_ls", "tiny_nobias"];

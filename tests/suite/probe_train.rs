@@ -1,7 +1,7 @@
 //! `marlin split`, `probe`, `finetune`, `predict` end to end on data the test makes, and the
 //! label errors that must stop a run before it trains. Needs ffmpeg.
 
-mod common;
+use crate::common;
 
 use common::*;
 use ndarray::Array2;

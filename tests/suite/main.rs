@@ -1,0 +1,19 @@
+//! The integration tests, as one test binary: every test binary links and monomorphises burn
+//! and candle, so one binary builds in a fraction of the time of one per file. Each module is
+//! one area (`cargo test --release cli_extract::` runs one).
+
+mod common;
+
+mod cli_extract;
+mod cli_face;
+mod download;
+mod extract_parity;
+mod face_detect;
+mod face_nets;
+mod face_samples;
+mod masking;
+mod model_parity;
+mod pretrain_run;
+mod pretrain_step;
+mod probe_metrics;
+mod probe_train;
