@@ -10,10 +10,14 @@ use indicatif::ProgressBar;
 use marlin::backend::{BackendTask, DeviceSpec};
 use marlin::extract::batch::Failure;
 use marlin::extract::inputs::{discover, DiscoverOptions, Item, OutputName};
+use marlin::face::crop_video::{
+    crop_video_with_track, encode_image, CropFormat as LibFormat, CropVideoOptions,
+    ImageFormat as LibImage,
+};
 use marlin::face::draw::draw_faces;
-use marlin::face::track::{detect_frames, detect_stream, plan_track, Track};
-use marlin::face::{crop_resize, Detector, Face};
-use marlin::util::{temp_path, write_atomic};
+use marlin::face::track::detect_stream;
+use marlin::face::{Detector, Face};
+use marlin::util::write_atomic;
 use marlin::video::writer::VideoWriter;
 use marlin::video::{self, Frame, VideoError};
 use marlin::video::{open_input, Input};
@@ -100,24 +104,9 @@ fn faces_json(faces: &[Face]) -> serde_json::Value {
 }
 
 /// A frame encoded as PNG or JPEG (quality 95).
-fn encode_image(f: &Frame, format: ImageFormat) -> Result<Vec<u8>, String> {
-    let img = image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone())
-        .ok_or("bad frame buffer")?;
-    let mut buf = std::io::Cursor::new(Vec::new());
-    match format {
-        ImageFormat::Png => img.write_to(&mut buf, image::ImageFormat::Png),
-        ImageFormat::Jpg => {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95).encode_image(&img)
-        }
-    }
-    .map_err(|e| e.to_string())?;
-    Ok(buf.into_inner())
-}
-
 /// A PNG written atomically.
 fn save_png(f: &Frame, path: &Path) -> Result<(), String> {
-    let bytes =
-        encode_image(f, ImageFormat::Png).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = encode_image(f, LibImage::Png).map_err(|e| format!("{}: {e}", path.display()))?;
     write_atomic(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -257,41 +246,6 @@ pub fn detect(args: DetectArgs) -> Result<i32, String> {
 
 /// The track of a crop, as JSON: settings, and per frame the detection (frame pixels), the crop
 /// square and the landmarks in crop pixels (for face parsing).
-fn track_json(input: &Path, args: &CropArgs, fps: f64, src: (usize, usize), t: &Track) -> String {
-    let frames: Vec<serde_json::Value> = t
-        .frames
-        .iter()
-        .map(|f| {
-            let lm = f.face.map(|face| {
-                face.landmarks
-                    .map(|p| f.crop.to_crop(p, args.size))
-                    .to_vec()
-            });
-            serde_json::json!({
-                "index": f.index,
-                "examined": f.examined,
-                "face": f.face,
-                "crop": f.crop,
-                "landmarks_crop": lm,
-            })
-        })
-        .collect();
-    serde_json::to_string_pretty(&serde_json::json!({
-        "input": input.display().to_string(),
-        "width": src.0,
-        "height": src.1,
-        "fps": fps,
-        "size": args.size,
-        "face_select": args.face.face_select,
-        "smooth": args.face.smooth,
-        "margin": args.face.margin,
-        "examined": t.examined,
-        "detected": t.detected,
-        "frames": frames,
-    }))
-    .unwrap_or_default()
-}
-
 struct CropJob {
     args: CropArgs,
     items: Vec<Item>,
@@ -303,107 +257,19 @@ impl CropJob {
         it.out.with_extension("json")
     }
 
-    fn one<B: Backend>(
-        &self,
-        det: &Detector<B>,
-        it: &Item,
-        pb: &ProgressBar,
-    ) -> Result<(), String> {
+    fn options(&self) -> CropVideoOptions {
         let a = &self.args;
-        let stop = || self.stop.load(Ordering::Relaxed);
-        let e = |e: VideoError| e.to_string();
-        let (mut reader, frames, src) = open_input(&it.input, None).map_err(e)?;
-        let fps = match &it.input {
-            Input::Video(v) => video::probe(v).map(|i| i.fps).unwrap_or(25.0),
-            Input::Frames(_) => 25.0,
-        };
-        let wanted = vec![true; frames];
-        pb.set_message(format!("detecting {}", it.input.path().display()));
-        let dets = detect_frames(
-            reader.as_mut(),
-            &wanted,
-            det,
-            &a.face.track_options(),
-            &stop,
-        )
-        .map_err(e)?;
-        drop(reader);
-        if stop() {
-            return Ok(());
+        CropVideoOptions {
+            size: a.size,
+            format: match a.format {
+                CropFormat::Mp4 => LibFormat::Mp4,
+                CropFormat::Frames => LibFormat::Frames(match a.image_format {
+                    ImageFormat::Jpg => LibImage::Jpg,
+                    ImageFormat::Png => LibImage::Png,
+                }),
+            },
+            track: a.face.track_options(),
         }
-        let track = plan_track(&dets, &wanted, &a.face.track_options())
-            .map_err(|msg| format!("{}: {msg}", it.input.path().display()))?;
-        let crops = track.crops();
-        let ext = match a.image_format {
-            ImageFormat::Jpg => "jpg",
-            ImageFormat::Png => "png",
-        };
-        let names: Vec<String> = match &it.input {
-            Input::Frames(d) => video::list_frames(d)
-                .map_err(e)?
-                .iter()
-                .map(|f| {
-                    f.with_extension(ext)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                })
-                .collect(),
-            Input::Video(_) => (0..crops.len()).map(|i| format!("{i:05}.{ext}")).collect(),
-        };
-        pb.set_message(format!("cropping {}", it.input.path().display()));
-        let (mut reader, _, _) = open_input(&it.input, None).map_err(e)?;
-        let tmp_dir = temp_path(&it.out);
-        let mut writer = match a.format {
-            CropFormat::Mp4 => Some(VideoWriter::create(&it.out, a.size, a.size, fps).map_err(e)?),
-            CropFormat::Frames => {
-                let _ = std::fs::remove_dir_all(&tmp_dir);
-                std::fs::create_dir_all(&tmp_dir)
-                    .map_err(|err| format!("{}: {err}", tmp_dir.display()))?;
-                None
-            }
-        };
-        let result = (|| -> Result<(), String> {
-            for (i, c) in crops.iter().enumerate() {
-                if stop() {
-                    return Err("interrupted".into());
-                }
-                let Some(f) = reader.next_frame().map_err(e)? else {
-                    break;
-                };
-                let Some(c) = c else { continue };
-                let face = crop_resize(&f, c, a.size);
-                match writer.as_mut() {
-                    Some(w) => w.write(&face).map_err(e)?,
-                    None => {
-                        let p = tmp_dir.join(&names[i]);
-                        // Plain writes: the folder is renamed into place when complete.
-                        encode_image(&face, a.image_format)
-                            .and_then(|b| std::fs::write(&p, b).map_err(|e| e.to_string()))
-                            .map_err(|err| format!("{}: {err}", p.display()))?;
-                    }
-                }
-            }
-            Ok(())
-        })();
-        if let Err(msg) = result {
-            let _ = std::fs::remove_dir_all(&tmp_dir);
-            return if stop() { Ok(()) } else { Err(msg) };
-        }
-        match writer {
-            Some(w) => w.finish().map_err(e)?,
-            None => {
-                let _ = std::fs::remove_dir_all(&it.out);
-                std::fs::rename(&tmp_dir, &it.out)
-                    .map_err(|err| format!("{}: {err}", it.out.display()))?;
-            }
-        }
-        let json = Self::json_path(it);
-        write_atomic(
-            &json,
-            track_json(it.input.path(), a, fps, src, &track).as_bytes(),
-        )
-        .map_err(|err| format!("{}: {err}", json.display()))
     }
 }
 
@@ -415,14 +281,18 @@ impl BackendTask for CropJob {
             .map_err(|e| e.to_string())?;
         let pb = bar(self.args.quiet, self.items.len() as u64, "videos");
         let (mut written, mut failures) = (0, Vec::new());
+        let opts = self.options();
         for it in &self.items {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
-            match self.one(&det, it, &pb) {
-                Ok(()) if !self.stop.load(Ordering::Relaxed) => written += 1,
-                Ok(()) => {}
-                Err(msg) => failures.push(Failure::new(&it.input, msg)),
+            pb.set_message(format!("{}", it.input.path().display()));
+            let stop = || self.stop.load(Ordering::Relaxed);
+            let json = Self::json_path(it);
+            match crop_video_with_track(&it.input, &it.out, &json, &det, &opts, &stop) {
+                Ok(Some(_)) => written += 1,
+                Ok(None) => {}
+                Err(e) => failures.push(Failure::new(&it.input, e)),
             }
             pb.inc(1);
         }

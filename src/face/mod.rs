@@ -4,6 +4,7 @@
 
 pub mod cpu_nets;
 pub mod crop;
+pub mod crop_video;
 pub mod detect;
 pub mod draw;
 pub mod mtcnn;

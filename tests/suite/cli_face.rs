@@ -300,3 +300,40 @@ fn detect_draws_boxes_and_reports_frames_with_a_face() {
         stderr(&o)
     );
 }
+
+/// The library call under `marlin crop`: a frame folder of PNG crops, one per frame, whole or
+/// absent; a stop before the end leaves nothing behind.
+#[test]
+fn crop_video_writes_whole_frame_folders_or_nothing() {
+    use marlin::backend::Cpu;
+    use marlin::face::crop_video::{crop_video, CropFormat, CropVideoOptions, ImageFormat};
+    use marlin::face::{DetectOptions, Detector};
+    use marlin::video::Input;
+    let t = tempfile::tempdir().unwrap();
+    let video = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    let frames = video_shape(&video).0;
+    let det = Detector::<Cpu>::new(&Default::default(), DetectOptions::default()).unwrap();
+    let opts = CropVideoOptions {
+        size: 64,
+        format: CropFormat::Frames(ImageFormat::Png),
+        ..Default::default()
+    };
+    let input = Input::Video(video.clone());
+    let out = t.path().join("faces");
+    let c = crop_video(&input, &out, &det, &opts, &|| false)
+        .unwrap()
+        .expect("not stopped");
+    assert_eq!(c.track.frames.len(), frames);
+    let names = files_in(&out);
+    assert_eq!(names.len(), frames, "{names:?}");
+    assert_eq!(names[0], "00000.png");
+    let first = marlin::video::read_image(&out.join(&names[0])).unwrap();
+    assert_eq!((first.width, first.height), (64, 64));
+    // Stopped at once: no output, no temp folder.
+    let out2 = t.path().join("stopped");
+    assert!(crop_video(&input, &out2, &det, &opts, &|| true)
+        .unwrap()
+        .is_none());
+    assert!(!out2.exists());
+    assert_eq!(files_in(t.path()).len(), 1, "{:?}", files_in(t.path()));
+}
