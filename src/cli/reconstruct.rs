@@ -3,20 +3,14 @@
 
 use super::run_on;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use marlin::backend::{BackendTask, DeviceSpec};
-use marlin::face::parsing::parse_from_landmarks;
-use marlin::face::track::plan_track;
-use marlin::face::{crop_resize, DetectOptions, Detector, TrackOptions};
-use marlin::masking::{make_mask, Grid, ParsingMap, RngDraws, Strategy};
+use marlin::masking::Strategy;
 use marlin::model::weights::StateDict;
-use marlin::model::{Marlin, MarlinConfig, MaskIndices, Part};
-use marlin::train::data::ClipSettings;
-use marlin::train::run::{sample_image, save_png};
-use marlin::video::writer::VideoWriter;
-use marlin::video::{self, Frame};
-use marlin::video::{open_input, Input};
+use marlin::model::{Marlin, MarlinConfig, Part};
+use marlin::train::reconstruct::{reconstruct, ReconstructOptions};
+use marlin::train::run::save_png;
+use marlin::video;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -66,90 +60,7 @@ impl BackendTask for Job {
     type Output = Result<i32, String>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let a = &self.args;
-        let cfg = &self.cfg;
-        let (t, size) = (cfg.clip_frames, cfg.img_size);
-        let input = Input::from_path(&a.video);
-        let e = |err: video::VideoError| err.to_string();
-        let (mut reader, n, _) = open_input(&input, None).map_err(e)?;
-        let picks: Vec<usize> = (0..t).map(|i| a.start + i * a.sample_rate.max(1)).collect();
-        let last = *picks.last().unwrap_or(&0);
-        if n > 0 && last >= n {
-            return Err(format!(
-                "{}: {n} frames; a clip of {t} frames from {} at rate {} needs {}",
-                a.video.display(),
-                a.start,
-                a.sample_rate,
-                last + 1
-            ));
-        }
-        let raw: Vec<Frame> = video::clip::read_indices(reader.as_mut(), &picks)
-            .map_err(e)?
-            .into_iter()
-            .map(|f| (*f).clone())
-            .collect();
-        if raw.len() < picks.len() {
-            return Err(format!(
-                "{}: ended at frame {}",
-                a.video.display(),
-                picks[raw.len()]
-            ));
-        }
-        let det =
-            Detector::<B>::new(&device, DetectOptions::default()).map_err(|e| e.to_string())?;
-        let frames: Vec<Frame> = if a.crop_face {
-            let refs: Vec<&Frame> = raw.iter().collect();
-            let dets: Vec<Option<Vec<marlin::face::Face>>> =
-                det.detect(&refs).into_iter().map(Some).collect();
-            let track = plan_track(&dets, &vec![true; raw.len()], &TrackOptions::default())
-                .map_err(|m| format!("{}: {m}", a.video.display()))?;
-            raw.iter()
-                .zip(&track.frames)
-                .map(|(f, tf)| crop_resize(f, &tf.crop, size))
-                .collect()
-        } else {
-            raw.iter()
-                .map(|f| video::resize_frame(f, size, size))
-                .collect()
-        };
-        // Parsing maps of each tubelet's first frame, from the detector's landmarks.
-        let tub = cfg.tubelet_size;
-        let firsts: Vec<&Frame> = frames.iter().step_by(tub).collect();
-        let parsing: Vec<Option<ParsingMap>> = det
-            .detect(&firsts)
-            .into_iter()
-            .map(|faces| {
-                faces
-                    .iter()
-                    .max_by(|x, y| x.area().total_cmp(&y.area()))
-                    .map(|f| parse_from_landmarks(&f.landmarks, size))
-            })
-            .collect();
-        let g = cfg.img_size / cfg.patch_size;
-        let grid = Grid {
-            tubelets: t / tub,
-            grid_h: g,
-            grid_w: g,
-            patch: cfg.patch_size,
-        };
-        let refs: Vec<Option<&ParsingMap>> = parsing.iter().map(Option::as_ref).collect();
-        let visible = make_mask(
-            a.strategy,
-            a.mask_ratio,
-            &refs,
-            &grid,
-            &mut RngDraws::new(a.seed),
-        );
-        let plane = t * size * size;
-        let mut clip = vec![0f32; 3 * plane];
-        for (ti, f) in frames.iter().enumerate() {
-            for (p, px) in f.data.chunks_exact(3).enumerate() {
-                let o = ti * size * size + p;
-                for c in 0..3 {
-                    clip[c * plane + o] = px[c] as f32 / 255.0;
-                }
-            }
-        }
-        let pred: Option<Vec<f32>> = match &self.weights {
+        let model = match &self.weights {
             Some(w) => {
                 let sd = StateDict::load(w).map_err(|e| e.to_string())?;
                 if !sd.tensors.keys().any(|k| k.starts_with("decoder.")) {
@@ -158,79 +69,44 @@ impl BackendTask for Job {
                         w.display()
                     ));
                 }
-                let (m, _) = Marlin::<B>::from_state_dict(
-                    cfg,
-                    &sd,
-                    &[Part::Encoder, Part::Decoder],
-                    &device,
-                )
-                .map_err(|e| e.to_string())?;
-                let x = Tensor::<B, 5>::from_data(
-                    TensorData::new(clip.clone(), [1, 3, t, size, size]),
-                    &device,
-                );
-                let idx = MaskIndices::from_bools(&visible, 1).map_err(|e| e.to_string())?;
-                let y = m.forward_indices(x, &idx).map_err(|e| e.to_string())?;
-                Some(
-                    y.into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .unwrap_or_default(),
-                )
+                let parts = [Part::Encoder, Part::Decoder];
+                let (m, _) = Marlin::<B>::from_state_dict(&self.cfg, &sd, &parts, &device)
+                    .map_err(|e| e.to_string())?;
+                Some(m)
             }
             None => None,
         };
-        let settings = ClipSettings {
-            clip_frames: t,
-            sample_rate: a.sample_rate,
-            img_size: size,
-            grid,
-            tubelet: tub,
+        let opts = ReconstructOptions {
             strategy: a.strategy,
             mask_ratio: a.mask_ratio,
+            start: a.start,
+            sample_rate: a.sample_rate,
+            seed: a.seed,
+            crop_face: a.crop_face,
         };
-        let panels: Vec<image::RgbImage> = (0..t)
-            .map(|f| sample_image(&clip, &visible, pred.as_deref(), &settings, f))
-            .collect();
-        let (w, h) = (panels[0].width(), panels[0].height());
-        let mut grid_img = image::RgbImage::new(w, h * t as u32);
-        for (i, p) in panels.iter().enumerate() {
-            image::imageops::replace(&mut grid_img, p, 0, (i as u32 * h) as i64);
-        }
+        let r = reconstruct(&a.video, &self.cfg, model.as_ref(), &opts, &device)
+            .map_err(|e| e.to_string())?;
         let stem = a
             .video
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or("clip".into());
         let png = a.out.join(format!("{stem}_reconstruction.png"));
-        save_png(&grid_img, &png)?;
-        let fps = match &input {
-            Input::Video(v) => video::probe(v).map(|i| i.fps).unwrap_or(25.0),
-            Input::Frames(_) => 25.0,
-        } / a.sample_rate.max(1) as f64;
+        save_png(&r.grid(), &png)?;
         let mp4 = a.out.join(format!("{stem}_reconstruction.mp4"));
-        let mut wr = VideoWriter::create(&mp4, w as usize, h as usize, fps).map_err(e)?;
-        for p in panels {
-            wr.write(&Frame {
-                width: w as usize,
-                height: h as usize,
-                data: p.into_raw(),
-            })
-            .map_err(e)?;
-        }
-        wr.finish().map_err(e)?;
-        let shown = visible.iter().filter(|&&v| v).count();
+        r.save_mp4(&mp4).map_err(|e| e.to_string())?;
+        let shown = r.visible.iter().filter(|&&v| v).count();
         outln!(
             "{}: {shown} of {} tokens visible ({:?}, ratio {}); {}{}",
             a.video.display(),
-            visible.len(),
+            r.visible.len(),
             a.strategy,
             a.mask_ratio,
             png.display(),
-            if pred.is_none() {
-                " (no weights: mask only)"
-            } else {
+            if r.predicted {
                 ""
+            } else {
+                " (no weights: mask only)"
             }
         );
         Ok(0)

@@ -12,6 +12,7 @@
 //! from [`schedule::lr_at`].
 
 pub mod data;
+pub mod reconstruct;
 pub mod run;
 pub mod schedule;
 

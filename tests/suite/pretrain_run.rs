@@ -529,3 +529,51 @@ fn config_prints_a_released_config_that_reads_back() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
+
+/// The library call under `marlin reconstruct`: without a model, the mask alone (two panels
+/// per frame); with the full tiny model, three panels and a prediction.
+#[test]
+fn reconstruct_from_the_library() {
+    use marlin::backend::Cpu;
+    use marlin::model::Part;
+    use marlin::train::reconstruct::{reconstruct, ReconstructOptions};
+    use marlin::{Marlin, MarlinConfig};
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cfg = MarlinConfig::from_yaml_file(&fx.join("model/tiny_a.yaml")).unwrap();
+    let video = fx.join("video/h264_100.mp4");
+    let dev = Default::default();
+    let opts = ReconstructOptions {
+        strategy: "random".parse().unwrap(),
+        ..Default::default()
+    };
+    let r = reconstruct::<Cpu>(&video, &cfg, None, &opts, &dev).unwrap();
+    assert!(!r.predicted);
+    assert_eq!(r.panels.len(), cfg.clip_frames);
+    let tokens = (cfg.img_size / cfg.patch_size).pow(2) * cfg.clip_frames / cfg.tubelet_size;
+    assert_eq!(r.visible.len(), tokens);
+    assert_eq!(r.visible.iter().filter(|&&v| v).count(), tokens / 10);
+    let (w2, h) = (r.panels[0].width(), r.panels[0].height());
+    assert_eq!(w2, 2 * h, "original | masked");
+    let (m, _) = Marlin::<Cpu>::load_file(
+        &cfg,
+        &fx.join("model/tiny_a.full.pt"),
+        &[Part::Encoder, Part::Decoder],
+        &dev,
+    )
+    .unwrap();
+    let r = reconstruct(&video, &cfg, Some(&m), &opts, &dev).unwrap();
+    assert!(r.predicted);
+    assert_eq!(
+        r.panels[0].width(),
+        3 * h,
+        "original | masked | reconstruction"
+    );
+    let bad = ReconstructOptions {
+        mask_ratio: 1.0,
+        ..Default::default()
+    };
+    let e = reconstruct(&video, &cfg, Some(&m), &bad, &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("--mask-ratio"), "{e}");
+}
