@@ -206,7 +206,7 @@ fn finish<B: Backend>(
 }
 
 pub fn split(args: SplitArgs) -> Result<i32, String> {
-    for (p, n) in make_split(&args.input, args.seed, args.overwrite)? {
+    for (p, n) in make_split(&args.input, args.seed, args.overwrite).map_err(|e| e.to_string())? {
         outln!("{}: {n}", p.display());
     }
     Ok(0)
@@ -287,8 +287,10 @@ fn prepare_out(out: &Path) -> Result<(), String> {
 }
 
 pub fn probe(args: ProbeArgs) -> Result<i32, String> {
-    let data = Dataset::load(&args.train.labels, &args.train.task)?;
-    let paths = data.feature_paths(&args.features)?;
+    let data = Dataset::load(&args.train.labels, &args.train.task).map_err(|e| e.to_string())?;
+    let paths = data
+        .feature_paths(&args.features)
+        .map_err(|e| e.to_string())?;
     let inputs = load_features(&paths, &data, &args.reduction)?;
     if !args.train.quiet {
         eprintln!(
@@ -359,8 +361,8 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
     if args.sample_rate == 0 {
         return Err("--sample-rate must be at least 1".into());
     }
-    let data = Dataset::load(&args.train.labels, &args.train.task)?;
-    data.check_videos()?;
+    let data = Dataset::load(&args.train.labels, &args.train.task).map_err(|e| e.to_string())?;
+    data.check_videos().map_err(|e| e.to_string())?;
     let (cfg, weights) = args.model.resolve(false, !args.train.quiet)?;
     prepare_out(&args.train.out)?;
     let stop = Arc::new(AtomicBool::new(false));

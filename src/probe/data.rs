@@ -28,6 +28,24 @@ pub struct Sample {
     pub target: Vec<f32>,
 }
 
+/// A label file, dataset layout or split that cannot be used. Each message names the file
+/// (and row).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    /// A file that cannot be read, a row or entry that cannot be used (`file:row: what`), a
+    /// layout that is neither CelebV-HQ nor split CSVs.
+    #[error("{0}")]
+    Invalid(String),
+    /// A features file or video that a row names and that does not exist.
+    #[error("{origin}: {what} {path} not found{hint}")]
+    Missing {
+        origin: String,
+        what: &'static str,
+        path: String,
+        hint: &'static str,
+    },
+}
+
 /// A dataset with its three splits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -60,22 +78,22 @@ impl Dataset {
 
     /// A CelebV-HQ root (with `celebvhq_info.json`, `task` appearance or action) or a folder with
     /// `train.csv`, `val.csv` and `test.csv`.
-    pub fn load(path: &Path, task: &str) -> Result<Self, String> {
+    pub fn load(path: &Path, task: &str) -> Result<Self, DataError> {
         if path.join("celebvhq_info.json").is_file() {
-            load_celebvhq(path, task)
+            load_celebvhq(path, task).map_err(DataError::Invalid)
         } else if path.is_dir() {
-            load_csv_dir(path)
+            load_csv_dir(path).map_err(DataError::Invalid)
         } else {
-            Err(format!(
+            Err(DataError::Invalid(format!(
                 "{}: not a CelebV-HQ root (celebvhq_info.json) nor a folder with train.csv, val.csv and test.csv",
                 path.display()
-            ))
+            )))
         }
     }
 
     /// The features file of each sample under `dir`, or an error naming the first row without
     /// one. Tries `dir/<key>.npy`, then `dir/<file stem>.npy` (features of a walked folder).
-    pub fn feature_paths(&self, dir: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>, String> {
+    pub fn feature_paths(&self, dir: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>, DataError> {
         let mut out = BTreeMap::new();
         for split in SPLITS {
             let mut v = Vec::new();
@@ -91,12 +109,11 @@ impl Dataset {
                 let p = [full.clone(), stem]
                     .into_iter()
                     .find(|p| p.is_file())
-                    .ok_or_else(|| {
-                        format!(
-                            "{}: features {} not found (run `marlin extract` on the videos first)",
-                            s.origin,
-                            full.display()
-                        )
+                    .ok_or_else(|| DataError::Missing {
+                        origin: s.origin.clone(),
+                        what: "features",
+                        path: full.display().to_string(),
+                        hint: " (run `marlin extract` on the videos first)",
                     })?;
                 v.push(p);
             }
@@ -106,15 +123,16 @@ impl Dataset {
     }
 
     /// Every video exists, or an error naming the first row whose video is missing.
-    pub fn check_videos(&self) -> Result<(), String> {
+    pub fn check_videos(&self) -> Result<(), DataError> {
         for split in SPLITS {
             for s in self.split(split) {
                 if !s.video.is_file() {
-                    return Err(format!(
-                        "{}: video {} not found",
-                        s.origin,
-                        s.video.display()
-                    ));
+                    return Err(DataError::Missing {
+                        origin: s.origin.clone(),
+                        what: "video",
+                        path: s.video.display().to_string(),
+                        hint: "",
+                    });
                 }
             }
         }
@@ -370,7 +388,11 @@ pub fn make_split(
     input: &Path,
     seed: u64,
     overwrite: bool,
-) -> Result<Vec<(PathBuf, usize)>, String> {
+) -> Result<Vec<(PathBuf, usize)>, DataError> {
+    split_files(input, seed, overwrite).map_err(DataError::Invalid)
+}
+
+fn split_files(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathBuf, usize)>, String> {
     let (dir, ext, header, rows): (PathBuf, &str, Option<String>, Vec<String>) = if input.is_dir() {
         let cropped = input.join("cropped");
         let rd = std::fs::read_dir(&cropped).map_err(|_| {
