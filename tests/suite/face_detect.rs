@@ -27,13 +27,7 @@ fn detections_match_facenet_pytorch() {
     // All three in one call: frames of different sizes are grouped internally.
     let got = det.detect(&frames.iter().collect::<Vec<_>>());
     let (mut coords, mut scores) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-    let flat = |f: &Face| -> Vec<f32> {
-        f.bbox
-            .iter()
-            .copied()
-            .chain(f.landmarks.iter().flatten().copied())
-            .collect()
-    };
+    let flat = common::face_coords;
     for (name, faces) in names.iter().zip(&got) {
         let want: Vec<Face> = serde_json::from_value(expected[name].clone()).unwrap();
         assert_eq!(faces.len(), want.len(), "{name}: {faces:?} vs {want:?}");

@@ -97,13 +97,7 @@ fn detections_on_real_frames_match_facenet_pytorch() {
                 "{name} frame {i}: {faces:?} vs {want:?}"
             );
             for (a, b) in faces.iter().zip(&want) {
-                let flat = |f: &Face| -> Vec<f32> {
-                    f.bbox
-                        .iter()
-                        .copied()
-                        .chain(f.landmarks.iter().flatten().copied())
-                        .collect()
-                };
+                let flat = common::face_coords;
                 let at = format!("{name} frame {i}");
                 let c = common::try_max_abs_diff(&flat(a), &flat(b))
                     .unwrap_or_else(|e| panic!("{at}: {e}"));

@@ -245,3 +245,12 @@ pub fn example(name: &str, args: &[&str]) -> Output {
     );
     Command::new(bin).args(args).output().unwrap()
 }
+
+/// A face's box and landmarks as one list of coordinates (for [`max_abs_diff`]).
+pub fn face_coords(f: &marlin::face::Face) -> Vec<f32> {
+    f.bbox
+        .iter()
+        .copied()
+        .chain(f.landmarks.iter().flatten().copied())
+        .collect()
+}
