@@ -13,7 +13,8 @@ use marlin::probe::data::{make_split, Dataset};
 use marlin::probe::metrics::{table, Metrics, TaskKind};
 use marlin::probe::saved::{ClassifierInfo, SavedClassifier};
 use marlin::probe::train::{
-    load_features, train, Classifier, ClipSpec, EpochLog, Inputs, RunHooks, TrainOptions,
+    load_features, train, Classifier, ClipSpec, EpochLog, Inputs, ProbeError, RunHooks,
+    TrainOptions,
 };
 use marlin::util::write_atomic;
 use std::path::{Path, PathBuf};
@@ -125,7 +126,12 @@ impl Hooks {
 }
 
 impl<B: Backend> RunHooks<B> for Hooks {
-    fn epoch(&mut self, log: &EpochLog, improved: Option<&Classifier<B>>) -> Result<(), String> {
+    fn epoch(
+        &mut self,
+        log: &EpochLog,
+        improved: Option<&Classifier<B>>,
+    ) -> Result<(), ProbeError> {
+        let report = |msg: String| ProbeError::Report(msg);
         self.csv += &format!(
             "{},{:e},{:.6},{:.6},{:.6},{},{:.2}\n",
             log.epoch,
@@ -137,12 +143,13 @@ impl<B: Backend> RunHooks<B> for Hooks {
             log.seconds
         );
         let p = self.out.join("metrics.csv");
-        write_atomic(&p, self.csv.as_bytes()).map_err(|e| format!("{}: {e}", p.display()))?;
+        write_atomic(&p, self.csv.as_bytes())
+            .map_err(|e| report(format!("{}: {e}", p.display())))?;
         if let Some(m) = improved {
             let p = self.out.join("best.safetensors");
             m.to_state_dict(&self.name)
                 .save_safetensors(&p, None)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| report(e.to_string()))?;
         }
         self.bar.inc(1);
         self.bar.set_message(format!(
@@ -233,7 +240,8 @@ fn train_and_report<B: Backend>(
         ..Default::default()
     };
     let mut hooks = Hooks::new(&t.out, &info.mode, opts.max_epochs, t.quiet, stop.clone());
-    let r = train::<Autodiff<B>>(model, data, inputs, &opts, &mut hooks, device)?;
+    let r = train::<Autodiff<B>>(model, data, inputs, &opts, &mut hooks, device)
+        .map_err(|e| e.to_string())?;
     hooks.bar.finish_and_clear();
     info.best_epoch = r.best_epoch;
     info.val_auc = r.val.auc();
@@ -291,7 +299,7 @@ pub fn probe(args: ProbeArgs) -> Result<i32, String> {
     let paths = data
         .feature_paths(&args.features)
         .map_err(|e| e.to_string())?;
-    let inputs = load_features(&paths, &data, &args.reduction)?;
+    let inputs = load_features(&paths, &data, &args.reduction).map_err(|e| e.to_string())?;
     if !args.train.quiet {
         eprintln!(
             "{:?} task, {} label(s)/class(es); {} train, {} val, {} test videos",

@@ -105,7 +105,7 @@ impl<B: Backend> SavedClassifier<B> {
             path: origin.display().to_string(),
             msg,
         };
-        let f = reduce_clips(features, how).map_err(input_err)?;
+        let f = reduce_clips(features, how).map_err(|e| input_err(e.to_string()))?;
         if f.len() != self.info.feature_dim {
             return Err(input_err(format!(
                 "{} features, the classifier takes {}",

@@ -25,6 +25,19 @@ use rayon::prelude::*;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// Why a downstream run or its inputs failed. One line naming the file (and row).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Features or clips that cannot be read or used (`file:row: what`).
+    #[error("{0}")]
+    Input(String),
+    /// A run's hook (checkpoint, report) failed.
+    #[error("{0}")]
+    Report(String),
+    #[error("no epoch finished")]
+    NoEpoch,
+}
+
 /// A linear head, with the encoder under it when fine-tuning.
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend> {
@@ -244,7 +257,8 @@ pub struct RunResult<B: Backend> {
 
 /// Hooks of a run: progress and checkpoints (called after each epoch), and Ctrl-C.
 pub trait RunHooks<B: Backend> {
-    fn epoch(&mut self, log: &EpochLog, improved: Option<&Classifier<B>>) -> Result<(), String>;
+    fn epoch(&mut self, log: &EpochLog, improved: Option<&Classifier<B>>)
+        -> Result<(), ProbeError>;
     fn stop(&self) -> bool;
     fn batch(&mut self, _done: usize, _total: usize) {}
 }
@@ -356,12 +370,14 @@ impl Inputs {
         split: &str,
         batch: usize,
         device: &B::Device,
-    ) -> Result<(f64, Metrics), String> {
+    ) -> Result<(f64, Metrics), ProbeError> {
         let samples = data.split(split);
         let idx: Vec<usize> = (0..samples.len()).collect();
         let (mut p, mut total, mut y) = (Vec::new(), 0f64, Vec::new());
         for chunk in idx.chunks(batch.max(1)) {
-            let logits = self.logits(model, split, samples, chunk, None, device)?;
+            let logits = self
+                .logits(model, split, samples, chunk, None, device)
+                .map_err(ProbeError::Input)?;
             let t = targets(samples, chunk);
             total += to_scalar(loss(logits.clone(), &t, data.kind)) * chunk.len() as f64;
             p.extend(probs(logits, data.kind));
@@ -384,7 +400,7 @@ pub fn train<B: AutodiffBackend>(
     opts: &TrainOptions,
     hooks: &mut dyn RunHooks<B::InnerBackend>,
     device: &B::Device,
-) -> Result<RunResult<B::InnerBackend>, String> {
+) -> Result<RunResult<B::InnerBackend>, ProbeError> {
     let mut optim = AdamConfig::new()
         .with_beta_1(0.5)
         .with_beta_2(0.9)
@@ -415,7 +431,9 @@ pub fn train<B: AutodiffBackend>(
             if hooks.stop() {
                 break;
             }
-            let logits = inputs.logits(&model, "train", &data.train, b, Some(&mut rng), device)?;
+            let logits = inputs
+                .logits(&model, "train", &data.train, b, Some(&mut rng), device)
+                .map_err(ProbeError::Input)?;
             let l = loss(logits, &targets(&data.train, b), data.kind);
             sum += to_scalar(l.clone().inner()) * b.len() as f64;
             count += b.len();
@@ -459,7 +477,7 @@ pub fn train<B: AutodiffBackend>(
             break;
         }
     }
-    let (_, best_epoch, best) = best.ok_or("no epoch finished")?;
+    let (_, best_epoch, best) = best.ok_or(ProbeError::NoEpoch)?;
     let (_, val) = inputs.evaluate(&best, data, "val", bs, &eval_device)?;
     let (_, test) = inputs.evaluate(&best, data, "test", bs, &eval_device)?;
     Ok(RunResult {
@@ -478,7 +496,7 @@ fn inner_device_of<B: AutodiffBackend>(d: &B::Device) -> burn::tensor::Device<B:
 }
 
 /// A video's clip features `[clips, D]` (or `[D]`) combined over clips: mean, max or min.
-pub fn reduce_clips(a: ndarray::ArrayD<f32>, how: &str) -> Result<Vec<f32>, String> {
+pub fn reduce_clips(a: ndarray::ArrayD<f32>, how: &str) -> Result<Vec<f32>, ProbeError> {
     let a = if a.ndim() == 1 {
         a.insert_axis(ndarray::Axis(0))
     } else {
@@ -486,10 +504,16 @@ pub fn reduce_clips(a: ndarray::ArrayD<f32>, how: &str) -> Result<Vec<f32>, Stri
     };
     let ax = ndarray::Axis(0);
     let r = match how {
-        "mean" => a.mean_axis(ax).ok_or("no clips")?,
+        "mean" => a
+            .mean_axis(ax)
+            .ok_or_else(|| ProbeError::Input("no clips".into()))?,
         "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
         "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
-        other => return Err(format!("--reduction {other}: expected mean, max or min")),
+        other => {
+            return Err(ProbeError::Input(format!(
+                "--reduction {other}: expected mean, max or min"
+            )))
+        }
     };
     Ok(r.iter().copied().collect())
 }
@@ -497,6 +521,14 @@ pub fn reduce_clips(a: ndarray::ArrayD<f32>, how: &str) -> Result<Vec<f32>, Stri
 /// Features of every sample of each split from `.npy` files (`[clips, D]` or `[D]`), reduced
 /// over clips by `reduction` (mean, max or min) -> `[n, D]` per split.
 pub fn load_features(
+    paths: &std::collections::BTreeMap<String, Vec<PathBuf>>,
+    data: &Dataset,
+    reduction: &str,
+) -> Result<Inputs, ProbeError> {
+    read_features(paths, data, reduction).map_err(ProbeError::Input)
+}
+
+fn read_features(
     paths: &std::collections::BTreeMap<String, Vec<PathBuf>>,
     data: &Dataset,
     reduction: &str,
@@ -532,7 +564,7 @@ pub fn load_features(
                     d.unwrap_or(0)
                 ));
             }
-            rows.extend(reduce_clips(a, reduction)?);
+            rows.extend(reduce_clips(a, reduction).map_err(|e| e.to_string())?);
         }
         out.push(rows);
     }

@@ -488,11 +488,13 @@ fn head_training_equals_pytorch() {
     use marlin::model::weights::{read_safetensors_file, StateDict};
     use marlin::probe::data::{Dataset, Sample};
     use marlin::probe::metrics::TaskKind;
-    use marlin::probe::train::{train, Classifier, EpochLog, Inputs, RunHooks, TrainOptions};
+    use marlin::probe::train::{
+        train, Classifier, EpochLog, Inputs, ProbeError, RunHooks, TrainOptions,
+    };
 
     struct Quiet;
     impl<B: burn::tensor::backend::Backend> RunHooks<B> for Quiet {
-        fn epoch(&mut self, _: &EpochLog, _: Option<&Classifier<B>>) -> Result<(), String> {
+        fn epoch(&mut self, _: &EpochLog, _: Option<&Classifier<B>>) -> Result<(), ProbeError> {
             Ok(())
         }
         fn stop(&self) -> bool {
