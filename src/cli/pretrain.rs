@@ -97,12 +97,10 @@ impl BackendTask for Job {
         let model = if resuming {
             None
         } else {
-            Some(initial_model::<Autodiff<B>>(
-                &self.cfg,
-                a.init.as_ref(),
-                a.seed,
-                &device,
-            )?)
+            Some(
+                initial_model::<Autodiff<B>>(&self.cfg, a.init.as_ref(), a.seed, &device)
+                    .map_err(|e| e.to_string())?,
+            )
         };
         let bar = super::progress_bar(a.quiet, 0, "{bar:30} {pos}/{len} steps  {msg}  ETA {eta}");
         let mut progress = Bar {
@@ -126,7 +124,8 @@ impl BackendTask for Job {
             a.resume,
             &mut progress,
             &device,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         progress.bar.finish_and_clear();
         if let Some(e) = s.resumed_from {
             eprintln!("resumed at epoch {e}");

@@ -92,7 +92,7 @@ impl BackendTask for Job {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or("clip".into());
         let png = a.out.join(format!("{stem}_reconstruction.png"));
-        save_png(&r.grid(), &png)?;
+        save_png(&r.grid(), &png).map_err(|e| e.to_string())?;
         let mp4 = a.out.join(format!("{stem}_reconstruction.mp4"));
         r.save_mp4(&mp4).map_err(|e| e.to_string())?;
         let shown = r.visible.iter().filter(|&&v| v).count();

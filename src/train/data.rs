@@ -11,6 +11,7 @@
 //! comes from (seed, epoch, clip index), so a run is repeatable, whatever the thread timing, and
 //! a resumed run continues with the same draws.
 
+use super::TrainError;
 use crate::masking::{make_mask, Draws, Grid, ParsingMap, RngDraws, Strategy};
 use crate::model::MarlinConfig;
 use crate::video::{self, natural_cmp};
@@ -34,7 +35,7 @@ pub struct Split {
 
 impl Split {
     /// `DATA/{split}_set.csv` (split: train or val).
-    pub fn load(root: &Path, split: &str) -> Result<Self, String> {
+    pub fn load(root: &Path, split: &str) -> Result<Self, TrainError> {
         let csv = root.join(format!("{split}_set.csv"));
         let mut r = csv::Reader::from_path(&csv).map_err(|e| format!("{}: {e}", csv.display()))?;
         let headers = r
@@ -59,12 +60,13 @@ impl Split {
                     csv.display(),
                     i + 2,
                     dir.display()
-                ));
+                )
+                .into());
             }
             videos.push(p);
         }
         if videos.is_empty() {
-            return Err(format!("{}: no videos", csv.display()));
+            return Err(format!("{}: no videos", csv.display()).into());
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -86,7 +88,7 @@ pub struct ClipSettings {
 }
 
 impl ClipSettings {
-    pub fn from_config(cfg: &MarlinConfig) -> Result<Self, String> {
+    pub fn from_config(cfg: &MarlinConfig) -> Result<Self, TrainError> {
         let g = cfg.img_size / cfg.patch_size;
         Ok(Self {
             clip_frames: cfg.clip_frames,
@@ -177,7 +179,7 @@ pub fn read_sample(
     index: usize,
     s: &ClipSettings,
     rng: &mut StdRng,
-) -> Result<Sample, String> {
+) -> Result<Sample, TrainError> {
     let rel = &split.videos[index];
     let dir = split.root.join("crop_images_DB").join(rel);
     let mut files = video::list_frames(&dir).map_err(|e| e.to_string())?;
@@ -244,12 +246,13 @@ pub fn read_batch(
     seed: u64,
     epoch: usize,
     salt: u64,
-) -> Result<Vec<Sample>, String> {
+) -> Result<Vec<Sample>, TrainError> {
     indices
         .par_iter()
         .map(|&i| {
             let mut rng = clip_rng(seed, epoch, i, salt);
-            read_sample(split, i, s, &mut rng).map_err(|e| format!("{}: {e}", split.videos[i]))
+            read_sample(split, i, s, &mut rng)
+                .map_err(|e| TrainError::Run(format!("{}: {e}", split.videos[i])))
         })
         .collect()
 }

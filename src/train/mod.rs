@@ -11,6 +11,32 @@
 //! Two AdamW optimisers (the config's betas, eps, weight decay). Learning rates per epoch come
 //! from [`schedule::lr_at`].
 
+/// Why pretraining (data, a step, a run, its checkpoints) failed. One line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Mask(#[from] crate::model::MaskError),
+    #[error(transparent)]
+    Weights(#[from] crate::model::WeightsError),
+    #[error(transparent)]
+    Video(#[from] crate::video::VideoError),
+    /// Data layout, configs, checkpoints and run state: the message names the file.
+    #[error("{0}")]
+    Run(String),
+}
+
+impl From<String> for TrainError {
+    fn from(msg: String) -> Self {
+        TrainError::Run(msg)
+    }
+}
+
+impl From<&str> for TrainError {
+    fn from(msg: &str) -> Self {
+        TrainError::Run(msg.into())
+    }
+}
+
 pub mod data;
 pub mod reconstruct;
 pub mod run;
@@ -97,7 +123,7 @@ pub struct Pretrainer<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Pretrainer<B> {
     /// From a full model with its discriminator (`Marlin::init` / `load_file` with all parts).
-    pub fn new(mut model: Marlin<B>, losses: LossConfig) -> Result<Self, String> {
+    pub fn new(mut model: Marlin<B>, losses: LossConfig) -> Result<Self, TrainError> {
         let critic = model
             .discriminator
             .take()
@@ -157,7 +183,7 @@ impl<B: AutodiffBackend> Pretrainer<B> {
         idx: &MaskIndices,
         lr: f64,
         gp_seed: u64,
-    ) -> Result<StepLosses, String> {
+    ) -> Result<StepLosses, TrainError> {
         let real = self.generator().target(clip.clone(), idx);
         let mut out = StepLosses::default();
         if self.losses.adv_loss {
@@ -235,7 +261,7 @@ pub fn evaluate<B: Backend>(
     clip: Tensor<B, 5>,
     idx: &MaskIndices,
     losses: &LossConfig,
-) -> Result<StepLosses, String> {
+) -> Result<StepLosses, TrainError> {
     let real = model.target(clip.clone(), idx);
     let pred = model
         .forward_indices(clip, idx)
@@ -261,7 +287,11 @@ pub fn evaluate<B: Backend>(
 
 impl<B: AutodiffBackend> Pretrainer<B> {
     /// Validation losses of a batch with the current weights (no gradients).
-    pub fn validate(&self, clip: Tensor<B, 5>, idx: &MaskIndices) -> Result<StepLosses, String> {
+    pub fn validate(
+        &self,
+        clip: Tensor<B, 5>,
+        idx: &MaskIndices,
+    ) -> Result<StepLosses, TrainError> {
         let g = self.generator().valid();
         let c = self.critic().valid();
         evaluate(&g, &c, clip.inner(), idx, &self.losses)

@@ -10,7 +10,7 @@
 
 use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split};
 use super::schedule::lr_at;
-use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, StepLosses};
+use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, StepLosses, TrainError};
 use crate::model::config::LearningRateConfig;
 use crate::model::weights::{read_safetensors_file, StateDict};
 use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
@@ -249,11 +249,12 @@ pub fn enlarge_small(img: &image::RgbImage, min_side: u32) -> image::RgbImage {
     )
 }
 
-pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), String> {
+pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), TrainError> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    write_atomic(path, buf.get_ref()).map_err(|e| format!("{}: {e}", path.display()))
+    write_atomic(path, buf.get_ref())
+        .map_err(|e| TrainError::Run(format!("{}: {e}", path.display())))
 }
 
 /// Write the checkpoint (atomically) and the weights-only model file.
@@ -323,7 +324,7 @@ fn load_checkpoint<B: AutodiffBackend>(
     cfg: &MarlinConfig,
     losses: LossConfig,
     device: &B::Device,
-) -> Result<(Pretrainer<B>, RunState), String> {
+) -> Result<(Pretrainer<B>, RunState), TrainError> {
     let p = out.join("checkpoint.safetensors");
     let raw = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&raw)
@@ -393,7 +394,7 @@ pub fn pretrain<B: AutodiffBackend>(
     resume: bool,
     progress: &mut dyn Progress,
     device: &B::Device,
-) -> Result<RunSummary, String> {
+) -> Result<RunSummary, TrainError> {
     let train = Split::load(data, "train")?;
     let val = Split::load(data, "val")?;
     let settings = ClipSettings::from_config(cfg)?;
@@ -474,11 +475,11 @@ pub fn pretrain<B: AutodiffBackend>(
         }
         let total = batches.len();
         // The loader thread reads batches ahead of the trainer.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Sample>, String>>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Sample>, TrainError>>(2);
         let (train_ref, settings_ref) = (&train, &settings);
         let mut sum = StepLosses::default();
         let mut seen = 0usize;
-        let result: Result<(), String> = std::thread::scope(|scope| {
+        let result: Result<(), TrainError> = std::thread::scope(|scope| {
             scope.spawn(move || {
                 for b in &batches {
                     if tx
@@ -593,7 +594,7 @@ pub fn initial_model<B: Backend>(
     init: Option<&PathBuf>,
     seed: u64,
     device: &B::Device,
-) -> Result<Marlin<B>, String> {
+) -> Result<Marlin<B>, TrainError> {
     let all = [Part::Encoder, Part::Decoder, Part::Discriminator];
     let Some(p) = init else {
         return Ok(Marlin::init(cfg, &all, seed, device));
