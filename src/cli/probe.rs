@@ -199,7 +199,7 @@ fn finish<B: Backend>(
         }))
         .unwrap_or_default(),
     )?;
-    marlin::probe::plot::curves(&r.epochs, &out.join("curves.png"))?;
+    marlin::probe::plot::curves(&r.epochs, &out.join("curves.png")).map_err(|e| e.to_string())?;
     if !quiet {
         eprintln!(
             "stopped: {}; best epoch {} (validation AUC {})",

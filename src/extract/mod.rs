@@ -141,7 +141,7 @@ pub fn face_track<B: Backend>(
     let det = face::track::detect_frames(reader.as_mut(), &needed, detector, track, stop)?;
     face::track::plan_track(&det, &needed, track).map_err(|msg| VideoError::Other {
         path: input.path().display().to_string(),
-        msg,
+        msg: msg.to_string(),
     })
 }
 

@@ -70,6 +70,9 @@ pub enum CropError {
     Track { path: String, msg: String },
     #[error("{path}: {msg}")]
     Write { path: String, msg: String },
+    /// A step of preparing pretraining data (`face::prepare`); the message names the file.
+    #[error("{0}")]
+    Prepare(String),
 }
 
 /// What a finished crop found.
@@ -82,17 +85,21 @@ pub struct Cropped {
 }
 
 /// Encode a frame as JPEG (quality 95) or PNG.
-pub fn encode_image(f: &Frame, format: ImageFormat) -> Result<Vec<u8>, String> {
+pub fn encode_image(f: &Frame, format: ImageFormat) -> Result<Vec<u8>, image::ImageError> {
+    use image::error::{ParameterError, ParameterErrorKind};
     let img = image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone())
-        .ok_or("bad frame buffer")?;
+        .ok_or_else(|| {
+            image::ImageError::Parameter(ParameterError::from_kind(
+                ParameterErrorKind::DimensionMismatch,
+            ))
+        })?;
     let mut buf = std::io::Cursor::new(Vec::new());
     match format {
         ImageFormat::Png => img.write_to(&mut buf, image::ImageFormat::Png),
         ImageFormat::Jpg => {
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95).encode_image(&img)
         }
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     Ok(buf.into_inner())
 }
 
@@ -118,9 +125,9 @@ pub fn crop_video<B: Backend>(
     if stop() {
         return Ok(None);
     }
-    let track = plan_track(&dets, &wanted, &opts.track).map_err(|msg| CropError::Track {
+    let track = plan_track(&dets, &wanted, &opts.track).map_err(|e| CropError::Track {
         path: path.clone(),
-        msg,
+        msg: e.to_string(),
     })?;
     let crops = track.crops();
     let write_err = |p: &Path, msg: String| CropError::Write {
@@ -169,6 +176,7 @@ pub fn crop_video<B: Backend>(
                     let p = tmp_dir.join(&names[i]);
                     // Plain writes: the folder is renamed into place when complete.
                     encode_image(&face, fmt)
+                        .map_err(|e| e.to_string())
                         .and_then(|b| std::fs::write(&p, b).map_err(|e| e.to_string()))
                         .map_err(|e| write_err(&p, e))?;
                 }

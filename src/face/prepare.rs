@@ -21,6 +21,19 @@ pub fn prepare_video<B: Backend>(
     track: &TrackOptions,
     size: usize,
     stop: &dyn Fn() -> bool,
+) -> Result<usize, crate::face::crop_video::CropError> {
+    prepare_video_inner(input, rel, data, detector, track, size, stop)
+        .map_err(crate::face::crop_video::CropError::Prepare)
+}
+
+fn prepare_video_inner<B: Backend>(
+    input: &Input,
+    rel: &Path,
+    data: &Path,
+    detector: &Detector<B>,
+    track: &TrackOptions,
+    size: usize,
+    stop: &dyn Fn() -> bool,
 ) -> Result<usize, String> {
     let name = input.path().display().to_string();
     let e = |err: crate::video::VideoError| err.to_string();

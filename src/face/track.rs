@@ -35,6 +35,13 @@ impl std::str::FromStr for FaceSelect {
     }
 }
 
+/// No face in any examined frame (the reference would crop a 2x2 corner patch instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no face found in any of the {examined} frames examined")]
+pub struct NoFace {
+    pub examined: usize,
+}
+
 /// How a track is made.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrackOptions {
@@ -168,7 +175,7 @@ pub fn plan_track(
     detections: &[Option<Vec<Face>>],
     wanted: &[bool],
     opts: &TrackOptions,
-) -> Result<Track, String> {
+) -> Result<Track, NoFace> {
     let chosen: Vec<Option<Face>> = detections
         .iter()
         .map(|d| {
@@ -187,9 +194,7 @@ pub fn plan_track(
     let examined = detections.iter().filter(|d| d.is_some()).count();
     let hits: Vec<usize> = (0..chosen.len()).filter(|&i| chosen[i].is_some()).collect();
     if hits.is_empty() {
-        return Err(format!(
-            "no face found in any of the {examined} frames examined"
-        ));
+        return Err(NoFace { examined });
     }
     // Nearest detection for each wanted frame (ties go to the earlier one).
     let idx: Vec<usize> = (0..wanted.len().min(chosen.len()))
@@ -302,7 +307,10 @@ mod tests {
     fn no_face_is_an_error_and_smoothing_averages() {
         let det: Vec<Option<Vec<Face>>> = vec![Some(vec![]); 3];
         let e = plan_track(&det, &[true; 3], &TrackOptions::default()).unwrap_err();
-        assert_eq!(e, "no face found in any of the 3 frames examined");
+        assert_eq!(
+            e.to_string(),
+            "no face found in any of the 3 frames examined"
+        );
         let b = smooth(
             &[
                 [0.0, 0.0, 10.0, 10.0],

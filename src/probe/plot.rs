@@ -89,8 +89,16 @@ fn draw(epochs: &[EpochLog], path: &Path) -> DrawResult<()> {
     Ok(())
 }
 
+/// The curves PNG could not be drawn or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {msg}")]
+pub struct PlotError {
+    pub path: String,
+    pub msg: String,
+}
+
 /// Draw the curves of `epochs` into `path` (PNG), written under a temp name and renamed.
-pub fn curves(epochs: &[EpochLog], path: &Path) -> Result<(), String> {
+pub fn curves(epochs: &[EpochLog], path: &Path) -> Result<(), PlotError> {
     register();
     let name = path
         .file_name()
@@ -104,5 +112,8 @@ pub fn curves(epochs: &[EpochLog], path: &Path) -> Result<(), String> {
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r.map_err(|e| format!("{}: {e}", path.display()))
+    r.map_err(|msg| PlotError {
+        path: path.display().to_string(),
+        msg,
+    })
 }

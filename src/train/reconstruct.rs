@@ -142,7 +142,7 @@ pub fn reconstruct<B: Backend>(
         let dets: Vec<Option<Vec<crate::face::Face>>> =
             det.detect(&refs).into_iter().map(Some).collect();
         let track = plan_track(&dets, &vec![true; raw.len()], &TrackOptions::default())
-            .map_err(clip_err)?;
+            .map_err(|e| clip_err(e.to_string()))?;
         raw.iter()
             .zip(&track.frames)
             .map(|(f, tf)| crop_resize(f, &tf.crop, size))
