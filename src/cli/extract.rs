@@ -172,11 +172,11 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
         .iter()
         .filter(|it| args.overwrite || !it.out.exists())
         .count();
+    // FFmpeg only matters for the videos that will be read.
     if found
         .items
         .iter()
-        .any(|it| matches!(it.input, Input::Video(_)))
-        && todo > 0
+        .any(|it| matches!(it.input, Input::Video(_)) && (args.overwrite || !it.out.exists()))
     {
         check_ffmpeg()?;
     }
