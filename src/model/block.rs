@@ -1,8 +1,7 @@
 //! The pre-norm transformer block shared by encoder and decoder:
 //! x += gamma_1 * Attn(LN1(x)); x += gamma_2 * MLP(LN2(x)).
 
-use super::load::{Exporter, Loader};
-use super::weights::WeightsError;
+use super::load::{layer_norm, lazy, linear};
 use crate::kernels;
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
@@ -22,33 +21,23 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    pub fn load(
-        l: &Loader<B>,
-        prefix: &str,
+    /// Unfilled (lazy) attention of width `dim`: weights come from [`super::keys::KeyMap::load`].
+    pub fn new(
+        dim: usize,
         num_heads: usize,
         qkv_bias: bool,
         qk_scale: Option<f64>,
-    ) -> Result<Self, WeightsError> {
-        let qkv = l.linear(&format!("{prefix}.qkv"), false)?;
-        let dim = qkv.weight.dims()[0];
-        let (q_bias, v_bias) = l.optional_pair(prefix, ("q_bias", "v_bias"), qkv_bias)?;
-        Ok(Self {
-            qkv,
-            q_bias,
-            v_bias,
-            proj: l.linear(&format!("{prefix}.proj"), true)?,
+        device: &B::Device,
+    ) -> Self {
+        let bias = || qkv_bias.then(|| lazy([dim], device));
+        Self {
+            qkv: linear(dim, 3 * dim, false, device),
+            q_bias: bias(),
+            v_bias: bias(),
+            proj: linear(dim, dim, true, device),
             num_heads,
             scale: qk_scale.unwrap_or(((dim / num_heads) as f64).powf(-0.5)),
-        })
-    }
-
-    pub fn export(&self, e: &mut Exporter, prefix: &str) {
-        e.linear(&format!("{prefix}.qkv"), &self.qkv);
-        if let (Some(q), Some(v)) = (&self.q_bias, &self.v_bias) {
-            e.tensor(&format!("{prefix}.q_bias"), &q.val());
-            e.tensor(&format!("{prefix}.v_bias"), &v.val());
         }
-        e.linear(&format!("{prefix}.proj"), &self.proj);
     }
 
     /// [B, N, D] -> [B, N, D]
@@ -94,37 +83,27 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    pub fn load(
-        l: &Loader<B>,
-        prefix: &str,
+    /// Unfilled (lazy) block of width `dim` with an MLP of width `hidden`.
+    pub fn new(
+        dim: usize,
+        hidden: usize,
         num_heads: usize,
         qkv_bias: bool,
         qk_scale: Option<f64>,
         layer_scale: bool,
-    ) -> Result<Self, WeightsError> {
-        let (gamma_1, gamma_2) = l.optional_pair(prefix, ("gamma_1", "gamma_2"), layer_scale)?;
-        Ok(Self {
-            norm1: l.layer_norm(&format!("{prefix}.norm1"))?,
-            attn: Attention::load(l, &format!("{prefix}.attn"), num_heads, qkv_bias, qk_scale)?,
-            norm2: l.layer_norm(&format!("{prefix}.norm2"))?,
+        device: &B::Device,
+    ) -> Self {
+        let gamma = || layer_scale.then(|| lazy([dim], device));
+        Self {
+            norm1: layer_norm(dim, device),
+            attn: Attention::new(dim, num_heads, qkv_bias, qk_scale, device),
+            norm2: layer_norm(dim, device),
             mlp: Mlp {
-                fc1: l.linear(&format!("{prefix}.mlp.layers.0.linear"), true)?,
-                fc2: l.linear(&format!("{prefix}.mlp.layers.1.linear"), true)?,
+                fc1: linear(dim, hidden, true, device),
+                fc2: linear(hidden, dim, true, device),
             },
-            gamma_1,
-            gamma_2,
-        })
-    }
-
-    pub fn export(&self, e: &mut Exporter, prefix: &str) {
-        e.layer_norm(&format!("{prefix}.norm1"), &self.norm1);
-        self.attn.export(e, &format!("{prefix}.attn"));
-        e.layer_norm(&format!("{prefix}.norm2"), &self.norm2);
-        e.linear(&format!("{prefix}.mlp.layers.0.linear"), &self.mlp.fc1);
-        e.linear(&format!("{prefix}.mlp.layers.1.linear"), &self.mlp.fc2);
-        if let (Some(g1), Some(g2)) = (&self.gamma_1, &self.gamma_2) {
-            e.tensor(&format!("{prefix}.gamma_1"), &g1.val());
-            e.tensor(&format!("{prefix}.gamma_2"), &g2.val());
+            gamma_1: gamma(),
+            gamma_2: gamma(),
         }
     }
 

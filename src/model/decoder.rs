@@ -4,8 +4,7 @@
 
 use super::block::Block;
 use super::config::MarlinConfig;
-use super::load::{Exporter, Loader};
-use super::weights::WeightsError;
+use super::load::{layer_norm, lazy, linear};
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -36,38 +35,29 @@ pub(crate) fn gather_tokens<B: Backend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>)
 }
 
 impl<B: Backend> Decoder<B> {
-    pub fn load(l: &Loader<B>, cfg: &MarlinConfig) -> Result<Self, WeightsError> {
+    /// Unfilled (lazy) decoder of `cfg`.
+    pub fn new(cfg: &MarlinConfig, device: &B::Device) -> Self {
+        let d = cfg.decoder.embed_dim;
         let blocks = (0..cfg.decoder.depth)
-            .map(|i| {
-                Block::load(
-                    l,
-                    &format!("decoder.blocks.{i}"),
+            .map(|_| {
+                Block::new(
+                    d,
+                    cfg.mlp_hidden(d),
                     cfg.decoder.num_heads,
                     cfg.qkv_bias,
                     cfg.qk_scale,
                     cfg.init_values > 0.0,
+                    device,
                 )
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            mask_token: l.param("decoder.mask_token")?,
-            pos_embedding: l
-                .param("decoder.pos_embedding.emb")?
-                .set_require_grad(false),
+            .collect();
+        Self {
+            mask_token: lazy([1, 1, d], device),
+            pos_embedding: lazy([1, cfg.num_patches(), d], device).set_require_grad(false),
             blocks,
-            norm: l.layer_norm("decoder.norm")?,
-            head: l.linear("decoder.head", true)?,
-        })
-    }
-
-    pub fn export(&self, e: &mut Exporter) {
-        e.tensor("decoder.mask_token", &self.mask_token.val());
-        e.tensor("decoder.pos_embedding.emb", &self.pos_embedding.val());
-        for (i, b) in self.blocks.iter().enumerate() {
-            b.export(e, &format!("decoder.blocks.{i}"));
+            norm: layer_norm(d, device),
+            head: linear(d, cfg.patch_dim(), true, device),
         }
-        e.layer_norm("decoder.norm", &self.norm);
-        e.linear("decoder.head", &self.head);
     }
 
     /// `x` `[B, n_vis, D_dec]` (projected encoder output), `visible` `[B, n_vis]` and `masked`

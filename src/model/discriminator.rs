@@ -1,8 +1,7 @@
 //! The patch discriminator (critic) of adversarial pretraining:
 //! Linear(P, 4*D_dec) -> LeakyReLU(0.01) -> Linear(4*D_dec, 1), applied per tubelet patch.
 
-use super::load::{Exporter, Loader};
-use super::weights::WeightsError;
+use super::load::linear;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::leaky_relu;
@@ -15,16 +14,12 @@ pub struct Discriminator<B: Backend> {
 }
 
 impl<B: Backend> Discriminator<B> {
-    pub fn load(l: &Loader<B>) -> Result<Self, WeightsError> {
-        Ok(Self {
-            fc1: l.linear("discriminator.layers.0.linear", true)?,
-            fc2: l.linear("discriminator.layers.1.linear", true)?,
-        })
-    }
-
-    pub fn export(&self, e: &mut Exporter) {
-        e.linear("discriminator.layers.0.linear", &self.fc1);
-        e.linear("discriminator.layers.1.linear", &self.fc2);
+    /// Unfilled (lazy) critic over patches of `patch_dim` values with `hidden` units.
+    pub fn new(patch_dim: usize, hidden: usize, device: &B::Device) -> Self {
+        Self {
+            fc1: linear(patch_dim, hidden, true, device),
+            fc2: linear(hidden, 1, true, device),
+        }
     }
 
     /// The gradient of each patch's score with respect to that patch, `[B, K, P]`, written as

@@ -3,9 +3,8 @@
 
 use super::block::Block;
 use super::config::MarlinConfig;
-use super::load::{Exporter, Loader};
+use super::load::{layer_norm, lazy, linear};
 use super::patch_embed::{patchify, TubeletShape};
-use super::weights::WeightsError;
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -22,47 +21,39 @@ pub struct Encoder<B: Backend> {
 }
 
 impl<B: Backend> Encoder<B> {
-    pub fn load(l: &Loader<B>, cfg: &MarlinConfig) -> Result<Self, WeightsError> {
+    /// Unfilled (lazy) encoder of `cfg`: weights come from [`super::keys::KeyMap::load`].
+    pub fn new(cfg: &MarlinConfig, device: &B::Device) -> Self {
+        let d = cfg.encoder.embed_dim;
         let blocks = (0..cfg.encoder.depth)
-            .map(|i| {
-                Block::load(
-                    l,
-                    &format!("encoder.blocks.{i}"),
+            .map(|_| {
+                Block::new(
+                    d,
+                    cfg.mlp_hidden(d),
                     cfg.encoder.num_heads,
                     cfg.qkv_bias,
                     cfg.qk_scale,
                     cfg.init_values > 0.0,
+                    device,
                 )
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            patch_embedding: l.linear("encoder.patch_embedding.projection", true)?,
-            pos_embedding: l
-                .param("encoder.pos_embedding.emb")?
-                .set_require_grad(false),
+            .collect();
+        Self {
+            patch_embedding: linear(cfg.patch_dim(), d, true, device),
+            pos_embedding: lazy([1, cfg.num_patches(), d], device).set_require_grad(false),
             blocks,
-            norm: l.layer_norm("encoder.norm")?,
+            norm: layer_norm(d, device),
             tubelet: TubeletShape {
                 tubelet: cfg.tubelet_size,
                 patch: cfg.patch_size,
             },
-        })
+        }
     }
 
-    pub fn export(&self, e: &mut Exporter) {
-        let [pd, d] = self.patch_embedding.weight.dims();
+    /// The tubelet embedding's shape as the reference's Conv3d weight `[D, 3, t, p, p]`.
+    pub fn patch_conv_shape(&self) -> Vec<usize> {
+        let d = self.patch_embedding.weight.lazy_shape().to_vec()[1];
         let (t, p) = (self.tubelet.tubelet, self.tubelet.patch);
-        debug_assert_eq!(pd, 3 * t * p * p);
-        e.linear_as_conv(
-            "encoder.patch_embedding.projection",
-            &self.patch_embedding,
-            vec![d, 3, t, p, p],
-        );
-        e.tensor("encoder.pos_embedding.emb", &self.pos_embedding.val());
-        for (i, b) in self.blocks.iter().enumerate() {
-            b.export(e, &format!("encoder.blocks.{i}"));
-        }
-        e.layer_norm("encoder.norm", &self.norm);
+        vec![d, 3, t, p, p]
     }
 
     /// Clip `[B, 3, T, H, W]` -> embedded tokens with positions `[B, N, D]`.

@@ -1,15 +1,15 @@
-//! Moving parameters between a [`StateDict`] (PyTorch layout, host) and burn modules.
+//! Host <-> device helpers: reading tensors back, the lazy parameters of unfilled modules
+//! (filled by [`super::keys::KeyMap::load`]), and a name-by-name [`Loader`] for networks whose
+//! weights are embedded (the face detector's).
 
 use super::weights::{HostTensor, StateDict, WeightsError};
 use burn::module::Param;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::Shape;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 /// LayerNorm epsilon of the reference (torch default).
 pub const LN_EPS: f64 = 1e-5;
-
-/// Two optional vector parameters.
-pub type OptionalPair<B> = (Option<Param<Tensor<B, 1>>>, Option<Param<Tensor<B, 1>>>);
 
 /// Builds burn parameters from a checked state dict.
 pub struct Loader<'a, B: Backend> {
@@ -47,22 +47,6 @@ impl<'a, B: Backend> Loader<'a, B> {
         Ok(Param::from_tensor(self.tensor(key)?))
     }
 
-    /// Two optional vectors `{prefix}.{a}`, `{prefix}.{b}` (q/v bias, layer-scale gammas).
-    pub fn optional_pair(
-        &self,
-        prefix: &str,
-        (a, b): (&str, &str),
-        present: bool,
-    ) -> Result<OptionalPair<B>, WeightsError> {
-        if !present {
-            return Ok((None, None));
-        }
-        Ok((
-            Some(self.param(&format!("{prefix}.{a}"))?),
-            Some(self.param(&format!("{prefix}.{b}"))?),
-        ))
-    }
-
     /// A Linear layer: PyTorch `[out, in...]` weight (a Linear's, or a Conv whose kernel equals
     /// its stride, flattened) transposed to burn's `[in, out]`.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear<B>, WeightsError> {
@@ -86,17 +70,6 @@ impl<'a, B: Backend> Loader<'a, B> {
         };
         Ok(Linear { weight, bias })
     }
-
-    pub fn layer_norm(&self, prefix: &str) -> Result<LayerNorm<B>, WeightsError> {
-        let gamma = self.param::<1>(&format!("{prefix}.weight"))?;
-        let d = gamma.dims()[0];
-        let mut ln = LayerNormConfig::new(d)
-            .with_epsilon(LN_EPS)
-            .init(self.device);
-        ln.gamma = gamma;
-        ln.beta = Some(self.param::<1>(&format!("{prefix}.bias"))?);
-        Ok(ln)
-    }
 }
 
 /// A float tensor's values as `f32`, row-major.
@@ -119,40 +92,23 @@ pub fn to_scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
     to_f32_vec(t).first().copied().unwrap_or(f32::NAN) as f64
 }
 
-/// Exports burn parameters to a state dict with official names.
-pub struct Exporter<'a> {
-    pub sd: &'a mut StateDict,
+/// A lazy parameter of `shape`: nothing is allocated until it is read, and loading replaces it.
+pub fn lazy<B: Backend, const D: usize, S: Into<Shape>>(
+    shape: S,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Initializer::Zeros.init(shape, device)
 }
 
-impl Exporter<'_> {
-    pub fn tensor<B: Backend, const D: usize>(&mut self, key: &str, t: &Tensor<B, D>) {
-        self.sd.tensors.insert(key.to_string(), to_host(t));
-    }
+/// An unfilled Linear `[d_in, d_out]` (lazy).
+pub fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Zeros)
+        .init(device)
+}
 
-    pub fn linear<B: Backend>(&mut self, prefix: &str, l: &Linear<B>) {
-        let w = l.weight.val().transpose();
-        self.tensor(&format!("{prefix}.weight"), &w);
-        self.linear_bias(prefix, l);
-    }
-
-    /// A Linear stored as a Conv weight of `shape` (`[out, in...]`).
-    pub fn linear_as_conv<B: Backend>(&mut self, prefix: &str, l: &Linear<B>, shape: Vec<usize>) {
-        let mut w = to_host(&l.weight.val().transpose());
-        w.shape = shape;
-        self.sd.tensors.insert(format!("{prefix}.weight"), w);
-        self.linear_bias(prefix, l);
-    }
-
-    fn linear_bias<B: Backend>(&mut self, prefix: &str, l: &Linear<B>) {
-        if let Some(b) = &l.bias {
-            self.tensor(&format!("{prefix}.bias"), &b.val());
-        }
-    }
-
-    pub fn layer_norm<B: Backend>(&mut self, prefix: &str, ln: &LayerNorm<B>) {
-        self.tensor(&format!("{prefix}.weight"), &ln.gamma.val());
-        if let Some(b) = &ln.beta {
-            self.tensor(&format!("{prefix}.bias"), &b.val());
-        }
-    }
+/// An unfilled LayerNorm with the reference's epsilon (lazy).
+pub fn layer_norm<B: Backend>(d: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(d).with_epsilon(LN_EPS).init(device)
 }

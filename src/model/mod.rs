@@ -6,6 +6,7 @@ pub mod config;
 pub mod decoder;
 pub mod discriminator;
 pub mod encoder;
+pub mod keys;
 pub mod load;
 pub mod patch_embed;
 pub mod weights;
@@ -20,7 +21,7 @@ use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use decoder::Decoder;
 use discriminator::Discriminator;
 use encoder::Encoder;
-use load::{Exporter, Loader};
+use keys::{KeyMap, Slot, MARLIN_RENAMES};
 
 /// A MARLIN model. `decoder`/`enc_dec_proj` are present for full checkpoints (reconstruction),
 /// `discriminator` for training checkpoints.
@@ -153,31 +154,58 @@ impl<B: Backend> Marlin<B> {
         let filled = sd.with_fixed_tables(cfg);
         let sd = filled.as_ref().unwrap_or(sd);
         let unknown_keys = sd.check(cfg, parts)?;
-        let l = Loader::<B>::new(sd, device);
-        let encoder = Encoder::load(&l, cfg)?;
-        let (enc_dec_proj, decoder) = if parts.contains(&Part::Decoder) {
-            (
-                Some(l.linear("enc_dec_proj", false)?),
-                Some(Decoder::load(&l, cfg)?),
-            )
-        } else {
-            (None, None)
-        };
-        let discriminator = if parts.contains(&Part::Discriminator) {
-            Some(Discriminator::load(&l)?)
-        } else {
-            None
-        };
-        Ok((
-            Self {
-                encoder,
-                enc_dec_proj,
-                decoder,
-                discriminator,
-                config: cfg.clone(),
-            },
-            LoadReport { unknown_keys },
-        ))
+        let model = Self::new(cfg, parts, device);
+        let model = Self::key_map(cfg).load(model, sd, cfg.name())?;
+        Ok((model, LoadReport { unknown_keys }))
+    }
+
+    /// The model of `cfg` with the given parts (the encoder always), unfilled: its parameters
+    /// are lazy and take no memory until [`KeyMap::load`] fills them or they are read (zeros).
+    pub fn new(cfg: &MarlinConfig, parts: &[Part], device: &B::Device) -> Self {
+        let decoder = parts.contains(&Part::Decoder);
+        Self {
+            encoder: Encoder::new(cfg, device),
+            enc_dec_proj: decoder
+                .then(|| load::linear(cfg.encoder.embed_dim, cfg.decoder.embed_dim, false, device)),
+            decoder: decoder.then(|| Decoder::new(cfg, device)),
+            discriminator: parts
+                .contains(&Part::Discriminator)
+                .then(|| Discriminator::new(cfg.patch_dim(), cfg.discriminator_hidden(), device)),
+            config: cfg.clone(),
+        }
+    }
+
+    /// Official names of this model family: the module tree's paths after [`MARLIN_RENAMES`],
+    /// with the tubelet embedding stored as the reference's Conv3d weight.
+    pub fn key_map(cfg: &MarlinConfig) -> KeyMap {
+        let (t, p) = (cfg.tubelet_size, cfg.patch_size);
+        let conv = vec![cfg.encoder.embed_dim, 3, t, p, p];
+        KeyMap::new(MARLIN_RENAMES).reshaped("encoder.patch_embedding.weight", conv)
+    }
+
+    /// Every parameter of the model with its official key and shape, in the reference's
+    /// order (encoder, decoder, its input projection, critic), allocating nothing.
+    pub fn slots(&self) -> Vec<(Part, Slot)> {
+        let map = Self::key_map(&self.config);
+        let mut out: Vec<(Part, Slot)> = map
+            .slots_under(&self.encoder, &["encoder"])
+            .into_iter()
+            .map(|s| (Part::Encoder, s))
+            .collect();
+        if let (Some(d), Some(p)) = (&self.decoder, &self.enc_dec_proj) {
+            for s in map.slots_under(d, &["decoder"]) {
+                out.push((Part::Decoder, s));
+            }
+            for s in map.slots_under(p, &["enc_dec_proj"]) {
+                out.push((Part::Decoder, s));
+            }
+        }
+        if let Some(d) = &self.discriminator {
+            for s in map.slots_under(d, &["discriminator"]) {
+                out.push((Part::Discriminator, s));
+            }
+        }
+        out
     }
 
     /// Read a checkpoint file and build the parts it holds that `want` asks for (the encoder
@@ -206,15 +234,7 @@ impl<B: Backend> Marlin<B> {
     /// All weights with official key names, PyTorch layout.
     pub fn to_state_dict(&self) -> StateDict {
         let mut sd = StateDict::new(self.config.name());
-        let mut e = Exporter { sd: &mut sd };
-        self.encoder.export(&mut e);
-        if let (Some(p), Some(d)) = (&self.enc_dec_proj, &self.decoder) {
-            e.linear("enc_dec_proj", p);
-            d.export(&mut e);
-        }
-        if let Some(d) = &self.discriminator {
-            d.export(&mut e);
-        }
+        Self::key_map(&self.config).export(self, &mut sd);
         sd
     }
 

@@ -3,7 +3,8 @@
 //! A checkpoint is read into a [`StateDict`]: official key names (`encoder.blocks.0.attn.qkv.weight`)
 //! mapped to host tensors in PyTorch layout. The model is built from a state dict and exported back
 //! to one, so `.pt`, Lightning `.ckpt` and safetensors files share one code path, and every shape
-//! is checked against [`param_specs`] with an error that names the key and both shapes.
+//! is checked against [`param_specs`] with an error that names the key and both shapes. The
+//! names and shapes come from the module tree ([`super::keys`]); nothing here lists them.
 
 use super::config::MarlinConfig;
 use burn_store::pytorch::PytorchReader;
@@ -104,158 +105,43 @@ impl ParamSpec {
     }
 }
 
-fn push_linear(
-    out: &mut Vec<ParamSpec>,
-    part: Part,
-    prefix: &str,
-    d_in: usize,
-    d_out: usize,
-    bias: bool,
-) {
-    out.push(ParamSpec {
-        key: format!("{prefix}.weight"),
-        shape: vec![d_out, d_in],
-        init: Init::Xavier,
-        part,
-    });
-    if bias {
-        out.push(ParamSpec {
-            key: format!("{prefix}.bias"),
-            shape: vec![d_out],
-            init: Init::Zeros,
-            part,
-        });
+/// The reference's initialisation of a parameter (its `_init_weights`), by the module that
+/// holds it: Linear weights Xavier-uniform with zero biases, LayerNorm ones and zeros, the
+/// tubelet Conv3d torch's default, layer-scale gammas `init_values`, the mask token a truncated
+/// normal, position tables the fixed sin-cos table.
+fn reference_init(cfg: &MarlinConfig, slot: &super::keys::Slot) -> Init {
+    match (slot.module.as_str(), slot.name()) {
+        _ if slot.conv => Init::ConvDefault {
+            fan_in: 3 * cfg.tubelet_size * cfg.patch_size * cfg.patch_size,
+        },
+        (_, "pos_embedding") => Init::PosTable,
+        (_, "mask_token") => Init::TruncNormal(0.02),
+        (_, "gamma_1" | "gamma_2") => Init::Const(cfg.init_values as f32),
+        ("LayerNorm", "gamma") => Init::Ones,
+        ("Linear", "weight") => Init::Xavier,
+        _ => Init::Zeros,
     }
 }
 
-fn push_norm(out: &mut Vec<ParamSpec>, part: Part, prefix: &str, d: usize) {
-    for (name, init) in [("weight", Init::Ones), ("bias", Init::Zeros)] {
-        out.push(ParamSpec {
-            key: format!("{prefix}.{name}"),
-            shape: vec![d],
-            init,
-            part,
-        });
-    }
-}
-
-fn push_blocks(
-    out: &mut Vec<ParamSpec>,
-    cfg: &MarlinConfig,
-    part: Part,
-    root: &str,
-    d: usize,
-    depth: usize,
-) {
-    let hidden = cfg.mlp_hidden(d);
-    for i in 0..depth {
-        let p = format!("{root}.blocks.{i}");
-        if cfg.init_values > 0.0 {
-            for g in ["gamma_1", "gamma_2"] {
-                out.push(ParamSpec {
-                    key: format!("{p}.{g}"),
-                    shape: vec![d],
-                    init: Init::Const(cfg.init_values as f32),
-                    part,
-                });
-            }
-        }
-        push_norm(out, part, &format!("{p}.norm1"), d);
-        push_linear(out, part, &format!("{p}.attn.qkv"), d, 3 * d, false);
-        if cfg.qkv_bias {
-            for b in ["q_bias", "v_bias"] {
-                out.push(ParamSpec {
-                    key: format!("{p}.attn.{b}"),
-                    shape: vec![d],
-                    init: Init::Zeros,
-                    part,
-                });
-            }
-        }
-        push_linear(out, part, &format!("{p}.attn.proj"), d, d, true);
-        push_norm(out, part, &format!("{p}.norm2"), d);
-        push_linear(
-            out,
-            part,
-            &format!("{p}.mlp.layers.0.linear"),
-            d,
-            hidden,
-            true,
-        );
-        push_linear(
-            out,
-            part,
-            &format!("{p}.mlp.layers.1.linear"),
-            hidden,
-            d,
-            true,
-        );
-    }
-}
-
-/// Every parameter of the given parts, with official key names and PyTorch shapes, in the
-/// reference's order. The single source of truth for loading, counting and initialising.
+/// Every parameter of the given parts (the encoder always), with official key names and
+/// PyTorch shapes, in the reference's order: read off the module tree
+/// ([`super::Marlin::slots`]), which is the single source of truth for loading, counting,
+/// exporting and initialising.
 pub fn param_specs(cfg: &MarlinConfig, parts: &[Part]) -> Vec<ParamSpec> {
-    let mut out = Vec::new();
-    let n = cfg.num_patches();
-    let (de, dd) = (cfg.encoder.embed_dim, cfg.decoder.embed_dim);
-    if parts.contains(&Part::Encoder) {
-        let part = Part::Encoder;
-        let fan_in = 3 * cfg.tubelet_size * cfg.patch_size * cfg.patch_size;
-        out.push(ParamSpec {
-            key: "encoder.patch_embedding.projection.weight".into(),
-            shape: vec![de, 3, cfg.tubelet_size, cfg.patch_size, cfg.patch_size],
-            init: Init::ConvDefault { fan_in },
+    type Host = burn::backend::Flex;
+    // Lazy parameters: building the tree allocates no tensor.
+    let model = super::Marlin::<Host>::new(cfg, parts, &Default::default());
+    model
+        .slots()
+        .into_iter()
+        .filter(|(part, _)| parts.contains(part))
+        .map(|(part, slot)| ParamSpec {
+            init: reference_init(cfg, &slot),
+            key: slot.key,
+            shape: slot.shape,
             part,
-        });
-        out.push(ParamSpec {
-            key: "encoder.patch_embedding.projection.bias".into(),
-            shape: vec![de],
-            init: Init::ConvDefault { fan_in },
-            part,
-        });
-        out.push(ParamSpec {
-            key: "encoder.pos_embedding.emb".into(),
-            shape: vec![1, n, de],
-            init: Init::PosTable,
-            part,
-        });
-        push_blocks(&mut out, cfg, part, "encoder", de, cfg.encoder.depth);
-        push_norm(&mut out, part, "encoder.norm", de);
-    }
-    if parts.contains(&Part::Decoder) {
-        let part = Part::Decoder;
-        out.push(ParamSpec {
-            key: "decoder.mask_token".into(),
-            shape: vec![1, 1, dd],
-            init: Init::TruncNormal(0.02),
-            part,
-        });
-        out.push(ParamSpec {
-            key: "decoder.pos_embedding.emb".into(),
-            shape: vec![1, n, dd],
-            init: Init::PosTable,
-            part,
-        });
-        push_blocks(&mut out, cfg, part, "decoder", dd, cfg.decoder.depth);
-        push_norm(&mut out, part, "decoder.norm", dd);
-        push_linear(&mut out, part, "decoder.head", dd, cfg.patch_dim(), true);
-        push_linear(&mut out, part, "enc_dec_proj", de, dd, false);
-    }
-    if parts.contains(&Part::Discriminator) {
-        let part = Part::Discriminator;
-        let h = cfg.discriminator_hidden();
-        push_linear(
-            &mut out,
-            part,
-            "discriminator.layers.0.linear",
-            cfg.patch_dim(),
-            h,
-            true,
-        );
-        push_linear(&mut out, part, "discriminator.layers.1.linear", h, 1, true);
-    }
-    out
+        })
+        .collect()
 }
 
 /// Number of parameters of the given parts, counted from the specs (nothing allocated).

@@ -7,7 +7,8 @@
 use super::data::{Dataset, Sample};
 use super::metrics::{evaluate, Metrics, TaskKind};
 use crate::model::encoder::Encoder;
-use crate::model::load::{to_scalar, Exporter, Loader};
+use crate::model::keys::{KeyMap, MARLIN_RENAMES};
+use crate::model::load::{linear, to_scalar};
 use crate::model::weights::{HostTensor, StateDict, WeightsError};
 use crate::model::MarlinConfig;
 use crate::video::clip::{self, to_clip, ClipData};
@@ -77,29 +78,56 @@ impl<B: Backend> Classifier<B> {
         cfg: Option<&MarlinConfig>,
         device: &B::Device,
     ) -> Result<Self, WeightsError> {
-        let l = Loader::<B>::new(sd, device);
+        let fc = sd
+            .tensors
+            .get("fc.weight")
+            .ok_or_else(|| WeightsError::Missing {
+                file: sd.source.clone(),
+                key: "fc.weight".into(),
+                expected: vec![],
+                hint: " (not a classifier checkpoint)".into(),
+            })?;
+        let (k, d) = match fc.shape[..] {
+            [k, d] => (k, d),
+            _ => {
+                return Err(WeightsError::Shape {
+                    file: sd.source.clone(),
+                    key: "fc.weight".into(),
+                    config: "a linear head".into(),
+                    expected: vec![0, 0],
+                    found: fc.shape.clone(),
+                })
+            }
+        };
         let encoder = match cfg {
             Some(c) => {
                 sd.check(c, &[crate::model::Part::Encoder])?;
-                Some(Encoder::load(&l, c)?)
+                Some(Encoder::new(c, device))
             }
             None => None,
         };
-        Ok(Self {
+        let head = Self {
             encoder,
-            fc: l.linear("fc", true)?,
-        })
+            fc: linear(d, k, true, device),
+        };
+        head.key_map()
+            .load(head, sd, cfg.map_or("a linear head", |c| c.name()))
+    }
+
+    /// The encoder's official names (as in [`crate::model::Marlin::key_map`]) and `fc.*`.
+    fn key_map(&self) -> KeyMap {
+        let map = KeyMap::new(MARLIN_RENAMES);
+        match &self.encoder {
+            Some(e) => map.reshaped("encoder.patch_embedding.weight", e.patch_conv_shape()),
+            None => map,
+        }
     }
 
     /// Official key names for the encoder (so `marlin extract --weights` reads a fine-tuned
     /// checkpoint), `fc.weight` `[k, d]` and `fc.bias` for the head.
     pub fn to_state_dict(&self, name: &str) -> StateDict {
         let mut sd = StateDict::new(name);
-        let mut e = Exporter { sd: &mut sd };
-        if let Some(enc) = &self.encoder {
-            enc.export(&mut e);
-        }
-        e.linear("fc", &self.fc);
+        self.key_map().export(self, &mut sd);
         sd
     }
 

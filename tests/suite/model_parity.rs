@@ -145,6 +145,59 @@ fn safetensors_round_trip_is_exact() {
     }
 }
 
+/// The module tree is the key map: walking an unfilled model gives exactly the peer's keys and
+/// shapes, each once, for every variant (layer scale, no q/v bias, the critic of a Lightning
+/// checkpoint).
+#[test]
+fn module_tree_names_every_peer_key_once() {
+    let dev = Default::default();
+    for (case, file, parts) in [
+        (
+            "tiny_a",
+            "tiny_a.full.pt",
+            vec![Part::Encoder, Part::Decoder],
+        ),
+        (
+            "tiny_b",
+            "tiny_b.full.pt",
+            vec![Part::Encoder, Part::Decoder],
+        ),
+        (
+            "tiny_ls",
+            "tiny_ls.full.pt",
+            vec![Part::Encoder, Part::Decoder],
+        ),
+        (
+            "tiny_nobias",
+            "tiny_nobias.full.pt",
+            vec![Part::Encoder, Part::Decoder],
+        ),
+        (
+            "tiny_a",
+            "tiny_a.ckpt",
+            vec![Part::Encoder, Part::Decoder, Part::Discriminator],
+        ),
+    ] {
+        let cfg = MarlinConfig::from_yaml_file(&fixture(&format!("{case}.yaml"))).unwrap();
+        let sd = StateDict::load(&fixture(file)).unwrap();
+        let slots = Marlin::<Cpu>::new(&cfg, &parts, &dev).slots();
+        let mut ours: Vec<(String, Vec<usize>)> = slots
+            .iter()
+            .map(|(_, s)| (s.key.clone(), s.shape.clone()))
+            .collect();
+        ours.sort();
+        let n = ours.len();
+        ours.dedup_by(|a, b| a.0 == b.0);
+        assert_eq!(ours.len(), n, "{file}: a key named twice");
+        let theirs: Vec<(String, Vec<usize>)> = sd
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect();
+        assert_eq!(ours, theirs, "{file}");
+    }
+}
+
 #[test]
 fn mismatched_checkpoints_get_one_clear_error() {
     let dev = Default::default();
