@@ -17,10 +17,11 @@ use crate::extract::{read_clips, ClipData, ExtractError, ExtractOptions};
 use crate::model::weights::{read_safetensors_file, StateDict, WeightsError};
 
 use crate::model::{Marlin, MarlinConfig};
+use crate::util::write_atomic;
 use crate::video::Input;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What `classifier.json` records of a run, so a prediction uses the same setup.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -44,6 +45,8 @@ pub struct ClassifierInfo {
 pub enum PredictError {
     #[error("{path}: {msg}")]
     Read { path: String, msg: String },
+    #[error("{path}: cannot write: {msg}")]
+    Write { path: String, msg: String },
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error(transparent)]
@@ -204,5 +207,59 @@ impl<B: Backend> SavedClassifier<B> {
                 .collect::<Vec<_>>()
                 .join(" "),
         }
+    }
+
+    /// True when predicting on `inputs` needs the MARLIN model that made a probe's features
+    /// (a probe classifier and at least one input that is not a `.npy` file).
+    pub fn needs_encoder(&self, inputs: &[PathBuf]) -> bool {
+        self.classifier.encoder.is_none()
+            && inputs
+                .iter()
+                .any(|p| p.extension().is_none_or(|e| e != "npy"))
+    }
+
+    /// Predict every input and write one CSV atomically: `path`, a probability per label (or
+    /// class; `probability` for a binary task), `prediction`. An input that fails is left out
+    /// of the CSV and returned with its error; the others are written.
+    pub fn predict_csv(
+        &self,
+        inputs: &[PathBuf],
+        encoder: Option<&Marlin<B>>,
+        out: &Path,
+    ) -> Result<Vec<PredictError>, PredictError> {
+        let mut header = vec!["path".to_string()];
+        header.extend(self.info.names.iter().take(self.width()).cloned());
+        if self.info.task == TaskKind::Binary && header.len() == 1 {
+            header.push("probability".into());
+        }
+        header.push("prediction".into());
+        let mut rows = vec![header.join(",")];
+        let mut failures = Vec::new();
+        for p in inputs {
+            match self.predict_file(p, encoder) {
+                Ok(probs) => {
+                    let mut cells = vec![csv_cell(&p.display().to_string())];
+                    cells.extend(probs.iter().map(|v| format!("{v:.6}")));
+                    cells.push(csv_cell(&self.label(&probs)));
+                    rows.push(cells.join(","));
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        let text = rows.join("\n") + "\n";
+        write_atomic(out, text.as_bytes()).map_err(|e| PredictError::Write {
+            path: out.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        Ok(failures)
+    }
+}
+
+/// A CSV cell, quoted when it holds a comma, a quote or a newline.
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
     }
 }

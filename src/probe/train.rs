@@ -4,26 +4,22 @@
 //! cross-entropy (multiclass), ReduceLROnPlateau on the training loss (factor 0.5, patience 7),
 //! stop once the learning rate falls below 1e-6, best checkpoint by validation AUC.
 
+pub use super::classifier::{head_shape, probs, Classifier};
 use super::data::{Dataset, Sample};
+pub use super::features::{load_features, reduce_clips};
 use super::metrics::{evaluate, Metrics, TaskKind};
-use crate::model::encoder::Encoder;
-use crate::model::keys::{KeyMap, MARLIN_RENAMES};
-use crate::model::load::{linear, to_scalar};
-use crate::model::weights::{HostTensor, StateDict, WeightsError};
-use crate::model::MarlinConfig;
+use crate::model::load::to_scalar;
 use crate::video::clip::{self, to_clip, ClipData};
 use crate::video::VideoError;
 use crate::video::{open_input, Input};
-use burn::module::{AutodiffModule, Module, Param};
-use burn::nn::Linear;
+use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use rayon::prelude::*;
-use std::path::PathBuf;
 use std::time::Instant;
 
 /// Why a downstream run or its inputs failed. One line naming the file (and row).
@@ -37,117 +33,6 @@ pub enum ProbeError {
     Report(String),
     #[error("no epoch finished")]
     NoEpoch,
-}
-
-/// A linear head, with the encoder under it when fine-tuning.
-#[derive(Module, Debug)]
-pub struct Classifier<B: Backend> {
-    pub encoder: Option<Encoder<B>>,
-    pub fc: Linear<B>,
-}
-
-impl<B: Backend> Classifier<B> {
-    /// A fresh `[d] -> [k]` head, PyTorch's Linear initialisation (uniform in +-1/sqrt(d)),
-    /// deterministic in `seed`.
-    pub fn new(
-        encoder: Option<Encoder<B>>,
-        d: usize,
-        k: usize,
-        seed: u64,
-        device: &B::Device,
-    ) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let bound = 1.0 / (d as f32).sqrt();
-        let mut u =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
-        let weight =
-            Param::from_tensor(Tensor::from_data(TensorData::new(u(d * k), [d, k]), device));
-        let bias = Some(Param::from_tensor(Tensor::from_data(
-            TensorData::new(u(k), [k]),
-            device,
-        )));
-        Self {
-            encoder,
-            fc: Linear { weight, bias },
-        }
-    }
-
-    /// From a checkpoint of [`Classifier::to_state_dict`] (`fc.*`, and `encoder.*` when `cfg`).
-    pub fn from_state_dict(
-        sd: &StateDict,
-        cfg: Option<&MarlinConfig>,
-        device: &B::Device,
-    ) -> Result<Self, WeightsError> {
-        let fc = sd
-            .tensors
-            .get("fc.weight")
-            .ok_or_else(|| WeightsError::Missing {
-                file: sd.source.clone(),
-                key: "fc.weight".into(),
-                expected: vec![],
-                hint: " (not a classifier checkpoint)".into(),
-            })?;
-        let (k, d) = match fc.shape[..] {
-            [k, d] => (k, d),
-            _ => {
-                return Err(WeightsError::Shape {
-                    file: sd.source.clone(),
-                    key: "fc.weight".into(),
-                    config: "a linear head".into(),
-                    expected: vec![0, 0],
-                    found: fc.shape.clone(),
-                })
-            }
-        };
-        let encoder = match cfg {
-            Some(c) => {
-                sd.check(c, &[crate::model::Part::Encoder])?;
-                Some(Encoder::new(c, device))
-            }
-            None => None,
-        };
-        let head = Self {
-            encoder,
-            fc: linear(d, k, true, device),
-        };
-        head.key_map()
-            .load(head, sd, cfg.map_or("a linear head", |c| c.name()))
-    }
-
-    /// The encoder's official names (as in [`crate::model::Marlin::key_map`]) and `fc.*`.
-    fn key_map(&self) -> KeyMap {
-        let map = KeyMap::new(MARLIN_RENAMES);
-        match &self.encoder {
-            Some(e) => map.reshaped("encoder.patch_embedding.weight", e.patch_conv_shape()),
-            None => map,
-        }
-    }
-
-    /// Official key names for the encoder (so `marlin extract --weights` reads a fine-tuned
-    /// checkpoint), `fc.weight` `[k, d]` and `fc.bias` for the head.
-    pub fn to_state_dict(&self, name: &str) -> StateDict {
-        let mut sd = StateDict::new(name);
-        self.key_map().export(self, &mut sd);
-        sd
-    }
-
-    /// Logits `[b, k]` of features `[b, d]`.
-    pub fn forward_features(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc.forward(x)
-    }
-
-    /// Logits `[b, k]` of clips `[b, 3, T, H, W]` (pooled encoder features; needs the encoder).
-    pub fn forward_clips(&self, x: Tensor<B, 5>) -> Tensor<B, 2> {
-        let b = x.dims()[0];
-        match &self.encoder {
-            Some(enc) => {
-                let f = enc.extract_features(x, false);
-                let d = f.dims()[2];
-                self.fc.forward(f.reshape([b, d]))
-            }
-            None => panic!("forward_clips needs the encoder (a fine-tuning classifier)"),
-        }
-    }
 }
 
 /// Settings of a training run (the reference's values by default).
@@ -321,15 +206,6 @@ fn loss<B: Backend>(logits: Tensor<B, 2>, y: &[f32], kind: TaskKind) -> Tensor<B
             l.mean()
         }
     }
-}
-
-/// Probabilities `[b, k]` of logits: softmax for multiclass, sigmoid otherwise.
-pub fn probs<B: Backend>(logits: Tensor<B, 2>, kind: TaskKind) -> Vec<f32> {
-    let p = match kind {
-        TaskKind::Multiclass => softmax(logits, 1),
-        _ => sigmoid(logits),
-    };
-    crate::model::load::to_f32_vec(p)
 }
 
 impl Inputs {
@@ -521,94 +397,4 @@ pub fn train<B: AutodiffBackend>(
 /// The inner backend's device of an autodiff device (the same device).
 fn inner_device_of<B: AutodiffBackend>(d: &B::Device) -> burn::tensor::Device<B::InnerBackend> {
     d.clone()
-}
-
-/// A video's clip features `[clips, D]` (or `[D]`) combined over clips: mean, max or min.
-pub fn reduce_clips(a: ndarray::ArrayD<f32>, how: &str) -> Result<Vec<f32>, ProbeError> {
-    let a = if a.ndim() == 1 {
-        a.insert_axis(ndarray::Axis(0))
-    } else {
-        a
-    };
-    let ax = ndarray::Axis(0);
-    let r = match how {
-        "mean" => a
-            .mean_axis(ax)
-            .ok_or_else(|| ProbeError::Input("no clips".into()))?,
-        "max" => a.fold_axis(ax, f32::NEG_INFINITY, |m, &v| m.max(v)),
-        "min" => a.fold_axis(ax, f32::INFINITY, |m, &v| m.min(v)),
-        other => {
-            return Err(ProbeError::Input(format!(
-                "--reduction {other}: expected mean, max or min"
-            )))
-        }
-    };
-    Ok(r.iter().copied().collect())
-}
-
-/// Features of every sample of each split from `.npy` files (`[clips, D]` or `[D]`), reduced
-/// over clips by `reduction` (mean, max or min) -> `[n, D]` per split.
-pub fn load_features(
-    paths: &std::collections::BTreeMap<String, Vec<PathBuf>>,
-    data: &Dataset,
-    reduction: &str,
-) -> Result<Inputs, ProbeError> {
-    read_features(paths, data, reduction).map_err(ProbeError::Input)
-}
-
-fn read_features(
-    paths: &std::collections::BTreeMap<String, Vec<PathBuf>>,
-    data: &Dataset,
-    reduction: &str,
-) -> Result<Inputs, String> {
-    let mut d = None;
-    let mut out: Vec<Vec<f32>> = Vec::new();
-    for split in super::data::SPLITS {
-        let mut rows = Vec::new();
-        for (p, s) in paths[split].iter().zip(data.split(split)) {
-            let a: ndarray::ArrayD<f32> = ndarray_npy::read_npy(p)
-                .map_err(|e| format!("{}: {}: cannot read features: {e}", s.origin, p.display()))?;
-            let a = match a.ndim() {
-                1 => a.insert_axis(ndarray::Axis(0)),
-                2 => a,
-                _ => {
-                    return Err(format!(
-                        "{}: {}: features of shape {:?}; expected [clips, D] or [D] (extract without --keep-seq)",
-                        s.origin,
-                        p.display(),
-                        a.shape()
-                    ))
-                }
-            };
-            if a.shape()[0] == 0 {
-                return Err(format!("{}: {}: no clips", s.origin, p.display()));
-            }
-            let width = a.shape()[1];
-            if *d.get_or_insert(width) != width {
-                return Err(format!(
-                    "{}: {}: {width} features, others have {}",
-                    s.origin,
-                    p.display(),
-                    d.unwrap_or(0)
-                ));
-            }
-            rows.extend(reduce_clips(a, reduction).map_err(|e| e.to_string())?);
-        }
-        out.push(rows);
-    }
-    let [train, val, test]: [Vec<f32>; 3] =
-        out.try_into().map_err(|_| "three splits".to_string())?;
-    Ok(Inputs::Features {
-        d: d.unwrap_or(0),
-        train,
-        val,
-        test,
-    })
-}
-
-/// A checkpoint's head as host tensors, for callers that only need shapes.
-pub fn head_shape(sd: &StateDict) -> Option<(usize, usize)> {
-    sd.tensors
-        .get("fc.weight")
-        .map(|t: &HostTensor| (t.shape[1], t.shape[0]))
 }

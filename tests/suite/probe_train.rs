@@ -253,12 +253,9 @@ fn probe_beats_chance_and_finetune_beats_probe() {
     assert_eq!(labels, preds, "{out}");
 }
 
-#[test]
-fn multilabel_celebvhq_layout_reports_per_label_and_pooled_auroc() {
-    // A CelebV-HQ root with 3 appearance labels and features written directly: label j moves
-    // feature j, so a probe separates all three.
-    let t = tempfile::tempdir().unwrap();
-    let d = t.path();
+/// A CelebV-HQ root with 3 appearance labels and features written directly (`feats/`):
+/// label j moves feature j, so a probe separates all three.
+fn multilabel_root(d: &Path) -> [&'static str; 3] {
     let names = ["blurry", "smiling", "young"];
     let mut clips = serde_json::Map::new();
     let mut lists: [Vec<String>; 3] = Default::default();
@@ -297,6 +294,98 @@ fn multilabel_celebvhq_layout_reports_per_label_and_pooled_auroc() {
     for (split, l) in ["train", "val", "test"].iter().zip(&lists) {
         std::fs::write(d.join(format!("{split}.txt")), l.join("\n")).unwrap();
     }
+    names
+}
+
+/// Stops the run after `after` epochs, recording what it was shown.
+struct StopAfter {
+    after: usize,
+    seen: Vec<(usize, bool)>,
+}
+
+impl marlin::probe::run::RunProgress for StopAfter {
+    fn epoch(&mut self, log: &marlin::probe::train::EpochLog, best: bool) {
+        self.seen.push((log.epoch, best));
+    }
+    fn stop(&self) -> bool {
+        self.seen.len() >= self.after
+    }
+}
+
+/// The library runs a probe without the CLI: progress after each epoch, a stop request ends
+/// the run with its folder complete, and the saved classifier predicts a CSV, listing the
+/// input it could not read.
+#[test]
+fn library_probe_run_stops_on_request_and_its_classifier_predicts() {
+    use marlin::probe::run::{probe, ProbeOptions};
+    use marlin::probe::saved::SavedClassifier;
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let names = multilabel_root(d);
+    let data = marlin::probe::data::Dataset::load(d, "appearance").unwrap();
+    let mut opts = ProbeOptions::new(d.join("feats"), d.join("run"));
+    opts.train.lr = 1e-2;
+    let mut progress = StopAfter {
+        after: 5,
+        seen: Vec::new(),
+    };
+    let dev = Default::default();
+    let r = probe::<marlin::backend::Cpu>(&data, &opts, &mut progress, &dev).unwrap();
+    assert!(r.interrupted);
+    assert_eq!(r.stop, "interrupted");
+    assert_eq!(r.epochs.len(), 5, "{:?}", progress.seen);
+    assert_eq!(
+        progress.seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>()
+    );
+    assert!(progress.seen[0].1, "the first epoch is the best so far");
+    assert_eq!(r.info.names, names);
+    let csv = std::fs::read_to_string(d.join("run/metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
+    for f in [
+        "best.safetensors",
+        "classifier.json",
+        "report.json",
+        "curves.png",
+    ] {
+        assert!(d.join("run").join(f).is_file(), "{f}");
+    }
+
+    let clf = SavedClassifier::<marlin::backend::Cpu>::load(&d.join("run"), &dev).unwrap();
+    let bad = d.join("bad.npy");
+    std::fs::write(&bad, b"not numpy").unwrap();
+    let inputs = vec![
+        d.join("feats/clip_000.npy"),
+        bad.clone(),
+        d.join("feats/clip_001.npy"),
+    ];
+    assert!(!clf.needs_encoder(&inputs));
+    let out = d.join("pred.csv");
+    let failures = clf.predict_csv(&inputs, None, &out).unwrap();
+    assert_eq!(failures.len(), 1);
+    assert!(
+        failures[0]
+            .to_string()
+            .starts_with(&bad.display().to_string()),
+        "{}",
+        failures[0]
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "path,blurry,smiling,young,prediction");
+    assert_eq!(rows.len(), 3, "{text}");
+    assert!(
+        rows[1].starts_with(&inputs[0].display().to_string()),
+        "{text}"
+    );
+    assert_eq!(rows[1].split(',').count(), 5, "{text}");
+}
+
+#[test]
+fn multilabel_celebvhq_layout_reports_per_label_and_pooled_auroc() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let names = multilabel_root(d);
     let run = d.join("run");
     let o = marlin(
         &[
