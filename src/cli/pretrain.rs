@@ -6,12 +6,11 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
 use marlin::backend::{BackendTask, DeviceSpec};
-use marlin::extract::batch::Failure;
-use marlin::extract::inputs::{discover, DiscoverOptions, OutputName};
 use marlin::model::MarlinConfig;
+use marlin::train::prepare::{prepare_dataset, PrepareOptions, PrepareSummary};
 use marlin::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions};
 use marlin::train::StepLosses;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -210,144 +209,55 @@ pub struct PrepareArgs {
 
 struct PrepareJob {
     args: PrepareArgs,
-    items: Vec<(marlin::video::Input, PathBuf)>,
     stop: Arc<AtomicBool>,
 }
 
 impl BackendTask for PrepareJob {
-    type Output = Result<(usize, Vec<Failure>), String>;
+    type Output = Result<PrepareSummary, String>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let a = &self.args;
         let det = marlin::face::Detector::<B>::new(&device, a.face.detect_options())
             .map_err(|e| e.to_string())?;
+        let opts = PrepareOptions {
+            size: a.size,
+            track: a.face.track_options(),
+            glob: a.glob.clone(),
+            overwrite: a.overwrite,
+            val_ratio: a.val_ratio,
+            seed: a.seed,
+            ..PrepareOptions::new(&a.out)
+        };
         let bar = super::progress_bar(
             a.quiet,
-            self.items.len() as u64,
+            0,
             "{bar:30} {pos}/{len} videos  {per_sec}  ETA {eta}  {msg}",
         );
-        let (mut done, mut failures) = (0, Vec::new());
-        for (input, rel) in &self.items {
-            if self.stop.load(Ordering::Relaxed) {
-                break;
-            }
+        let mut on_video = |done: usize, todo: usize, rel: &Path| {
+            bar.set_length(todo as u64);
+            bar.set_position(done as u64);
             bar.set_message(rel.display().to_string());
-            match marlin::face::prepare::prepare_video(
-                input,
-                rel,
-                &a.out,
-                &det,
-                &a.face.track_options(),
-                a.size,
-                &|| self.stop.load(Ordering::Relaxed),
-            ) {
-                Ok(_) => done += 1,
-                Err(e) if self.stop.load(Ordering::Relaxed) => {
-                    let _ = e;
-                }
-                Err(e) => failures.push(Failure::new(input, e)),
-            }
-            bar.inc(1);
-        }
+        };
+        let stop = || self.stop.load(Ordering::Relaxed);
+        let s = prepare_dataset(&a.inputs, &det, &opts, &mut on_video, &stop);
         bar.finish_and_clear();
-        Ok((done, failures))
+        s.map_err(|e| e.to_string())
     }
 }
 
 /// `marlin prepare`: crops, parsing maps and split CSVs for pretraining.
 pub fn prepare(args: PrepareArgs) -> Result<i32, String> {
     args.face.check()?;
-    let found = discover(
-        &args.inputs,
-        &DiscoverOptions {
-            glob: args.glob.clone(),
-            name: OutputName::Stem,
-            ..DiscoverOptions::new(&args.out)
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let (mut failures, all) = (found.failures, found.items);
-    let total = all.len();
-    let crops = args.out.join("crop_images_DB");
-    let items: Vec<(marlin::video::Input, PathBuf)> = all
-        .into_iter()
-        .map(|it| {
-            let rel = it
-                .out
-                .strip_prefix(&args.out)
-                .unwrap_or(&it.out)
-                .to_path_buf();
-            (it.input, rel)
-        })
-        .collect();
-    let (todo, skipped): (Vec<_>, Vec<_>) = items
-        .into_iter()
-        .partition(|(_, rel)| args.overwrite || !crops.join(rel).is_dir());
     let stop = Arc::new(AtomicBool::new(false));
     super::stop_on_ctrlc(&stop);
-    let mut written = 0;
-    let out = args.out.clone();
-    let (quiet, seed, val_ratio) = (args.quiet, args.seed, args.val_ratio);
-    if !todo.is_empty() {
-        let device = args.device;
-        let (w, f) = run_on(
-            device,
-            PrepareJob {
-                args,
-                items: todo,
-                stop: stop.clone(),
-            },
-        )??;
-        written = w;
-        failures.extend(f);
-    }
-    // Split CSVs over every prepared video (this run's and earlier ones).
-    let mut rows: Vec<(String, usize)> = Vec::new();
-    for e in walkdir::WalkDir::new(&crops)
-        .sort_by_file_name()
-        .into_iter()
-        .flatten()
-    {
-        if e.file_type().is_dir() {
-            let n = std::fs::read_dir(e.path())
-                .map(|rd| rd.flatten().filter(|f| f.path().is_file()).count())
-                .unwrap_or(0);
-            let name = e.file_name().to_string_lossy().into_owned();
-            if n > 0 && !name.starts_with('.') {
-                let rel = e.path().strip_prefix(&crops).unwrap_or(e.path());
-                rows.push((rel.to_string_lossy().replace('\\', "/"), n));
-            }
-        }
-    }
-    if !rows.is_empty() {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
-        let mut idx: Vec<usize> = (0..rows.len()).collect();
-        idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        let n_val = if rows.len() >= 2 {
-            ((rows.len() as f64 * val_ratio).round() as usize).clamp(1, rows.len() - 1)
-        } else {
-            0
-        };
-        let (val, train) = idx.split_at(n_val);
-        for (file, part) in [("train_set.csv", train), ("val_set.csv", val)] {
-            let mut text = String::from("path,len\n");
-            let mut sorted = part.to_vec();
-            sorted.sort();
-            for i in sorted {
-                text += &format!("{},{}\n", rows[i].0, rows[i].1);
-            }
-            let p = out.join(file);
-            marlin::util::write_atomic(&p, text.as_bytes())
-                .map_err(|e| format!("{}: {e}", p.display()))?;
-        }
-    }
+    let (out, quiet, device) = (args.out.clone(), args.quiet, args.device);
+    let s = run_on(device, PrepareJob { args, stop })??;
     super::extract::report(
         &out,
-        &failures,
-        written,
-        total,
-        skipped.len(),
-        stop.load(Ordering::Relaxed),
+        &s.failures,
+        s.written,
+        s.total,
+        s.skipped,
+        s.interrupted,
         quiet,
     )
 }

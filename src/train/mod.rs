@@ -38,6 +38,7 @@ impl From<&str> for TrainError {
 }
 
 pub mod data;
+pub mod prepare;
 pub mod reconstruct;
 pub mod run;
 pub mod schedule;
