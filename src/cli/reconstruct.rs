@@ -9,7 +9,7 @@ use marlin::masking::Strategy;
 use marlin::model::weights::StateDict;
 use marlin::model::{Marlin, MarlinConfig, Part};
 use marlin::train::reconstruct::{reconstruct, ReconstructOptions};
-use marlin::train::run::save_png;
+use marlin::train::samples::save_png;
 use marlin::video;
 use std::path::PathBuf;
 

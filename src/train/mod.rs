@@ -37,10 +37,12 @@ impl From<&str> for TrainError {
     }
 }
 
+pub mod checkpoint;
 pub mod data;
 pub mod prepare;
 pub mod reconstruct;
 pub mod run;
+pub mod samples;
 pub mod schedule;
 
 use crate::model::discriminator::Discriminator;

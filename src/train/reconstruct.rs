@@ -3,7 +3,7 @@
 //! (or with an encoder-only one) only the mask is drawn.
 
 use super::data::ClipSettings;
-use super::run::sample_image;
+use super::samples::sample_image;
 use crate::face::parsing::parse_from_landmarks;
 use crate::face::track::plan_track;
 use crate::face::{crop_resize, DetectOptions, Detector, TrackOptions};

@@ -8,18 +8,17 @@
 //! weights alone, for `extract --weights` and `reconstruct`), `metrics.csv`,
 //! `samples/epoch_NNNN.png`.
 
+use super::checkpoint::{load_checkpoint, param_ids, save_checkpoint};
 use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split};
+use super::samples::{enlarge_small, sample_image, save_png, SAMPLE_MIN_SIDE};
 use super::schedule::lr_at;
-use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, StepLosses, TrainError};
+use super::{LossConfig, Pretrainer, StepLosses, TrainError};
 use crate::model::config::LearningRateConfig;
-use crate::model::weights::{read_safetensors_file, StateDict};
+use crate::model::weights::StateDict;
 use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
 use crate::util::write_atomic;
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -96,44 +95,6 @@ impl EpochRow {
     }
 }
 
-struct Ids(Vec<ParamId>);
-
-impl<B: Backend> ModuleVisitor<B> for Ids {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.push(param.id);
-    }
-}
-
-fn param_ids<B: Backend, M: Module<B>>(m: &M) -> Vec<ParamId> {
-    let mut v = Ids(Vec::new());
-    m.visit(&mut v);
-    v.0
-}
-
-/// Re-key an optimiser record (a map from parameter ids) from the saved ids to the model's.
-fn remap<V, M>(rec: M, old: &[String], new: &[ParamId]) -> Result<M, String>
-where
-    M: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
-{
-    if old.len() != new.len() {
-        return Err(format!(
-            "the checkpoint's optimiser state has {} parameters, the model {}",
-            old.len(),
-            new.len()
-        ));
-    }
-    let map: HashMap<ParamId, ParamId> = old
-        .iter()
-        .map(|s| ParamId::deserialize(s))
-        .zip(new.iter().copied())
-        .collect();
-    Ok(rec
-        .into_iter()
-        .filter_map(|(k, v)| map.get(&k).map(|n| (*n, v)))
-        .collect())
-}
-
-/// The reference's learning rates when the config has none.
 fn lr_config(cfg: &MarlinConfig) -> LearningRateConfig {
     cfg.learning_rate.clone().unwrap_or(LearningRateConfig {
         base: 1.5e-4,
@@ -172,205 +133,6 @@ fn add(a: &mut StepLosses, b: &StepLosses, w: f64) {
     a.adv += b.adv * w;
     a.g_loss += b.g_loss * w;
     a.gp += b.gp * w;
-}
-
-/// Ground truth | masked | reconstruction of frame `frame` of a clip, as an RGB image
-/// `[H, 3W]` (`[H, 2W]` without a prediction). `pred` is `[N_masked, 3 * tubelet * patch^2]`
-/// in (c, pt, ph, pw) order for the masked tokens in ascending order; masked patches show
-/// grey in the middle panel.
-pub fn sample_image(
-    clip: &[f32],
-    visible: &[bool],
-    pred: Option<&[f32]>,
-    s: &ClipSettings,
-    frame: usize,
-) -> image::RgbImage {
-    let (size, p, t) = (s.img_size, s.grid.patch, s.clip_frames);
-    let plane = t * size * size;
-    let (gw, per) = (s.grid.grid_w, s.grid.grid_h * s.grid.grid_w);
-    let pd = 3 * s.tubelet * p * p;
-    let (tube, pt) = (frame / s.tubelet, frame % s.tubelet);
-    let panels = if pred.is_some() { 3 } else { 2 };
-    let mut img = image::RgbImage::new((panels * size) as u32, size as u32);
-    // Row of each masked token in `pred`.
-    let mut row = vec![usize::MAX; visible.len()];
-    let mut k = 0;
-    for (i, &v) in visible.iter().enumerate() {
-        if !v {
-            row[i] = k;
-            k += 1;
-        }
-    }
-    let px = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
-    for y in 0..size {
-        for x in 0..size {
-            let tok = tube * per + (y / p) * gw + x / p;
-            let (py, pxx) = (y % p, x % p);
-            let (mut gt, mut masked, mut rec) = ([0u8; 3], [0u8; 3], [0u8; 3]);
-            for c in 0..3 {
-                let v = clip[c * plane + frame * size * size + y * size + x];
-                gt[c] = px(v);
-                if visible[tok] {
-                    masked[c] = px(v);
-                    rec[c] = px(v);
-                } else {
-                    masked[c] = 128;
-                    let off = row[tok] * pd + c * s.tubelet * p * p + pt * p * p + py * p + pxx;
-                    rec[c] = pred.and_then(|q| q.get(off)).copied().map(px).unwrap_or(0);
-                }
-            }
-            img.put_pixel(x as u32, y as u32, image::Rgb(gt));
-            img.put_pixel((size + x) as u32, y as u32, image::Rgb(masked));
-            if panels == 3 {
-                img.put_pixel((2 * size + x) as u32, y as u32, image::Rgb(rec));
-            }
-        }
-    }
-    img
-}
-
-/// Epoch samples of small models (a 32 px smoke config) are enlarged to at least this many
-/// pixels a side, so they can be looked at.
-const SAMPLE_MIN_SIDE: u32 = 128;
-
-/// `img` enlarged by the smallest whole factor (nearest neighbour: every pixel stays a
-/// block of one colour) that makes its shorter side at least `min_side`; as is when it is.
-pub fn enlarge_small(img: &image::RgbImage, min_side: u32) -> image::RgbImage {
-    let side = img.width().min(img.height()).max(1);
-    let k = min_side.div_ceil(side);
-    if k <= 1 {
-        return img.clone();
-    }
-    image::imageops::resize(
-        img,
-        img.width() * k,
-        img.height() * k,
-        image::imageops::FilterType::Nearest,
-    )
-}
-
-pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), TrainError> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    write_atomic(path, buf.get_ref())
-        .map_err(|e| TrainError::Run(format!("{}: {e}", path.display())))
-}
-
-/// Write the checkpoint (atomically) and the weights-only model file.
-fn save_checkpoint<B: AutodiffBackend>(
-    out: &Path,
-    pt: &Pretrainer<B>,
-    state: &RunState,
-) -> Result<(), String> {
-    let sd = pt.model().to_state_dict();
-    let (g, d) = pt.optimizer_records();
-    let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let gb = rec
-        .record(g, ())
-        .map_err(|e| format!("optimiser state: {e:?}"))?;
-    let db = rec
-        .record(d, ())
-        .map_err(|e| format!("optimiser state: {e:?}"))?;
-    let mut bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = sd
-        .tensors
-        .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.shape.clone(),
-                safetensors::Dtype::F32,
-            )
-        })
-        .collect();
-    let (gl, dl) = (gb.len(), db.len());
-    bytes.push((
-        "train.optimizer_generator".into(),
-        gb,
-        vec![gl],
-        safetensors::Dtype::U8,
-    ));
-    bytes.push((
-        "train.optimizer_critic".into(),
-        db,
-        vec![dl],
-        safetensors::Dtype::U8,
-    ));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(k, b, s, dt)| {
-            safetensors::tensor::TensorView::new(*dt, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
-    let meta: HashMap<String, String> = [(
-        "marlin_run_state".to_string(),
-        serde_json::to_string(state).map_err(|e| e.to_string())?,
-    )]
-    .into_iter()
-    .collect();
-    let data = safetensors::serialize(views, &Some(meta)).map_err(|e| e.to_string())?;
-    let p = out.join("checkpoint.safetensors");
-    write_atomic(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?;
-    let m = out.join("model.safetensors");
-    sd.save_safetensors(&m, None).map_err(|e| e.to_string())
-}
-
-/// Resume from `out/checkpoint.safetensors`: model, optimisers, run state.
-fn load_checkpoint<B: AutodiffBackend>(
-    out: &Path,
-    cfg: &MarlinConfig,
-    losses: LossConfig,
-    device: &B::Device,
-) -> Result<(Pretrainer<B>, RunState), TrainError> {
-    let p = out.join("checkpoint.safetensors");
-    let raw = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&raw)
-        .map_err(|e| format!("{}: {e}", p.display()))?;
-    let state: RunState = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("marlin_run_state"))
-        .ok_or_else(|| format!("{}: not a marlin pretraining checkpoint", p.display()))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| format!("{}: {e}", p.display())))?;
-    let st =
-        safetensors::SafeTensors::deserialize(&raw).map_err(|e| format!("{}: {e}", p.display()))?;
-    let bytes_of = |k: &str| -> Result<Vec<u8>, String> {
-        st.tensor(k)
-            .map(|v| v.data().to_vec())
-            .map_err(|e| format!("{}: {k}: {e}", p.display()))
-    };
-    let (gb, db) = (
-        bytes_of("train.optimizer_generator")?,
-        bytes_of("train.optimizer_critic")?,
-    );
-    let mut tensors = read_safetensors_file(&p).map_err(|e| e.to_string())?;
-    tensors.retain(|k, _| !k.starts_with("train."));
-    let sd = StateDict {
-        tensors,
-        source: p.display().to_string(),
-    };
-    let (model, _) = Marlin::<B>::from_state_dict(
-        cfg,
-        &sd,
-        &[Part::Encoder, Part::Decoder, Part::Discriminator],
-        device,
-    )
-    .map_err(|e| e.to_string())?;
-    let mut pt = Pretrainer::new(model, losses)?;
-    let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let g: GenRecord<B> = rec
-        .load(gb, device)
-        .map_err(|e| format!("optimiser state: {e:?}"))?;
-    let d: CriticRecord<B> = rec
-        .load(db, device)
-        .map_err(|e| format!("optimiser state: {e:?}"))?;
-    let g = remap(g, &state.generator_ids, &param_ids(pt.generator()))?;
-    let d = remap(d, &state.critic_ids, &param_ids(pt.critic_module()))?;
-    pt.load_optimizer_records(g, d);
-    Ok((pt, state))
 }
 
 /// What a run did.

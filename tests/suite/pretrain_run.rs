@@ -461,7 +461,7 @@ fn a_perfect_prediction_reconstructs_the_ground_truth_panel() {
     use marlin::masking::{make_mask, Grid, RngDraws, Strategy};
     use marlin::model::{MaskIndices, Part};
     use marlin::train::data::ClipSettings;
-    use marlin::train::run::sample_image;
+    use marlin::train::samples::sample_image;
     use marlin::{Marlin, MarlinConfig};
     let cfg = MarlinConfig::from_yaml_file(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/tiny_a.yaml"),
@@ -495,14 +495,14 @@ fn a_perfect_prediction_reconstructs_the_ground_truth_panel() {
     for frame in [0, 5, 15] {
         let img = sample_image(&clip, &visible, Some(&target), &settings, frame);
         // Enlarged for viewing: every pixel becomes a 4x4 block of its colour.
-        let big = marlin::train::run::enlarge_small(&img, 128);
+        let big = marlin::train::samples::enlarge_small(&img, 128);
         assert_eq!(big.dimensions(), (4 * img.width(), 4 * img.height()));
         for (x, y, p) in img.enumerate_pixels() {
             for (dx, dy) in [(0, 0), (3, 3), (1, 2)] {
                 assert_eq!(big.get_pixel(4 * x + dx, 4 * y + dy), p);
             }
         }
-        assert_eq!(marlin::train::run::enlarge_small(&big, 128), big);
+        assert_eq!(marlin::train::samples::enlarge_small(&big, 128), big);
         for y in 0..s as u32 {
             for x in 0..s as u32 {
                 assert_eq!(

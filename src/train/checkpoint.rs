@@ -1,0 +1,170 @@
+//! The run checkpoint: `checkpoint.safetensors` holds the model and critic under official key
+//! names, both optimisers' state (burn records, keyed by parameter ids that are remapped on
+//! load by visit order) and the run state; `model.safetensors` the weights alone. Both are
+//! written atomically.
+
+use super::run::RunState;
+use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, TrainError};
+use crate::model::weights::{read_safetensors_file, StateDict};
+use crate::model::{Marlin, MarlinConfig, Part};
+use crate::util::write_atomic;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+struct Ids(Vec<ParamId>);
+
+impl<B: Backend> ModuleVisitor<B> for Ids {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.id);
+    }
+}
+
+pub(super) fn param_ids<B: Backend, M: Module<B>>(m: &M) -> Vec<ParamId> {
+    let mut v = Ids(Vec::new());
+    m.visit(&mut v);
+    v.0
+}
+
+/// Re-key an optimiser record (a map from parameter ids) from the saved ids to the model's.
+fn remap<V, M>(rec: M, old: &[String], new: &[ParamId]) -> Result<M, String>
+where
+    M: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
+{
+    if old.len() != new.len() {
+        return Err(format!(
+            "the checkpoint's optimiser state has {} parameters, the model {}",
+            old.len(),
+            new.len()
+        ));
+    }
+    let map: HashMap<ParamId, ParamId> = old
+        .iter()
+        .map(|s| ParamId::deserialize(s))
+        .zip(new.iter().copied())
+        .collect();
+    Ok(rec
+        .into_iter()
+        .filter_map(|(k, v)| map.get(&k).map(|n| (*n, v)))
+        .collect())
+}
+
+/// The reference's learning rates when the config has none.
+/// Write the checkpoint (atomically) and the weights-only model file.
+pub(super) fn save_checkpoint<B: AutodiffBackend>(
+    out: &Path,
+    pt: &Pretrainer<B>,
+    state: &RunState,
+) -> Result<(), String> {
+    let sd = pt.model().to_state_dict();
+    let (g, d) = pt.optimizer_records();
+    let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let gb = rec
+        .record(g, ())
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let db = rec
+        .record(d, ())
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let mut bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = sd
+        .tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+                safetensors::Dtype::F32,
+            )
+        })
+        .collect();
+    let (gl, dl) = (gb.len(), db.len());
+    bytes.push((
+        "train.optimizer_generator".into(),
+        gb,
+        vec![gl],
+        safetensors::Dtype::U8,
+    ));
+    bytes.push((
+        "train.optimizer_critic".into(),
+        db,
+        vec![dl],
+        safetensors::Dtype::U8,
+    ));
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, b, s, dt)| {
+            safetensors::tensor::TensorView::new(*dt, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let meta: HashMap<String, String> = [(
+        "marlin_run_state".to_string(),
+        serde_json::to_string(state).map_err(|e| e.to_string())?,
+    )]
+    .into_iter()
+    .collect();
+    let data = safetensors::serialize(views, &Some(meta)).map_err(|e| e.to_string())?;
+    let p = out.join("checkpoint.safetensors");
+    write_atomic(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?;
+    let m = out.join("model.safetensors");
+    sd.save_safetensors(&m, None).map_err(|e| e.to_string())
+}
+
+/// Resume from `out/checkpoint.safetensors`: model, optimisers, run state.
+pub(super) fn load_checkpoint<B: AutodiffBackend>(
+    out: &Path,
+    cfg: &MarlinConfig,
+    losses: LossConfig,
+    device: &B::Device,
+) -> Result<(Pretrainer<B>, RunState), TrainError> {
+    let p = out.join("checkpoint.safetensors");
+    let raw = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&raw)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    let state: RunState = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("marlin_run_state"))
+        .ok_or_else(|| format!("{}: not a marlin pretraining checkpoint", p.display()))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| format!("{}: {e}", p.display())))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&raw).map_err(|e| format!("{}: {e}", p.display()))?;
+    let bytes_of = |k: &str| -> Result<Vec<u8>, String> {
+        st.tensor(k)
+            .map(|v| v.data().to_vec())
+            .map_err(|e| format!("{}: {k}: {e}", p.display()))
+    };
+    let (gb, db) = (
+        bytes_of("train.optimizer_generator")?,
+        bytes_of("train.optimizer_critic")?,
+    );
+    let mut tensors = read_safetensors_file(&p).map_err(|e| e.to_string())?;
+    tensors.retain(|k, _| !k.starts_with("train."));
+    let sd = StateDict {
+        tensors,
+        source: p.display().to_string(),
+    };
+    let (model, _) = Marlin::<B>::from_state_dict(
+        cfg,
+        &sd,
+        &[Part::Encoder, Part::Decoder, Part::Discriminator],
+        device,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut pt = Pretrainer::new(model, losses)?;
+    let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let g: GenRecord<B> = rec
+        .load(gb, device)
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let d: CriticRecord<B> = rec
+        .load(db, device)
+        .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let g = remap(g, &state.generator_ids, &param_ids(pt.generator()))?;
+    let d = remap(d, &state.critic_ids, &param_ids(pt.critic_module()))?;
+    pt.load_optimizer_records(g, d);
+    Ok((pt, state))
+}
