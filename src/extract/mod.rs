@@ -34,6 +34,9 @@ pub enum ExtractError {
     /// Settings that cannot work (a zero stride, a bad pattern, an unreadable list file).
     #[error("{0}")]
     Options(String),
+    /// The caller asked to stop (Ctrl-C) before the input was finished.
+    #[error("{0}: interrupted")]
+    Interrupted(String),
 }
 
 /// How per-clip features are combined.
@@ -303,38 +306,45 @@ impl<B: Backend> Marlin<B> {
         opts: &ExtractOptions,
         faces: Option<&batch::FaceCrop<B>>,
     ) -> Result<(ArrayD<f32>, ClipStats), ExtractError> {
+        self.extract_video_until(path, opts, faces, &|| false)
+    }
+
+    /// [`Marlin::extract_video_faces`] that ends early with [`ExtractError::Interrupted`] once
+    /// `stop` returns true (polled between frames), for callers that take Ctrl-C.
+    pub fn extract_video_until(
+        &self,
+        path: &Path,
+        opts: &ExtractOptions,
+        faces: Option<&batch::FaceCrop<B>>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(ArrayD<f32>, ClipStats), ExtractError> {
         opts.check()?;
         let input = Input::from_path(path);
         let (t, size) = (self.config.clip_frames, self.config.img_size);
         let crops = match faces {
-            Some(f) => Some(face_track(&input, t, opts, &f.detector, &f.track, &|| false)?.crops()),
+            Some(f) => Some(face_track(&input, t, opts, &f.detector, &f.track, stop)?.crops()),
             None => None,
         };
         let mut pending = Vec::new();
         let mut rows = Vec::new();
         let mut row_shape = vec![];
         let bs = opts.batch_size.max(1);
-        let stats = read_clips(
-            &input,
-            t,
-            size,
-            opts,
-            crops.as_deref(),
-            &|| false,
-            &mut |clip| {
-                pending.push(clip);
-                if pending.len() == bs {
-                    let (r, s) = self.extract_clips(&pending, opts.keep_seq);
-                    rows.extend(r);
-                    row_shape = s;
-                    pending.clear();
-                }
-            },
-        )?;
+        let stats = read_clips(&input, t, size, opts, crops.as_deref(), stop, &mut |clip| {
+            pending.push(clip);
+            if pending.len() == bs {
+                let (r, s) = self.extract_clips(&pending, opts.keep_seq);
+                rows.extend(r);
+                row_shape = s;
+                pending.clear();
+            }
+        })?;
         if !pending.is_empty() {
             let (r, s) = self.extract_clips(&pending, opts.keep_seq);
             rows.extend(r);
             row_shape = s;
+        }
+        if stop() {
+            return Err(ExtractError::Interrupted(path.display().to_string()));
         }
         if rows.is_empty() {
             return Err(ExtractError::NoClip {

@@ -1,0 +1,22 @@
+"""MARLIN facial video features in Rust, called as marlin-pytorch is.
+
+    from marlin_rs import Marlin            # was: from marlin_pytorch import Marlin
+    model = Marlin.from_online("marlin_vit_base_ytf")
+    features = model.extract_video("face.mp4")          # numpy float32 [windows, 768]
+
+No torch needed; torch tensors are accepted as inputs where the peer takes them. Errors are
+FileNotFoundError (a missing input), ValueError (bad config, shape or argument) or
+RuntimeError, with the same one-line messages as the `marlin` command.
+"""
+
+from ._marlin_rs import Classifier, Marlin, __version__, crop_video, model_names
+from .config import register_model_from_yaml
+
+__all__ = [
+    "Marlin",
+    "Classifier",
+    "register_model_from_yaml",
+    "model_names",
+    "crop_video",
+    "__version__",
+]

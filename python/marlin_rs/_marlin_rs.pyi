@@ -1,0 +1,92 @@
+from os import PathLike
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+_Path = Union[str, "PathLike[str]"]
+_Array = Any  # numpy array or torch tensor
+
+__version__: str
+
+class Marlin:
+    """A MARLIN model, called as marlin-pytorch's `Marlin` (returns numpy float32 arrays)."""
+
+    @classmethod
+    def from_online(cls, model_name: str, full_model: bool = False, device: str = "cpu") -> "Marlin":
+        """Download (once, into the cache) and load a released model (`marlin_vit_{small,base,large}_ytf`).
+        `full_model` adds the decoder for reconstruction; `device` is "cpu" or "cuda[:N]"."""
+    @classmethod
+    def from_file(cls, model_name: str, path: _Path, device: str = "cpu") -> "Marlin":
+        """Load `.pt`, Lightning `.ckpt` or safetensors weights with the config `model_name`
+        (released, or registered with `register_model_from_yaml`)."""
+    @classmethod
+    def from_config(cls, model_name: str, seed: int = 0, full_model: bool = False, device: str = "cpu") -> "Marlin":
+        """A fresh model with the reference's initialisation (deterministic in `seed`)."""
+    def save(self, path: _Path) -> None:
+        """Write the weights as safetensors with the official key names."""
+    @staticmethod
+    def clean_cache(verbose: bool = True) -> None:
+        """Remove the downloaded checkpoints."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def embed_dim(self) -> int: ...
+    @property
+    def full_model(self) -> bool: ...
+    def extract_video(
+        self,
+        video_path: _Path,
+        crop_face: bool = False,
+        sample_rate: int = 2,
+        stride: int = 16,
+        reduction: str = "none",
+        keep_seq: bool = False,
+        detector_device: Optional[str] = None,
+        batch_size: int = 4,
+    ) -> npt.NDArray[np.float32]:
+        """Features of a video file or frame folder: [windows, D] ([windows, N, D] with keep_seq),
+        or [D] with reduction "mean"/"max". `crop_face` detects and tracks the face first."""
+    def extract_features(self, x: _Array, keep_seq: bool = True) -> npt.NDArray[np.float32]:
+        """Features of clips [B, 3, 16, 224, 224] (RGB in [0, 1]): [B, N, D], or [B, D]."""
+    def __call__(self, x: _Array, mask: _Array) -> npt.NDArray[np.float32]:
+        """Reconstruction of the masked tubelets [B, N_masked, 1536]; mask [B, N], True = visible."""
+    def extract_many(
+        self,
+        inputs: Sequence[_Path],
+        out_dir: _Path,
+        crop_face: bool = False,
+        sample_rate: int = 2,
+        stride: int = 16,
+        reduction: str = "none",
+        keep_seq: bool = False,
+        batch_size: int = 4,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> Dict[str, Any]:
+        """Many inputs (files, frame folders, folders to walk) to `.npy` files in `out_dir`,
+        batched across videos and resumable. Returns written, skipped, clips, failures
+        [(file, error)], interrupted; failures also go to out_dir/failures.json."""
+
+class Classifier:
+    """A classifier trained by `marlin probe` / `marlin finetune` (its run folder)."""
+
+    @staticmethod
+    def load(run_dir: _Path) -> "Classifier": ...
+    @property
+    def names(self) -> List[str]: ...
+    def predict(self, path: _Path, model: Optional[Marlin] = None) -> npt.NDArray[np.float32]:
+        """Probabilities of a .npy feature file or a video (a probe's videos need `model`)."""
+    def label(self, probs: Sequence[float]) -> str: ...
+
+def register_model_from_yaml(name: str, path: _Path) -> None:
+    """Register a training YAML config under `name` for `Marlin.from_file`."""
+
+def model_names() -> List[str]:
+    """Released and registered config names."""
+
+def crop_video(video_path: _Path, out: _Path, size: int = 224) -> int:
+    """Crop the face of a video in the wild into `out` (.mp4, or a folder of PNG frames when
+    `out` has no extension). Returns the frame count."""

@@ -1,0 +1,663 @@
+//! `marlin_rs._marlin_rs`: the Python layer over the marlin library. Each call converts its
+//! arguments, releases the GIL, runs one library call on a worker thread (polling Python's
+//! signals, so Ctrl-C stops it) and converts the result to numpy. No logic of its own.
+
+use marlin::backend::Cpu;
+use marlin::extract::batch::{extract_to_npy, write_failures, BatchOptions, FaceCrop};
+use marlin::extract::inputs::{discover, DiscoverOptions};
+use marlin::extract::{ExtractOptions, Reduction};
+use marlin::face::{DetectOptions, Detector, TrackOptions};
+use marlin::model::{Marlin, MarlinConfig, Part, StateDict};
+use marlin::probe::saved::SavedClassifier;
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[cfg(feature = "cuda")]
+use marlin::backend::Gpu;
+
+/// Configs registered by `register_model_from_yaml`, looked up before the released names.
+static REGISTRY: Mutex<BTreeMap<String, MarlinConfig>> = Mutex::new(BTreeMap::new());
+
+fn runtime(e: impl std::fmt::Display) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+fn value(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// FileNotFoundError naming `path` when it does not exist.
+fn must_exist(path: &Path) -> PyResult<()> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(PyFileNotFoundError::new_err(format!(
+            "{}: no such file or directory",
+            path.display()
+        )))
+    }
+}
+
+/// Run `work` on a worker thread with the GIL released; Python's signal handlers run every
+/// 50 ms meanwhile, and a KeyboardInterrupt (or any raised signal) sets the stop flag, waits
+/// for the worker to finish what it is doing and raises.
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(&AtomicBool) -> T + Send,
+) -> PyResult<T> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| work(&stop));
+        loop {
+            py.detach(|| {
+                for _ in 0..10 {
+                    if handle.is_finished() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            if handle.is_finished() {
+                break;
+            }
+            if let Err(e) = py.check_signals() {
+                stop.store(true, Ordering::Relaxed);
+                py.detach(|| {
+                    while !handle.is_finished() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                });
+                return Err(e);
+            }
+        }
+        handle
+            .join()
+            .map_err(|_| runtime("the worker thread panicked"))
+    })
+}
+
+fn resolve_config(name: &str) -> PyResult<MarlinConfig> {
+    if let Some(c) = REGISTRY.lock().map_err(runtime)?.get(name) {
+        return Ok(c.clone());
+    }
+    MarlinConfig::from_name(name).map_err(|e| {
+        let registered: Vec<String> = REGISTRY
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        value(format!(
+            "{e}{}",
+            if registered.is_empty() {
+                String::new()
+            } else {
+                format!(" (registered from YAML: {})", registered.join(", "))
+            }
+        ))
+    })
+}
+
+fn reduction(s: &str) -> PyResult<Reduction> {
+    s.parse().map_err(value)
+}
+
+/// A float32 array from numpy or anything with `__array__` / torch's `.detach().cpu().numpy()`.
+fn as_f32_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    let py = x.py();
+    let np = py.import("numpy")?;
+    let x = if x.hasattr("detach")? && x.hasattr("cpu")? {
+        x.call_method0("detach")?
+            .call_method0("cpu")?
+            .call_method0("numpy")?
+    } else {
+        x.clone()
+    };
+    let a = np.call_method1("ascontiguousarray", (x, "float32"))?;
+    Ok(a.cast_into::<PyArrayDyn<f32>>()?.readonly())
+}
+
+fn to_numpy<'py>(
+    py: Python<'py>,
+    data: Vec<f32>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    numpy::PyArray1::from_vec(py, data).reshape(shape.to_vec())
+}
+
+/// The model on its device.
+enum Model {
+    Cpu(Marlin<Cpu>),
+    #[cfg(feature = "cuda")]
+    Cuda(Marlin<Gpu>),
+}
+
+/// The same code for each backend: binds the model as `$m` and its device type as `$B`.
+macro_rules! on_model {
+    ($model:expr, |$m:ident, $dev:ident| $body:expr) => {
+        match $model {
+            Model::Cpu($m) => {
+                let $dev: burn::tensor::Device<Cpu> = Default::default();
+                let _ = &$dev;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Model::Cuda($m) => {
+                let $dev = $m.encoder.norm.gamma.device();
+                let _ = &$dev;
+                $body
+            }
+        }
+    };
+}
+
+fn load_model(cfg: &MarlinConfig, sd: &StateDict, device: &str) -> PyResult<Model> {
+    // The peer loads what the file holds (encoder only, or with the decoder); the critic of a
+    // training checkpoint is dropped.
+    let parts: Vec<Part> = sd
+        .parts()
+        .into_iter()
+        .filter(|p| *p != Part::Discriminator)
+        .collect();
+    match device {
+        "cpu" => Ok(Model::Cpu(
+            Marlin::<Cpu>::from_state_dict(cfg, sd, &parts, &Default::default())
+                .map_err(value)?
+                .0,
+        )),
+        #[cfg(feature = "cuda")]
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let index = d
+                .strip_prefix("cuda:")
+                .map(|i| i.parse::<usize>().map_err(value))
+                .transpose()?
+                .unwrap_or(0);
+            let dev = burn::backend::cuda::CudaDevice::new(index);
+            Ok(Model::Cuda(
+                Marlin::<Gpu>::from_state_dict(cfg, sd, &parts, &dev)
+                    .map_err(value)?
+                    .0,
+            ))
+        }
+        other => Err(value(format!(
+            "device '{other}': this build runs on \"cpu\"{}",
+            if cfg!(feature = "cuda") {
+                " and \"cuda[:N]\""
+            } else {
+                " (build with the cuda feature for \"cuda\")"
+            }
+        ))),
+    }
+}
+
+/// A MARLIN model, called as marlin-pytorch's `Marlin`.
+#[pyclass(name = "Marlin", module = "marlin_rs", frozen)]
+struct PyMarlin {
+    model: Model,
+    name: String,
+    device: String,
+}
+
+#[pymethods]
+impl PyMarlin {
+    /// Download (once, into the cache) and load a released model; `full_model` adds the
+    /// decoder for reconstruction.
+    #[classmethod]
+    #[pyo3(signature = (model_name, full_model = false, device = "cpu"))]
+    fn from_online(
+        _cls: &Bound<'_, pyo3::types::PyType>,
+        py: Python<'_>,
+        model_name: &str,
+        full_model: bool,
+        device: &str,
+    ) -> PyResult<Self> {
+        let path = interruptible(py, |_| marlin::hub::fetch(model_name, full_model, true))?
+            .map_err(value)?;
+        Self::load(py, model_name, &path, device)
+    }
+
+    /// Load `path` (`.pt`, Lightning `.ckpt` or safetensors) with the config `model_name` (a
+    /// released name, or one registered with `register_model_from_yaml`).
+    #[classmethod]
+    #[pyo3(signature = (model_name, path, device = "cpu"))]
+    fn from_file(
+        _cls: &Bound<'_, pyo3::types::PyType>,
+        py: Python<'_>,
+        model_name: &str,
+        path: PathBuf,
+        device: &str,
+    ) -> PyResult<Self> {
+        Self::load(py, model_name, &path, device)
+    }
+
+    /// A fresh model of `model_name` with the reference's initialisation (deterministic in
+    /// `seed`), e.g. to pretrain from scratch or to test a pipeline without downloading.
+    #[classmethod]
+    #[pyo3(signature = (model_name, seed = 0, full_model = false, device = "cpu"))]
+    fn from_config(
+        _cls: &Bound<'_, pyo3::types::PyType>,
+        model_name: &str,
+        seed: u64,
+        full_model: bool,
+        device: &str,
+    ) -> PyResult<Self> {
+        let cfg = resolve_config(model_name)?;
+        let parts: &[Part] = if full_model {
+            &[Part::Encoder, Part::Decoder]
+        } else {
+            &[Part::Encoder]
+        };
+        let sd = StateDict::init(&cfg, parts, seed);
+        Ok(Self {
+            model: load_model(&cfg, &sd, device)?,
+            name: model_name.to_string(),
+            device: device.to_string(),
+        })
+    }
+
+    /// Write the weights as safetensors with the official key names (readable by
+    /// `from_file`, the `marlin` command and, after renaming, marlin-pytorch's loader).
+    fn save(&self, path: PathBuf) -> PyResult<()> {
+        let sd = on_model!(&self.model, |m, _d| m.to_state_dict());
+        sd.save_safetensors(&path, None).map_err(runtime)
+    }
+
+    /// Remove the downloaded checkpoints.
+    #[staticmethod]
+    #[pyo3(signature = (verbose = true))]
+    fn clean_cache(verbose: bool) -> PyResult<()> {
+        let (n, bytes) = marlin::hub::clean_cache().map_err(runtime)?;
+        if verbose {
+            println!("Marlin checkpoints cache cleaned ({n} files, {bytes} bytes).");
+        }
+        Ok(())
+    }
+
+    /// The config name, embedding width, device and whether the decoder is loaded.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    #[getter]
+    fn device(&self) -> &str {
+        &self.device
+    }
+
+    #[getter]
+    fn embed_dim(&self) -> usize {
+        on_model!(&self.model, |m, _d| m.config.encoder.embed_dim)
+    }
+
+    #[getter]
+    fn full_model(&self) -> bool {
+        on_model!(&self.model, |m, _d| m.decoder.is_some())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Marlin('{}', device='{}', full_model={})",
+            self.name,
+            self.device,
+            self.full_model()
+        )
+    }
+
+    /// Features of a video file or frame folder: `[windows, D]` (`[windows, N, D]` with
+    /// keep_seq), or `[D]` reduced by "mean"/"max". `crop_face` detects and tracks the face
+    /// first (built-in MTCNN).
+    #[pyo3(signature = (video_path, crop_face = false, sample_rate = 2, stride = 16, reduction = "none", keep_seq = false, detector_device = None, batch_size = 4))]
+    #[allow(clippy::too_many_arguments)]
+    fn extract_video<'py>(
+        &self,
+        py: Python<'py>,
+        video_path: PathBuf,
+        crop_face: bool,
+        sample_rate: usize,
+        stride: usize,
+        reduction: &str,
+        keep_seq: bool,
+        detector_device: Option<&str>,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let _ = detector_device; // the detector runs on the model's device
+        must_exist(&video_path)?;
+        let opts = ExtractOptions {
+            sample_rate,
+            stride,
+            keep_seq,
+            reduction: self::reduction(reduction)?,
+            batch_size,
+        };
+        opts.check().map_err(value)?;
+        let (data, shape) = on_model!(&self.model, |m, dev| {
+            interruptible(py, |stop| {
+                let faces = if crop_face {
+                    Some(FaceCrop {
+                        detector: Detector::new(&dev, DetectOptions::default())
+                            .map_err(|e| e.to_string())?,
+                        track: TrackOptions::default(),
+                    })
+                } else {
+                    None
+                };
+                let until = || stop.load(Ordering::Relaxed);
+                m.extract_video_until(&video_path, &opts, faces.as_ref(), &until)
+                    .map(|(a, _)| {
+                        let shape = a.shape().to_vec();
+                        (a.into_raw_vec_and_offset().0, shape)
+                    })
+                    .map_err(|e| e.to_string())
+            })?
+            .map_err(runtime)?
+        });
+        to_numpy(py, data, &shape)
+    }
+
+    /// Features of clips `[B, 3, 16, 224, 224]` (RGB in [0, 1], numpy or torch): `[B, N, D]`
+    /// with keep_seq, else `[B, D]`.
+    #[pyo3(signature = (x, keep_seq = true))]
+    fn extract_features<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        keep_seq: bool,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let a = as_f32_array(x)?;
+        let shape = a.shape().to_vec();
+        let data = a.as_slice().map_err(value)?.to_vec();
+        let (out, out_shape) = on_model!(&self.model, |m, dev| {
+            let [b, c, t, h, w] = clip_shape(&m.config, &shape)?;
+            interruptible(py, |_| {
+                let x = burn::tensor::Tensor::<_, 5>::from_data(
+                    burn::tensor::TensorData::new(data, [b, c, t, h, w]),
+                    &dev,
+                );
+                let f = m.extract_features(x, keep_seq);
+                let [b, n, d] = f.dims();
+                let v = marlin::model::load::to_f32_vec(f);
+                (v, if keep_seq { vec![b, n, d] } else { vec![b, d] })
+            })?
+        });
+        to_numpy(py, out, &out_shape)
+    }
+
+    /// Reconstruction of clips `x` `[B, 3, 16, 224, 224]` with a visibility mask `[B, N]`
+    /// (true = visible, the same count per clip): pixels of the masked tubelets
+    /// `[B, N_masked, 3*2*16*16]`. Needs the full model (`from_online(..., full_model=True)`).
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        mask: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let a = as_f32_array(x)?;
+        let shape = a.shape().to_vec();
+        let data = a.as_slice().map_err(value)?.to_vec();
+        let np = py.import("numpy")?;
+        let mask = if mask.hasattr("detach")? {
+            mask.call_method0("detach")?
+                .call_method0("cpu")?
+                .call_method0("numpy")?
+        } else {
+            mask.clone()
+        };
+        let mask = np.call_method1("ascontiguousarray", (mask, "bool"))?;
+        let mask = mask.cast_into::<PyArrayDyn<bool>>()?.readonly();
+        let mask_shape = mask.shape().to_vec();
+        let mask: Vec<bool> = mask.as_slice().map_err(value)?.to_vec();
+        let (out, out_shape) = on_model!(&self.model, |m, dev| {
+            let [b, c, t, h, w] = clip_shape(&m.config, &shape)?;
+            let n = m.config.num_patches();
+            if mask_shape != [b, n] {
+                return Err(value(format!(
+                    "mask of shape {mask_shape:?}; expected [{b}, {n}] (true = visible)"
+                )));
+            }
+            interruptible(py, |_| {
+                let x = burn::tensor::Tensor::<_, 5>::from_data(
+                    burn::tensor::TensorData::new(data, [b, c, t, h, w]),
+                    &dev,
+                );
+                let idx =
+                    marlin::model::MaskIndices::from_bools(&mask, b).map_err(|e| e.to_string())?;
+                let y = m.forward_indices(x, &idx).map_err(|e| e.to_string())?;
+                let s = y.dims().to_vec();
+                Ok::<_, String>((marlin::model::load::to_f32_vec(y), s))
+            })?
+            .map_err(value)?
+        });
+        to_numpy(py, out, &out_shape)
+    }
+
+    /// Extract many inputs (files, frame folders, folders to walk) into `out_dir` as `.npy`,
+    /// batched across videos, skipping outputs that exist (a rerun resumes). Returns a dict:
+    /// written, skipped, clips, failures (list of (file, error)), interrupted; failures also
+    /// go to `out_dir/failures.json`.
+    #[pyo3(signature = (inputs, out_dir, crop_face = false, sample_rate = 2, stride = 16, reduction = "none", keep_seq = false, batch_size = 4, overwrite = false, progress = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn extract_many<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: Vec<PathBuf>,
+        out_dir: PathBuf,
+        crop_face: bool,
+        sample_rate: usize,
+        stride: usize,
+        reduction: &str,
+        keep_seq: bool,
+        batch_size: usize,
+        overwrite: bool,
+        progress: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        for p in &inputs {
+            must_exist(p)?;
+        }
+        let opts = BatchOptions {
+            extract: ExtractOptions {
+                sample_rate,
+                stride,
+                keep_seq,
+                reduction: self::reduction(reduction)?,
+                batch_size,
+            },
+            overwrite,
+        };
+        opts.extract.check().map_err(value)?;
+        let found = discover(&inputs, &DiscoverOptions::new(&out_dir)).map_err(value)?;
+        let s = on_model!(&self.model, |m, dev| {
+            interruptible(py, |stop| {
+                let faces = if crop_face {
+                    Some(FaceCrop {
+                        detector: Detector::new(&dev, DetectOptions::default())
+                            .map_err(|e| e.to_string())?,
+                        track: TrackOptions::default(),
+                    })
+                } else {
+                    None
+                };
+                let mut report = |p: &marlin::extract::batch::Progress| {
+                    if progress {
+                        eprint!(
+                            "\r{}/{} inputs, {:.1} clips/s   ",
+                            p.done,
+                            p.total,
+                            p.clips_per_second()
+                        );
+                    }
+                };
+                let r = extract_to_npy(m, &found.items, &opts, faces.as_ref(), stop, &mut report)
+                    .map_err(|e| e.to_string());
+                if progress {
+                    eprintln!();
+                }
+                r
+            })?
+            .map_err(runtime)?
+        });
+        let mut failures = found.failures;
+        failures.extend(s.failures.iter().cloned());
+        write_failures(&out_dir, &failures).map_err(runtime)?;
+        let d = PyDict::new(py);
+        d.set_item("written", s.written)?;
+        d.set_item("skipped", s.skipped)?;
+        d.set_item("clips", s.clips)?;
+        let f: Vec<(String, String)> = failures.into_iter().map(|f| (f.file, f.error)).collect();
+        d.set_item("failures", f)?;
+        d.set_item("interrupted", s.interrupted)?;
+        Ok(d)
+    }
+}
+
+impl PyMarlin {
+    fn load(py: Python<'_>, model_name: &str, path: &Path, device: &str) -> PyResult<Self> {
+        must_exist(path)?;
+        let cfg = resolve_config(model_name)?;
+        let sd = interruptible(py, |_| StateDict::load(path))?.map_err(value)?;
+        let model = load_model(&cfg, &sd, device)?;
+        Ok(Self {
+            model,
+            name: model_name.to_string(),
+            device: device.to_string(),
+        })
+    }
+}
+
+/// `[B, 3, T, H, W]` of `cfg`, or ValueError naming both shapes.
+fn clip_shape(cfg: &MarlinConfig, shape: &[usize]) -> PyResult<[usize; 5]> {
+    let (t, s) = (cfg.clip_frames, cfg.img_size);
+    match shape {
+        &[b, 3, tt, h, w] if tt == t && h == s && w == s && b > 0 => Ok([b, 3, t, s, s]),
+        _ => Err(value(format!(
+            "clips of shape {shape:?}; expected [B, 3, {t}, {s}, {s}] (RGB in [0, 1])"
+        ))),
+    }
+}
+
+/// Register the reference's YAML config (`model/*.yaml` of the training repo) under `name`
+/// for `Marlin.from_file(name, path)`.
+#[pyfunction]
+fn register_model_from_yaml(name: &str, path: PathBuf) -> PyResult<()> {
+    must_exist(&path)?;
+    let cfg = MarlinConfig::from_yaml_file(&path).map_err(value)?;
+    REGISTRY
+        .lock()
+        .map_err(runtime)?
+        .insert(name.to_string(), cfg);
+    Ok(())
+}
+
+/// Names of the released and registered configs.
+#[pyfunction]
+fn model_names() -> PyResult<Vec<String>> {
+    let mut v: Vec<String> = marlin::model::config::RELEASED_MODELS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(REGISTRY.lock().map_err(runtime)?.keys().cloned());
+    Ok(v)
+}
+
+/// Crop the face of a video in the wild into `out` (an .mp4, or a folder of frames when `out`
+/// has no extension), `size` pixels square. Returns the number of frames written.
+#[pyfunction]
+#[pyo3(signature = (video_path, out, size = 224))]
+fn crop_video(py: Python<'_>, video_path: PathBuf, out: PathBuf, size: usize) -> PyResult<usize> {
+    use marlin::face::crop_video::{crop_video as crop, CropFormat, CropVideoOptions, ImageFormat};
+    must_exist(&video_path)?;
+    let format = if out.extension().is_some() {
+        CropFormat::Mp4
+    } else {
+        CropFormat::Frames(ImageFormat::Png)
+    };
+    let opts = CropVideoOptions {
+        size,
+        format,
+        ..Default::default()
+    };
+    let r = interruptible(py, |stop| {
+        let dev = Default::default();
+        let det =
+            Detector::<Cpu>::new(&dev, DetectOptions::default()).map_err(|e| e.to_string())?;
+        let until = || stop.load(Ordering::Relaxed);
+        crop(
+            &marlin::video::Input::from_path(&video_path),
+            &out,
+            &det,
+            &opts,
+            &until,
+        )
+        .map_err(|e| e.to_string())
+    })?
+    .map_err(runtime)?;
+    Ok(r.map_or(0, |c| c.track.frames.len()))
+}
+
+/// A classifier trained by `marlin probe` / `marlin finetune` (its run folder).
+#[pyclass(name = "Classifier", module = "marlin_rs", frozen)]
+struct PyClassifier {
+    inner: Mutex<SavedClassifier<Cpu>>,
+}
+
+#[pymethods]
+impl PyClassifier {
+    #[staticmethod]
+    fn load(run_dir: PathBuf) -> PyResult<Self> {
+        must_exist(&run_dir)?;
+        let c = SavedClassifier::<Cpu>::load(&run_dir, &Default::default()).map_err(value)?;
+        Ok(Self {
+            inner: Mutex::new(c),
+        })
+    }
+
+    /// Label or class names.
+    #[getter]
+    fn names(&self) -> PyResult<Vec<String>> {
+        Ok(self.inner.lock().map_err(runtime)?.info.names.clone())
+    }
+
+    /// Probabilities of a `.npy` feature file or a video (a probe's videos go through `model`,
+    /// the MARLIN model that made its training features).
+    #[pyo3(signature = (path, model = None))]
+    fn predict<'py>(
+        &self,
+        py: Python<'py>,
+        path: PathBuf,
+        model: Option<PyRef<'py, PyMarlin>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        must_exist(&path)?;
+        let clf = self.inner.lock().map_err(runtime)?;
+        let encoder = match model.as_deref().map(|m| &m.model) {
+            None => None,
+            Some(Model::Cpu(m)) => Some(m),
+            #[cfg(feature = "cuda")]
+            Some(Model::Cuda(_)) => {
+                return Err(value("a classifier predicts with a model on \"cpu\""))
+            }
+        };
+        let p = clf.predict_file(&path, encoder).map_err(value)?;
+        let n = p.len();
+        to_numpy(py, p, &[n])
+    }
+
+    /// The prediction of probabilities: the class name, or 0/1 per label.
+    fn label(&self, probs: Vec<f32>) -> PyResult<String> {
+        Ok(self.inner.lock().map_err(runtime)?.label(&probs))
+    }
+}
+
+#[pymodule]
+fn _marlin_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyMarlin>()?;
+    m.add_class::<PyClassifier>()?;
+    m.add_function(wrap_pyfunction!(register_model_from_yaml, m)?)?;
+    m.add_function(wrap_pyfunction!(model_names, m)?)?;
+    m.add_function(wrap_pyfunction!(crop_video, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
