@@ -53,6 +53,19 @@ class Marlin:
         """Features of clips [B, 3, 16, 224, 224] (RGB in [0, 1]): [B, N, D], or [B, D]."""
     def __call__(self, x: _Array, mask: _Array) -> npt.NDArray[np.float32]:
         """Reconstruction of the masked tubelets [B, N_masked, 1536]; mask [B, N], True = visible."""
+    def reconstruct(
+        self,
+        video_path: _Path,
+        out: _Path,
+        mask_strategy: str = "fasking",
+        mask_ratio: float = 0.9,
+        start: int = 0,
+        sample_rate: int = 2,
+        seed: int = 0,
+        crop_face: bool = False,
+    ) -> npt.NDArray[np.uint8]:
+        """Original | masked | reconstruction of one clip (full model), written to `out` (.png
+        grid or .mp4) and returned as the grid [H * frames, 3 * W, 3]."""
     def extract_many(
         self,
         inputs: Sequence[_Path],

@@ -435,6 +435,59 @@ impl PyMarlin {
         to_numpy(py, out, &out_shape)
     }
 
+    /// Reconstruction pictures of one clip (needs the full model): each frame as original |
+    /// masked | reconstruction, written to `out` (a `.png` grid of every frame, or an `.mp4`)
+    /// and returned as the grid, uint8 `[H * frames, 3 * W, 3]`. Fasking masks by default
+    /// ("tube", "frame", "random" too).
+    #[pyo3(signature = (video_path, out, mask_strategy = "fasking", mask_ratio = 0.9, start = 0, sample_rate = 2, seed = 0, crop_face = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn reconstruct<'py>(
+        &self,
+        py: Python<'py>,
+        video_path: PathBuf,
+        out: PathBuf,
+        mask_strategy: &str,
+        mask_ratio: f64,
+        start: usize,
+        sample_rate: usize,
+        seed: u64,
+        crop_face: bool,
+    ) -> PyResult<Bound<'py, numpy::PyArray3<u8>>> {
+        use marlin::train::reconstruct::{reconstruct, ReconstructOptions};
+        must_exist(&video_path)?;
+        let opts = ReconstructOptions {
+            strategy: mask_strategy.parse().map_err(value)?,
+            mask_ratio,
+            start,
+            sample_rate,
+            seed,
+            crop_face,
+        };
+        let grid = on_model!(&self.model, |m, dev| {
+            if m.decoder.is_none() {
+                return Err(value(
+                    "reconstruction needs the decoder: load the full model \
+                     (from_online(name, full_model=True) or a .full checkpoint)",
+                ));
+            }
+            interruptible(py, |_| {
+                let r = reconstruct(&video_path, &m.config, Some(m), &opts, &dev)
+                    .map_err(|e| e.to_string())?;
+                let grid = r.grid();
+                if out.extension().is_some_and(|e| e == "mp4") {
+                    r.save_mp4(&out).map_err(|e| e.to_string())?;
+                } else {
+                    marlin::train::samples::save_png(&grid, &out).map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(grid)
+            })?
+            .map_err(runtime)?
+        });
+        let (w, h) = (grid.width() as usize, grid.height() as usize);
+        let flat = numpy::PyArray1::from_vec(py, grid.into_raw());
+        flat.reshape([h, w, 3])
+    }
+
     /// Extract many inputs (files, frame folders, folders to walk) into `out_dir` as `.npy`,
     /// batched across videos, skipping outputs that exist (a rerun resumes). Returns a dict:
     /// written, skipped, clips, failures (list of (file, error)), interrupted; failures also

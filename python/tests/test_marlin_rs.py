@@ -90,6 +90,23 @@ def test_extract_features_and_reconstruction_equal_peer_numpy_inputs():
         enc(io["clip"], io["mask"].astype(bool))
 
 
+def test_reconstruction_pictures(tmp_path):
+    register_model_from_yaml("tiny224", str(VIDEO / "tiny224.yaml"))
+    enc = Marlin.from_file("tiny224", str(VIDEO / "tiny224.pt"))
+    with pytest.raises(ValueError, match="needs the decoder"):
+        enc.reconstruct(str(VIDEO / "h264_33.mp4"), str(tmp_path / "r.png"))
+    register_model_from_yaml("tiny_a", str(MODEL / "tiny_a.yaml"))
+    full = Marlin.from_file("tiny_a", str(MODEL / "tiny_a.full.pt"))
+    grid = full.reconstruct(str(VIDEO / "h264_33.mp4"), str(tmp_path / "r.png"), mask_strategy="random", seed=3)
+    assert grid.dtype == np.uint8 and grid.shape == (32 * 16, 3 * 32, 3)
+    png = (tmp_path / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # The first panel is the clip itself: not blank, and it differs from the reconstruction.
+    assert grid[:, :32].std() > 1 and (grid[:, :32] != grid[:, 64:]).any()
+    with pytest.raises(ValueError, match="strategy|mask"):
+        full.reconstruct(str(VIDEO / "h264_33.mp4"), str(tmp_path / "r.png"), mask_strategy="nope")
+
+
 def test_torch_tensors_are_accepted_when_torch_is_installed():
     torch = pytest.importorskip("torch")
     register_model_from_yaml("tiny_a", str(MODEL / "tiny_a.yaml"))
