@@ -7,12 +7,15 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use marlin::backend::BackendTask;
 use marlin::extract::batch::{
-    extract_to_npy, write_failures, BatchOptions, FaceCrop, Failure, NpySummary,
+    extract_to_npy, write_failures_as, BatchOptions, FaceCrop, Failure, NpySummary,
 };
 use marlin::extract::inputs::{discover, DiscoverOptions, Item, DEFAULT_GLOB};
+use marlin::extract::manifest::{Manifest, Status};
+use marlin::extract::shard::Shard;
 use marlin::extract::{ExtractOptions, Input, Reduction};
 use marlin::face::Detector;
 use marlin::model::{Marlin, Part};
+use marlin::util::write_atomic;
 use marlin::video::VideoError;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +61,12 @@ pub struct ExtractArgs {
     /// Recompute outputs that already exist.
     #[arg(long)]
     pub overwrite: bool,
+    /// Process shard I of N (0-based) of the inputs, split by a stable hash of each output
+    /// path: N processes with 0/N .. N-1/N cover every input once. Without it, a Slurm job
+    /// array (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX with
+    /// MARLIN_SHARD_COUNT) sets it.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
     /// No progress bar or notes (errors still go to stderr).
     #[arg(long, short)]
     pub quiet: bool,
@@ -165,6 +174,18 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
         },
     )
     .map_err(|e| e.to_string())?;
+    let shard = match &args.shard {
+        Some(s) => Some(Shard::parse(s).map_err(|e| e.to_string())?),
+        None => Shard::from_env().map_err(|e| e.to_string())?,
+    };
+    let mut found = found;
+    if let Some(sh) = &shard {
+        let all = found.items.len();
+        found.items = sh.select(found.items, &args.out);
+        found.failures.retain(|f| sh.owns(&f.file));
+        eprintln!("{}: {} of {all} inputs", sh.describe(), found.items.len());
+    }
+    let failures_name = shard.map_or("failures.json".to_string(), |s| s.failures_file());
     let mut failures = found.failures;
     let total = found.items.len();
     let todo = found
@@ -210,6 +231,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     }
     report(
         &args.out,
+        &failures_name,
         &failures,
         summary.written,
         total,
@@ -223,6 +245,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
 /// failure, a summary, and the exit code (0, 1 with failures, 130 when interrupted).
 pub(super) fn report(
     out: &Path,
+    failures_name: &str,
     failures: &[Failure],
     written: usize,
     total: usize,
@@ -230,8 +253,8 @@ pub(super) fn report(
     interrupted: bool,
     quiet: bool,
 ) -> Result<i32, String> {
-    let report = out.join("failures.json");
-    write_failures(out, failures).map_err(|e| e.to_string())?;
+    let report = out.join(failures_name);
+    write_failures_as(out, failures_name, failures).map_err(|e| e.to_string())?;
     for f in failures {
         eprintln!("failed: {}", f.error);
     }
@@ -254,4 +277,64 @@ pub(super) fn report(
         return Ok(130);
     }
     Ok(if failures.is_empty() { 0 } else { 1 })
+}
+
+#[derive(Args, Debug)]
+pub struct ManifestArgs {
+    /// The extraction's output folder.
+    pub out: PathBuf,
+    /// The inputs, as given to `extract` (files, frame folders, directories to walk).
+    #[arg(required_unless_present = "list")]
+    pub inputs: Vec<PathBuf>,
+    /// A text file with one input path per line, as given to `extract`.
+    #[arg(long)]
+    pub list: Option<PathBuf>,
+    /// File patterns of videos when walking a directory, as given to `extract`.
+    #[arg(long, default_value = DEFAULT_GLOB)]
+    pub glob: String,
+}
+
+/// `marlin manifest`: exit 0 when every input is done, 1 otherwise.
+pub fn manifest(args: ManifestArgs) -> Result<i32, String> {
+    let found = discover(
+        &args.inputs,
+        &DiscoverOptions {
+            list: args.list.clone(),
+            glob: args.glob.clone(),
+            ..DiscoverOptions::new(&args.out)
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let m = Manifest::build(&found.items, &args.out).map_err(|e| e.to_string())?;
+    let csv = args.out.join("manifest.csv");
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    write_atomic(&csv, m.to_csv().map_err(|e| e.to_string())?.as_bytes())
+        .map_err(|e| format!("{}: {e}", csv.display()))?;
+    let missing: Vec<&str> = m
+        .rows
+        .iter()
+        .filter(|r| r.status == Status::Missing)
+        .map(|r| r.input.as_str())
+        .collect();
+    let list = args.out.join("missing.txt");
+    if missing.is_empty() {
+        let _ = std::fs::remove_file(&list);
+    } else {
+        let text = missing.join("\n") + "\n";
+        write_atomic(&list, text.as_bytes()).map_err(|e| format!("{}: {e}", list.display()))?;
+    }
+    let (done, failed) = (m.count(Status::Done), m.count(Status::Failed));
+    outln!(
+        "{} inputs: {done} done, {failed} failed, {} missing; {}",
+        m.rows.len(),
+        missing.len(),
+        csv.display()
+    );
+    if !missing.is_empty() {
+        outln!(
+            "missing inputs are listed in {}: run the same extract command again (or the shards that own them); finished outputs are skipped",
+            list.display()
+        );
+    }
+    Ok(if done == m.rows.len() { 0 } else { 1 })
 }

@@ -339,6 +339,7 @@ pub fn crop(args: CropArgs) -> Result<i32, String> {
         failures.extend(f);
         return report(
             &out,
+            "failures.json",
             &failures,
             written,
             total,
@@ -349,6 +350,7 @@ pub fn crop(args: CropArgs) -> Result<i32, String> {
     }
     report(
         &args.out,
+        "failures.json",
         &failures,
         written,
         total,

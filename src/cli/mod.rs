@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Videos or frame folders to MARLIN features (.npy), as marlin-pytorch's extract_video.
     Extract(Box<extract::ExtractArgs>),
+    /// One manifest of an extraction (all shards): every input with its output, shape and
+    /// status (done, failed, missing) in OUT/manifest.csv; missing inputs in OUT/missing.txt.
+    Manifest(extract::ManifestArgs),
     /// Faces in the wild -> face videos (or frame folders) and their tracks (JSON).
     Crop(Box<face::CropArgs>),
     /// Detect faces in an image or video; draw them (--draw) so a person can look.
@@ -141,6 +144,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Extract(args) => extract::run(*args),
+        Command::Manifest(args) => extract::manifest(args),
         Command::Bench(args) => bench::run(args),
         Command::Crop(args) => face::crop(*args),
         Command::Split(args) => probe::split(args),

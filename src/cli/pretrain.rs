@@ -253,6 +253,7 @@ pub fn prepare(args: PrepareArgs) -> Result<i32, String> {
     let s = run_on(device, PrepareJob { args, stop })??;
     super::extract::report(
         &out,
+        "failures.json",
         &s.failures,
         s.written,
         s.total,

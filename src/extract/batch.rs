@@ -399,7 +399,16 @@ pub fn write_failures(
     dir: &std::path::Path,
     failures: &[Failure],
 ) -> Result<Option<PathBuf>, ExtractError> {
-    let path = dir.join("failures.json");
+    write_failures_as(dir, "failures.json", failures)
+}
+
+/// [`write_failures`] under another file name (a shard's `failures.shard-I-of-N.json`).
+pub fn write_failures_as(
+    dir: &std::path::Path,
+    name: &str,
+    failures: &[Failure],
+) -> Result<Option<PathBuf>, ExtractError> {
+    let path = dir.join(name);
     if failures.is_empty() {
         let _ = std::fs::remove_file(&path);
         return Ok(None);

@@ -3,6 +3,8 @@
 
 pub mod batch;
 pub mod inputs;
+pub mod manifest;
+pub mod shard;
 
 use crate::face::{self, crop, crop::CropBox, track::Track, track::TrackOptions, Detector};
 use crate::model::Marlin;

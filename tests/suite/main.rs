@@ -17,3 +17,4 @@ mod pretrain_run;
 mod pretrain_step;
 mod probe_metrics;
 mod probe_train;
+mod scale;
