@@ -243,6 +243,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
 
 /// End of a batch job: `failures.json` in `out` (removed when all went well), one line per
 /// failure, a summary, and the exit code (0, 1 with failures, 130 when interrupted).
+#[allow(clippy::too_many_arguments)] // each count is reported as is
 pub(super) fn report(
     out: &Path,
     failures_name: &str,
