@@ -30,6 +30,10 @@ pub struct BenchArgs {
     pub train: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Also write the benchmarked (freshly initialised) encoder as safetensors, e.g. to time
+    /// `extract --weights` without a download.
+    #[arg(long)]
+    pub save_weights: Option<std::path::PathBuf>,
 }
 
 struct Bench {
@@ -62,6 +66,11 @@ impl BackendTask for Bench {
         }
         let (cfg, a) = (self.cfg, self.args);
         let model = Marlin::<B>::init(&cfg, &[Part::Encoder], 0, &device);
+        if let Some(p) = &a.save_weights {
+            if let Err(e) = model.to_state_dict().save_safetensors(p, None) {
+                eprintln!("{e}");
+            }
+        }
         let b = a.batch_size.max(1);
         let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
         let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), &device);
