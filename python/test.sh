@@ -5,7 +5,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="${MARLIN_PY_VENV:-$(mktemp -d)/venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check maturin numpy pytest
+"$venv/bin/pip" install -q --disable-pip-version-check maturin numpy pytest "ray[data]"
 rm -rf "$venv/wheels"
 "$venv/bin/maturin" build --release --quiet -m "$here/Cargo.toml" -o "$venv/wheels"
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$venv"/wheels/marlin_rs-*.whl

@@ -78,10 +78,12 @@ class Marlin:
         batch_size: int = 4,
         overwrite: bool = False,
         progress: bool = True,
+        failures_file: Optional[str] = "failures.json",
     ) -> Dict[str, Any]:
         """Many inputs (files, frame folders, folders to walk) to `.npy` files in `out_dir`,
         batched across videos and resumable. Returns written, skipped, clips, failures
-        [(file, error)], interrupted; failures also go to out_dir/failures.json."""
+        [(file, error)], interrupted; failures also go to out_dir/<failures_file> (None: not
+        written, as from many Ray actors sharing one folder)."""
 
 class Classifier:
     """A classifier trained by `marlin probe` / `marlin finetune` (its run folder)."""

@@ -3,7 +3,7 @@
 //! signals, so Ctrl-C stops it) and converts the result to numpy. No logic of its own.
 
 use marlin::backend::Cpu;
-use marlin::extract::batch::{extract_to_npy, write_failures, BatchOptions, FaceCrop};
+use marlin::extract::batch::{extract_to_npy, write_failures_as, BatchOptions, FaceCrop};
 use marlin::extract::inputs::{discover, DiscoverOptions};
 use marlin::extract::{ExtractOptions, Reduction};
 use marlin::face::{DetectOptions, Detector, TrackOptions};
@@ -491,8 +491,8 @@ impl PyMarlin {
     /// Extract many inputs (files, frame folders, folders to walk) into `out_dir` as `.npy`,
     /// batched across videos, skipping outputs that exist (a rerun resumes). Returns a dict:
     /// written, skipped, clips, failures (list of (file, error)), interrupted; failures also
-    /// go to `out_dir/failures.json`.
-    #[pyo3(signature = (inputs, out_dir, crop_face = false, sample_rate = 2, stride = 16, reduction = "none", keep_seq = false, batch_size = 4, overwrite = false, progress = true))]
+    /// go to `out_dir/<failures_file>` (None: not written, e.g. from many Ray actors).
+    #[pyo3(signature = (inputs, out_dir, crop_face = false, sample_rate = 2, stride = 16, reduction = "none", keep_seq = false, batch_size = 4, overwrite = false, progress = true, failures_file = Some("failures.json")))]
     #[allow(clippy::too_many_arguments)]
     fn extract_many<'py>(
         &self,
@@ -507,6 +507,7 @@ impl PyMarlin {
         batch_size: usize,
         overwrite: bool,
         progress: bool,
+        failures_file: Option<&str>,
     ) -> PyResult<Bound<'py, PyDict>> {
         for p in &inputs {
             must_exist(p)?;
@@ -555,7 +556,9 @@ impl PyMarlin {
         });
         let mut failures = found.failures;
         failures.extend(s.failures.iter().cloned());
-        write_failures(&out_dir, &failures).map_err(runtime)?;
+        if let Some(name) = failures_file {
+            write_failures_as(&out_dir, name, &failures).map_err(runtime)?;
+        }
         let d = PyDict::new(py);
         d.set_item("written", s.written)?;
         d.set_item("skipped", s.skipped)?;
