@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use marlin::backend::BackendTask;
 use marlin::extract::batch::{
-    extract_to_npy, write_failures_as, BatchOptions, FaceCrop, Failure, NpySummary,
+    extract_to_npy_workers, write_failures_as, BatchOptions, FaceCrop, Failure, NpySummary,
 };
 use marlin::extract::inputs::{discover, DiscoverOptions, Item, DEFAULT_GLOB};
 use marlin::extract::manifest::{Manifest, Status};
@@ -61,6 +61,10 @@ pub struct ExtractArgs {
     /// Recompute outputs that already exist.
     #[arg(long)]
     pub overwrite: bool,
+    /// Model replicas in this process, each with its own batch queue and decoder thread,
+    /// taking every N-th input (same outputs as one).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
     /// Process shard I of N (0-based) of the inputs, split by a stable hash of each output
     /// path: N processes with 0/N .. N-1/N cover every input once. Without it, a Slurm job
     /// array (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX with
@@ -81,6 +85,7 @@ struct Job {
     stop: Arc<AtomicBool>,
     /// Detect and crop faces first (`--crop-face`).
     face: Option<FaceArgs>,
+    workers: usize,
 }
 
 impl BackendTask for Job {
@@ -96,14 +101,19 @@ impl BackendTask for Job {
                 self.weights.display()
             );
         }
-        let faces = match &self.face {
-            Some(f) => Some(FaceCrop {
-                detector: Detector::<B>::new(&device, f.detect_options())
-                    .map_err(|e| e.to_string())?,
-                track: f.track_options(),
-            }),
-            None => None,
-        };
+        let mut workers = Vec::new();
+        for _ in 0..self.workers.max(1) {
+            let faces = match &self.face {
+                Some(f) => Some(FaceCrop {
+                    detector: Detector::<B>::new(&device, f.detect_options())
+                        .map_err(|e| e.to_string())?,
+                    track: f.track_options(),
+                }),
+                None => None,
+            };
+            // Clones share the weights (burn tensors are reference-counted).
+            workers.push((model.clone(), faces));
+        }
         let todo = self
             .items
             .iter()
@@ -114,22 +124,16 @@ impl BackendTask for Job {
             todo as u64,
             "{bar:30} {pos}/{len} videos  {msg}  elapsed {elapsed}  ETA {eta}",
         );
-        let summary = extract_to_npy(
-            &model,
-            &self.items,
-            &self.opts,
-            faces.as_ref(),
-            &self.stop,
-            &mut |p| {
+        let summary =
+            extract_to_npy_workers(workers, &self.items, &self.opts, &self.stop, &mut |p| {
                 bar.set_position(p.done as u64);
                 bar.set_message(format!(
                     "{} clips, {:.2} clips/s",
                     p.clips,
                     p.clips_per_second()
                 ));
-            },
-        )
-        .map_err(|e| e.to_string())?;
+            })
+            .map_err(|e| e.to_string())?;
         bar.finish_and_clear();
         Ok(summary)
     }
@@ -217,6 +221,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             quiet: args.quiet,
             stop: stop.clone(),
             face: args.crop_face.then(|| args.face.clone()),
+            workers: args.workers,
         };
         summary = run_on(args.model.device, job)??;
     }

@@ -64,7 +64,7 @@ impl Failure {
 }
 
 /// Where a run stands, after each finished input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Progress {
     /// Inputs finished (written or failed) of `total`.
     pub done: usize,
@@ -391,6 +391,76 @@ pub fn extract_to_npy<B: Backend>(
         warnings: sink.warnings,
         interrupted: s.interrupted,
     })
+}
+
+/// [`extract_to_npy`] with several workers in one process: each is a model replica (on its own
+/// device, or several on one) with its own batch queue and decoder thread, and takes every
+/// n-th input. Outputs are the same files as with one worker; `progress` sees the sum.
+pub fn extract_to_npy_workers<B: Backend>(
+    workers: Vec<(Marlin<B>, Option<FaceCrop<B>>)>,
+    items: &[Item],
+    opts: &BatchOptions,
+    stop: &AtomicBool,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<NpySummary, ExtractError> {
+    opts.extract.check()?;
+    let n = workers.len();
+    if n == 0 {
+        return Err(ExtractError::Options("no worker to run on".into()));
+    }
+    let groups: Vec<Vec<Item>> = (0..n)
+        .map(|w| items.iter().skip(w).step_by(n).cloned().collect())
+        .collect();
+    let shared = std::sync::Mutex::new((vec![Progress::default(); n], progress));
+    let results: Vec<Result<NpySummary, ExtractError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .into_iter()
+            .zip(&groups)
+            .enumerate()
+            .map(|(w, ((model, faces), group))| {
+                let shared = &shared;
+                s.spawn(move || {
+                    let mut report = |p: &Progress| {
+                        // A poisoned lock only loses a progress update.
+                        if let Ok(mut l) = shared.lock() {
+                            l.0[w] = p.clone();
+                            let sum = l.0.iter().fold(Progress::default(), |a, p| Progress {
+                                done: a.done + p.done,
+                                total: a.total + p.total,
+                                clips: a.clips + p.clips,
+                                elapsed: a.elapsed.max(p.elapsed),
+                            });
+                            (l.1)(&sum);
+                        }
+                    };
+                    extract_to_npy(&model, group, opts, faces.as_ref(), stop, &mut report)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ExtractError::Options("a worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut all = NpySummary::default();
+    for r in results {
+        let r = r?;
+        all.written += r.written;
+        all.skipped += r.skipped;
+        all.clips += r.clips;
+        all.failures.extend(r.failures);
+        all.interrupted |= r.interrupted;
+        for n in r.notes {
+            if !all.notes.contains(&n) {
+                all.notes.push(n);
+            }
+        }
+        all.warnings.extend(r.warnings);
+    }
+    Ok(all)
 }
 
 /// The failures of a batch job as `dir/failures.json` (`[{"file", "error"}]`, written

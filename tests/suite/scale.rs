@@ -222,3 +222,21 @@ fn a_bad_shard_is_one_clear_line() {
         assert!(stderr(&o).contains(want), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn two_cpu_workers_in_one_process_give_the_same_outputs_as_one() {
+    let t = tempfile::tempdir().unwrap();
+    let input = dataset(t.path());
+    let (one, two) = (t.path().join("one"), t.path().join("two"));
+    let a = run(&input, &one, &[], &[]);
+    let b = run(&input, &two, &["--workers", "2", "--batch-size", "3"], &[]);
+    assert_eq!(a.status.code(), b.status.code(), "{}", stderr(&b));
+    let (a, b) = (outputs(&one), outputs(&two));
+    assert_eq!(a.len(), 9);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, (bytes, _)) in &a {
+        assert!(*bytes == b[k].0, "{k} differs with 2 workers");
+    }
+    let failures = std::fs::read_to_string(two.join("failures.json")).unwrap();
+    assert!(failures.contains("broken.mp4"), "{failures}");
+}
