@@ -42,6 +42,133 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
+/// One or more devices of one kind: `cpu`, `cuda`, `cuda:N`, `cuda:0,cuda:1`, `cuda:all`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSet {
+    Cpu,
+    Cuda(Vec<usize>),
+    /// Every GPU the driver sees, counted when the work starts.
+    CudaAll,
+}
+
+impl FromStr for DeviceSet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "cuda:all" {
+            return Ok(Self::CudaAll);
+        }
+        let specs: Vec<DeviceSpec> = s
+            .split(',')
+            .map(|d| d.trim().parse())
+            .collect::<Result<_, _>>()?;
+        match specs.as_slice() {
+            [DeviceSpec::Cpu] => Ok(Self::Cpu),
+            _ if specs.contains(&DeviceSpec::Cpu) => Err(format!(
+                "--device {s}: list GPUs only (cuda:0,cuda:1); for several CPU workers use --workers"
+            )),
+            _ => {
+                let mut ids: Vec<usize> = specs
+                    .iter()
+                    .filter_map(|d| match d {
+                        DeviceSpec::Cuda(i) => Some(*i),
+                        DeviceSpec::Cpu => None,
+                    })
+                    .collect();
+                let n = ids.len();
+                ids.dedup();
+                if ids.len() != n {
+                    return Err(format!("--device {s}: a GPU is listed twice"));
+                }
+                Ok(Self::Cuda(ids))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::CudaAll => write!(f, "cuda:all"),
+            Self::Cuda(ids) => {
+                let v: Vec<String> = ids.iter().map(|i| format!("cuda:{i}")).collect();
+                write!(f, "{}", v.join(","))
+            }
+        }
+    }
+}
+
+impl DeviceSet {
+    /// The one device of a command that runs on one.
+    pub fn single(&self) -> Result<DeviceSpec, String> {
+        match self {
+            Self::Cpu => Ok(DeviceSpec::Cpu),
+            Self::Cuda(ids) if ids.len() == 1 => Ok(DeviceSpec::Cuda(ids[0])),
+            _ => Err(format!(
+                "--device {self}: this command runs on one device (cpu, cuda or cuda:N)"
+            )),
+        }
+    }
+}
+
+/// Work over several devices of one backend; [`run_on_all`] picks the backend at run time.
+pub trait MultiDeviceTask {
+    type Output;
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output;
+}
+
+/// Run `task` on every device of `set`. CUDA devices in a build without the `cuda` feature, or
+/// on a machine without the driver, are an error saying what to do.
+pub fn run_on_all<T: MultiDeviceTask>(set: &DeviceSet, task: T) -> Result<T::Output, BackendError> {
+    match set {
+        DeviceSet::Cpu => Ok(task.run::<Cpu>(vec![Default::default()])),
+        #[cfg(feature = "cuda")]
+        DeviceSet::Cuda(_) | DeviceSet::CudaAll => {
+            cuda_driver()?;
+            let ids = match set {
+                DeviceSet::Cuda(ids) => ids.clone(),
+                _ => (0..cuda_device_count()?).collect(),
+            };
+            if ids.is_empty() {
+                return Err(BackendError::NoDriver("the driver sees no GPU".into()));
+            }
+            Ok(task.run::<Gpu>(
+                ids.into_iter()
+                    .map(burn::backend::cuda::CudaDevice::new)
+                    .collect(),
+            ))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSet::Cuda(_) | DeviceSet::CudaAll => Err(BackendError::NoCudaBuild),
+    }
+}
+
+/// How many GPUs the driver sees (`cuInit`, `cuDeviceGetCount` from libcuda).
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> Result<usize, BackendError> {
+    let fail = |e: String| BackendError::NoDriver(e);
+    // SAFETY: the driver's documented C entry points, called with valid arguments; the library
+    // stays loaded for the calls.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so.1")
+            .or_else(|_| libloading::Library::new("libcuda.so"))
+            .map_err(|e| fail(e.to_string()))?;
+        let init: libloading::Symbol<unsafe extern "C" fn(u32) -> i32> =
+            lib.get(b"cuInit").map_err(|e| fail(e.to_string()))?;
+        let count: libloading::Symbol<unsafe extern "C" fn(*mut i32) -> i32> = lib
+            .get(b"cuDeviceGetCount")
+            .map_err(|e| fail(e.to_string()))?;
+        if init(0) != 0 {
+            return Err(fail("cuInit failed".into()));
+        }
+        let mut n = 0i32;
+        if count(&mut n) != 0 {
+            return Err(fail("cuDeviceGetCount failed".into()));
+        }
+        Ok(n.max(0) as usize)
+    }
+}
+
 /// Why a device cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
@@ -110,5 +237,24 @@ mod tests {
             .parse::<DeviceSpec>()
             .unwrap_err()
             .contains("unknown device 'tpu'"));
+        assert_eq!("cpu".parse::<DeviceSet>(), Ok(DeviceSet::Cpu));
+        assert_eq!(
+            "cuda:0,cuda:2".parse::<DeviceSet>(),
+            Ok(DeviceSet::Cuda(vec![0, 2]))
+        );
+        assert_eq!("cuda:all".parse::<DeviceSet>(), Ok(DeviceSet::CudaAll));
+        assert!("cpu,cuda:1"
+            .parse::<DeviceSet>()
+            .unwrap_err()
+            .contains("--workers"));
+        assert!("cuda:1,cuda:1"
+            .parse::<DeviceSet>()
+            .unwrap_err()
+            .contains("twice"));
+        assert!(DeviceSet::Cuda(vec![0, 1])
+            .single()
+            .unwrap_err()
+            .contains("one device"));
+        assert_eq!(DeviceSet::Cuda(vec![3]).single(), Ok(DeviceSpec::Cuda(3)));
     }
 }

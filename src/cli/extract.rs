@@ -2,10 +2,9 @@
 
 use super::face_args::FaceArgs;
 use super::model_args::ModelArgs;
-use super::run_on;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use marlin::backend::BackendTask;
+use marlin::backend::{run_on_all, MultiDeviceTask};
 use marlin::extract::batch::{
     extract_to_npy_workers, write_failures_as, BatchOptions, FaceCrop, Failure, NpySummary,
 };
@@ -14,7 +13,7 @@ use marlin::extract::manifest::{Manifest, Status};
 use marlin::extract::shard::Shard;
 use marlin::extract::{ExtractOptions, Input, Reduction};
 use marlin::face::Detector;
-use marlin::model::{Marlin, Part};
+use marlin::model::{Marlin, Part, StateDict};
 use marlin::util::write_atomic;
 use marlin::video::VideoError;
 use std::path::{Path, PathBuf};
@@ -88,31 +87,36 @@ struct Job {
     workers: usize,
 }
 
-impl BackendTask for Job {
+impl MultiDeviceTask for Job {
     type Output = Result<NpySummary, String>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (model, report) =
-            Marlin::<B>::load_file(&self.cfg, &self.weights, &[Part::Encoder], &device)
-                .map_err(|e| e.to_string())?;
-        for k in &report.unknown_keys {
-            eprintln!(
-                "warning: {}: unknown key '{k}' ignored",
-                self.weights.display()
-            );
-        }
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output {
+        let sd = StateDict::load(&self.weights).map_err(|e| e.to_string())?;
         let mut workers = Vec::new();
-        for _ in 0..self.workers.max(1) {
-            let faces = match &self.face {
-                Some(f) => Some(FaceCrop {
-                    detector: Detector::<B>::new(&device, f.detect_options())
-                        .map_err(|e| e.to_string())?,
-                    track: f.track_options(),
-                }),
-                None => None,
-            };
-            // Clones share the weights (burn tensors are reference-counted).
-            workers.push((model.clone(), faces));
+        for device in &devices {
+            let (model, report) =
+                Marlin::<B>::from_state_dict(&self.cfg, &sd, &[Part::Encoder], device)
+                    .map_err(|e| e.to_string())?;
+            if workers.is_empty() {
+                for k in &report.unknown_keys {
+                    eprintln!(
+                        "warning: {}: unknown key '{k}' ignored",
+                        self.weights.display()
+                    );
+                }
+            }
+            for _ in 0..self.workers.max(1) {
+                let faces = match &self.face {
+                    Some(f) => Some(FaceCrop {
+                        detector: Detector::<B>::new(device, f.detect_options())
+                            .map_err(|e| e.to_string())?,
+                        track: f.track_options(),
+                    }),
+                    None => None,
+                };
+                // Clones on one device share the weights (burn tensors are reference-counted).
+                workers.push((model.clone(), faces));
+            }
         }
         let todo = self
             .items
@@ -223,7 +227,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             face: args.crop_face.then(|| args.face.clone()),
             workers: args.workers,
         };
-        summary = run_on(args.model.device, job)??;
+        summary = run_on_all(&args.model.device, job).map_err(|e| e.to_string())??;
     }
     failures.append(&mut summary.failures);
     if !args.quiet {

@@ -1,7 +1,7 @@
 //! Options that choose a model and its weights, shared by the subcommands.
 
 use clap::Args;
-use marlin::backend::DeviceSpec;
+use marlin::backend::DeviceSet;
 use marlin::hub;
 use marlin::model::MarlinConfig;
 use std::path::PathBuf;
@@ -17,9 +17,10 @@ pub struct ModelArgs {
     /// Checkpoint file (.pt, Lightning .ckpt or .safetensors).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`); `extract` also takes
+    /// several GPUs (cuda:0,cuda:1 or cuda:all), one model replica each.
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    pub device: DeviceSet,
 }
 
 impl ModelArgs {

@@ -248,7 +248,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
         opts,
         quiet: t.quiet,
     };
-    run_on(args.model.device, job)?
+    run_on(args.model.device.single()?, job)?
 }
 
 struct PredictJob {
@@ -284,6 +284,6 @@ impl BackendTask for PredictJob {
 }
 
 pub fn predict(args: PredictArgs) -> Result<i32, String> {
-    let device = args.model.device;
+    let device = args.model.device.single()?;
     run_on(device, PredictJob { args })?
 }
