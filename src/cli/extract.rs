@@ -320,6 +320,9 @@ pub fn manifest(args: ManifestArgs) -> Result<i32, String> {
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     write_atomic(&csv, m.to_csv().map_err(|e| e.to_string())?.as_bytes())
         .map_err(|e| format!("{}: {e}", csv.display()))?;
+    let pq = args.out.join("manifest.parquet");
+    write_atomic(&pq, &m.to_parquet().map_err(|e| e.to_string())?)
+        .map_err(|e| format!("{}: {e}", pq.display()))?;
     let missing: Vec<&str> = m
         .rows
         .iter()

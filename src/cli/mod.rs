@@ -31,7 +31,8 @@ enum Command {
     /// Videos or frame folders to MARLIN features (.npy), as marlin-pytorch's extract_video.
     Extract(Box<extract::ExtractArgs>),
     /// One manifest of an extraction (all shards): every input with its output, shape and
-    /// status (done, failed, missing) in OUT/manifest.csv; missing inputs in OUT/missing.txt.
+    /// status (done, failed, missing) in OUT/manifest.csv and
+    /// OUT/manifest.parquet; missing inputs in OUT/missing.txt.
     Manifest(extract::ManifestArgs),
     /// Faces in the wild -> face videos (or frame folders) and their tracks (JSON).
     Crop(Box<face::CropArgs>),

@@ -95,14 +95,8 @@ impl Manifest {
         w.write_record(["input", "output", "status", "shape", "error"])
             .map_err(err)?;
         for r in &self.rows {
-            let shape = r.shape.as_ref().map_or(String::new(), |s| {
-                s.iter().map(usize::to_string).collect::<Vec<_>>().join("x")
-            });
-            let status = match r.status {
-                Status::Done => "done",
-                Status::Failed => "failed",
-                Status::Missing => "missing",
-            };
+            let shape = r.shape.as_ref().map_or(String::new(), |s| shape_text(s));
+            let status = status_name(r.status);
             w.write_record([
                 r.input.as_str(),
                 r.output.as_str(),
@@ -117,6 +111,80 @@ impl Manifest {
             .map_err(|e| ExtractError::Options(format!("manifest: {e}")))?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
+}
+
+impl Manifest {
+    /// The manifest as Parquet: UTF-8 columns input, output, status (required), shape
+    /// (`clips x D`, null unless done) and error (null unless failed).
+    pub fn to_parquet(&self) -> Result<Vec<u8>, ExtractError> {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+        let err = |e: parquet::errors::ParquetError| {
+            ExtractError::Options(format!("manifest (Parquet): {e}"))
+        };
+        let schema = parse_message_type(
+            "message manifest {
+                REQUIRED BYTE_ARRAY input (UTF8);
+                REQUIRED BYTE_ARRAY output (UTF8);
+                REQUIRED BYTE_ARRAY status (UTF8);
+                OPTIONAL BYTE_ARRAY shape (UTF8);
+                OPTIONAL BYTE_ARRAY error (UTF8);
+            }",
+        )
+        .map_err(err)?;
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut buf = Vec::new();
+        let mut w = SerializedFileWriter::new(&mut buf, Arc::new(schema), props).map_err(err)?;
+        let mut rg = w.next_row_group().map_err(err)?;
+        let columns: [Vec<Option<String>>; 5] = [
+            self.rows.iter().map(|r| Some(r.input.clone())).collect(),
+            self.rows.iter().map(|r| Some(r.output.clone())).collect(),
+            self.rows
+                .iter()
+                .map(|r| Some(status_name(r.status).to_string()))
+                .collect(),
+            self.rows
+                .iter()
+                .map(|r| r.shape.as_ref().map(|s| shape_text(s)))
+                .collect(),
+            self.rows.iter().map(|r| r.error.clone()).collect(),
+        ];
+        for (i, values) in columns.iter().enumerate() {
+            let Some(mut col) = rg.next_column().map_err(err)? else {
+                break;
+            };
+            let present: Vec<ByteArray> = values
+                .iter()
+                .flatten()
+                .map(|v| ByteArray::from(v.as_str()))
+                .collect();
+            let defs: Vec<i16> = values.iter().map(|v| v.is_some() as i16).collect();
+            // The first three columns are required: no definition levels.
+            let defs = (i >= 3).then_some(defs.as_slice());
+            col.typed::<ByteArrayType>()
+                .write_batch(&present, defs, None)
+                .map_err(err)?;
+            col.close().map_err(err)?;
+        }
+        rg.close().map_err(err)?;
+        w.close().map_err(err)?;
+        Ok(buf)
+    }
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Done => "done",
+        Status::Failed => "failed",
+        Status::Missing => "missing",
+    }
+}
+
+fn shape_text(s: &[usize]) -> String {
+    s.iter().map(usize::to_string).collect::<Vec<_>>().join("x")
 }
 
 /// Input -> error of every `failures*.json` in `out` (the plain run's and each shard's).
