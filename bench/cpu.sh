@@ -22,31 +22,40 @@ trap 'rm -rf "$work"' EXIT
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $threads threads; $(date -u +%F)"
 median() { python3 -c "import sys, statistics; print(statistics.median(map(float, sys.argv[1:])))" "$@"; }
 echo "== 1. ViT-B extract_features, batch 1 (3 alternating rounds of 3 clips each; medians)"
-o=(); p=(); pb=()
+o=(); ob=(); p=(); pb=()
 peer_clip() { "$PEER_PY" bench/peer_features.py --threads "$threads" --iters 3 "$@" | sed -n 's/^peer seconds per clip: \([0-9.]*\).*/\1/p'; }
 for round in 1 2 3; do
   o+=("$($bin bench --model marlin_vit_base_ytf --iters 3 | sed -n 's/^seconds per clip: \([0-9.]*\).*/\1/p')")
+  ob+=("$($bin bench --model marlin_vit_base_ytf --iters 3 --precision bf16 | sed -n 's/^seconds per clip: \([0-9.]*\).*/\1/p')")
   p+=("$(peer_clip --precision fp32)")
   pb+=("$(peer_clip --precision bf16)")
 done
-ours=$(median "${o[@]}"); peer=$(median "${p[@]}"); peer_bf16=$(median "${pb[@]}")
+ours=$(median "${o[@]}"); ours_bf16=$(median "${ob[@]}"); peer=$(median "${p[@]}"); peer_bf16=$(median "${pb[@]}")
 echo "marlin-rs (f32)               $ours s/clip (rounds: ${o[*]})"
+echo "marlin-rs (bf16)              $ours_bf16 s/clip (rounds: ${ob[*]})"
 echo "marlin-pytorch (fp32)         $peer s/clip (rounds: ${p[*]})"
 echo "marlin-pytorch (bf16 autocast) $peer_bf16 s/clip (rounds: ${pb[*]})"
-python3 -c "print(f'ratio (ours / peer fp32): {$ours / $peer:.2f}x; (ours / peer bf16): {$ours / $peer_bf16:.2f}x')"
+python3 -c "print(f'ratio (ours / peer fp32): {$ours / $peer:.2f}x; (ours / peer bf16): {$ours / $peer_bf16:.2f}x; (ours bf16 / peer bf16): {$ours_bf16 / $peer_bf16:.2f}x')"
 
 echo "== 2. end to end, 10 s 30 fps 224x224 video (3 alternating rounds; medians)"
 ffmpeg -v error -y -f lavfi -i testsrc2=size=224x224:rate=30 -frames:v 300 -c:v libx264 -pix_fmt yuv420p "$work/v.mp4"
 "$PEER_PY" bench/peer_extract.py --save-weights "$work/vitb.pt" --threads "$threads" >/dev/null
-o=(); p=()
+o=(); ob=(); p=(); pb=()
 for round in 1 2 3; do
   t0=$(date +%s.%N)
   $bin extract "$work/v.mp4" --weights "$work/vitb.pt" --out "$work/out" --quiet --batch-size 1 --overwrite
   t1=$(date +%s.%N)
   o+=("$(python3 -c "print(f'{$t1 - $t0:.2f}')")")
+  t0=$(date +%s.%N)
+  $bin extract "$work/v.mp4" --weights "$work/vitb.pt" --out "$work/out" --quiet --batch-size 1 --overwrite --precision bf16
+  t1=$(date +%s.%N)
+  ob+=("$(python3 -c "print(f'{$t1 - $t0:.2f}')")")
+  pb+=("$("$PEER_PY" bench/peer_extract.py --weights "$work/vitb.pt" --video "$work/v.mp4" --threads "$threads" --bf16 | sed -n 's/^peer seconds: //p')")
   p+=("$("$PEER_PY" bench/peer_extract.py --weights "$work/vitb.pt" --video "$work/v.mp4" --threads "$threads" | sed -n 's/^peer seconds: //p')")
 done
-ours=$(median "${o[@]}"); peer=$(median "${p[@]}")
+ours=$(median "${o[@]}"); ours_bf16=$(median "${ob[@]}"); peer=$(median "${p[@]}"); peer_bf16=$(median "${pb[@]}")
 echo "marlin extract         $ours s (process start, weights load, decode, 9 clips, write; rounds: ${o[*]})"
+echo "marlin extract bf16    $ours_bf16 s (rounds: ${ob[*]})"
 echo "peer extract_video     $peer s (weights load, decode, 9 clips; rounds: ${p[*]})"
-python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x')"
+echo "peer extract_video bf16 $peer_bf16 s (torch.autocast bf16; rounds: ${pb[*]})"
+python3 -c "print(f'ratio (ours / peer): {$ours / $peer:.2f}x; bf16 (ours / peer): {$ours_bf16 / $peer_bf16:.2f}x')"

@@ -11,6 +11,7 @@ p.add_argument("--weights")
 p.add_argument("--video")
 p.add_argument("--save-weights")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--bf16", action="store_true", help="extract_video under torch.autocast(cpu, bfloat16)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 from marlin_pytorch import Marlin  # noqa: E402
@@ -29,6 +30,10 @@ if a.save_weights:
 
 t0 = time.perf_counter()
 m = Marlin.from_file("marlin_vit_base_ytf", a.weights)
-f = m.extract_video(a.video)
+if a.bf16:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = m.extract_video(a.video)
+else:
+    f = m.extract_video(a.video)
 print("peer features", tuple(f.shape))
 print(f"peer seconds: {time.perf_counter() - t0:.2f}")

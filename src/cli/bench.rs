@@ -30,6 +30,9 @@ pub struct BenchArgs {
     pub train: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// f32, or bf16 matrix products with f32 sums (CPUs with AVX-512 BF16).
+    #[arg(long, default_value = "f32")]
+    pub precision: marlin::kernels::Precision,
     /// Also write the benchmarked (freshly initialised) encoder as safetensors, e.g. to time
     /// `extract --weights` without a download.
     #[arg(long)]
@@ -230,6 +233,10 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         Some(p) => MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?,
         None => MarlinConfig::from_name(&args.model).map_err(|e| e.to_string())?,
     };
+    let (_, note) = marlin::kernels::set_cpu_precision(args.precision);
+    if let Some(n) = note {
+        eprintln!("note: {n}");
+    }
     let device = args.device;
     run_on(device, Bench { cfg, args })?;
     Ok(0)

@@ -60,6 +60,10 @@ pub struct ExtractArgs {
     /// Recompute outputs that already exist.
     #[arg(long)]
     pub overwrite: bool,
+    /// CPU matrix products in f32, or bf16 with f32 sums (AVX-512 BF16; AMX tiles where the
+    /// CPU has them). LayerNorm, softmax, GELU and residuals stay f32.
+    #[arg(long, default_value = "f32")]
+    pub precision: marlin::kernels::Precision,
     /// Model replicas in this process, each with its own batch queue and decoder thread,
     /// taking every N-th input (same outputs as one).
     #[arg(long, default_value_t = 1)]
@@ -173,6 +177,9 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     };
     opts.extract.check().map_err(|e| e.to_string())?;
     args.face.check()?;
+    if let (_, Some(note)) = marlin::kernels::set_cpu_precision(args.precision) {
+        eprintln!("note: {note}");
+    }
     let found = discover(
         &args.inputs,
         &DiscoverOptions {

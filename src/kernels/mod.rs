@@ -9,6 +9,51 @@
 //! by the backend's type once per call; each override reaches its backend's primitive through
 //! a downcast that cannot fail for the backend it was picked for.
 
+pub mod bf16;
+
+/// The precision of the CPU block kernel's matrix products (the four Linears of every block):
+/// f32, or bf16 operands with f32 sums. LayerNorm, softmax, GELU and residuals stay in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
+        }
+    }
+}
+
+static CPU_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Choose the CPU kernels' precision for this process. bf16 needs AVX-512 BF16: without it
+/// the products stay in f32 and the returned note says so (one line for the user).
+pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
+    let (effective, note) = match p {
+        Precision::Bf16 if !bf16::supported() => (
+            Precision::F32,
+            Some("this CPU has no AVX-512 BF16 instructions: computing in f32 instead".to_string()),
+        ),
+        p => (p, None),
+    };
+    CPU_BF16.store(effective == Precision::Bf16, std::sync::atomic::Ordering::Relaxed);
+    (effective, note)
+}
+
+/// The CPU kernels' precision (f32 unless [`set_cpu_precision`] chose bf16).
+pub fn cpu_precision() -> Precision {
+    if CPU_BF16.load(std::sync::atomic::Ordering::Relaxed) {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
 pub mod cpu;
 pub mod cpu_autodiff;
 
