@@ -6,23 +6,38 @@ use std::time::Instant;
 fn main() {
     let (m, iters) = (1568, 5);
     {
-        let qkv: Vec<f32> = (0..m * 2304).map(|i| (i % 113) as f32 / 113.0 - 0.5).collect();
+        let qkv: Vec<f32> = (0..m * 2304)
+            .map(|i| (i % 113) as f32 / 113.0 - 0.5)
+            .collect();
         let t = Instant::now();
         for _ in 0..iters {
             std::hint::black_box(marlin::kernels::cpu::attention(&qkv, 1, m, 12, 64, 0.125));
         }
-        println!("attention [1, {m}, 12 heads x 64]: {:.1} ms", t.elapsed().as_secs_f64() / iters as f64 * 1e3);
+        println!(
+            "attention [1, {m}, 12 heads x 64]: {:.1} ms",
+            t.elapsed().as_secs_f64() / iters as f64 * 1e3
+        );
         let t = Instant::now();
         for _ in 0..iters {
-            std::hint::black_box(marlin::kernels::cpu::attention_bf16(&qkv, 1, m, 12, 64, 0.125));
+            std::hint::black_box(marlin::kernels::cpu::attention_bf16(
+                &qkv, 1, m, 12, 64, 0.125,
+            ));
         }
-        println!("attention bf16: {:.1} ms", t.elapsed().as_secs_f64() / iters as f64 * 1e3);
-        let mut h: Vec<f32> = (0..m * 3072).map(|i| (i % 101) as f32 / 50.0 - 1.0).collect();
+        println!(
+            "attention bf16: {:.1} ms",
+            t.elapsed().as_secs_f64() / iters as f64 * 1e3
+        );
+        let mut h: Vec<f32> = (0..m * 3072)
+            .map(|i| (i % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let t = Instant::now();
         for _ in 0..iters {
             marlin::kernels::cpu::gelu_in_place(&mut h);
         }
-        println!("gelu [{m}, 3072]: {:.1} ms", t.elapsed().as_secs_f64() / iters as f64 * 1e3);
+        println!(
+            "gelu [{m}, 3072]: {:.1} ms",
+            t.elapsed().as_secs_f64() / iters as f64 * 1e3
+        );
     }
     for [k, n] in [[768, 2304], [768, 768], [768, 3072], [3072, 768]] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 / 97.0).collect();

@@ -87,7 +87,11 @@ fn fill_panel(panel: &mut [u32], w: &[f32], jb: usize, k: usize, n: usize, strid
                 continue;
             }
             let lo = to_bf16(w[r0 + j]) as u32;
-            let hi = if 2 * p + 1 < k { to_bf16(w[r1 + j]) as u32 } else { 0 };
+            let hi = if 2 * p + 1 < k {
+                to_bf16(w[r1 + j]) as u32
+            } else {
+                0
+            };
             *d = lo | (hi << 16);
         }
     }
@@ -116,7 +120,7 @@ pub fn product(c: &mut [f32], a: &[u32], bp: &[u32], rows: usize, kp: usize, n: 
     assert!(c.len() >= rows * n && a.len() >= rows * kp && bp.len() >= n.div_ceil(16) * kp * 16);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if amx::available() && kp % 16 == 0 && n % 32 == 0 {
+    if amx::available() && kp.is_multiple_of(16) && n.is_multiple_of(32) {
         done = rows / 32 * 32;
         if done > 0 {
             // SAFETY: AMX is enabled for this process (checked); the first `done` rows, kp
@@ -191,7 +195,15 @@ pub fn panels_strided(w: &[f32], k: usize, n: usize, stride: usize) -> Vec<u32> 
     out
 }
 
-fn portable_block(c: &mut [f32], a: &[u32], bp: &[u32], rows: usize, kp: usize, n: usize, acc: bool) {
+fn portable_block(
+    c: &mut [f32],
+    a: &[u32],
+    bp: &[u32],
+    rows: usize,
+    kp: usize,
+    n: usize,
+    acc: bool,
+) {
     for r in 0..rows {
         for col in 0..n {
             let (jb, j) = (col / 16, col % 16);
@@ -302,8 +314,13 @@ mod amx {
                     asm!("tileloadd tmm2, [{0} + {1}*1]", in(reg) c10, in(reg) cs, options(nostack));
                     asm!("tileloadd tmm3, [{0} + {1}*1]", in(reg) c11, in(reg) cs, options(nostack));
                 } else {
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                         options(nostack));
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack)
+                    );
                 }
                 let ar0 = a0.add(r * kp);
                 let ar1 = a0.add((r + 16) * kp);
@@ -423,15 +440,24 @@ mod avx512 {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(p0.add(p * 16) as *const _));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(p1.add(p * 16) as *const _));
             for i in 0..MR {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(i * kp + p) as i32));
+                let x: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*ar.add(i * kp + p) as i32));
                 s0[i] = _mm512_dpbf16_ps(s0[i], x, b0);
                 s1[i] = _mm512_dpbf16_ps(s1[i], x, b1);
             }
         }
         let col0 = jb * 16;
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u32 << cols) as u16 - 1
+        };
         let rest = cols.saturating_sub(16);
-        let m1: __mmask16 = if rest >= 16 { 0xffff } else { ((1u32 << rest) - 1) as u16 };
+        let m1: __mmask16 = if rest >= 16 {
+            0xffff
+        } else {
+            ((1u32 << rest) - 1) as u16
+        };
         for i in 0..MR {
             let d = c.as_mut_ptr().add((r0 + i) * n + col0);
             let (mut v0, mut v1) = (s0[i], s1[i]);
@@ -490,8 +516,12 @@ mod tests {
             [160, 96, 96],
             [256, 768, 128],
         ] {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0).collect();
-            let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729 % 997) as f32 - 498.0) / 400.0).collect();
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729 % 997) as f32 - 498.0) / 400.0)
+                .collect();
             let want = naive(&a, &w, [m, k, n]);
             let base: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
             for acc in [false, true] {
@@ -499,12 +529,26 @@ mod tests {
                 matmul(&mut got, &a, &w, [m, k, n], acc);
                 let mut portable = base.clone();
                 let kp = k.div_ceil(2);
-                portable_block(&mut portable, &pack_rows(&a, m, k), &pack_panels(&w, k, n), m, kp, n, acc);
+                portable_block(
+                    &mut portable,
+                    &pack_rows(&a, m, k),
+                    &pack_panels(&w, k, n),
+                    m,
+                    kp,
+                    n,
+                    acc,
+                );
                 for (i, (&g, &p)) in got.iter().zip(&portable).enumerate() {
                     let w = want[i] + if acc { base[i] as f64 } else { 0.0 };
                     let tol = 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt();
-                    assert!((g as f64 - w).abs() <= tol, "[{m},{k},{n}] acc {acc} at {i}: {g} vs {w}");
-                    assert!((p as f64 - w).abs() <= tol, "portable [{m},{k},{n}] at {i}: {p} vs {w}");
+                    assert!(
+                        (g as f64 - w).abs() <= tol,
+                        "[{m},{k},{n}] acc {acc} at {i}: {g} vs {w}"
+                    );
+                    assert!(
+                        (p as f64 - w).abs() <= tol,
+                        "portable [{m},{k},{n}] at {i}: {p} vs {w}"
+                    );
                 }
             }
         }

@@ -85,10 +85,21 @@ pub fn attention(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f3
 
 /// [`attention`] with bf16 operands and f32 sums (`--precision bf16`): scores from bf16 q and
 /// k, softmax in f32, then bf16 probabilities times bf16 v.
-pub fn attention_bf16(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scale: f32) -> Vec<f32> {
+pub fn attention_bf16(
+    qkv: &[f32],
+    b: usize,
+    n: usize,
+    h: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
     use super::bf16;
     let d = h * hd;
-    assert_eq!(qkv.len(), b * n * 3 * d, "qkv buffer does not match [B, N, 3, H, hd]");
+    assert_eq!(
+        qkv.len(),
+        b * n * 3 * d,
+        "qkv buffer does not match [B, N, 3, H, hd]"
+    );
     let mut out = vec![0f32; b * n * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * h).into_par_iter().for_each(|bh| {
@@ -116,7 +127,10 @@ pub fn attention_bf16(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize, scal
                 // SAFETY: rows r0.. of this (batch, head)'s columns of `out` belong to this
                 // task alone.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add((bi * n + r0 + r) * d + hi * hd), hd)
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add((bi * n + r0 + r) * d + hi * hd),
+                        hd,
+                    )
                 };
                 for (x, &y) in dst.iter_mut().zip(&o[r * hd..(r + 1) * hd]) {
                     *x = y * inv;

@@ -42,7 +42,10 @@ pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
         ),
         p => (p, None),
     };
-    CPU_BF16.store(effective == Precision::Bf16, std::sync::atomic::Ordering::Relaxed);
+    CPU_BF16.store(
+        effective == Precision::Bf16,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     (effective, note)
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod bf16;
 mod cli_extract;
 mod cli_face;
 mod download;

@@ -1,0 +1,44 @@
+//! `--precision bf16` on the CPU: features within the stated tolerance of f32 (and of the
+//! peer's fp32 fixture), or, on a CPU without AVX-512 BF16, one note and exactly the f32
+//! features. Run through the binary: the precision is a per-process setting.
+
+use crate::common::{extract, fixtures, read, stderr};
+
+/// Max abs diff allowed between bf16 and f32 features (LayerNorm outputs of unit scale; the
+/// peer's own bf16 autocast differs from its fp32 by about 1.2e-2 on ViT-B).
+const TOL: f32 = 5e-2;
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
+    let t = tempfile::tempdir().unwrap();
+    let video = fixtures().join("h264_143.mp4");
+    let v = video.to_str().unwrap();
+    let (f32_dir, bf16_dir) = (t.path().join("f32"), t.path().join("bf16"));
+    let a = extract(&[v, "--keep-seq"], &f32_dir);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let b = extract(&[v, "--keep-seq", "--precision", "bf16"], &bf16_dir);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let (x, y) = (
+        read(&f32_dir.join("h264_143.npy")),
+        read(&bf16_dir.join("h264_143.npy")),
+    );
+    assert_eq!(x.shape(), y.shape());
+    let (x, y): (Vec<f32>, Vec<f32>) = (x.iter().copied().collect(), y.iter().copied().collect());
+    let worst = crate::common::max_abs_diff(&y, &x).diff;
+    let cos = cosine(&x, &y);
+    eprintln!("bf16 vs f32: max abs diff {worst:.3e}, cosine {cos:.6}");
+    if stderr(&b).contains("no AVX-512 BF16") {
+        assert_eq!(worst, 0.0, "the fallback computes in f32");
+        return;
+    }
+    assert!(worst > 0.0, "bf16 changed nothing: not computed in bf16?");
+    assert!(worst <= TOL, "max abs diff {worst}");
+    assert!(cos >= 0.9995, "cosine {cos}");
+}
