@@ -105,3 +105,7 @@ def model_names() -> List[str]:
 def crop_video(video_path: _Path, out: _Path, size: int = 224) -> int:
     """Crop the face of a video in the wild into `out` (.mp4, or a folder of PNG frames when
     `out` has no extension). Returns the frame count."""
+
+def set_precision(precision: str) -> str:
+    """CPU matrix products in "f32" (default) or "bf16" (f32 sums; AMX or AVX-512 BF16) for this
+    process. Returns the precision in effect ("f32" with a warning without AVX-512 BF16)."""

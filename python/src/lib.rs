@@ -608,6 +608,24 @@ fn register_model_from_yaml(name: &str, path: PathBuf) -> PyResult<()> {
     Ok(())
 }
 
+/// Precision of the CPU matrix products for this process: "f32" (default) or "bf16" (bf16
+/// operands, f32 sums; AMX tiles or AVX-512 BF16). Returns the precision in effect: "f32" with
+/// a warning on a CPU without AVX-512 BF16.
+#[pyfunction]
+fn set_precision(py: Python<'_>, precision: &str) -> PyResult<String> {
+    let p: marlin::kernels::Precision = precision.parse().map_err(value)?;
+    let (effective, note) = marlin::kernels::set_cpu_precision(p);
+    if let Some(n) = note {
+        let warnings = py.import("warnings")?;
+        warnings.call_method1("warn", (n,))?;
+    }
+    Ok(match effective {
+        marlin::kernels::Precision::F32 => "f32",
+        marlin::kernels::Precision::Bf16 => "bf16",
+    }
+    .to_string())
+}
+
 /// Names of the released and registered configs.
 #[pyfunction]
 fn model_names() -> PyResult<Vec<String>> {
@@ -713,6 +731,7 @@ fn _marlin_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyClassifier>()?;
     m.add_function(wrap_pyfunction!(register_model_from_yaml, m)?)?;
     m.add_function(wrap_pyfunction!(model_names, m)?)?;
+    m.add_function(wrap_pyfunction!(set_precision, m)?)?;
     m.add_function(wrap_pyfunction!(crop_video, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -238,3 +238,29 @@ print(features.shape)
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("(") and lines[0].endswith(", 768)"), lines
     assert lines[1].endswith(", 1568, 768)"), lines
+
+
+def test_bf16_precision_stays_within_tolerance_of_f32():
+    """In a child process (the precision is per process): bf16 features within 5e-2 max abs
+    and cosine 0.9995 of f32, or exactly f32 where the CPU lacks AVX-512 BF16."""
+    script = f"""
+import warnings, numpy as np, marlin_rs
+marlin_rs.register_model_from_yaml("tiny224", {str(VIDEO / 'tiny224.yaml')!r})
+m = marlin_rs.Marlin.from_file("tiny224", {str(VIDEO / 'tiny224.pt')!r})
+a = m.extract_video({str(VIDEO / 'h264_143.mp4')!r}, keep_seq=True)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    got = marlin_rs.set_precision("bf16")
+b = m.extract_video({str(VIDEO / 'h264_143.mp4')!r}, keep_seq=True)
+cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+print(got, float(np.abs(a - b).max()), cos, len(w))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got, diff, cos, warned = r.stdout.split()
+    if got == "f32":
+        assert warned == "1" and float(diff) == 0.0
+    else:
+        assert 0.0 < float(diff) <= 5e-2 and float(cos) >= 0.9995, r.stdout
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        marlin_rs.set_precision("fp8")
