@@ -13,12 +13,17 @@ use rayon::prelude::*;
 /// Rows of `a` per parallel task.
 const ROW_BLOCK: usize = 128;
 
-/// Whether this CPU has the instructions (AVX-512F and AVX-512 BF16).
+/// Whether this CPU has the instructions (AVX-512F and AVX-512 BF16). `MARLIN_NO_BF16` in the
+/// environment says no, to try the fallback on a machine that has them.
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var_os("MARLIN_NO_BF16").is_none()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -34,6 +34,25 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
     let worst = crate::common::max_abs_diff(&y, &x).diff;
     let cos = cosine(&x, &y);
     eprintln!("bf16 vs f32: max abs diff {worst:.3e}, cosine {cos:.6}");
+    // A CPU without the instructions (or MARLIN_NO_BF16): one note, then exactly f32.
+    let c_dir = t.path().join("fallback");
+    let mut args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], &c_dir);
+    args.retain(|a| a != "--quiet");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = crate::common::marlin(&args, &[("MARLIN_NO_BF16", "1")]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    assert!(
+        stderr(&c)
+            .contains("note: this CPU has no AVX-512 BF16 instructions: computing in f32 instead"),
+        "{}",
+        stderr(&c)
+    );
+    let z: Vec<f32> = read(&c_dir.join("h264_143.npy")).iter().copied().collect();
+    assert_eq!(
+        crate::common::max_abs_diff(&z, &x).diff,
+        0.0,
+        "the fallback computes in f32"
+    );
     if stderr(&b).contains("no AVX-512 BF16") {
         assert_eq!(worst, 0.0, "the fallback computes in f32");
         return;

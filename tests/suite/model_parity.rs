@@ -623,3 +623,79 @@ fn extract_on_the_shared_samples_matches_peer() {
         common::assert_close(&format!("extract {name}"), &ours, &peer.data, TOL);
     }
 }
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// `--precision bf16` at the released width against the peer's own bf16 autocast (and its
+/// fp32): ours must be as close to fp32 as the peer's bf16 is, give or take bf16's rounding.
+/// The precision is a per-process setting, so the check runs in a child test process.
+#[test]
+fn released_width_bf16_features_are_as_close_to_fp32_as_the_peers_bf16() {
+    const NAME: &str =
+        "model_parity::released_width_bf16_features_are_as_close_to_fp32_as_the_peers_bf16";
+    if std::env::var_os("MARLIN_TEST_BF16_CHILD").is_none() {
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env("MARLIN_TEST_BF16_CHILD", "1")
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && text.contains("1 passed"), "{text}");
+        eprintln!(
+            "{}",
+            text.lines()
+                .filter(|l| l.contains("bf16"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        return;
+    }
+    let (effective, note) = marlin::kernels::set_cpu_precision(marlin::kernels::Precision::Bf16);
+    let (cfg, io) = vitb2();
+    let peer_bf16 = read_safetensors_file(&fixture("vitb2.bf16.safetensors")).unwrap();
+    let dev = Default::default();
+    let (model, _) =
+        Marlin::<Cpu>::from_state_dict(&cfg, &formula_state_dict(&cfg), &[], &dev).unwrap();
+    let shape = [2, 3, 16, 224, 224];
+    let clip: Vec<f32> = formula_draws("input", shape.iter().product())
+        .map(|k| k as f32 / 65536.0)
+        .collect();
+    let clip = Tensor::<Cpu, 5>::from_data(TensorData::new(clip, shape), &dev);
+    let pooled: Vec<f32> = model
+        .extract_features(clip, false)
+        .into_data()
+        .into_vec()
+        .unwrap();
+    let fp32 = &io["features"].data;
+    let ours = common::max_abs_diff(&pooled, fp32).diff;
+    if effective == marlin::kernels::Precision::F32 {
+        // No AVX-512 BF16: one note and the f32 numbers.
+        assert!(note.is_some());
+        assert!(ours <= TOL, "the f32 fallback differs by {ours}");
+        return;
+    }
+    let peer = common::max_abs_diff(&peer_bf16["features"].data, fp32).diff;
+    let against_peer_bf16 = common::max_abs_diff(&pooled, &peer_bf16["features"].data).diff;
+    let (cos_ours, cos_peer) = (
+        cosine(&pooled, fp32),
+        cosine(&peer_bf16["features"].data, fp32),
+    );
+    eprintln!(
+        "ViT-B width, pooled, bf16 vs fp32: ours max abs {ours:.3e} cosine {cos_ours:.6}; \
+         peer's bf16 {peer:.3e} cosine {cos_peer:.6}; ours vs the peer's bf16 {against_peer_bf16:.3e}"
+    );
+    assert!(ours > 0.0, "bf16 changed nothing");
+    assert!(
+        ours <= 2.0 * peer + 1e-2,
+        "ours {ours} vs the peer's bf16 {peer}"
+    );
+    assert!(
+        cos_ours >= 0.9999 && cos_ours >= cos_peer - 1e-4,
+        "cosine {cos_ours} vs {cos_peer}"
+    );
+}
