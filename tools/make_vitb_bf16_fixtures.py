@@ -11,32 +11,15 @@ Writes tests/fixtures/model/vitb2.bf16.safetensors:
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from marlin_pytorch import Marlin
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_vitb_fixtures import CFG, SEQ_ROWS, draws, param  # noqa: E402
+from make_vitb_fixtures import SEQ_ROWS, formula_model_and_clips  # noqa: E402
 
 
 def main(out: Path):
-    e, d = CFG["encoder"], CFG["decoder"]
-    model = Marlin(
-        img_size=224, patch_size=16, n_frames=16, encoder_embed_dim=e["embed_dim"],
-        encoder_depth=e["depth"], encoder_num_heads=e["num_heads"],
-        decoder_embed_dim=d["embed_dim"], decoder_depth=d["depth"], decoder_num_heads=d["num_heads"],
-        mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
-        norm_layer="LayerNorm", init_values=0.0, tubelet_size=2, as_feature_extractor=True,
-    ).eval()
-    with torch.no_grad():
-        for key, p in model.state_dict().items():
-            if key.endswith("pos_embedding.emb"):
-                continue
-            p.copy_(param(key, tuple(p.shape)))
-    n = 2 * 3 * 16 * 224 * 224
-    clips = torch.from_numpy((draws("input", n).astype(np.float32) / np.float32(65536.0))
-                             .reshape(2, 3, 16, 224, 224))
+    model, clips = formula_model_and_clips()
     arrays = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         arrays["features"] = model.extract_features(clips, keep_seq=False).float()

@@ -73,9 +73,8 @@ def param(key: str, shape) -> torch.Tensor:
     return torch.from_numpy(v.astype(np.float32).reshape(shape))
 
 
-def main(samples: Path, out: Path):
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    (out / "vitb2.yaml").write_text(yaml.safe_dump(CFG, sort_keys=False))
+def formula_model_and_clips():
+    """The formula model (eval mode) and the two formula input clips [2, 3, 16, 224, 224]."""
     e, d = CFG["encoder"], CFG["decoder"]
     model = Marlin(
         img_size=224, patch_size=16, n_frames=16, encoder_embed_dim=e["embed_dim"],
@@ -92,6 +91,13 @@ def main(samples: Path, out: Path):
     n = 2 * 3 * 16 * 224 * 224
     clips = torch.from_numpy((draws("input", n).astype(np.float32) / np.float32(65536.0))
                              .reshape(2, 3, 16, 224, 224))
+    return model, clips
+
+
+def main(samples: Path, out: Path):
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    (out / "vitb2.yaml").write_text(yaml.safe_dump(CFG, sort_keys=False))
+    model, clips = formula_model_and_clips()
     arrays = {}
     with torch.no_grad():
         arrays["features"] = model.extract_features(clips, keep_seq=False)

@@ -107,10 +107,13 @@ fn reduction(s: &str) -> PyResult<Reduction> {
     s.parse().map_err(value)
 }
 
-/// A float32 array from numpy or anything with `__array__` / torch's `.detach().cpu().numpy()`.
-fn as_f32_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
-    let py = x.py();
-    let np = py.import("numpy")?;
+/// A contiguous array of `dtype` ("float32", "bool") from numpy, anything with `__array__`, or
+/// a torch tensor (`.detach().cpu().numpy()`).
+fn as_array<'py, T: numpy::Element>(
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let np = x.py().import("numpy")?;
     let x = if x.hasattr("detach")? && x.hasattr("cpu")? {
         x.call_method0("detach")?
             .call_method0("cpu")?
@@ -118,8 +121,22 @@ fn as_f32_array<'py>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, 
     } else {
         x.clone()
     };
-    let a = np.call_method1("ascontiguousarray", (x, "float32"))?;
-    Ok(a.cast_into::<PyArrayDyn<f32>>()?.readonly())
+    let a = np.call_method1("ascontiguousarray", (x, dtype))?;
+    Ok(a.cast_into::<PyArrayDyn<T>>()?.readonly())
+}
+
+/// The built-in face detector on `device` with the default tracking, when `crop_face`.
+fn face_crop<B: burn::tensor::backend::Backend>(
+    crop_face: bool,
+    device: &B::Device,
+) -> Result<Option<FaceCrop<B>>, String> {
+    if !crop_face {
+        return Ok(None);
+    }
+    Ok(Some(FaceCrop {
+        detector: Detector::new(device, DetectOptions::default()).map_err(|e| e.to_string())?,
+        track: TrackOptions::default(),
+    }))
 }
 
 fn to_numpy<'py>(
@@ -337,15 +354,7 @@ impl PyMarlin {
         opts.check().map_err(value)?;
         let (data, shape) = on_model!(&self.model, |m, dev| {
             interruptible(py, |stop| {
-                let faces = if crop_face {
-                    Some(FaceCrop {
-                        detector: Detector::new(&dev, DetectOptions::default())
-                            .map_err(|e| e.to_string())?,
-                        track: TrackOptions::default(),
-                    })
-                } else {
-                    None
-                };
+                let faces = face_crop(crop_face, &dev)?;
                 let until = || stop.load(Ordering::Relaxed);
                 m.extract_video_until(&video_path, &opts, faces.as_ref(), &until)
                     .map(|(a, _)| {
@@ -368,7 +377,7 @@ impl PyMarlin {
         x: &Bound<'py, PyAny>,
         keep_seq: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let a = as_f32_array(x)?;
+        let a = as_array::<f32>(x, "float32")?;
         let shape = a.shape().to_vec();
         let data = a.as_slice().map_err(value)?.to_vec();
         let (out, out_shape) = on_model!(&self.model, |m, dev| {
@@ -396,19 +405,10 @@ impl PyMarlin {
         x: &Bound<'py, PyAny>,
         mask: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let a = as_f32_array(x)?;
+        let a = as_array::<f32>(x, "float32")?;
         let shape = a.shape().to_vec();
         let data = a.as_slice().map_err(value)?.to_vec();
-        let np = py.import("numpy")?;
-        let mask = if mask.hasattr("detach")? {
-            mask.call_method0("detach")?
-                .call_method0("cpu")?
-                .call_method0("numpy")?
-        } else {
-            mask.clone()
-        };
-        let mask = np.call_method1("ascontiguousarray", (mask, "bool"))?;
-        let mask = mask.cast_into::<PyArrayDyn<bool>>()?.readonly();
+        let mask = as_array::<bool>(mask, "bool")?;
         let mask_shape = mask.shape().to_vec();
         let mask: Vec<bool> = mask.as_slice().map_err(value)?.to_vec();
         let (out, out_shape) = on_model!(&self.model, |m, dev| {
@@ -526,15 +526,7 @@ impl PyMarlin {
         let found = discover(&inputs, &DiscoverOptions::new(&out_dir)).map_err(value)?;
         let s = on_model!(&self.model, |m, dev| {
             interruptible(py, |stop| {
-                let faces = if crop_face {
-                    Some(FaceCrop {
-                        detector: Detector::new(&dev, DetectOptions::default())
-                            .map_err(|e| e.to_string())?,
-                        track: TrackOptions::default(),
-                    })
-                } else {
-                    None
-                };
+                let faces = face_crop(crop_face, &dev)?;
                 let mut report = |p: &marlin::extract::batch::Progress| {
                     if progress {
                         eprint!(

@@ -8,7 +8,7 @@ use marlin::backend::{run_on_all, MultiDeviceTask};
 use marlin::extract::batch::{
     extract_to_npy_workers, write_failures_as, BatchOptions, FaceCrop, Failure, NpySummary,
 };
-use marlin::extract::inputs::{discover, DiscoverOptions, Item, DEFAULT_GLOB};
+use marlin::extract::inputs::{discover, DiscoverOptions, Discovered, Item, DEFAULT_GLOB};
 use marlin::extract::manifest::{Manifest, Status};
 use marlin::extract::shard::Shard;
 use marlin::extract::{ExtractOptions, Input, Reduction};
@@ -180,20 +180,11 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     if let (_, Some(note)) = marlin::kernels::set_cpu_precision(args.precision) {
         eprintln!("note: {note}");
     }
-    let found = discover(
-        &args.inputs,
-        &DiscoverOptions {
-            list: args.list.clone(),
-            glob: args.glob.clone(),
-            ..DiscoverOptions::new(&args.out)
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let mut found = discover_inputs(&args.inputs, &args.list, &args.glob, &args.out)?;
     let shard = match &args.shard {
         Some(s) => Some(Shard::parse(s).map_err(|e| e.to_string())?),
         None => Shard::from_env().map_err(|e| e.to_string())?,
     };
-    let mut found = found;
     if let Some(sh) = &shard {
         let all = found.items.len();
         found.items = sh.select(found.items, &args.out);
@@ -311,17 +302,24 @@ pub struct ManifestArgs {
     pub glob: String,
 }
 
+/// The dataset as `extract` sees it (so `manifest` lists the same inputs and outputs).
+fn discover_inputs(
+    inputs: &[PathBuf],
+    list: &Option<PathBuf>,
+    glob: &str,
+    out: &Path,
+) -> Result<Discovered, String> {
+    let opts = DiscoverOptions {
+        list: list.clone(),
+        glob: glob.to_string(),
+        ..DiscoverOptions::new(out)
+    };
+    discover(inputs, &opts).map_err(|e| e.to_string())
+}
+
 /// `marlin manifest`: exit 0 when every input is done, 1 otherwise.
 pub fn manifest(args: ManifestArgs) -> Result<i32, String> {
-    let found = discover(
-        &args.inputs,
-        &DiscoverOptions {
-            list: args.list.clone(),
-            glob: args.glob.clone(),
-            ..DiscoverOptions::new(&args.out)
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let found = discover_inputs(&args.inputs, &args.list, &args.glob, &args.out)?;
     let m = Manifest::build(&found.items, &args.out).map_err(|e| e.to_string())?;
     let csv = args.out.join("manifest.csv");
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;

@@ -138,15 +138,8 @@ pub fn probe<B: Backend>(
     let d = *d;
     let model = Classifier::<Autodiff<B>>::new(None, d, data.width(), opts.train.seed, device);
     let info = ClassifierInfo {
-        mode: "probe".into(),
-        task: data.kind,
-        names: data.names.clone(),
-        feature_dim: d,
         reduction: Some(opts.reduction.clone()),
-        config: None,
-        sample_rate: None,
-        best_epoch: 0,
-        val_auc: None,
+        ..new_info("probe", data, d)
     };
     run(
         model,
@@ -189,15 +182,9 @@ pub fn finetune<B: Backend>(
         size: cfg.img_size,
     });
     let info = ClassifierInfo {
-        mode: "finetune".into(),
-        task: data.kind,
-        names: data.names.clone(),
-        feature_dim: d,
-        reduction: None,
         config: Some(cfg.clone()),
         sample_rate: Some(opts.sample_rate),
-        best_epoch: 0,
-        val_auc: None,
+        ..new_info("finetune", data, d)
     };
     run(
         model,
@@ -209,6 +196,21 @@ pub fn finetune<B: Backend>(
         progress,
         device,
     )
+}
+
+/// What `classifier.json` records before training: the mode, the task and a `d`-wide head.
+fn new_info(mode: &str, data: &Dataset, d: usize) -> ClassifierInfo {
+    ClassifierInfo {
+        mode: mode.into(),
+        task: data.kind,
+        names: data.names.clone(),
+        feature_dim: d,
+        reduction: None,
+        config: None,
+        sample_rate: None,
+        best_epoch: 0,
+        val_auc: None,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -538,6 +538,18 @@ fn formula_state_dict(cfg: &MarlinConfig) -> StateDict {
     sd
 }
 
+/// The formula model of `cfg` and the fixture's two formula clips `[2, 3, 16, 224, 224]`.
+fn vitb2_model_and_clips(cfg: &MarlinConfig) -> (Marlin<Cpu>, Tensor<Cpu, 5>) {
+    let dev = Default::default();
+    let (model, _) =
+        Marlin::<Cpu>::from_state_dict(cfg, &formula_state_dict(cfg), &[], &dev).unwrap();
+    let shape = [2, 3, 16, 224, 224];
+    let clip: Vec<f32> = formula_draws("input", shape.iter().product())
+        .map(|k| k as f32 / 65536.0)
+        .collect();
+    (model, Tensor::from_data(TensorData::new(clip, shape), &dev))
+}
+
 fn vitb2() -> (MarlinConfig, BTreeMap<String, HostTensor>) {
     let cfg = MarlinConfig::from_yaml_file(&fixture("vitb2.yaml")).unwrap();
     assert_eq!(
@@ -560,14 +572,7 @@ fn vitb2() -> (MarlinConfig, BTreeMap<String, HostTensor>) {
 #[test]
 fn released_width_features_match_peer() {
     let (cfg, io) = vitb2();
-    let dev = Default::default();
-    let (model, _) =
-        Marlin::<Cpu>::from_state_dict(&cfg, &formula_state_dict(&cfg), &[], &dev).unwrap();
-    let shape = [2, 3, 16, 224, 224];
-    let clip: Vec<f32> = formula_draws("input", shape.iter().product())
-        .map(|k| k as f32 / 65536.0)
-        .collect();
-    let clip = Tensor::<Cpu, 5>::from_data(TensorData::new(clip, shape), &dev);
+    let (model, clip) = vitb2_model_and_clips(&cfg);
     let pooled = model.extract_features(clip.clone(), false);
     assert_eq!(pooled.dims(), [2, 1, 768]);
     let pooled: Vec<f32> = pooled.into_data().into_vec().unwrap();
@@ -658,14 +663,7 @@ fn released_width_bf16_features_are_as_close_to_fp32_as_the_peers_bf16() {
     let (effective, note) = marlin::kernels::set_cpu_precision(marlin::kernels::Precision::Bf16);
     let (cfg, io) = vitb2();
     let peer_bf16 = read_safetensors_file(&fixture("vitb2.bf16.safetensors")).unwrap();
-    let dev = Default::default();
-    let (model, _) =
-        Marlin::<Cpu>::from_state_dict(&cfg, &formula_state_dict(&cfg), &[], &dev).unwrap();
-    let shape = [2, 3, 16, 224, 224];
-    let clip: Vec<f32> = formula_draws("input", shape.iter().product())
-        .map(|k| k as f32 / 65536.0)
-        .collect();
-    let clip = Tensor::<Cpu, 5>::from_data(TensorData::new(clip, shape), &dev);
+    let (model, clip) = vitb2_model_and_clips(&cfg);
     let pooled: Vec<f32> = model
         .extract_features(clip, false)
         .into_data()
