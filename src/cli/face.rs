@@ -105,7 +105,7 @@ fn faces_json(faces: &[Face]) -> serde_json::Value {
 
 /// A frame encoded as PNG or JPEG (quality 95).
 /// A PNG written atomically.
-fn save_png(f: &Frame, path: &Path) -> Result<(), String> {
+pub(super) fn save_png(f: &Frame, path: &Path) -> Result<(), String> {
     let bytes = encode_image(f, LibImage::Png).map_err(|e| format!("{}: {e}", path.display()))?;
     write_atomic(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
 }

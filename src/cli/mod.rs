@@ -5,6 +5,7 @@ mod extract;
 mod face;
 mod face_args;
 mod model_args;
+mod parse;
 mod pretrain;
 mod probe;
 mod reconstruct;
@@ -38,6 +39,9 @@ enum Command {
     Crop(Box<face::CropArgs>),
     /// Detect faces in an image or video; draw them (--draw) so a person can look.
     Detect(Box<face::DetectArgs>),
+    /// A face's LaPa label map (face mesh or 5-point template) and its Fasking mask, drawn
+    /// (--draw) so a person can look.
+    Parse(Box<parse::ParseArgs>),
     /// Pretraining data: face crops + parsing maps of raw videos, train/val CSVs.
     Prepare(Box<pretrain::PrepareArgs>),
     /// A clip as original | masked | reconstruction (PNG grid and MP4); the mask alone
@@ -162,6 +166,7 @@ pub fn main() -> i32 {
         Command::Finetune(args) => probe::finetune(*args),
         Command::Predict(args) => probe::predict(*args),
         Command::Detect(args) => face::detect(*args),
+        Command::Parse(args) => parse::run(*args),
         Command::Download { name, full, quiet } => hub::fetch(&name, full, !quiet)
             .map(|p| {
                 outln!("{}", p.display());

@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
 use marlin::backend::{BackendTask, DeviceSpec};
+use marlin::face::parser::{ParserKind, Parsing};
 use marlin::model::MarlinConfig;
 use marlin::train::prepare::{prepare_dataset, PrepareOptions, PrepareSummary};
 use marlin::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions};
@@ -197,6 +198,10 @@ pub struct PrepareArgs {
     pub glob: String,
     #[command(flatten)]
     pub face: super::face_args::FaceArgs,
+    /// Face parser of the label maps: mesh (468-point face mesh + person mask) or template (a
+    /// layout fitted to the detector's 5 points).
+    #[arg(long, default_value = "mesh", value_parser = super::names::<ParserKind>(&ParserKind::NAMES))]
+    pub parser: ParserKind,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
@@ -218,6 +223,7 @@ impl BackendTask for PrepareJob {
         let a = &self.args;
         let det = marlin::face::Detector::<B>::new(&device, a.face.detect_options())
             .map_err(|e| e.to_string())?;
+        let parsing = Parsing::<B>::new(a.parser, &device).map_err(|e| e.to_string())?;
         let opts = PrepareOptions {
             size: a.size,
             track: a.face.track_options(),
@@ -238,7 +244,7 @@ impl BackendTask for PrepareJob {
             bar.set_message(rel.display().to_string());
         };
         let stop = || self.stop.load(Ordering::Relaxed);
-        let s = prepare_dataset(&a.inputs, &det, &opts, &mut on_video, &stop);
+        let s = prepare_dataset(&a.inputs, &det, &parsing, &opts, &mut on_video, &stop);
         bar.finish_and_clear();
         s.map_err(|e| e.to_string())
     }

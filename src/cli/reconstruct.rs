@@ -5,6 +5,7 @@ use super::run_on;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use marlin::backend::{BackendTask, DeviceSpec};
+use marlin::face::parser::ParserKind;
 use marlin::masking::Strategy;
 use marlin::model::weights::StateDict;
 use marlin::model::{Marlin, MarlinConfig, Part};
@@ -29,6 +30,10 @@ pub struct ReconstructArgs {
     pub config: Option<PathBuf>,
     #[arg(long, default_value = "fasking", value_parser = super::names::<Strategy>(&Strategy::NAMES))]
     pub strategy: Strategy,
+    /// Face parser of the Fasking masks: mesh (468-point face mesh + person mask) or template
+    /// (a layout fitted to the detector's 5 points).
+    #[arg(long, default_value = "mesh", value_parser = super::names::<ParserKind>(&ParserKind::NAMES))]
+    pub parser: ParserKind,
     #[arg(long, default_value_t = 0.9)]
     pub mask_ratio: f64,
     /// First frame of the clip.
@@ -83,6 +88,7 @@ impl BackendTask for Job {
             sample_rate: a.sample_rate,
             seed: a.seed,
             crop_face: a.crop_face,
+            parser: a.parser,
         };
         let r = reconstruct(&a.video, &self.cfg, model.as_ref(), &opts, &device)
             .map_err(|e| e.to_string())?;

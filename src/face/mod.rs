@@ -7,9 +7,14 @@ pub mod crop;
 pub mod crop_video;
 pub mod detect;
 pub mod draw;
+pub mod layers;
+pub mod mesh;
 pub mod mtcnn;
+pub mod parse_view;
+pub mod parser;
 pub mod parsing;
 pub mod prepare;
+pub mod selfie;
 pub mod track;
 
 pub use crop::{crop_resize, CropBox};

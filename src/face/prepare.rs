@@ -1,16 +1,20 @@
 //! Pretraining data preparation of one video (or frame folder): face crops of every frame in
-//! `DATA/crop_images_DB/<rel>/NNNNN.jpg` and their LaPa parsing maps in
+//! `DATA/crop_images_DB/<rel>/NNNNN.jpg` and their LaPa parsing maps ([`Parsing`]: the face mesh by default) in
 //! `DATA/face_parsing_images_DB/<rel>/NNNNN.npy` (`[size, size]` u8), the reference layout.
 //! Both folders are written under temp names and renamed when complete.
 
 use super::crop::crop_resize;
 use super::detect::Detector;
-use super::parsing::parse_from_landmarks;
+use super::parser::{FaceInput, Parsing};
 use super::track::{detect_frames, plan_track, TrackOptions};
+use crate::masking::ParsingMap;
 use crate::util::temp_path;
 use crate::video::{open_input, Input};
 use burn::tensor::backend::Backend;
 use std::path::Path;
+
+/// Frames cropped and parsed together.
+const PARSE_BATCH: usize = 16;
 
 /// Crop and parse every frame of `input` into `data` under `rel`. Returns the frame count.
 pub fn prepare_video<B: Backend>(
@@ -19,6 +23,7 @@ pub fn prepare_video<B: Backend>(
     data: &Path,
     detector: &Detector<B>,
     track: &TrackOptions,
+    parsing: &Parsing<B>,
     size: usize,
     stop: &dyn Fn() -> bool,
 ) -> Result<usize, crate::face::crop_video::CropError> {
@@ -30,16 +35,6 @@ pub fn prepare_video<B: Backend>(
         let dets = detect_frames(reader.as_mut(), &wanted, detector, track, stop).map_err(e)?;
         drop(reader);
         let t = plan_track(&dets, &wanted, track).map_err(|msg| format!("{name}: {msg}"))?;
-        // Landmarks in crop pixels of each frame: its own detection, else the nearest frame's.
-        let own: Vec<Option<[[f32; 2]; 5]>> = t
-            .frames
-            .iter()
-            .map(|f| {
-                f.face
-                    .map(|face| face.landmarks.map(|p| f.crop.to_crop(p, size)))
-            })
-            .collect();
-        let with: Vec<usize> = (0..own.len()).filter(|&i| own[i].is_some()).collect();
         let crop_dir = data.join("crop_images_DB").join(rel);
         let parse_dir = data.join("face_parsing_images_DB").join(rel);
         let (tmp_c, tmp_p) = (temp_path(&crop_dir), temp_path(&parse_dir));
@@ -48,38 +43,70 @@ pub fn prepare_video<B: Backend>(
             std::fs::create_dir_all(d).map_err(|err| format!("{}: {err}", d.display()))?;
         }
         let (mut reader, _, _) = open_input(input, None).map_err(e)?;
+        let write_map = |index: usize, map: ParsingMap| -> Result<(), String> {
+            let arr = ndarray::Array2::from_shape_vec((size, size), map.labels)
+                .map_err(|err| err.to_string())?;
+            let q = tmp_p.join(format!("{index:05}.npy"));
+            ndarray_npy::write_npy(&q, &arr).map_err(|err| format!("{}: {err}", q.display()))
+        };
         let result = (|| -> Result<usize, String> {
             let mut n = 0;
-            for (i, f) in t.frames.iter().enumerate() {
-                if stop() {
-                    return Err("interrupted".into());
+            // Frames whose map is its own, and those that borrow the nearest one's.
+            let (mut parsed, mut missing) = (Vec::new(), Vec::new());
+            for chunk in t.frames.chunks(PARSE_BATCH) {
+                let mut frames = Vec::with_capacity(chunk.len());
+                for f in chunk {
+                    if stop() {
+                        return Err("interrupted".into());
+                    }
+                    let Some(frame) = reader.next_frame().map_err(e)? else {
+                        break;
+                    };
+                    let face = crop_resize(&frame, &f.crop, size);
+                    let p = tmp_c.join(format!("{:05}.jpg", f.index));
+                    let img = image::RgbImage::from_raw(size as u32, size as u32, face.data)
+                        .ok_or("bad frame buffer")?;
+                    let mut buf = std::io::Cursor::new(Vec::new());
+                    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95)
+                        .encode_image(&img)
+                        .map_err(|err| format!("{}: {err}", p.display()))?;
+                    std::fs::write(&p, buf.into_inner())
+                        .map_err(|err| format!("{}: {err}", p.display()))?;
+                    frames.push(frame);
                 }
-                let Some(frame) = reader.next_frame().map_err(e)? else {
-                    break;
-                };
-                let face = crop_resize(&frame, &f.crop, size);
-                let p = tmp_c.join(format!("{:05}.jpg", f.index));
-                let img = image::RgbImage::from_raw(size as u32, size as u32, face.data)
-                    .ok_or("bad frame buffer")?;
-                let mut buf = std::io::Cursor::new(Vec::new());
-                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95)
-                    .encode_image(&img)
-                    .map_err(|err| format!("{}: {err}", p.display()))?;
-                std::fs::write(&p, buf.into_inner())
-                    .map_err(|err| format!("{}: {err}", p.display()))?;
-                let near = with
+                let faces: Vec<FaceInput> = frames
                     .iter()
-                    .min_by_key(|&&j| (j as i64 - i as i64).unsigned_abs())
-                    .and_then(|&j| own[j]);
-                if let Some(lm) = own[i].or(near) {
-                    let map = parse_from_landmarks(&lm, size);
-                    let arr = ndarray::Array2::from_shape_vec((size, size), map.labels)
-                        .map_err(|err| err.to_string())?;
-                    let q = tmp_p.join(format!("{:05}.npy", f.index));
-                    ndarray_npy::write_npy(&q, &arr)
-                        .map_err(|err| format!("{}: {err}", q.display()))?;
+                    .zip(chunk)
+                    .map(|(frame, f)| FaceInput {
+                        frame,
+                        crop: f.crop,
+                        face: f.face,
+                    })
+                    .collect();
+                for (f, map) in chunk.iter().zip(parsing.maps(&faces, size)) {
+                    match map {
+                        Some(map) => {
+                            write_map(f.index, map)?;
+                            parsed.push(f.index);
+                        }
+                        None => missing.push(f.index),
+                    }
                 }
-                n += 1;
+                n += frames.len();
+                if frames.len() < chunk.len() {
+                    break;
+                }
+            }
+            missing.retain(|&i| i < n);
+            for i in missing {
+                let near = parsed
+                    .iter()
+                    .min_by_key(|&&j| (j as i64 - i as i64).unsigned_abs());
+                if let Some(&j) = near {
+                    let from = tmp_p.join(format!("{j:05}.npy"));
+                    let to = tmp_p.join(format!("{i:05}.npy"));
+                    std::fs::copy(&from, &to).map_err(|err| format!("{}: {err}", to.display()))?;
+                }
             }
             Ok(n)
         })();

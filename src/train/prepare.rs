@@ -8,6 +8,7 @@ use super::TrainError;
 use crate::extract::batch::Failure;
 use crate::extract::inputs::{discover, DiscoverOptions, OutputName};
 use crate::extract::ExtractError;
+use crate::face::parser::Parsing;
 use crate::face::prepare::prepare_video;
 use crate::face::track::TrackOptions;
 use crate::face::Detector;
@@ -74,11 +75,13 @@ pub enum PrepareError {
     Splits(#[from] TrainError),
 }
 
-/// Prepare every video of `inputs` (files, frame folders, folders to walk) into `opts.out`.
+/// Prepare every video of `inputs` (files, frame folders, folders to walk) into `opts.out`,
+/// label maps by `parsing` (`Parsing::new(ParserKind::Mesh, device)` is the default parser).
 /// `on_video(done, todo, name)` is called before each video; `stop` is checked between frames.
 pub fn prepare_dataset<B: Backend>(
     inputs: &[PathBuf],
     detector: &Detector<B>,
+    parsing: &Parsing<B>,
     opts: &PrepareOptions,
     on_video: &mut dyn FnMut(usize, usize, &Path),
     stop: &dyn Fn() -> bool,
@@ -122,6 +125,7 @@ pub fn prepare_dataset<B: Backend>(
             &opts.out,
             detector,
             &opts.track,
+            parsing,
             opts.size,
             stop,
         ) {

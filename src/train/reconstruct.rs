@@ -4,8 +4,9 @@
 
 use super::data::ClipSettings;
 use super::samples::sample_image;
-use crate::face::parsing::parse_from_landmarks;
+use crate::face::parser::{FaceInput, ParserKind, Parsing};
 use crate::face::track::plan_track;
+use crate::face::CropBox;
 use crate::face::{crop_resize, DetectOptions, Detector, TrackOptions};
 use crate::masking::{make_mask, Grid, ParsingMap, RngDraws, Strategy};
 use crate::model::{Marlin, MarlinConfig, MaskIndices};
@@ -27,6 +28,8 @@ pub struct ReconstructOptions {
     pub seed: u64,
     /// Detect and crop the face first (videos in the wild).
     pub crop_face: bool,
+    /// The face parser of the Fasking strategies' label maps.
+    pub parser: ParserKind,
 }
 
 impl Default for ReconstructOptions {
@@ -38,6 +41,7 @@ impl Default for ReconstructOptions {
             sample_rate: 2,
             seed: 0,
             crop_face: false,
+            parser: ParserKind::Mesh,
         }
     }
 }
@@ -152,19 +156,47 @@ pub fn reconstruct<B: Backend>(
             .map(|f| video::resize_frame(f, size, size))
             .collect()
     };
-    // Parsing maps of each tubelet's first frame, from the detector's landmarks.
+    // Parsing maps of each tubelet's first frame (the Fasking strategies read them), of the
+    // largest face the detector finds there.
     let tub = cfg.tubelet_size;
     let firsts: Vec<&Frame> = frames.iter().step_by(tub).collect();
-    let parsing: Vec<Option<ParsingMap>> = det
-        .detect(&firsts)
-        .into_iter()
-        .map(|faces| {
-            faces
+    let parsing: Vec<Option<ParsingMap>> =
+        if matches!(a.strategy, Strategy::Fasking | Strategy::FaskingOpp) {
+            let parser =
+                Parsing::<B>::new(a.parser, device).map_err(|e| clip_err(e.to_string()))?;
+            let whole = CropBox {
+                x0: 0,
+                y0: 0,
+                side: size as i64,
+            };
+            let found: Vec<Option<crate::face::Face>> = det
+                .detect(&firsts)
+                .into_iter()
+                .map(|faces| {
+                    faces
+                        .into_iter()
+                        .max_by(|x, y| x.area().total_cmp(&y.area()))
+                })
+                .collect();
+            let inputs: Vec<FaceInput> = firsts
                 .iter()
-                .max_by(|x, y| x.area().total_cmp(&y.area()))
-                .map(|f| parse_from_landmarks(&f.landmarks, size))
-        })
-        .collect();
+                .zip(&found)
+                .filter_map(|(f, face)| {
+                    face.map(|face| FaceInput {
+                        frame: f,
+                        crop: whole,
+                        face: Some(face),
+                    })
+                })
+                .collect();
+            let mut maps = parser.maps(&inputs, size).into_iter();
+            found
+                .iter()
+                .map(|face| face.and_then(|_| maps.next().flatten()))
+                .collect()
+        } else {
+            vec![None; firsts.len()]
+        };
     let g = cfg.img_size / cfg.patch_size;
     let grid = Grid {
         tubelets: t / tub,

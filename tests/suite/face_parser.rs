@@ -1,0 +1,72 @@
+//! The dense face parser's networks (MediaPipe's face mesh and selfie segmentation, embedded)
+//! against TensorFlow Lite's own interpreter on the same inputs: fixtures from
+//! tools/convert_mediapipe_weights.py (the bundled sample's face crop, mirrored and rotated).
+
+use burn::tensor::{Tensor, TensorData};
+use marlin::backend::Cpu;
+use marlin::face::parser::FaceParser;
+use marlin::model::load::to_f32_vec;
+use marlin::model::weights::{read_safetensors_file, HostTensor};
+use std::collections::BTreeMap;
+
+use crate::common;
+
+fn fixtures() -> BTreeMap<String, HostTensor> {
+    read_safetensors_file(&common::face_fixtures().join("parser_nets.safetensors")).unwrap()
+}
+
+/// A `[n, n, 3]` u8 fixture input as the network's `[1, 3, n, n]` in [0, 1].
+fn input(h: &HostTensor) -> Tensor<Cpu, 4> {
+    let n = h.shape[0];
+    let mut chw = vec![0f32; 3 * n * n];
+    for (i, v) in h.data.iter().enumerate() {
+        let (p, c) = (i / 3, i % 3);
+        chw[c * n * n + p] = v / 255.0;
+    }
+    Tensor::from_data(TensorData::new(chw, [1, 3, n, n]), &Default::default())
+}
+
+#[test]
+fn face_mesh_matches_tflite() {
+    let io = fixtures();
+    let p = FaceParser::<Cpu>::embedded(&Default::default()).unwrap();
+    for case in ["plain", "mirrored", "rotated"] {
+        let (points, logit) = p.mesh.forward(input(&io[&format!("mesh.{case}.input")]));
+        assert_eq!(points.dims(), [1, 468, 3]);
+        // Landmarks in input pixels (0..192): 1e-3 px.
+        common::assert_close(
+            &format!("mesh {case} landmarks"),
+            &to_f32_vec(points),
+            &io[&format!("mesh.{case}.output0")].data,
+            1e-3,
+        );
+        common::assert_close(
+            &format!("mesh {case} presence logit"),
+            &to_f32_vec(logit),
+            &io[&format!("mesh.{case}.output1")].data,
+            1e-4,
+        );
+    }
+    // The three inputs are different faces to the network: the landmarks move.
+    let a = &io["mesh.plain.output0"].data;
+    let b = &io["mesh.mirrored.output0"].data;
+    assert!(common::max_abs_diff(a, b).diff > 5.0);
+}
+
+#[test]
+fn selfie_segmentation_matches_tflite() {
+    let io = fixtures();
+    let p = FaceParser::<Cpu>::embedded(&Default::default()).unwrap();
+    for case in ["plain", "mirrored", "rotated"] {
+        let mask = p
+            .selfie
+            .forward(input(&io[&format!("selfie.{case}.input")]));
+        assert_eq!(mask.dims(), [1, 256, 256]);
+        common::assert_close(
+            &format!("selfie {case} person mask"),
+            &to_f32_vec(mask),
+            &io[&format!("selfie.{case}.output0")].data,
+            1e-4,
+        );
+    }
+}
