@@ -462,6 +462,7 @@ impl PyMarlin {
             sample_rate,
             seed,
             crop_face,
+            ..Default::default()
         };
         let grid = on_model!(&self.model, |m, dev| {
             if m.decoder.is_none() {
