@@ -24,9 +24,9 @@ pub const MESH_POINTS: usize = 468;
 /// One residual block: depthwise 3x3 (stride 1 or 2), pointwise 1x1, shortcut, PReLU.
 #[derive(Debug, Clone)]
 pub struct Residual<B: Backend> {
-    depthwise: Conv<B>,
-    pointwise: Conv<B>,
-    prelu: PRelu<B>,
+    pub(crate) depthwise: Conv<B>,
+    pub(crate) pointwise: Conv<B>,
+    pub(crate) prelu: PRelu<B>,
 }
 
 impl<B: Backend> Residual<B> {
@@ -69,11 +69,11 @@ impl<B: Backend> Residual<B> {
 /// and a 3x3 valid convolution to `[B, out, 1, 1]`.
 #[derive(Debug, Clone)]
 pub struct Head<B: Backend> {
-    blocks: Vec<Residual<B>>,
-    narrow: Conv<B>,
-    narrow_prelu: PRelu<B>,
-    last_block: Residual<B>,
-    out: Conv<B>,
+    pub(crate) blocks: Vec<Residual<B>>,
+    pub(crate) narrow: Conv<B>,
+    pub(crate) narrow_prelu: PRelu<B>,
+    pub(crate) last_block: Residual<B>,
+    pub(crate) out: Conv<B>,
 }
 
 impl<B: Backend> Head<B> {
@@ -89,14 +89,14 @@ impl<B: Backend> Head<B> {
 /// The face-mesh network.
 #[derive(Debug, Clone)]
 pub struct FaceMesh<B: Backend> {
-    stem: Conv<B>,
-    stem_prelu: PRelu<B>,
+    pub(crate) stem: Conv<B>,
+    pub(crate) stem_prelu: PRelu<B>,
     /// 96x96 -> 6x6, widening 16 -> 128.
-    trunk: Vec<Residual<B>>,
+    pub(crate) trunk: Vec<Residual<B>>,
     /// 6x6 -> 3x3 -> 1404 values: 468 x (x, y, z) in input pixels.
-    landmarks: Head<B>,
+    pub(crate) landmarks: Head<B>,
     /// 6x6 -> 3x3 -> one logit: is a face in the crop.
-    presence: Head<B>,
+    pub(crate) presence: Head<B>,
 }
 
 impl<B: Backend> FaceMesh<B> {

@@ -3,6 +3,7 @@
 //! and the reference's square crop.
 
 pub mod cpu_nets;
+pub mod cpu_parser;
 pub mod crop;
 pub mod crop_video;
 pub mod detect;

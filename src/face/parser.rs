@@ -8,13 +8,14 @@
 //! second time on the region its own first landmarks give, as MediaPipe tracks a face from
 //! frame to frame. The landmarks, mapped into the crop, are filled as the mesh's region
 //! polygons: the face oval (skin), brows, eyes, nose, upper lip, inner mouth and lower lip.
-//! Hair is where the person mask is on, outside the face oval, above the chin, and not of the
+//! Hair is where the person mask is on, outside the face oval, above the mouth, and not of the
 //! face's skin colour (a high forehead above the oval stays skin). Background elsewhere.
 //!
 //! Labels (LaPa, as [`crate::masking`] reads them): 0 background, 1 skin, 2 / 3 brow, 4 / 5
 //! eye (2 and 4 on the image's left, the person's right), 6 nose, 7 upper lip, 8 inner mouth,
 //! 9 lower lip, 10 hair.
 
+use super::cpu_parser::{HostMesh, HostSelfie, Img};
 use super::crop::{crop_resize, CropBox};
 use super::detect::Face;
 use super::mesh::{FaceMesh, MESH_POINTS, MESH_SIZE};
@@ -24,6 +25,8 @@ use crate::model::load::{to_f32_vec, Loader};
 use crate::model::weights::{read_safetensors_bytes, StateDict, WeightsError};
 use crate::video::Frame;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+use rayon::prelude::*;
+use std::sync::Arc;
 
 /// The embedded weights (1.4 MB, float16): `mesh.*` and `selfie.*`, converted from the
 /// `mediapipe` 0.10.14 wheel by `tools/convert_mediapipe_weights.py` (Apache 2.0,
@@ -50,14 +53,17 @@ pub mod regions {
     pub const RIGHT_BROW_B: [usize; 5] = [70, 63, 105, 66, 107];
     pub const LEFT_BROW_A: [usize; 5] = [276, 283, 282, 295, 285];
     pub const LEFT_BROW_B: [usize; 5] = [300, 293, 334, 296, 336];
-    /// The bridge and the loop around the tip and the nostrils; the nose is their convex hull.
-    pub const NOSE: [usize; 25] = [
-        168, 6, 197, 195, 5, 4, 1, 19, 94, 2, 98, 97, 326, 327, 294, 278, 344, 440, 275, 45, 220,
-        115, 48, 64, 2,
+    /// The bridge from between the eyes (MediaPipe's nose line starts higher, at 168 between
+    /// the brows, where LaPa's nose does not) and the loop around the tip and the nostrils; the
+    /// nose is their convex hull.
+    pub const NOSE: [usize; 24] = [
+        6, 197, 195, 5, 4, 1, 19, 94, 2, 98, 97, 326, 327, 294, 278, 344, 440, 275, 45, 220, 115,
+        48, 64, 2,
     ];
     /// Outer corners of the eyes (the person's right, then left): the face's horizontal.
     pub const EYE_CORNERS: [usize; 2] = [33, 263];
-    pub const CHIN: usize = 152;
+    /// The middle of the mouth (inner upper lip).
+    pub const MOUTH: usize = 13;
 }
 
 /// A square region of a frame, turned by `angle` (radians, the face's eye line against the
@@ -160,7 +166,21 @@ pub struct Parsed {
 pub struct FaceParser<B: Backend> {
     pub mesh: FaceMesh<B>,
     pub selfie: SelfieSegmentation<B>,
+    /// The networks on the host for the default CPU backend (several times faster than its
+    /// conv2d on these depthwise layers).
+    host: Option<Arc<HostNets>>,
     device: B::Device,
+}
+
+struct HostNets {
+    mesh: HostMesh,
+    selfie: HostSelfie,
+}
+
+impl std::fmt::Debug for HostNets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostNets")
+    }
 }
 
 /// Faces per network call.
@@ -175,11 +195,26 @@ impl<B: Backend> FaceParser<B> {
             source: source.into(),
         };
         let l = Loader::new(&sd, device);
+        let (mesh, selfie) = (FaceMesh::load(&l)?, SelfieSegmentation::load(&l)?);
+        let host = (B::name(device) == "flex").then(|| {
+            Arc::new(HostNets {
+                mesh: HostMesh::new(&mesh),
+                selfie: HostSelfie::new(&selfie),
+            })
+        });
         Ok(Self {
-            mesh: FaceMesh::load(&l)?,
-            selfie: SelfieSegmentation::load(&l)?,
+            mesh,
+            selfie,
+            host,
             device: device.clone(),
         })
+    }
+
+    /// The same parser running its networks through burn's ops only (tests compare the
+    /// paths).
+    pub fn without_host_nets(mut self) -> Self {
+        self.host = None;
+        self
     }
 
     fn input(&self, data: Vec<f32>, b: usize, n: usize) -> Tensor<B, 4> {
@@ -192,9 +227,21 @@ impl<B: Backend> FaceParser<B> {
         let n = MESH_SIZE;
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(BATCH) {
-            let data: Vec<f32> = chunk.iter().flat_map(|(f, r)| r.sample(f, n)).collect();
-            let (points, logit) = self.mesh.forward(self.input(data, chunk.len(), n));
-            let (points, logit) = (to_f32_vec(points), to_f32_vec(logit));
+            let (points, logit): (Vec<f32>, Vec<f32>) = match &self.host {
+                Some(h) => {
+                    let per: Vec<(Vec<f32>, f32)> = chunk
+                        .par_iter()
+                        .map(|(f, r)| h.mesh.forward(&Img::from_chw(&r.sample(f, n), 3, n, n)))
+                        .collect();
+                    let logit = per.iter().map(|p| p.1).collect();
+                    (per.into_iter().flat_map(|p| p.0).collect(), logit)
+                }
+                None => {
+                    let data: Vec<f32> = chunk.iter().flat_map(|(f, r)| r.sample(f, n)).collect();
+                    let (points, logit) = self.mesh.forward(self.input(data, chunk.len(), n));
+                    (to_f32_vec(points), to_f32_vec(logit))
+                }
+            };
             for (k, (_, roi)) in chunk.iter().enumerate() {
                 let scale = roi.side / n as f32;
                 let pts = (0..MESH_POINTS)
@@ -215,6 +262,14 @@ impl<B: Backend> FaceParser<B> {
         let n = SELFIE_SIZE;
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(BATCH) {
+            if let Some(h) = &self.host {
+                out.par_extend(
+                    chunk
+                        .par_iter()
+                        .map(|(f, r)| h.selfie.forward(&Img::from_chw(&r.sample(f, n), 3, n, n))),
+                );
+                continue;
+            }
             let data: Vec<f32> = chunk.iter().flat_map(|(f, r)| r.sample(f, n)).collect();
             let mask = to_f32_vec(self.selfie.forward(self.input(data, chunk.len(), n)));
             out.extend(mask.chunks(n * n).map(<[f32]>::to_vec));
@@ -451,11 +506,12 @@ fn label_map(points: &[[f32; 3]], crop: &Frame, person: &PersonMask) -> ParsingM
         // The inner mouth again, so the lips never cover it.
         (ring(&LIPS_INNER_UPPER, &LIPS_INNER_LOWER), 8, 0.0),
     ];
-    // The face's axes: x along the eye corners, y down; the chin's height in them.
+    // The face's axes: x along the eye corners, y down; the mouth's height in them. Hair is
+    // looked for above it: lower down, the person mask is mostly beard, neck and shoulders.
     let [r, l] = EYE_CORNERS.map(at);
     let (s, c) = (l[1] - r[1]).atan2(l[0] - r[0]).sin_cos();
     let down = |p: [f32; 2]| -s * p[0] + c * p[1];
-    let chin = down(at(CHIN));
+    let mouth = down(at(MOUTH));
     let mut labels = vec![0u8; size * size];
     for y in 0..size {
         for x in 0..size {
@@ -463,7 +519,7 @@ fn label_map(points: &[[f32; 3]], crop: &Frame, person: &PersonMask) -> ParsingM
             let mut label = 0;
             if oval.covers(p, 0.0) {
                 label = 1;
-            } else if down(p) < chin && person.at(x, y) > 0.5 {
+            } else if down(p) < mouth && person.at(x, y) > 0.5 {
                 label = 10;
             }
             for (poly, l, near) in &parts {
@@ -486,40 +542,38 @@ fn label_map(points: &[[f32; 3]], crop: &Frame, person: &PersonMask) -> ParsingM
 /// ears) become skin: grown from the skin outwards, one ring at a time.
 fn skin_above_oval(labels: &mut [u8], crop: &Frame) {
     let size = crop.width;
-    let rgb = |i: usize| {
+    // Colour features: red-green and green-blue (skin is warm, grey or dark hair is not) and
+    // brightness.
+    let feat = |i: usize| {
         let o = i * 3;
-        [
-            crop.data[o] as f32,
-            crop.data[o + 1] as f32,
-            crop.data[o + 2] as f32,
-        ]
+        let [r, g, b] = [0, 1, 2].map(|k| crop.data[o + k] as f32);
+        [r - g, g - b, (r + g + b) / 3.0]
     };
     // Skin colour: mean and spread of the pixels labelled skin.
     let skin: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == 1).collect();
     if skin.len() < 64 {
         return;
     }
+    let n = skin.len() as f32;
     let mut mean = [0f32; 3];
     for &i in &skin {
-        let c = rgb(i);
+        let c = feat(i);
         for k in 0..3 {
-            mean[k] += c[k] / skin.len() as f32;
+            mean[k] += c[k] / n;
         }
     }
     let mut var = [0f32; 3];
     for &i in &skin {
-        let c = rgb(i);
+        let c = feat(i);
         for k in 0..3 {
-            var[k] += (c[k] - mean[k]).powi(2) / skin.len() as f32;
+            var[k] += (c[k] - mean[k]).powi(2) / n;
         }
     }
-    let sd = var.map(|v| v.sqrt().max(8.0));
+    let sd = [0, 1, 2].map(|k| var[k].sqrt().max([4.0, 4.0, 10.0][k]));
     let like_skin = |i: usize| {
-        let c = rgb(i);
-        (0..3)
-            .map(|k| ((c[k] - mean[k]) / sd[k]).powi(2))
-            .sum::<f32>()
-            <= 3.0 * 2.0f32.powi(2)
+        let c = feat(i);
+        // Colour within 2 spreads, brightness within 3 (a lit forehead is brighter).
+        (0..3).all(|k| ((c[k] - mean[k]) / sd[k]).abs() <= [2.0, 2.0, 3.0][k])
     };
     let mut frontier: Vec<usize> = skin;
     while !frontier.is_empty() {

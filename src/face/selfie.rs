@@ -18,14 +18,14 @@ pub const SELFIE_SIZE: usize = 256;
 /// An inverted bottleneck: 1x1 expansion, depthwise k x k (stride 1 or 2), optional
 /// squeeze-excitation gate, 1x1 projection; residual when the shape is kept.
 #[derive(Debug, Clone)]
-struct Bottleneck<B: Backend> {
-    expand: Conv<B>,
-    depthwise: Conv<B>,
-    gate: Option<Gate<B>>,
-    project: Conv<B>,
+pub(crate) struct Bottleneck<B: Backend> {
+    pub(crate) expand: Conv<B>,
+    pub(crate) depthwise: Conv<B>,
+    pub(crate) gate: Option<Gate<B>>,
+    pub(crate) project: Conv<B>,
     /// hard-swish (else ReLU) after the expansion and the depthwise convolution.
-    hswish: bool,
-    residual: bool,
+    pub(crate) hswish: bool,
+    pub(crate) residual: bool,
 }
 
 impl<B: Backend> Bottleneck<B> {
@@ -47,11 +47,11 @@ impl<B: Backend> Bottleneck<B> {
 /// One decoder stage: upsample, 1x1 to the skip's width, a gated merge with the skip
 /// (`skip * gate(skip + up) + up`), then `a + relu(depthwise(a))` with `a = relu(1x1(merge))`.
 #[derive(Debug, Clone)]
-struct Up<B: Backend> {
-    narrow: Conv<B>,
-    gate: Gate<B>,
-    mix: Conv<B>,
-    depthwise: Conv<B>,
+pub(crate) struct Up<B: Backend> {
+    pub(crate) narrow: Conv<B>,
+    pub(crate) gate: Gate<B>,
+    pub(crate) mix: Conv<B>,
+    pub(crate) depthwise: Conv<B>,
 }
 
 impl<B: Backend> Up<B> {
@@ -67,20 +67,20 @@ impl<B: Backend> Up<B> {
 /// The selfie-segmentation network.
 #[derive(Debug, Clone)]
 pub struct SelfieSegmentation<B: Backend> {
-    stem: Conv<B>,
+    pub(crate) stem: Conv<B>,
     /// 128 -> 64 (the 64x64 skip).
-    stage1: Bottleneck<B>,
+    pub(crate) stage1: Bottleneck<B>,
     /// 64 -> 32 (the 32x32 skip).
-    stage2: Vec<Bottleneck<B>>,
+    pub(crate) stage2: Vec<Bottleneck<B>>,
     /// 32 -> 16.
-    stage3: Vec<Bottleneck<B>>,
+    pub(crate) stage3: Vec<Bottleneck<B>>,
     /// 16x16 features gated by their own global context.
-    context: Conv<B>,
-    context_gate: Conv<B>,
-    up32: Up<B>,
-    up64: Up<B>,
-    up128: Up<B>,
-    segment: Upconv<B>,
+    pub(crate) context: Conv<B>,
+    pub(crate) context_gate: Conv<B>,
+    pub(crate) up32: Up<B>,
+    pub(crate) up64: Up<B>,
+    pub(crate) up128: Up<B>,
+    pub(crate) segment: Upconv<B>,
 }
 
 impl<B: Backend> SelfieSegmentation<B> {

@@ -1,9 +1,11 @@
 //! The dense face parser's networks (MediaPipe's face mesh and selfie segmentation, embedded)
 //! against TensorFlow Lite's own interpreter on the same inputs: fixtures from
 //! tools/convert_mediapipe_weights.py (the bundled sample's face crop, mirrored and rotated).
+//! Both paths: burn's ops (what CUDA runs) and the host kernels of the CPU backend.
 
 use burn::tensor::{Tensor, TensorData};
 use marlin::backend::Cpu;
+use marlin::face::cpu_parser::{HostMesh, HostSelfie, Img};
 use marlin::face::parser::FaceParser;
 use marlin::model::load::to_f32_vec;
 use marlin::model::weights::{read_safetensors_file, HostTensor};
@@ -24,6 +26,17 @@ fn input(h: &HostTensor) -> Tensor<Cpu, 4> {
         chw[c * n * n + p] = v / 255.0;
     }
     Tensor::from_data(TensorData::new(chw, [1, 3, n, n]), &Default::default())
+}
+
+/// The same input as the host path's `[n, n, 3]` image.
+fn host_input(h: &HostTensor) -> Img {
+    let n = h.shape[0];
+    Img {
+        h: n,
+        w: n,
+        c: 3,
+        d: h.data.iter().map(|v| v / 255.0).collect(),
+    }
 }
 
 #[test]
@@ -47,6 +60,22 @@ fn face_mesh_matches_tflite() {
             1e-4,
         );
     }
+    let host = HostMesh::new(&p.mesh);
+    for case in ["plain", "mirrored", "rotated"] {
+        let (points, logit) = host.forward(&host_input(&io[&format!("mesh.{case}.input")]));
+        common::assert_close(
+            &format!("host mesh {case} landmarks"),
+            &points,
+            &io[&format!("mesh.{case}.output0")].data,
+            1e-3,
+        );
+        common::assert_close(
+            &format!("host mesh {case} presence logit"),
+            &[logit],
+            &io[&format!("mesh.{case}.output1")].data,
+            1e-4,
+        );
+    }
     // The three inputs are different faces to the network: the landmarks move.
     let a = &io["mesh.plain.output0"].data;
     let b = &io["mesh.mirrored.output0"].data;
@@ -66,6 +95,32 @@ fn selfie_segmentation_matches_tflite() {
             &format!("selfie {case} person mask"),
             &to_f32_vec(mask),
             &io[&format!("selfie.{case}.output0")].data,
+            1e-4,
+        );
+    }
+    // The host path sums in another order; at 13 pixels of the rotated crop's bottom edge
+    // (its grey fill, where the network is unsure) that moves the probability by up to 1.8e-4:
+    // 2e-4 everywhere, 1e-4 off an 8-pixel border.
+    let host = HostSelfie::new(&p.selfie);
+    let interior = |m: &[f32]| -> Vec<f32> {
+        (0..m.len())
+            .filter(|i| (8..248).contains(&(i / 256)) && (8..248).contains(&(i % 256)))
+            .map(|i| m[i])
+            .collect()
+    };
+    for case in ["plain", "mirrored", "rotated"] {
+        let mask = host.forward(&host_input(&io[&format!("selfie.{case}.input")]));
+        let peer = &io[&format!("selfie.{case}.output0")].data;
+        common::assert_close(
+            &format!("host selfie {case} person mask"),
+            &mask,
+            peer,
+            2e-4,
+        );
+        common::assert_close(
+            &format!("host selfie {case} person mask off the border"),
+            &interior(&mask),
+            &interior(peer),
             1e-4,
         );
     }

@@ -11,6 +11,7 @@ mod download;
 mod extract_parity;
 mod face_detect;
 mod face_nets;
+mod face_parse_eval;
 mod face_parser;
 mod face_samples;
 mod masking;
