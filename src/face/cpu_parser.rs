@@ -76,9 +76,11 @@ impl Img {
         }
         Img { h: oh, w: ow, c, d }
     }
-    /// 2x bilinear upsampling with half-pixel centres (as [`super::layers::upsample2`]).
+    /// 2x bilinear upsampling with half-pixel centres (as [`super::layers::upsample2`]): each
+    /// output row blends two input rows, then each output pixel two pixels of that row.
     fn upsample2(&self) -> Img {
         let (h, w, c) = (self.h, self.w, self.c);
+        // Output i's two taps (weights 0.75 and 0.25): i / 2, and its neighbour on i's side.
         let tap = |o: usize, n: usize| -> (usize, usize) {
             let i = o / 2;
             if o % 2 == 0 {
@@ -87,17 +89,21 @@ impl Img {
                 (i, (i + 1).min(n - 1))
             }
         };
+        let row = w * c;
         let mut d = vec![0f32; 4 * h * w * c];
+        let mut blend = vec![0f32; row];
         for oy in 0..2 * h {
             let (y0, y1) = tap(oy, h);
+            let (r0, r1) = (&self.d[y0 * row..][..row], &self.d[y1 * row..][..row]);
+            for ((b, &p), &q) in blend.iter_mut().zip(r0).zip(r1) {
+                *b = 0.75 * p + 0.25 * q;
+            }
+            let out = &mut d[oy * 2 * row..][..2 * row];
             for ox in 0..2 * w {
                 let (x0, x1) = tap(ox, w);
-                let dst = &mut d[(oy * 2 * w + ox) * c..][..c];
-                let at = |y: usize, x: usize| &self.d[(y * w + x) * c..][..c];
-                let (a, b, e, f) = (at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1));
-                for k in 0..c {
-                    dst[k] =
-                        0.75 * (0.75 * a[k] + 0.25 * b[k]) + 0.25 * (0.75 * e[k] + 0.25 * f[k]);
+                let (p, q) = (&blend[x0 * c..][..c], &blend[x1 * c..][..c]);
+                for ((o, &p), &q) in out[ox * c..][..c].iter_mut().zip(p).zip(q) {
+                    *o = 0.75 * p + 0.25 * q;
                 }
             }
         }
@@ -194,20 +200,29 @@ impl HConv {
             (oy * s + ky).checked_sub(pad).filter(|&i| i < n)
         };
         if self.depthwise {
+            // Per tap, the output columns whose input column is inside the frame, found once.
+            let cols = |kx: usize| -> (usize, usize) {
+                let lo = pl.saturating_sub(kx).div_ceil(s);
+                let hi = match (x.w + pl).checked_sub(kx + 1) {
+                    Some(last) => (last / s + 1).min(ow),
+                    None => 0,
+                };
+                (lo, hi.max(lo))
+            };
             for oy in 0..oh {
+                let drow = &mut d[oy * ow * c..][..ow * c];
                 for ky in 0..k {
                     let Some(iy) = inside(oy, ky, pt, x.h) else {
                         continue;
                     };
-                    for ox in 0..ow {
-                        let dst = &mut d[(oy * ow + ox) * c..][..c];
-                        for kx in 0..k {
-                            let Some(ix) = inside(ox, kx, pl, x.w) else {
-                                continue;
-                            };
-                            let src = &x.d[(iy * x.w + ix) * c..][..c];
-                            let wk = &self.w[(ky * k + kx) * c..][..c];
-                            for ((a, &v), &g) in dst.iter_mut().zip(src).zip(wk) {
+                    let srow = &x.d[iy * x.w * c..][..x.w * c];
+                    for kx in 0..k {
+                        let wk = &self.w[(ky * k + kx) * c..][..c];
+                        let (lo, hi) = cols(kx);
+                        for ox in lo..hi {
+                            let ix = ox * s + kx - pl;
+                            let dst = &mut drow[ox * c..][..c];
+                            for ((a, &v), &g) in dst.iter_mut().zip(&srow[ix * c..][..c]).zip(wk) {
                                 *a += v * g;
                             }
                         }

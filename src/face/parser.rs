@@ -310,9 +310,9 @@ impl<B: Backend> FaceParser<B> {
             .collect();
         let person = self.person(&wide);
         faces
-            .iter()
+            .par_iter()
             .zip(fine)
-            .zip(person.iter().zip(&wide))
+            .zip(person.par_iter().zip(&wide))
             .map(|((f, (pts, face)), (mask, (_, roi)))| {
                 let s = size as f32 / f.crop.side as f32;
                 let landmarks: Vec<[f32; 3]> = pts

@@ -337,3 +337,95 @@ fn crop_video_writes_whole_frame_folders_or_nothing() {
     assert!(!out2.exists());
     assert_eq!(files_in(t.path()).len(), 1, "{:?}", files_in(t.path()));
 }
+
+/// `marlin parse`: both parsers' rows, the map and the crop saved, the regions where a face has
+/// them; a frame with no face, a frame past the end and a missing file are one line each.
+#[test]
+fn parse_draws_both_parsers_and_saves_the_map() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let img = face_fixtures().join("astronaut256.png");
+    let (drawn, map, crop) = (d.join("p.png"), d.join("m.npy"), d.join("c.png"));
+    let o = marlin(
+        &[
+            "parse",
+            img.to_str().unwrap(),
+            "--parser",
+            "both",
+            "--draw",
+            drawn.to_str().unwrap(),
+            "--save-map",
+            map.to_str().unwrap(),
+            "--save-crop",
+            crop.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("(Mesh)") && out.contains("(Template)"),
+        "{out}"
+    );
+    // Two rows (mesh, template) of crop | labels | Fasking mask.
+    assert_eq!(
+        image::open(&drawn).unwrap().to_rgb8().dimensions(),
+        (672, 448)
+    );
+    assert_eq!(
+        image::open(&crop).unwrap().to_rgb8().dimensions(),
+        (224, 224)
+    );
+    let m: ndarray::Array2<u8> = ndarray_npy::read_npy(&map).unwrap();
+    assert_eq!(m.shape(), &[224, 224]);
+    let centre = |label: u8| -> [f64; 2] {
+        let px: Vec<(usize, usize)> = m
+            .indexed_iter()
+            .filter(|(_, &v)| v == label)
+            .map(|(p, _)| p)
+            .collect();
+        assert!(!px.is_empty(), "label {label} missing");
+        let n = px.len() as f64;
+        [
+            px.iter().map(|p| p.0 as f64).sum::<f64>() / n,
+            px.iter().map(|p| p.1 as f64).sum::<f64>() / n,
+        ]
+    };
+    // Eyes side by side (2/4 on the image's left), brows above them, the nose between eyes and
+    // mouth, lips around the inner mouth, hair above the eyes.
+    let (le, re, nose, mouth) = (centre(4), centre(5), centre(6), centre(8));
+    assert!(le[1] < 112.0 && re[1] > 112.0 && (le[0] - re[0]).abs() < 15.0);
+    assert!(centre(2)[0] < le[0] && centre(3)[0] < re[0]);
+    assert!(le[0] < nose[0] && nose[0] < mouth[0]);
+    assert!(centre(7)[0] < mouth[0] && mouth[0] < centre(9)[0]);
+    assert!(centre(10)[0] < le[0] && centre(1)[0] > le[0]);
+
+    let o = marlin(
+        &[
+            "parse",
+            face_fixtures().join("no_face.png").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no_face.png: no face found in frame 0"),
+        "{}",
+        stderr(&o)
+    );
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    let o = marlin(&["parse", sample.to_str().unwrap(), "--frame", "100"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("frame 100 is past the last frame (48 frames)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = marlin(&["parse", d.join("nope.mp4").to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("nope.mp4: no such file or folder"),
+        "{}",
+        stderr(&o)
+    );
+}
