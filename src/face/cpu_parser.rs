@@ -83,7 +83,7 @@ impl Img {
         // Output i's two taps (weights 0.75 and 0.25): i / 2, and its neighbour on i's side.
         let tap = |o: usize, n: usize| -> (usize, usize) {
             let i = o / 2;
-            if o % 2 == 0 {
+            if o.is_multiple_of(2) {
                 (i, i.saturating_sub(1))
             } else {
                 (i, (i + 1).min(n - 1))

@@ -140,9 +140,11 @@ pub fn overlay(crop: &Frame, map: &ParsingMap) -> Frame {
         if l == 0 || l as usize >= PALETTE.len() {
             continue;
         }
-        for c in 0..3 {
-            let v = &mut out.data[i * 3 + c];
-            *v = ((*v as u16 + PALETTE[l as usize][c] as u16) / 2) as u8;
+        for (v, &p) in out.data[i * 3..i * 3 + 3]
+            .iter_mut()
+            .zip(&PALETTE[l as usize])
+        {
+            *v = ((*v as u16 + p as u16) / 2) as u8;
         }
     }
     out
@@ -234,7 +236,7 @@ impl FrameParse {
                     overlay(&self.crop, m),
                     fasking_view(&self.crop, m, opts.mask_ratio, opts.patch),
                 ]),
-                None => hstack(&[self.crop.clone()]),
+                None => hstack(std::slice::from_ref(&self.crop)),
             })
             .collect();
         vstack(&rows)

@@ -16,17 +16,28 @@ use std::path::Path;
 /// Frames cropped and parsed together.
 const PARSE_BATCH: usize = 16;
 
+/// What every frame goes through: detection, the face track, the crop's side and the parser.
+pub struct FaceSteps<'a, B: Backend> {
+    pub detector: &'a Detector<B>,
+    pub track: &'a TrackOptions,
+    pub parsing: &'a Parsing<B>,
+    pub size: usize,
+}
+
 /// Crop and parse every frame of `input` into `data` under `rel`. Returns the frame count.
 pub fn prepare_video<B: Backend>(
     input: &Input,
     rel: &Path,
     data: &Path,
-    detector: &Detector<B>,
-    track: &TrackOptions,
-    parsing: &Parsing<B>,
-    size: usize,
+    steps: &FaceSteps<B>,
     stop: &dyn Fn() -> bool,
 ) -> Result<usize, crate::face::crop_video::CropError> {
+    let FaceSteps {
+        detector,
+        track,
+        parsing,
+        size,
+    } = *steps;
     let run = || -> Result<usize, String> {
         let name = input.path().display().to_string();
         let e = |err: crate::video::VideoError| err.to_string();

@@ -9,7 +9,7 @@ use crate::extract::batch::Failure;
 use crate::extract::inputs::{discover, DiscoverOptions, OutputName};
 use crate::extract::ExtractError;
 use crate::face::parser::Parsing;
-use crate::face::prepare::prepare_video;
+use crate::face::prepare::{prepare_video, FaceSteps};
 use crate::face::track::TrackOptions;
 use crate::face::Detector;
 use crate::util::write_atomic;
@@ -119,16 +119,13 @@ pub fn prepare_dataset<B: Backend>(
             break;
         }
         on_video(i, todo.len(), rel);
-        match prepare_video(
-            input,
-            rel,
-            &opts.out,
+        let steps = FaceSteps {
             detector,
-            &opts.track,
+            track: &opts.track,
             parsing,
-            opts.size,
-            stop,
-        ) {
+            size: opts.size,
+        };
+        match prepare_video(input, rel, &opts.out, &steps, stop) {
             Ok(_) => s.written += 1,
             // An interrupted video leaves nothing behind and is not a failure.
             Err(_) if stop() => {}
