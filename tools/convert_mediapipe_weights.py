@@ -7,6 +7,9 @@ TensorFlow Lite's own interpreter (LiteRT, the runtime the mediapipe package run
     python3 -m venv /tmp/mpvenv && /tmp/mpvenv/bin/pip install ai-edge-litert tflite numpy safetensors pillow
     /tmp/mpvenv/bin/python tools/convert_mediapipe_weights.py /tmp/mp/mediapipe-0.10.14-*.whl
 
+The weights' license and provenance: LICENSES/mediapipe-Apache-2.0.md. Both outputs regenerate
+byte for byte.
+
 Networks: `mediapipe/modules/face_landmark/face_landmark.tflite` (468 3-D landmarks of a
 192x192 face crop, plus a face-presence logit) and
 `mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite` (person mask of a 256x256
@@ -20,7 +23,7 @@ The script checks that every graph is the one src/face/mesh.rs and src/face/self
 implement (op sequence, paddings, strides, resize modes) and fails otherwise.
 
 Fixtures (tests/fixtures/face/parser_nets.safetensors): u8 network inputs (face crops of the
-bundled public-domain sample, one of them mirrored and one rotated, so the landmarks move) and
+bundled public-domain sample as it is, mirrored, and turned 20 degrees, so the landmarks move) and
 the interpreter's float32 outputs for them.
 """
 import sys

@@ -9,7 +9,15 @@ FileNotFoundError (a missing input), ValueError (bad config, shape or argument) 
 RuntimeError, with the same one-line messages as the `marlin` command.
 """
 
-from ._marlin_rs import Classifier, Marlin, __version__, crop_video, model_names, set_precision
+from ._marlin_rs import (
+    Classifier,
+    Marlin,
+    __version__,
+    crop_video,
+    model_names,
+    parse_face,
+    set_precision,
+)
 from .config import register_model_from_yaml
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "register_model_from_yaml",
     "model_names",
     "crop_video",
+    "parse_face",
     "set_precision",
     "__version__",
 ]

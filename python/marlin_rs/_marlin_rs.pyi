@@ -106,6 +106,14 @@ def crop_video(video_path: _Path, out: _Path, size: int = 224) -> int:
     """Crop the face of a video in the wild into `out` (.mp4, or a folder of PNG frames when
     `out` has no extension). Returns the frame count."""
 
+def parse_face(
+    path: _Path, frame: int = 0, parser: str = "mesh", size: int = 224
+) -> Dict[str, Any]:
+    """The LaPa label map of the largest face in an image (or frame `frame` of a video), as
+    `marlin parse` makes it: {"labels": uint8 [size, size] (0 background, 1 skin, 2/3 brows,
+    4/5 eyes, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair), "crop": uint8
+    [size, size, 3], "box": [x1, y1, x2, y2]}. `parser`: "mesh" or "template"."""
+
 def set_precision(precision: str) -> str:
     """CPU matrix products in "f32" (default) or "bf16" (f32 sums; AMX or AVX-512 BF16) for this
     process. Returns the precision in effect ("f32" with a warning without AVX-512 BF16)."""

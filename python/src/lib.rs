@@ -665,6 +665,63 @@ fn crop_video(py: Python<'_>, video_path: PathBuf, out: PathBuf, size: usize) ->
     Ok(r.map_or(0, |c| c.track.frames.len()))
 }
 
+/// The LaPa label map of the largest face in an image (or frame `frame` of a video), as
+/// `marlin parse` makes it: a dict with "labels" (uint8 `[size, size]`: 0 background, 1 skin,
+/// 2/3 brows, 4/5 eyes, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair), "crop"
+/// (uint8 `[size, size, 3]`, the face crop the map belongs to) and "box" (the face box in frame
+/// pixels). `parser` is "mesh" (face mesh and person mask) or "template" (5-point layout).
+#[pyfunction]
+#[pyo3(signature = (path, frame = 0, parser = "mesh", size = 224))]
+fn parse_face<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    frame: usize,
+    parser: &str,
+    size: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    use marlin::face::parse_view::{parse_frame, ParseError, ParseOptions};
+    use marlin::face::parser::{ParserKind, Parsing};
+    must_exist(&path)?;
+    let kind: ParserKind = parser.parse().map_err(value)?;
+    if size < 16 {
+        return Err(value("size must be at least 16"));
+    }
+    let parsed = interruptible(py, |_| {
+        let dev = Default::default();
+        let det =
+            Detector::<Cpu>::new(&dev, DetectOptions::default()).map_err(|e| e.to_string())?;
+        let parsing = Parsing::<Cpu>::new(kind, &dev).map_err(|e| e.to_string())?;
+        let opts = ParseOptions {
+            frame,
+            size,
+            ..Default::default()
+        };
+        parse_frame(&path, &det, &[(kind, &parsing)], &opts).map_err(|e| match e {
+            ParseError::Video(v) => v.to_string(),
+            other => format!("value:{other}"),
+        })
+    })?
+    .map_err(|msg| match msg.strip_prefix("value:") {
+        Some(m) => value(m),
+        None => runtime(msg),
+    })?;
+    let map = parsed.maps[0]
+        .1
+        .clone()
+        .ok_or_else(|| value(format!("{}: no face in the crop", path.display())))?;
+    let d = PyDict::new(py);
+    d.set_item(
+        "labels",
+        numpy::PyArray1::from_vec(py, map.labels).reshape([size, size])?,
+    )?;
+    d.set_item(
+        "crop",
+        numpy::PyArray1::from_vec(py, parsed.crop.data).reshape([size, size, 3])?,
+    )?;
+    d.set_item("box", parsed.face.bbox.to_vec())?;
+    Ok(d)
+}
+
 /// A classifier trained by `marlin probe` / `marlin finetune` (its run folder).
 #[pyclass(name = "Classifier", module = "marlin_rs", frozen)]
 struct PyClassifier {
@@ -726,6 +783,7 @@ fn _marlin_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model_names, m)?)?;
     m.add_function(wrap_pyfunction!(set_precision, m)?)?;
     m.add_function(wrap_pyfunction!(crop_video, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_face, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

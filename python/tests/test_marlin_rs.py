@@ -264,3 +264,26 @@ print(got, float(np.abs(a - b).max()), cos, len(w))
         assert 0.0 < float(diff) <= 5e-2 and float(cos) >= 0.9995, r.stdout
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         marlin_rs.set_precision("fp8")
+
+
+def test_parse_face_gives_label_maps_and_clear_errors(tmp_path):
+    face = ROOT / "tests" / "fixtures" / "face"
+    r = marlin_rs.parse_face(str(face / "astronaut256.png"))
+    labels, crop = r["labels"], r["crop"]
+    assert labels.shape == (224, 224) and labels.dtype == np.uint8
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+    assert len(r["box"]) == 4
+    assert set(range(11)) <= set(np.unique(labels).tolist())
+    rows = lambda label: np.argwhere(labels == label)[:, 0].mean()
+    cols = lambda label: np.argwhere(labels == label)[:, 1].mean()
+    # Brows above eyes above nose above the inner mouth; eye 4 on the image's left.
+    assert rows(2) < rows(4) < rows(6) < rows(8)
+    assert cols(4) < 112 < cols(5)
+    t = marlin_rs.parse_face(str(face / "astronaut256.png"), parser="template")
+    assert (t["labels"] != labels).any() and (t["crop"] == crop).all()
+    with pytest.raises(ValueError, match="unknown parser 'farl'"):
+        marlin_rs.parse_face(str(face / "astronaut256.png"), parser="farl")
+    with pytest.raises(ValueError, match="no_face.png: no face found in frame 0"):
+        marlin_rs.parse_face(str(face / "no_face.png"))
+    with pytest.raises(FileNotFoundError):
+        marlin_rs.parse_face(str(tmp_path / "nope.png"))
