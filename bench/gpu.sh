@@ -22,3 +22,8 @@ echo "== 2. pretraining step (critic + generator), ViT-B, batch 16 (samples/s)"
 for p in fp32 tf32 bf16; do
   "$PY" bench/peer_pretrain_step.py --device cuda --batch 16 --iters 5 --precision "$p"
 done
+echo "== 3. face parser on CUDA (burn's ops) against the CPU's host kernels: the same label map"
+face=tests/fixtures/face/astronaut256.png
+work=$(mktemp -d)
+"$BIN" parse "$face" --save-map "$work/cpu.npy" && "$BIN" parse "$face" --device cuda --save-map "$work/cuda.npy" \
+  && "$PY" -c "import numpy as np, sys; a, b = np.load(sys.argv[1]), np.load(sys.argv[2]); print(f'label maps: {(a != b).sum()} of {a.size} pixels differ')" "$work/cpu.npy" "$work/cuda.npy"
