@@ -279,13 +279,28 @@ impl<B: Backend> FaceParser<B> {
 
     /// Parse each face into a `size` x `size` LaPa map of its crop.
     pub fn parse(&self, faces: &[FaceInput], size: usize) -> Vec<Parsed> {
-        // First pass: the detector's region (1.5x the face box, eyes level).
+        let found = self.track(faces);
+        let points: Vec<&[[f32; 3]]> = found.iter().map(|(p, _)| p.as_slice()).collect();
+        self.label(faces, &points, size)
+            .into_iter()
+            .zip(found)
+            .map(|((map, landmarks), (_, face))| Parsed {
+                map,
+                landmarks,
+                face,
+            })
+            .collect()
+    }
+
+    /// The mesh's landmarks of each face (frame pixels, z in frame scale) and its face
+    /// probability: a first pass on the detector's region (1.5x the face box, eyes level), a
+    /// second on the region the first landmarks give.
+    pub fn track(&self, faces: &[FaceInput]) -> Vec<(Vec<[f32; 3]>, f32)> {
         let first: Vec<(&Frame, Roi)> = faces
             .iter()
             .map(|f| (f.frame, detection_roi(&f.crop, f.face.as_ref())))
             .collect();
         let coarse = self.landmarks(&first);
-        // Second pass: the region the first landmarks give.
         let second: Vec<(&Frame, Roi)> = faces
             .iter()
             .zip(&coarse)
@@ -294,7 +309,18 @@ impl<B: Backend> FaceParser<B> {
                 (f.frame, Roi::from_landmarks(&flat))
             })
             .collect();
-        let fine = self.landmarks(&second);
+        self.landmarks(&second)
+    }
+
+    /// The label map of each face's crop from its landmarks (frame pixels, as [`Self::track`]
+    /// gives them, possibly smoothed over frames) and the person mask, with the landmarks in
+    /// crop pixels.
+    pub fn label(
+        &self,
+        faces: &[FaceInput],
+        points: &[&[[f32; 3]]],
+        size: usize,
+    ) -> Vec<(ParsingMap, Vec<[f32; 3]>)> {
         // The person mask of a region twice the crop, upright, around the crop's centre.
         let wide: Vec<(&Frame, Roi)> = faces
             .iter()
@@ -311,9 +337,9 @@ impl<B: Backend> FaceParser<B> {
         let person = self.person(&wide);
         faces
             .par_iter()
-            .zip(fine)
+            .zip(points)
             .zip(person.par_iter().zip(&wide))
-            .map(|((f, (pts, face)), (mask, (_, roi)))| {
+            .map(|((f, pts), (mask, (_, roi)))| {
                 let s = size as f32 / f.crop.side as f32;
                 let landmarks: Vec<[f32; 3]> = pts
                     .iter()
@@ -329,15 +355,47 @@ impl<B: Backend> FaceParser<B> {
                     crop: f.crop,
                     size,
                 };
-                let map = label_map(&landmarks, &crop, &person);
-                Parsed {
-                    map,
-                    landmarks,
-                    face,
-                }
+                (label_map(&landmarks, &crop, &person), landmarks)
             })
             .collect()
     }
+}
+
+/// Each frame's landmarks averaged over the frames with landmarks among `window` consecutive
+/// frames centred on it (the window shrinks at the ends), as the face boxes are smoothed
+/// ([`super::track::smooth`]); frames without landmarks stay without. `window` <= 1: unchanged.
+pub fn smooth_landmarks(
+    seq: &[Option<Vec<[f32; 3]>>],
+    window: usize,
+) -> Vec<Option<Vec<[f32; 3]>>> {
+    if window <= 1 {
+        return seq.to_vec();
+    }
+    let half = window / 2;
+    (0..seq.len())
+        .map(|i| {
+            let own = seq[i].as_ref()?;
+            let near: Vec<&Vec<[f32; 3]>> = seq
+                [i.saturating_sub(half)..(i + half + 1).min(seq.len())]
+                .iter()
+                .flatten()
+                .collect();
+            let n = near.len() as f32;
+            Some(
+                (0..own.len())
+                    .map(|k| {
+                        let mut m = [0f32; 3];
+                        for p in &near {
+                            for c in 0..3 {
+                                m[c] += p[k][c] / n;
+                            }
+                        }
+                        m
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 fn crop_center(c: &CropBox) -> [f32; 2] {
@@ -694,6 +752,21 @@ mod tests {
             (p[0] - 100.0).abs() < 1e-4 && (p[1] - 70.0).abs() < 1e-4,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn landmarks_smooth_over_the_frames_that_have_them() {
+        let p = |v: f32| Some(vec![[v, 2.0 * v, 0.0]]);
+        let seq = vec![p(0.0), p(3.0), None, p(6.0), p(9.0)];
+        let s = smooth_landmarks(&seq, 3);
+        // Frame 1 averages frames 0 and 1 (2 is empty); frame 3 averages 3 and 4; the empty
+        // frame stays empty; the ends shrink the window.
+        assert_eq!(s[0], p(1.5));
+        assert_eq!(s[1], p(1.5));
+        assert_eq!(s[2], None);
+        assert_eq!(s[3], p(7.5));
+        assert_eq!(s[4], p(7.5));
+        assert_eq!(smooth_landmarks(&seq, 1), seq);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Pretraining data preparation of one video (or frame folder): face crops of every frame in
 //! `DATA/crop_images_DB/<rel>/NNNNN.jpg` and their LaPa parsing maps ([`Parsing`]: the face mesh by default) in
 //! `DATA/face_parsing_images_DB/<rel>/NNNNN.npy` (`[size, size]` u8), the reference layout.
-//! Both folders are written under temp names and renamed when complete.
+//! Both folders are written under temp names and renamed when complete. With the mesh parser the
+//! landmarks of every frame are found first and smoothed over the frames as the face boxes are
+//! (`--smooth`), then the video is read a second time for the person masks and the maps.
 
 use super::crop::crop_resize;
 use super::detect::Detector;
-use super::parser::{FaceInput, Parsing};
+use super::parser::{smooth_landmarks, FaceInput, Parsing};
 use super::track::{detect_frames, plan_track, TrackOptions};
 use crate::masking::ParsingMap;
 use crate::util::temp_path;
@@ -64,6 +66,8 @@ pub fn prepare_video<B: Backend>(
             let mut n = 0;
             // Frames whose map is its own, and those that borrow the nearest one's.
             let (mut parsed, mut missing) = (Vec::new(), Vec::new());
+            // The mesh parser's landmarks of each frame (None: no face in the crop).
+            let mut tracked: Vec<Option<Vec<[f32; 3]>>> = Vec::new();
             for chunk in t.frames.chunks(PARSE_BATCH) {
                 let mut frames = Vec::with_capacity(chunk.len());
                 for f in chunk {
@@ -94,18 +98,68 @@ pub fn prepare_video<B: Backend>(
                         face: f.face,
                     })
                     .collect();
-                for (f, map) in chunk.iter().zip(parsing.maps(&faces, size)) {
-                    match map {
-                        Some(map) => {
-                            write_map(f.index, map)?;
-                            parsed.push(f.index);
+                match parsing {
+                    // Landmarks now; maps once they are smoothed over the frames.
+                    Parsing::Mesh(p) => tracked.extend(
+                        p.track(&faces)
+                            .into_iter()
+                            .map(|(pts, face)| (face >= 0.5).then_some(pts)),
+                    ),
+                    Parsing::Template => {
+                        for (f, map) in chunk.iter().zip(parsing.maps(&faces, size)) {
+                            match map {
+                                Some(map) => {
+                                    write_map(f.index, map)?;
+                                    parsed.push(f.index);
+                                }
+                                None => missing.push(f.index),
+                            }
                         }
-                        None => missing.push(f.index),
                     }
                 }
                 n += frames.len();
                 if frames.len() < chunk.len() {
                     break;
+                }
+            }
+            if let Parsing::Mesh(p) = parsing {
+                // The landmarks smoothed as the boxes are (--smooth), then a second pass over
+                // the frames for the person masks and the maps.
+                let smoothed = smooth_landmarks(&tracked, track.smooth);
+                let (mut reader, _, _) = open_input(input, None).map_err(e)?;
+                for (chunk, points) in t.frames[..n]
+                    .chunks(PARSE_BATCH)
+                    .zip(smoothed.chunks(PARSE_BATCH))
+                {
+                    if stop() {
+                        return Err("interrupted".into());
+                    }
+                    let mut frames = Vec::with_capacity(chunk.len());
+                    for _ in chunk {
+                        let frame = reader.next_frame().map_err(e)?.ok_or_else(|| {
+                            format!("{name}: fewer frames on the second read than the first")
+                        })?;
+                        frames.push(frame);
+                    }
+                    let (mut faces, mut pts, mut index) = (Vec::new(), Vec::new(), Vec::new());
+                    for ((frame, f), p) in frames.iter().zip(chunk).zip(points) {
+                        match p {
+                            Some(p) => {
+                                faces.push(FaceInput {
+                                    frame,
+                                    crop: f.crop,
+                                    face: f.face,
+                                });
+                                pts.push(p.as_slice());
+                                index.push(f.index);
+                            }
+                            None => missing.push(f.index),
+                        }
+                    }
+                    for (i, (map, _)) in index.into_iter().zip(p.label(&faces, &pts, size)) {
+                        write_map(i, map)?;
+                        parsed.push(i);
+                    }
                 }
             }
             missing.retain(|&i| i < n);

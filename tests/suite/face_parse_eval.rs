@@ -119,3 +119,45 @@ fn mesh_parser_beats_the_template_on_hand_labels() {
         );
     }
 }
+
+/// `marlin prepare --smooth 5` smooths the mesh landmarks over the frames as it smooths the
+/// boxes: on the shared cropped01 (a talking face, 143 frames) the label maps change less from
+/// one frame to the next than without it (measured: 2.8% of pixels against 5.3%), and every
+/// frame still has its map.
+#[test]
+fn prepare_smooths_the_landmarks_over_the_frames() {
+    let Some(dir) = common::samples() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let video = dir.join("cropped01.mp4");
+    let change = |extra: &[&str]| -> f64 {
+        let out = t.path().join(format!("data{}", extra.len()));
+        let mut args = vec![
+            "prepare",
+            video.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+        ];
+        args.extend_from_slice(extra);
+        let o = common::marlin(&args, &[]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let maps = out.join("face_parsing_images_DB/cropped01");
+        let read = |i: usize| -> ndarray::Array2<u8> {
+            ndarray_npy::read_npy(maps.join(format!("{i:05}.npy"))).unwrap()
+        };
+        assert_eq!(std::fs::read_dir(&maps).unwrap().count(), 143);
+        let mut prev = read(0);
+        let mut changed = 0usize;
+        for i in 1..143 {
+            let m = read(i);
+            changed += m.iter().zip(prev.iter()).filter(|(a, b)| a != b).count();
+            prev = m;
+        }
+        changed as f64 / (142.0 * 224.0 * 224.0)
+    };
+    let (raw, smoothed) = (change(&[]), change(&["--smooth", "5"]));
+    eprintln!("label maps changed between frames: {raw:.4} raw, {smoothed:.4} with --smooth 5");
+    assert!(smoothed < 0.8 * raw, "{smoothed} vs {raw}");
+}
