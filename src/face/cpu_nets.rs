@@ -10,7 +10,7 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(super) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     // Float parameters convert to f32 without loss of meaning.
     crate::model::load::to_f32_vec(t)
 }
@@ -92,11 +92,11 @@ impl HConv {
 
 /// `dst[m, n] += a[m, k] @ b[k, n]`, row-major, single-threaded (callers parallelise over
 /// images).
-fn matmul_acc(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+pub(super) fn matmul_acc(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
     crate::kernels::cpu::matmul_with(dst, a, b, [m, k, n], true, false);
 }
 
-fn prelu(x: &mut [f32], a: &[f32]) {
+pub(super) fn prelu(x: &mut [f32], a: &[f32]) {
     for px in x.chunks_exact_mut(a.len()) {
         for (v, &s) in px.iter_mut().zip(a) {
             if *v < 0.0 {

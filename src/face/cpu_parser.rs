@@ -5,10 +5,10 @@
 //! conv2d runs these small depthwise layers slowly (about 25 ms per image for either network);
 //! same weights, same results (`tests/suite/face_parser.rs` checks both paths against TFLite).
 
+use super::cpu_nets::{host, matmul_acc, prelu};
 use super::layers::{same_padding, Conv, Gate, PRelu, Upconv};
 use super::mesh::{FaceMesh, Head, Residual, MESH_POINTS};
 use super::selfie::{Bottleneck, SelfieSegmentation, Up};
-use crate::model::load::to_f32_vec;
 use burn::tensor::backend::Backend;
 
 /// One image, `[h, w, c]` row-major.
@@ -126,10 +126,6 @@ fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
 
-fn host<B: Backend, const D: usize>(t: &burn::tensor::Tensor<B, D>) -> Vec<f32> {
-    to_f32_vec(t.clone())
-}
-
 /// A convolution (dense or depthwise; TensorFlow `SAME` or no padding) on the host.
 struct HConv {
     k: usize,
@@ -146,7 +142,7 @@ struct HConv {
 impl HConv {
     fn new<B: Backend>(conv: &Conv<B>) -> Self {
         let [o, ci, k, _] = conv.weight.dims();
-        let src = host(&conv.weight);
+        let src = host(conv.weight.clone());
         let depthwise = conv.groups > 1;
         let c = if depthwise { o } else { ci };
         let mut w = vec![0f32; k * k * c * if depthwise { 1 } else { o }];
@@ -172,7 +168,7 @@ impl HConv {
             o,
             depthwise,
             w,
-            bias: host(&conv.bias),
+            bias: host(conv.bias.clone()),
         }
     }
 
@@ -230,7 +226,7 @@ impl HConv {
                 }
             }
         } else if k == 1 && s == 1 {
-            matmul(&mut d, &x.d, &self.w, [x.h * x.w, c, self.o]);
+            matmul_acc(&mut d, &x.d, &self.w, x.h * x.w, c, self.o);
         } else {
             let kk = k * k * c;
             let mut cols = vec![0f32; oh * ow * kk];
@@ -250,7 +246,7 @@ impl HConv {
                     }
                 }
             }
-            matmul(&mut d, &cols, &self.w, [oh * ow, kk, self.o]);
+            matmul_acc(&mut d, &cols, &self.w, oh * ow, kk, self.o);
         }
         Img {
             h: oh,
@@ -261,25 +257,14 @@ impl HConv {
     }
 }
 
-/// `dst[m, n] += a[m, k] @ b[k, n]`, single-threaded (images run in parallel).
-fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], mkn: [usize; 3]) {
-    crate::kernels::cpu::matmul_with(dst, a, b, mkn, true, false);
-}
-
 struct HPRelu(Vec<f32>);
 
 impl HPRelu {
     fn new<B: Backend>(p: &PRelu<B>) -> Self {
-        Self(host(&p.alpha))
+        Self(host(p.alpha.clone()))
     }
     fn forward(&self, mut x: Img) -> Img {
-        for px in x.d.chunks_exact_mut(x.c) {
-            for (v, &a) in px.iter_mut().zip(&self.0) {
-                if *v < 0.0 {
-                    *v *= a;
-                }
-            }
-        }
+        prelu(&mut x.d, &self.0);
         x
     }
 }
@@ -470,7 +455,7 @@ impl HostSelfie {
             o == 1 && k == 2,
             "the selfie network ends in one 2x2 output channel"
         );
-        let src = host(&up.weight);
+        let src = host(up.weight.clone());
         let mut w = vec![0f32; c * k * k * o];
         for ci in 0..c {
             for oi in 0..o {
@@ -492,7 +477,7 @@ impl HostSelfie {
             up32: HUp::new(&s.up32),
             up64: HUp::new(&s.up64),
             up128: HUp::new(&s.up128),
-            segment: (w, host(&up.bias), c, o),
+            segment: (w, host(up.bias.clone()), c, o),
         }
     }
 
@@ -517,7 +502,7 @@ impl HostSelfie {
         let (w, bias, c, o) = &self.segment;
         let (h, wd) = (x.h, x.w);
         let mut y = vec![0f32; h * wd * 4 * o];
-        matmul(&mut y, &x.d, w, [h * wd, *c, 4 * o]);
+        matmul_acc(&mut y, &x.d, w, h * wd, *c, 4 * o);
         let mut out = vec![0f32; 4 * h * wd];
         for iy in 0..h {
             for ix in 0..wd {

@@ -184,61 +184,38 @@ pub fn fasking_view(crop: &Frame, map: &ParsingMap, mask_ratio: f64, patch: usiz
     out
 }
 
-/// Panels side by side (all the same height).
-pub fn hstack(panels: &[Frame]) -> Frame {
-    let height = panels.iter().map(|p| p.height).max().unwrap_or(0);
-    let width: usize = panels.iter().map(|p| p.width).sum();
-    let mut data = vec![255u8; width * height * 3];
-    let mut x0 = 0;
-    for p in panels {
-        for y in 0..p.height {
-            let src = &p.data[y * p.width * 3..(y + 1) * p.width * 3];
-            data[(y * width + x0) * 3..(y * width + x0 + p.width) * 3].copy_from_slice(src);
-        }
-        x0 += p.width;
-    }
-    Frame {
-        width,
-        height,
-        data,
-    }
-}
-
-/// Rows stacked top to bottom (all the same width).
-pub fn vstack(rows: &[Frame]) -> Frame {
-    let width = rows.iter().map(|r| r.width).max().unwrap_or(0);
-    let mut data = Vec::new();
-    let mut height = 0;
-    for r in rows {
-        for y in 0..r.height {
-            let mut line = r.data[y * r.width * 3..(y + 1) * r.width * 3].to_vec();
-            line.resize(width * 3, 255);
-            data.extend(line);
-        }
-        height += r.height;
-    }
-    Frame {
-        width,
-        height,
-        data,
-    }
-}
-
 impl FrameParse {
-    /// Per parser a row: crop | labels over the crop | Fasking mask.
+    /// Per parser a row: crop | labels over the crop | Fasking mask (the crop alone where the
+    /// parser found no face; white beside it).
     pub fn picture(&self, opts: &ParseOptions) -> Frame {
-        let rows: Vec<Frame> = self
-            .maps
-            .iter()
-            .map(|(_, map)| match map {
-                Some(m) => hstack(&[
+        let (w, h) = (self.crop.width as u32, self.crop.height as u32);
+        let mut img =
+            image::RgbImage::from_pixel(3 * w, h * self.maps.len() as u32, image::Rgb([255; 3]));
+        for (row, (_, map)) in self.maps.iter().enumerate() {
+            let panels = match map {
+                Some(m) => vec![
                     self.crop.clone(),
                     overlay(&self.crop, m),
                     fasking_view(&self.crop, m, opts.mask_ratio, opts.patch),
-                ]),
-                None => hstack(std::slice::from_ref(&self.crop)),
-            })
-            .collect();
-        vstack(&rows)
+                ],
+                None => vec![self.crop.clone()],
+            };
+            for (col, p) in panels.into_iter().enumerate() {
+                // A panel's buffer is w * h * 3 bytes by construction.
+                if let Some(p) = image::RgbImage::from_raw(w, h, p.data) {
+                    image::imageops::replace(
+                        &mut img,
+                        &p,
+                        (col as u32 * w) as i64,
+                        (row as u32 * h) as i64,
+                    );
+                }
+            }
+        }
+        Frame {
+            width: img.width() as usize,
+            height: img.height() as usize,
+            data: img.into_raw(),
+        }
     }
 }

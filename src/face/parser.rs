@@ -720,20 +720,6 @@ impl<B: Backend> Parsing<B> {
     }
 }
 
-/// For frames without a map of their own, the map of the nearest frame that has one (maps are
-/// in crop pixels, and the crops follow the face).
-pub fn fill_gaps(maps: Vec<Option<ParsingMap>>) -> Vec<Option<ParsingMap>> {
-    let with: Vec<usize> = (0..maps.len()).filter(|&i| maps[i].is_some()).collect();
-    (0..maps.len())
-        .map(|i| {
-            let j = with
-                .iter()
-                .min_by_key(|&&j| (j as i64 - i as i64).unsigned_abs())?;
-            maps[*j].clone()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
