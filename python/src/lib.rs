@@ -350,6 +350,7 @@ impl PyMarlin {
             keep_seq,
             reduction: self::reduction(reduction)?,
             batch_size,
+            ..Default::default()
         };
         opts.check().map_err(value)?;
         let (data, shape) = on_model!(&self.model, |m, dev| {
@@ -493,7 +494,10 @@ impl PyMarlin {
     /// batched across videos, skipping outputs that exist (a rerun resumes). Returns a dict:
     /// written, skipped, clips, failures (list of (file, error)), interrupted; failures also
     /// go to `out_dir/<failures_file>` (None: not written, e.g. from many Ray actors).
-    #[pyo3(signature = (inputs, out_dir, crop_face = false, sample_rate = 2, stride = 16, reduction = "none", keep_seq = false, batch_size = 4, overwrite = false, progress = true, failures_file = Some("failures.json")))]
+    /// `decoders` threads decode ahead of the model (several for a GPU). The device failing
+    /// (out of GPU memory at this batch size) raises RuntimeError after the finished outputs
+    /// are written.
+    #[pyo3(signature = (inputs, out_dir, crop_face = false, sample_rate = 2, stride = 16, reduction = "none", keep_seq = false, batch_size = 4, overwrite = false, progress = true, failures_file = Some("failures.json"), decoders = 1))]
     #[allow(clippy::too_many_arguments)]
     fn extract_many<'py>(
         &self,
@@ -509,6 +513,7 @@ impl PyMarlin {
         overwrite: bool,
         progress: bool,
         failures_file: Option<&str>,
+        decoders: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         for p in &inputs {
             must_exist(p)?;
@@ -520,6 +525,7 @@ impl PyMarlin {
                 keep_seq,
                 reduction: self::reduction(reduction)?,
                 batch_size,
+                decoders,
             },
             overwrite,
         };
@@ -551,6 +557,9 @@ impl PyMarlin {
         failures.extend(s.failures.iter().cloned());
         if let Some(name) = failures_file {
             write_failures_as(&out_dir, name, &failures).map_err(runtime)?;
+        }
+        if let Some(e) = &s.device_error {
+            return Err(runtime(e));
         }
         let d = PyDict::new(py);
         d.set_item("written", s.written)?;
@@ -601,19 +610,25 @@ fn register_model_from_yaml(name: &str, path: PathBuf) -> PyResult<()> {
     Ok(())
 }
 
-/// Precision of the CPU matrix products for this process: "f32" (default) or "bf16" (bf16
-/// operands, f32 sums; AMX tiles or AVX-512 BF16). Returns the precision in effect: "f32" with
-/// a warning on a CPU without AVX-512 BF16.
+/// Precision of the matrix products for this process: "f32" (the CPU default), "tf32" (the
+/// GPU default; f32 on the CPU) or "bf16" (bf16 operands, f32 sums; on the CPU AMX tiles or
+/// AVX-512 BF16). Returns the CPU's precision in effect: "f32" with a warning on a CPU without
+/// AVX-512 BF16. Models on a GPU take the precision as given.
 #[pyfunction]
 fn set_precision(py: Python<'_>, precision: &str) -> PyResult<String> {
     let p: marlin::kernels::Precision = precision.parse().map_err(value)?;
+    marlin::kernels::set_gpu_precision(p);
     let (effective, note) = marlin::kernels::set_cpu_precision(p);
+    if p == marlin::kernels::Precision::Tf32 {
+        // TF32 is the GPU's; the CPU's f32 needs no warning.
+        return Ok("f32".to_string());
+    }
     if let Some(n) = note {
         let warnings = py.import("warnings")?;
         warnings.call_method1("warn", (n,))?;
     }
     Ok(match effective {
-        marlin::kernels::Precision::F32 => "f32",
+        marlin::kernels::Precision::F32 | marlin::kernels::Precision::Tf32 => "f32",
         marlin::kernels::Precision::Bf16 => "bf16",
     }
     .to_string())

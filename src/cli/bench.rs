@@ -30,9 +30,10 @@ pub struct BenchArgs {
     pub train: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// f32, or bf16 matrix products with f32 sums (CPUs with AVX-512 BF16).
-    #[arg(long, default_value = "f32")]
-    pub precision: marlin::kernels::Precision,
+    /// Matrix products in fp32, tf32 (GPU tensor cores) or bf16 (f32 sums; CPUs with AVX-512
+    /// BF16). Default: fp32 on the CPU, tf32 on a GPU.
+    #[arg(long)]
+    pub precision: Option<marlin::kernels::Precision>,
     /// Also write the benchmarked (freshly initialised) encoder as safetensors, e.g. to time
     /// `extract --weights` without a download.
     #[arg(long)]
@@ -233,10 +234,11 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         Some(p) => MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?,
         None => MarlinConfig::from_name(&args.model).map_err(|e| e.to_string())?,
     };
-    let (_, note) = marlin::kernels::set_cpu_precision(args.precision);
+    let (p, note) = marlin::kernels::set_precision(args.precision, args.device);
     if let Some(n) = note {
         eprintln!("note: {n}");
     }
+    outln!("precision: {p}");
     let device = args.device;
     run_on(device, Bench { cfg, args })?;
     Ok(0)

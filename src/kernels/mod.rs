@@ -9,14 +9,53 @@
 //! by the backend's type once per call; each override reaches its backend's primitive through
 //! a downcast that cannot fail for the backend it was picked for.
 
+pub mod autocast;
 pub mod bf16;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
-/// The precision of the CPU block kernel's matrix products (the four Linears of every block):
-/// f32, or bf16 operands with f32 sums. LayerNorm, softmax, GELU and residuals stay in f32.
+/// The precision of the matrix products (the four Linears of every block and attention's two
+/// products). LayerNorm, softmax, GELU and residuals stay in f32 in every mode.
+///
+/// - `F32`: f32 operands, f32 sums (on CUDA through a CUDA-core matmul: burn's tensor-core
+///   matmul rounds f32 operands to TF32 whenever the GPU has TF32).
+/// - `Tf32`: f32 tensors, products on tensor cores with TF32 operands (10-bit mantissa) and
+///   f32 sums: burn's own CUDA matmul. A GPU format: on the CPU it means f32.
+/// - `Bf16`: bf16 operands with f32 sums (autocast: weights stay f32, operands are cast at
+///   each product), as PyTorch's `autocast(dtype=torch.bfloat16)`. On the CPU it needs
+///   AVX-512 BF16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     F32,
+    Tf32,
     Bf16,
+}
+
+impl Precision {
+    /// What `--precision` means when not given: f32 on the CPU (the reference's numbers to
+    /// 3e-5); TF32 on a GPU (PyTorch's `allow_tf32` choice: features within about 1e-3 of f32
+    /// at several times f32's speed).
+    pub fn default_for(gpu: bool) -> Self {
+        if gpu {
+            Self::Tf32
+        } else {
+            Self::F32
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "fp32",
+            Self::Tf32 => "tf32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for Precision {
@@ -24,8 +63,11 @@ impl std::str::FromStr for Precision {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "f32" | "fp32" => Ok(Self::F32),
+            "tf32" => Ok(Self::Tf32),
             "bf16" => Ok(Self::Bf16),
-            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
+            _ => Err(format!(
+                "unknown precision '{s}' (expected fp32, tf32 or bf16)"
+            )),
         }
     }
 }
@@ -33,12 +75,17 @@ impl std::str::FromStr for Precision {
 static CPU_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Choose the CPU kernels' precision for this process. bf16 needs AVX-512 BF16: without it
-/// the products stay in f32 and the returned note says so (one line for the user).
+/// the products stay in f32 and the returned note says so (one line for the user); TF32 is a
+/// GPU format, f32 on the CPU.
 pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
     let (effective, note) = match p {
         Precision::Bf16 if !bf16::supported() => (
             Precision::F32,
             Some("this CPU has no AVX-512 BF16 instructions: computing in f32 instead".to_string()),
+        ),
+        Precision::Tf32 => (
+            Precision::F32,
+            Some("TF32 is a GPU format: computing in f32 on the CPU".to_string()),
         ),
         p => (p, None),
     };
@@ -57,6 +104,48 @@ pub fn cpu_precision() -> Precision {
         Precision::F32
     }
 }
+
+/// 0: not set (the GPU default), 1: f32, 2: tf32, 3: bf16.
+static GPU_PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Choose the GPU kernels' precision for this process (every mode runs on every CUDA GPU
+/// burn supports; TF32 and bf16 need tensor cores to be fast: Ampere or newer).
+pub fn set_gpu_precision(p: Precision) {
+    let v = match p {
+        Precision::F32 => 1,
+        Precision::Tf32 => 2,
+        Precision::Bf16 => 3,
+    };
+    GPU_PRECISION.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The GPU kernels' precision ([`Precision::default_for`] a GPU unless
+/// [`set_gpu_precision`] chose another).
+pub fn gpu_precision() -> Precision {
+    match GPU_PRECISION.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Precision::F32,
+        3 => Precision::Bf16,
+        2 => Precision::Tf32,
+        _ => Precision::default_for(true),
+    }
+}
+
+/// Set the precision of the kernels of `device` (the CPU's or the GPU's); `None` takes
+/// [`Precision::default_for`] that device. Returns the precision in effect and, when it is not
+/// the one asked for, a one-line note.
+pub fn set_precision(
+    p: Option<Precision>,
+    device: crate::backend::DeviceSpec,
+) -> (Precision, Option<String>) {
+    match device {
+        crate::backend::DeviceSpec::Cpu => set_cpu_precision(p.unwrap_or(Precision::F32)),
+        crate::backend::DeviceSpec::Cuda(_) => {
+            let p = p.unwrap_or(Precision::default_for(true));
+            set_gpu_precision(p);
+            (p, None)
+        }
+    }
+}
 pub mod cpu;
 pub mod cpu_autodiff;
 
@@ -64,8 +153,6 @@ use crate::model::block::Block;
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::Autodiff;
 use burn::nn::{LayerNorm, Linear};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::any::{Any, TypeId};
 
@@ -80,6 +167,11 @@ pub trait Kernels<B: Backend>: Sync {
     /// of `D / heads`) to `[B, N, D]`, the layout the output projection takes.
     fn attention(&self, qkv: Tensor<B, 3>, heads: usize, scale: f32) -> Tensor<B, 3> {
         generic_attention(qkv, heads, scale)
+    }
+
+    /// A Linear's product `x [B, N, in] · w [in, out] (+ b [out])`.
+    fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
+        burn::tensor::module::linear(x, w, b)
     }
 
     /// Exact (erf) GELU.
@@ -112,31 +204,19 @@ pub fn of<B: Backend>() -> &'static dyn Kernels<B> {
     } else if t == TypeId::of::<Autodiff<Flex>>() {
         &FlexAutodiffKernels
     } else {
+        #[cfg(feature = "cuda")]
+        if t == TypeId::of::<crate::backend::Gpu>() {
+            return &cuda::CudaKernels;
+        } else if t == TypeId::of::<Autodiff<crate::backend::Gpu>>() {
+            return &cuda::CudaAutodiffKernels;
+        }
         &Generic
     }
 }
 
-/// burn's attention op on the fused projection.
+/// burn's attention op on the fused projection, in f32.
 pub fn generic_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize, scale: f32) -> Tensor<B, 3> {
-    let [b, n, d3] = qkv.dims();
-    let d = d3 / 3;
-    let hd = d / heads;
-    // [B, N, 3, H, hd] -> [3, B, H, N, hd]
-    let qkv = qkv.reshape([b, n, 3, heads, hd]).permute([2, 0, 3, 1, 4]);
-    let mut parts = qkv.chunk(3, 0).into_iter().map(|t| t.squeeze_dim::<4>(0));
-    // chunk(3) of a size-3 dim yields exactly three parts.
-    let (q, k, v) = (
-        parts.next().expect("q"),
-        parts.next().expect("k"),
-        parts.next().expect("v"),
-    );
-    let opts = AttentionModuleOptions {
-        scale: Some(scale as f64),
-        softcap: None,
-        is_causal: false,
-    };
-    let out = attention(q, k, v, None, None, opts); // [B, H, N, hd]
-    out.swap_dims(1, 2).reshape([b, n, d])
+    autocast::attention_qkv(qkv, heads, scale, Precision::F32)
 }
 
 impl<B: Backend> Kernels<B> for FlexAutodiffKernels {

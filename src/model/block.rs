@@ -1,7 +1,7 @@
 //! The pre-norm transformer block shared by encoder and decoder:
 //! x += gamma_1 * Attn(LN1(x)); x += gamma_2 * MLP(LN2(x)).
 
-use super::load::{layer_norm, lazy, linear};
+use super::load::{layer_norm, lazy};
 use crate::kernels;
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
@@ -31,10 +31,10 @@ impl<B: Backend> Attention<B> {
     ) -> Self {
         let bias = || qkv_bias.then(|| lazy([dim], device));
         Self {
-            qkv: linear(dim, 3 * dim, false, device),
+            qkv: super::load::linear(dim, 3 * dim, false, device),
             q_bias: bias(),
             v_bias: bias(),
-            proj: linear(dim, dim, true, device),
+            proj: super::load::linear(dim, dim, true, device),
             num_heads,
             scale: qk_scale.unwrap_or(((dim / num_heads) as f64).powf(-0.5)),
         }
@@ -51,10 +51,20 @@ impl<B: Backend> Attention<B> {
             }
             _ => None,
         };
-        let qkv = burn::tensor::module::linear(x, self.qkv.weight.val(), bias);
-        let out = kernels::of::<B>().attention(qkv, h, self.scale as f32);
-        self.proj.forward(out)
+        let k = kernels::of::<B>();
+        let qkv = k.linear(x, self.qkv.weight.val(), bias);
+        let out = k.attention(qkv, h, self.scale as f32);
+        linear(k, &self.proj, out)
     }
+}
+
+/// A Linear's forward through the backend's kernels (its product in their precision).
+pub fn linear<B: Backend>(
+    k: &dyn kernels::Kernels<B>,
+    l: &Linear<B>,
+    x: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    k.linear(x, l.weight.val(), l.bias.as_ref().map(|b| b.val()))
 }
 
 /// Linear(D, hidden) -> exact GELU -> Linear(hidden, D).
@@ -66,8 +76,9 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = kernels::of::<B>().gelu(self.fc1.forward(x));
-        self.fc2.forward(h)
+        let k = kernels::of::<B>();
+        let h = k.gelu(linear(k, &self.fc1, x));
+        linear(k, &self.fc2, h)
     }
 }
 
@@ -99,8 +110,8 @@ impl<B: Backend> Block<B> {
             attn: Attention::new(dim, num_heads, qkv_bias, qk_scale, device),
             norm2: layer_norm(dim, device),
             mlp: Mlp {
-                fc1: linear(dim, hidden, true, device),
-                fc2: linear(hidden, dim, true, device),
+                fc1: super::load::linear(dim, hidden, true, device),
+                fc2: super::load::linear(hidden, dim, true, device),
             },
             gamma_1: gamma(),
             gamma_2: gamma(),

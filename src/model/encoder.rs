@@ -58,7 +58,8 @@ impl<B: Backend> Encoder<B> {
 
     /// Clip `[B, 3, T, H, W]` -> embedded tokens with positions `[B, N, D]`.
     pub fn embed(&self, clip: Tensor<B, 5>) -> Tensor<B, 3> {
-        let tokens = self.patch_embedding.forward(patchify(clip, self.tubelet));
+        let k = crate::kernels::of::<B>();
+        let tokens = super::block::linear(k, &self.patch_embedding, patchify(clip, self.tubelet));
         tokens + self.pos_embedding.val()
     }
 
