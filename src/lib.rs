@@ -35,6 +35,7 @@
 //! `examples/` has these as programs (`cargo run --release --example extract_video`).
 
 pub mod backend;
+pub mod device_error;
 pub mod extract;
 pub mod face;
 pub mod hub;

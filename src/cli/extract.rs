@@ -4,7 +4,7 @@ use super::face_args::FaceArgs;
 use super::model_args::ModelArgs;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use marlin::backend::{run_on_all, MultiDeviceTask};
+use marlin::backend::{run_on_all, DeviceSet, MultiDeviceTask};
 use marlin::extract::batch::{
     extract_to_npy_workers, write_failures_as, BatchOptions, FaceCrop, Failure, NpySummary,
 };
@@ -60,10 +60,15 @@ pub struct ExtractArgs {
     /// Recompute outputs that already exist.
     #[arg(long)]
     pub overwrite: bool,
-    /// CPU matrix products in f32, or bf16 with f32 sums (AVX-512 BF16; AMX tiles where the
-    /// CPU has them). LayerNorm, softmax, GELU and residuals stay f32.
-    #[arg(long, default_value = "f32")]
-    pub precision: marlin::kernels::Precision,
+    /// Matrix products in fp32, tf32 (GPU tensor cores, f32 sums) or bf16 (f32 sums; on the
+    /// CPU AVX-512 BF16, AMX tiles where it has them). LayerNorm, softmax, GELU and residuals
+    /// stay f32. Default: fp32 on the CPU, tf32 on a GPU.
+    #[arg(long)]
+    pub precision: Option<marlin::kernels::Precision>,
+    /// Threads per worker that decode videos (and find faces) ahead of the model, each taking
+    /// the next input. Default: 1 on the CPU (the model has the cores), 4 on a GPU.
+    #[arg(long)]
+    pub decoders: Option<usize>,
     /// Model replicas in this process, each with its own batch queue and decoder thread,
     /// taking every N-th input (same outputs as one).
     #[arg(long, default_value_t = 1)]
@@ -172,12 +177,23 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             keep_seq: args.keep_seq,
             reduction: args.reduction,
             batch_size: args.batch_size,
+            decoders: args
+                .decoders
+                .unwrap_or(if args.model.device == DeviceSet::Cpu {
+                    1
+                } else {
+                    4
+                }),
         },
         overwrite: args.overwrite,
     };
     opts.extract.check().map_err(|e| e.to_string())?;
     args.face.check()?;
-    if let (_, Some(note)) = marlin::kernels::set_cpu_precision(args.precision) {
+    let kind = match args.model.device {
+        marlin::backend::DeviceSet::Cpu => marlin::backend::DeviceSpec::Cpu,
+        _ => marlin::backend::DeviceSpec::Cuda(0),
+    };
+    if let (_, Some(note)) = marlin::kernels::set_precision(args.precision, kind) {
         eprintln!("note: {note}");
     }
     let mut found = discover_inputs(&args.inputs, &args.list, &args.glob, &args.out)?;
@@ -236,7 +252,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     for w in &summary.warnings {
         eprintln!("note: {w}");
     }
-    report(
+    let code = report(
         &args.out,
         &failures_name,
         &failures,
@@ -245,7 +261,13 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
         summary.skipped,
         stop.load(Ordering::Relaxed),
         args.quiet,
-    )
+    )?;
+    match summary.device_error {
+        Some(e) => Err(format!(
+            "{e} (the outputs written so far are complete: the same command resumes after them)"
+        )),
+        None => Ok(code),
+    }
 }
 
 /// End of a batch job: `failures.json` in `out` (removed when all went well), one line per

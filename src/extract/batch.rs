@@ -21,6 +21,7 @@
 
 use super::inputs::Item;
 use super::{assemble, face_track, read_clips, ClipData, ClipStats, ExtractError, ExtractOptions};
+use crate::device_error::DeviceError;
 use crate::face::{Detector, TrackOptions};
 use crate::model::Marlin;
 use crate::video::Input;
@@ -108,17 +109,34 @@ pub struct Summary {
     pub failures: Vec<Failure>,
     /// The run stopped early (`stop` was set); finished outputs are whole.
     pub interrupted: bool,
+    /// The device failed (out of memory at this batch size, no kernel compiler) and the run
+    /// stopped; finished outputs are whole and a rerun resumes after them.
+    pub device_error: Option<DeviceError>,
 }
 
+/// Decoders -> model thread.
 enum Msg {
     Clip(usize, ClipData),
     Done(usize, Result<ClipStats, ExtractError>),
 }
 
-/// Extract the features of `inputs` with `model`, batching clips across inputs (`batch_size`),
-/// decoding (and detecting faces, with `faces`) in a second thread. `stop` is polled between
-/// frames and batches: once set, the run ends after the current batch and reports
-/// `interrupted`.
+/// Model thread -> the caller's thread (which assembles, writes and reports).
+enum Out {
+    /// Every clip of input `i` is through the model.
+    Finished(usize, ClipStats, Vec<Vec<f32>>, Vec<usize>),
+    Failed(usize, ExtractError),
+    Note(String),
+    /// The device failed; no later batch would fare better.
+    Fatal(DeviceError),
+}
+
+/// Extract the features of `inputs` with `model`, batching clips across inputs
+/// (`batch_size`). `decoders` threads decode (and detect faces, with `faces`) ahead of the
+/// model, each taking the next input; the model runs in its own thread; the sink (assembling
+/// and writing outputs, progress) runs in the caller's thread, off the model's path. `stop` is
+/// polled between frames and batches: once set, the run ends after the current batch and
+/// reports `interrupted`. A device failure (out of memory at this batch size) ends the run
+/// with [`Summary::device_error`]; the outputs finished before it are whole.
 pub fn extract_many<B: Backend>(
     model: &Marlin<B>,
     inputs: &[Input],
@@ -130,19 +148,26 @@ pub fn extract_many<B: Backend>(
     let (clip_frames, size) = (model.config.clip_frames, model.config.img_size);
     let bs = opts.batch_size.max(1);
     let (tx, rx) = mpsc::sync_channel::<Msg>(2 * bs);
-    let halt = || stop.load(Ordering::Relaxed);
+    let (out_tx, out_rx) = mpsc::channel::<Out>();
+    // Set on a device failure: decoders stop as on Ctrl-C, but the run is not "interrupted".
+    let failed = AtomicBool::new(false);
+    let halt = || stop.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+    let next_input = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     let mut out = Summary::default();
     std::thread::scope(|scope| {
-        // Decoding (and face detection) runs in its own thread, overlapping the model.
-        scope.spawn(move || {
-            for (i, input) in inputs.iter().enumerate() {
+        for _ in 0..opts.decoders.max(1) {
+            let tx = tx.clone();
+            let (halt, next_input) = (&halt, &next_input);
+            scope.spawn(move || loop {
+                let i = next_input.fetch_add(1, Ordering::Relaxed);
+                let Some(input) = inputs.get(i) else { break };
                 if halt() {
                     break;
                 }
                 let crops = match faces {
                     Some(f) => {
-                        match face_track(input, clip_frames, opts, &f.detector, &f.track, &halt) {
+                        match face_track(input, clip_frames, opts, &f.detector, &f.track, halt) {
                             Ok(t) => Some(t.crops()),
                             Err(e) => {
                                 if tx.send(Msg::Done(i, Err(e.into()))).is_err() {
@@ -160,7 +185,7 @@ pub fn extract_many<B: Backend>(
                     size,
                     opts,
                     crops.as_deref(),
-                    &halt,
+                    halt,
                     &mut |c| {
                         let _ = tx.send(Msg::Clip(i, c));
                     },
@@ -168,116 +193,167 @@ pub fn extract_many<B: Backend>(
                 if tx.send(Msg::Done(i, r.map_err(Into::into))).is_err() {
                     break;
                 }
-            }
+            });
+        }
+        // The decoders hold the only senders: the model thread's loop ends when they are done.
+        drop(tx);
+
+        let halt_ref = &halt;
+        scope.spawn(move || {
+            model_loop(
+                model,
+                opts,
+                faces.is_some(),
+                size,
+                inputs,
+                rx,
+                &out_tx,
+                halt_ref,
+            );
         });
 
-        let mut rows: BTreeMap<usize, Vec<Vec<f32>>> = BTreeMap::new();
-        let mut done: BTreeMap<usize, ClipStats> = BTreeMap::new();
-        let mut batch: Vec<(usize, ClipData)> = Vec::new();
-        let mut row_shape = Vec::new();
-        let mut resized_note = false;
-
-        let flush = |batch: &mut Vec<(usize, ClipData)>,
-                     rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
-                     row_shape: &mut Vec<usize>| {
-            if batch.is_empty() {
-                return;
-            }
-            let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
-            let (r, s) = model.extract_clips(&clips, opts.keep_seq);
-            *row_shape = s;
-            for (i, row) in ids.into_iter().zip(r) {
-                rows.entry(i).or_default().push(row);
-            }
-        };
-
-        // Inputs whose decoding is done and none of whose clips wait in the batch go out.
-        let complete = |done: &mut BTreeMap<usize, ClipStats>,
-                        rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
-                        batch: &[(usize, ClipData)],
-                        row_shape: &[usize],
-                        out: &mut Summary,
-                        sink: &mut dyn Sink| {
-            let ready: Vec<usize> = done
-                .keys()
-                .copied()
-                .filter(|i| !batch.iter().any(|(b, _)| b == i))
-                .collect();
-            for i in ready {
-                let stats = done.remove(&i).unwrap_or_default();
-                let r = rows.remove(&i).unwrap_or_default();
-                match finish(&inputs[i], stats, r, row_shape, opts) {
-                    Ok((features, warning)) => {
-                        if let Some(w) = warning {
-                            sink.warning(&w);
-                        }
-                        let clips = features.stats.clips;
-                        match sink.features(i, features) {
-                            Ok(()) => {
-                                out.written += 1;
-                                out.clips += clips;
-                            }
-                            Err(e) => out.failures.push(Failure::new(&inputs[i], e)),
-                        }
-                    }
-                    Err(e) => out.failures.push(Failure::new(&inputs[i], e)),
-                }
-                sink.progress(&Progress {
-                    done: out.written + out.failures.len(),
-                    total: inputs.len(),
-                    clips: out.clips,
-                    elapsed: started.elapsed(),
-                });
-            }
-        };
-
-        for msg in rx.iter() {
-            if halt() {
-                break;
-            }
+        for msg in out_rx.iter() {
             match msg {
-                Msg::Clip(i, c) => {
-                    batch.push((i, c));
-                    if batch.len() >= bs {
-                        flush(&mut batch, &mut rows, &mut row_shape);
-                        complete(&mut done, &mut rows, &batch, &row_shape, &mut out, sink);
+                Out::Finished(i, stats, rows, row_shape) => {
+                    match finish(&inputs[i], stats, rows, &row_shape, opts) {
+                        Ok((features, warning)) => {
+                            if let Some(w) = warning {
+                                sink.warning(&w);
+                            }
+                            let clips = features.stats.clips;
+                            match sink.features(i, features) {
+                                Ok(()) => {
+                                    out.written += 1;
+                                    out.clips += clips;
+                                }
+                                Err(e) => out.failures.push(Failure::new(&inputs[i], e)),
+                            }
+                        }
+                        Err(e) => out.failures.push(Failure::new(&inputs[i], e)),
                     }
                 }
-                Msg::Done(i, Ok(stats)) => {
-                    let (w, h) = stats.source_size;
-                    if !resized_note && faces.is_none() && (w, h) != (size, size) {
-                        resized_note = true;
-                        sink.note(&format!(
-                            "{} has {w}x{h} frames; frames are resized to {size}x{size} (bilinear). \
-                             For faces in the wild, crop faces first.",
-                            inputs[i].path().display()
-                        ));
-                    }
-                    done.insert(i, stats);
-                    complete(&mut done, &mut rows, &batch, &row_shape, &mut out, sink);
+                Out::Failed(i, e) => out.failures.push(Failure::new(&inputs[i], e)),
+                Out::Note(n) => {
+                    sink.note(&n);
+                    continue;
                 }
-                Msg::Done(i, Err(e)) => {
-                    batch.retain(|(b, _)| *b != i);
-                    rows.remove(&i);
-                    out.failures.push(Failure::new(&inputs[i], e));
-                    sink.progress(&Progress {
-                        done: out.written + out.failures.len(),
-                        total: inputs.len(),
-                        clips: out.clips,
-                        elapsed: started.elapsed(),
-                    });
+                Out::Fatal(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    out.device_error = Some(e);
+                    continue;
                 }
             }
+            sink.progress(&Progress {
+                done: out.written + out.failures.len(),
+                total: inputs.len(),
+                clips: out.clips,
+                elapsed: started.elapsed(),
+            });
         }
-        if !halt() {
-            flush(&mut batch, &mut rows, &mut row_shape);
-            complete(&mut done, &mut rows, &batch, &row_shape, &mut out, sink);
-        }
-        // Dropping the receiver ends the decoder at its next send; the scope joins it.
-        drop(rx);
     });
     out.interrupted = stop.load(Ordering::Relaxed);
     out
+}
+
+/// The model thread of [`extract_many`]: batches clips across inputs, runs the model, and
+/// hands each input on once its decoding is done and none of its clips wait in the batch.
+#[allow(clippy::too_many_arguments)]
+fn model_loop<B: Backend>(
+    model: &Marlin<B>,
+    opts: &ExtractOptions,
+    cropping: bool,
+    size: usize,
+    inputs: &[Input],
+    rx: mpsc::Receiver<Msg>,
+    out: &mpsc::Sender<Out>,
+    halt: &dyn Fn() -> bool,
+) {
+    let bs = opts.batch_size.max(1);
+    let mut rows: BTreeMap<usize, Vec<Vec<f32>>> = BTreeMap::new();
+    let mut done: BTreeMap<usize, ClipStats> = BTreeMap::new();
+    let mut batch: Vec<(usize, ClipData)> = Vec::new();
+    let mut row_shape = Vec::new();
+    let mut resized_note = false;
+
+    // Runs the batch; false when the device failed (reported, the run ends).
+    let flush = |batch: &mut Vec<(usize, ClipData)>,
+                 rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                 row_shape: &mut Vec<usize>|
+     -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
+        match model.try_extract_clips(&clips, opts.keep_seq) {
+            Ok((r, s)) => {
+                *row_shape = s;
+                for (i, row) in ids.into_iter().zip(r) {
+                    rows.entry(i).or_default().push(row);
+                }
+                true
+            }
+            Err(e) => {
+                let _ = out.send(Out::Fatal(e));
+                false
+            }
+        }
+    };
+
+    // Inputs whose decoding is done and none of whose clips wait in the batch go out.
+    let complete = |done: &mut BTreeMap<usize, ClipStats>,
+                    rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                    batch: &[(usize, ClipData)],
+                    row_shape: &[usize]| {
+        let ready: Vec<usize> = done
+            .keys()
+            .copied()
+            .filter(|i| !batch.iter().any(|(b, _)| b == i))
+            .collect();
+        for i in ready {
+            let stats = done.remove(&i).unwrap_or_default();
+            let r = rows.remove(&i).unwrap_or_default();
+            let _ = out.send(Out::Finished(i, stats, r, row_shape.to_vec()));
+        }
+    };
+
+    for msg in rx.iter() {
+        if halt() {
+            break;
+        }
+        match msg {
+            Msg::Clip(i, c) => {
+                batch.push((i, c));
+                if batch.len() >= bs {
+                    if !flush(&mut batch, &mut rows, &mut row_shape) {
+                        break;
+                    }
+                    complete(&mut done, &mut rows, &batch, &row_shape);
+                }
+            }
+            Msg::Done(i, Ok(stats)) => {
+                let (w, h) = stats.source_size;
+                if !resized_note && !cropping && (w, h) != (size, size) {
+                    resized_note = true;
+                    let _ = out.send(Out::Note(format!(
+                        "{} has {w}x{h} frames; frames are resized to {size}x{size} (bilinear). \
+                         For faces in the wild, crop faces first.",
+                        inputs[i].path().display()
+                    )));
+                }
+                done.insert(i, stats);
+                complete(&mut done, &mut rows, &batch, &row_shape);
+            }
+            Msg::Done(i, Err(e)) => {
+                batch.retain(|(b, _)| *b != i);
+                rows.remove(&i);
+                let _ = out.send(Out::Failed(i, e));
+            }
+        }
+    }
+    if !halt() && flush(&mut batch, &mut rows, &mut row_shape) {
+        complete(&mut done, &mut rows, &batch, &row_shape);
+    }
+    // Dropping the receiver ends the decoders at their next send; the scope joins them.
 }
 
 /// One input's rows -> its features, or why there are none; with a warning for a truncated
@@ -356,6 +432,8 @@ pub struct NpySummary {
     /// What the user must know about the data (truncated files).
     pub warnings: Vec<String>,
     pub interrupted: bool,
+    /// The device failed and the run stopped ([`Summary::device_error`]).
+    pub device_error: Option<DeviceError>,
 }
 
 /// [`extract_many`] into `.npy` files: items whose output exists are skipped unless
@@ -390,6 +468,7 @@ pub fn extract_to_npy<B: Backend>(
         notes: sink.notes,
         warnings: sink.warnings,
         interrupted: s.interrupted,
+        device_error: s.device_error,
     })
 }
 
@@ -453,6 +532,9 @@ pub fn extract_to_npy_workers<B: Backend>(
         all.clips += r.clips;
         all.failures.extend(r.failures);
         all.interrupted |= r.interrupted;
+        if all.device_error.is_none() {
+            all.device_error = r.device_error;
+        }
         for n in r.notes {
             if !all.notes.contains(&n) {
                 all.notes.push(n);

@@ -33,6 +33,9 @@ pub enum ExtractError {
     Write { path: String, msg: String },
     #[error(transparent)]
     Weights(#[from] crate::model::weights::WeightsError),
+    /// The device failed (out of memory at this batch size, no kernel compiler).
+    #[error(transparent)]
+    Device(#[from] crate::device_error::DeviceError),
     /// Settings that cannot work (a zero stride, a bad pattern, an unreadable list file).
     #[error("{0}")]
     Options(String),
@@ -65,14 +68,18 @@ pub struct ExtractOptions {
     pub reduction: Reduction,
     /// Clips per forward pass.
     pub batch_size: usize,
+    /// Threads that decode (and detect faces) ahead of the model in batch runs
+    /// ([`batch::extract_many`]), each taking the next input. One keeps a CPU model's cores to
+    /// itself; a GPU wants several.
+    pub decoders: usize,
 }
 
 impl ExtractOptions {
     /// Rates, strides and batch sizes of zero cannot work.
     pub fn check(&self) -> Result<(), ExtractError> {
-        if self.sample_rate == 0 || self.stride == 0 || self.batch_size == 0 {
+        if self.sample_rate == 0 || self.stride == 0 || self.batch_size == 0 || self.decoders == 0 {
             return Err(ExtractError::Options(
-                "--sample-rate, --stride and --batch-size must be at least 1".into(),
+                "--sample-rate, --stride, --batch-size and --decoders must be at least 1".into(),
             ));
         }
         Ok(())
@@ -101,6 +108,7 @@ impl Default for ExtractOptions {
             keep_seq: false,
             reduction: Reduction::None,
             batch_size: 4,
+            decoders: 1,
         }
     }
 }
@@ -289,6 +297,16 @@ impl<B: Backend> Marlin<B> {
         (rows, if keep_seq { vec![n, d] } else { vec![d] })
     }
 
+    /// [`Marlin::extract_clips`] with the device's failures (out of memory, no kernel
+    /// compiler) as an error instead of a panic.
+    pub fn try_extract_clips(
+        &self,
+        clips: &[ClipData],
+        keep_seq: bool,
+    ) -> Result<(Vec<Vec<f32>>, Vec<usize>), crate::device_error::DeviceError> {
+        crate::device_error::guard(clips.len(), || self.extract_clips(clips, keep_seq))
+    }
+
     /// Features of one video file or frame folder, as marlin-pytorch's `extract_video`:
     /// `[n_clips, D]` (`[n_clips, N, D]` with keep_seq), or reduced over clips.
     pub fn extract_video(
@@ -331,17 +349,25 @@ impl<B: Backend> Marlin<B> {
         let mut rows = Vec::new();
         let mut row_shape = vec![];
         let bs = opts.batch_size.max(1);
+        let mut failed = None;
         let stats = read_clips(&input, t, size, opts, crops.as_deref(), stop, &mut |clip| {
             pending.push(clip);
-            if pending.len() == bs {
-                let (r, s) = self.extract_clips(&pending, opts.keep_seq);
-                rows.extend(r);
-                row_shape = s;
+            if pending.len() == bs && failed.is_none() {
+                match self.try_extract_clips(&pending, opts.keep_seq) {
+                    Ok((r, s)) => {
+                        rows.extend(r);
+                        row_shape = s;
+                    }
+                    Err(e) => failed = Some(e),
+                }
                 pending.clear();
             }
         })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         if !pending.is_empty() {
-            let (r, s) = self.extract_clips(&pending, opts.keep_seq);
+            let (r, s) = self.try_extract_clips(&pending, opts.keep_seq)?;
             rows.extend(r);
             row_shape = s;
         }

@@ -240,3 +240,32 @@ fn two_cpu_workers_in_one_process_give_the_same_outputs_as_one() {
     let failures = std::fs::read_to_string(two.join("failures.json")).unwrap();
     assert!(failures.contains("broken.mp4"), "{failures}");
 }
+
+#[test]
+fn several_decoder_threads_give_the_same_outputs_as_one() {
+    let t = tempfile::tempdir().unwrap();
+    let input = dataset(t.path());
+    let (one, three) = (t.path().join("one"), t.path().join("three"));
+    let a = run(&input, &one, &["--decoders", "1"], &[]);
+    let b = run(
+        &input,
+        &three,
+        &["--decoders", "3", "--batch-size", "5"],
+        &[],
+    );
+    assert_eq!(a.status.code(), b.status.code(), "{}", stderr(&b));
+    let (a, b) = (outputs(&one), outputs(&three));
+    assert_eq!(a.len(), 9);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, (bytes, _)) in &a {
+        assert!(*bytes == b[k].0, "{k} differs with 3 decoders");
+    }
+    let failures = std::fs::read_to_string(three.join("failures.json")).unwrap();
+    assert!(failures.contains("broken.mp4"), "{failures}");
+    let zero = run(&input, &t.path().join("zero"), &["--decoders", "0"], &[]);
+    assert!(
+        stderr(&zero).contains("and --decoders must be at least 1"),
+        "{}",
+        stderr(&zero)
+    );
+}
