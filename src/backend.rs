@@ -169,6 +169,102 @@ fn cuda_device_count() -> Result<usize, BackendError> {
     }
 }
 
+/// Bytes in use on GPU `index` right now, device-wide (NVML's count: every process, the
+/// CUDA context, memory pools), or `None` without NVML or a `cuda` build. NVML numbers GPUs
+/// in PCI order, as `nvidia-smi`; set `CUDA_DEVICE_ORDER=PCI_BUS_ID` for CUDA to agree.
+pub fn gpu_memory_used(index: usize) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        nvml_memory_used(index)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = index;
+        None
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn nvml_memory_used(index: usize) -> Option<u64> {
+    #[repr(C)]
+    struct Memory {
+        total: u64,
+        free: u64,
+        used: u64,
+    }
+    type Device = *mut std::ffi::c_void;
+    // SAFETY: NVML's documented C entry points (nvml.h), called with valid pointers to
+    // locals of the documented layouts; the library stays loaded for the calls (and for the
+    // process: NVML is initialised once and never shut down).
+    unsafe {
+        static LIB: std::sync::OnceLock<Option<libloading::Library>> = std::sync::OnceLock::new();
+        let lib = LIB
+            .get_or_init(|| {
+                let lib = libloading::Library::new("libnvidia-ml.so.1")
+                    .or_else(|_| libloading::Library::new("libnvidia-ml.so"))
+                    .ok()?;
+                let init: libloading::Symbol<unsafe extern "C" fn() -> i32> =
+                    lib.get(b"nvmlInit_v2").ok()?;
+                (init() == 0).then_some(())?;
+                Some(lib)
+            })
+            .as_ref()?;
+        let handle: libloading::Symbol<unsafe extern "C" fn(u32, *mut Device) -> i32> =
+            lib.get(b"nvmlDeviceGetHandleByIndex_v2").ok()?;
+        let info: libloading::Symbol<unsafe extern "C" fn(Device, *mut Memory) -> i32> =
+            lib.get(b"nvmlDeviceGetMemoryInfo").ok()?;
+        let mut dev: Device = std::ptr::null_mut();
+        if handle(index as u32, &mut dev) != 0 {
+            return None;
+        }
+        let mut m = Memory {
+            total: 0,
+            free: 0,
+            used: 0,
+        };
+        (info(dev, &mut m) == 0).then_some(m.used)
+    }
+}
+
+/// The most GPU memory in use while it runs: a thread reads [`gpu_memory_used`] every 5 ms.
+pub struct MemoryWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+    /// In use when the watch started.
+    pub start: u64,
+}
+
+impl MemoryWatch {
+    /// Start watching GPU `index`; `None` when its memory cannot be read.
+    pub fn start(index: usize) -> Option<Self> {
+        let start = gpu_memory_used(index)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = start;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(gpu_memory_used(index).unwrap_or(0));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        });
+        Some(Self {
+            stop,
+            thread: Some(thread),
+            start,
+        })
+    }
+
+    /// The peak seen since [`MemoryWatch::start`] (bytes, device-wide).
+    pub fn peak(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or(self.start)
+    }
+}
+
 /// Why a device cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {

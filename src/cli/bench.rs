@@ -40,6 +40,28 @@ pub struct BenchArgs {
     pub save_weights: Option<std::path::PathBuf>,
 }
 
+/// Watches the GPU's memory while a benchmark runs (nothing on the CPU).
+fn memory_watch(device: DeviceSpec) -> Option<marlin::backend::MemoryWatch> {
+    match device {
+        DeviceSpec::Cuda(i) => marlin::backend::MemoryWatch::start(i),
+        DeviceSpec::Cpu => None,
+    }
+}
+
+fn report_memory(watch: Option<marlin::backend::MemoryWatch>) {
+    if let Some(w) = watch {
+        let start = w.start;
+        let peak = w.peak();
+        const GIB: f64 = (1u64 << 30) as f64;
+        outln!(
+            "peak GPU memory: {:.2} GiB (device-wide, NVML: weights, activations, memory pools and \
+             the CUDA context; {:.2} GiB were in use before the model)",
+            peak.saturating_sub(start) as f64 / GIB,
+            start as f64 / GIB
+        );
+    }
+}
+
 struct Bench {
     cfg: MarlinConfig,
     args: BenchArgs,
@@ -69,6 +91,7 @@ impl BackendTask for Bench {
             return train_bench::<burn::backend::Autodiff<B>>(&self.cfg, &self.args, &device);
         }
         let (cfg, a) = (self.cfg, self.args);
+        let watch = memory_watch(a.device);
         let model = Marlin::<B>::init(&cfg, &[Part::Encoder], 0, &device);
         if let Some(p) = &a.save_weights {
             if let Err(e) = model.to_state_dict().save_safetensors(p, None) {
@@ -87,16 +110,29 @@ impl BackendTask for Bench {
                 .unwrap_or(1),
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
         );
-        sync(model.extract_features(clip.clone(), false));
-        let t0 = Instant::now();
-        for _ in 0..a.iters.max(1) {
+        // The first pass compiles and autotunes the GPU's kernels: not timed.
+        let timed = marlin::device_error::guard(b, || {
             sync(model.extract_features(clip.clone(), false));
-        }
-        let per_clip = t0.elapsed().as_secs_f64() / (a.iters.max(1) * b) as f64;
+            let t0 = Instant::now();
+            for _ in 0..a.iters.max(1) {
+                sync(model.extract_features(clip.clone(), false));
+            }
+            t0.elapsed().as_secs_f64()
+        });
+        let elapsed = match timed {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return;
+            }
+        };
+        let per_clip = elapsed / (a.iters.max(1) * b) as f64;
         outln!(
-            "seconds per clip: {per_clip:.3}  (clips/s {:.2})",
-            1.0 / per_clip
+            "seconds per clip: {per_clip:.4}  (clips/s {:.2}; {})",
+            1.0 / per_clip,
+            marlin::kernels::of::<B>().name()
         );
+        report_memory(watch);
         if !a.profile {
             return;
         }
@@ -111,9 +147,24 @@ impl BackendTask for Bench {
             model.encoder.embed(clip.clone())
         }) / cfg.encoder.depth as f64;
         total += time("norm1", reps, || blk.norm1.forward(x.clone()));
-        total += time("qkv linear", reps, || blk.attn.qkv.forward(x.clone()));
+        let k = marlin::kernels::of::<B>();
+        let lin = |l: &burn::nn::Linear<B>, x: Tensor<B, 3>| marlin::model::block::linear(k, l, x);
+        // Products per call: 2 * tokens * in * out for a Linear, 4 * B * N^2 * D for attention.
+        let rate = |flops: f64, s: f64| outln!("    {:.1} TFLOP/s", flops / s / 1e12);
+        let tok = (bb * n) as f64;
+        let hidden = cfg.mlp_hidden(d) as f64;
+        let dd = d as f64;
+        let s = time("qkv linear", reps, || lin(&blk.attn.qkv, x.clone()));
+        rate(2.0 * tok * dd * 3.0 * dd, s);
+        total += s;
         let q = Tensor::<B, 4>::random([bb, h, n, d / h], Distribution::Default, &device);
-        total += time("attention (fused op)", reps, || {
+        let qkv3 = Tensor::<B, 3>::random([bb, n, 3 * d], Distribution::Default, &device);
+        let s = time("attention (kernels door)", reps, || {
+            k.attention(qkv3.clone(), h, ((d / h) as f32).powf(-0.5))
+        });
+        rate(4.0 * tok * n as f64 * dd, s);
+        total += s;
+        time("attention (burn fused op)", reps, || {
             burn::tensor::module::attention(
                 q.clone(),
                 q.clone(),
@@ -136,12 +187,18 @@ impl BackendTask for Bench {
                 .slice_dim(0, 0..1)
                 .squeeze_dim::<4>(0)
         });
-        total += time("proj linear", reps, || blk.attn.proj.forward(x.clone()));
+        let s = time("proj linear", reps, || lin(&blk.attn.proj, x.clone()));
+        rate(2.0 * tok * dd * dd, s);
+        total += s;
         total += time("norm2", reps, || blk.norm2.forward(x.clone()));
         let hdn = blk.mlp.fc1.forward(x.clone());
-        total += time("fc1 linear", reps, || blk.mlp.fc1.forward(x.clone()));
+        let s = time("fc1 linear", reps, || lin(&blk.mlp.fc1, x.clone()));
+        rate(2.0 * tok * dd * hidden, s);
+        total += s;
         total += time("gelu", reps, || burn::tensor::activation::gelu(hdn.clone()));
-        total += time("fc2 linear", reps, || blk.mlp.fc2.forward(hdn.clone()));
+        let s = time("fc2 linear", reps, || lin(&blk.mlp.fc2, hdn.clone()));
+        rate(2.0 * tok * dd * hidden, s);
+        total += s;
         total += time("residual adds (x2)", reps, || {
             x.clone() + x.clone() + x.clone()
         });
@@ -190,6 +247,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     use marlin::model::MaskIndices;
     use marlin::train::{LossConfig, Pretrainer};
     let b = a.batch_size.max(1);
+    let watch = memory_watch(a.device);
     let model = Marlin::<B>::init(
         cfg,
         &[Part::Encoder, Part::Decoder, Part::Discriminator],
@@ -217,12 +275,23 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
     outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
-    let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
-    let t0 = Instant::now();
-    for _ in 0..a.iters.max(1) {
+    let timed = marlin::device_error::guard(b, || {
         let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
-    }
-    let per_step = t0.elapsed().as_secs_f64() / a.iters.max(1) as f64;
+        let t0 = Instant::now();
+        for _ in 0..a.iters.max(1) {
+            let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
+        }
+        t0.elapsed().as_secs_f64()
+    });
+    let elapsed = match timed {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return;
+        }
+    };
+    report_memory(watch);
+    let per_step = elapsed / a.iters.max(1) as f64;
     outln!(
         "seconds per step: {per_step:.3}  (samples/s {:.2})",
         b as f64 / per_step

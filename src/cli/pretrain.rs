@@ -49,6 +49,11 @@ pub struct PretrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Matrix products in fp32, tf32 (GPU tensor cores) or bf16 (mixed precision: f32 master
+    /// weights and AdamW state, bf16 operands, f32 sums and losses). Default: fp32 on the CPU,
+    /// tf32 on a GPU.
+    #[arg(long)]
+    pub precision: Option<marlin::kernels::Precision>,
     #[arg(long, short)]
     pub quiet: bool,
 }
@@ -80,6 +85,9 @@ impl Progress for Bar {
     }
     fn stop(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+    fn warning(&mut self, message: &str) {
+        self.bar.suspend(|| eprintln!("warning: {message}"));
     }
 }
 
@@ -165,6 +173,10 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
             "note: no checkpoint in {}: starting a new run",
             args.out.display()
         );
+    }
+    let (_, note) = marlin::kernels::set_precision(args.precision, args.device);
+    if let Some(n) = note {
+        eprintln!("note: {n}");
     }
     let stop = Arc::new(AtomicBool::new(false));
     super::stop_on_ctrlc(&stop);

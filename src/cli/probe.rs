@@ -78,6 +78,10 @@ pub struct FinetuneArgs {
     /// Frame step of the 16-frame training clips.
     #[arg(long, default_value_t = 2)]
     pub sample_rate: usize,
+    /// Matrix products in fp32, tf32 (GPU tensor cores) or bf16 (mixed precision, f32 master
+    /// weights). Default: fp32 on the CPU, tf32 on a GPU.
+    #[arg(long)]
+    pub precision: Option<marlin::kernels::Precision>,
 }
 
 #[derive(Args, Debug)]
@@ -239,6 +243,10 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
     }
     let data = Dataset::load(&t.labels, &t.task).map_err(|e| e.to_string())?;
     data.check_videos().map_err(|e| e.to_string())?;
+    let device = args.model.device.single()?;
+    if let (_, Some(n)) = marlin::kernels::set_precision(args.precision, device) {
+        eprintln!("note: {n}");
+    }
     let (cfg, weights) = args.model.resolve(false, !t.quiet)?;
     let mut opts = FinetuneOptions::new(cfg, weights, &t.out);
     opts.sample_rate = args.sample_rate;
@@ -248,7 +256,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
         opts,
         quiet: t.quiet,
     };
-    run_on(args.model.device.single()?, job)?
+    run_on(device, job)?
 }
 
 struct PredictJob {

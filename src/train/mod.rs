@@ -23,6 +23,21 @@ pub enum TrainError {
     /// Data layout, configs, checkpoints and run state: the message names the file.
     #[error("{0}")]
     Run(String),
+    /// The device failed (out of GPU memory at this batch size, no kernel compiler).
+    #[error(transparent)]
+    Device(#[from] crate::device_error::DeviceError),
+    /// Too many steps in a row had a loss that is not a number: the run stops, the last
+    /// checkpoint is intact.
+    #[error(
+        "{steps} steps in a row (epoch {epoch}, step {step}) had non-finite losses and were \
+         skipped: the run stopped; the last checkpoint is intact. Lower the learning rate or \
+         use --precision fp32, then --resume"
+    )]
+    NonFinite {
+        steps: usize,
+        epoch: usize,
+        step: usize,
+    },
 }
 
 impl From<String> for TrainError {
@@ -68,6 +83,10 @@ pub struct StepLosses {
     pub g_loss: f64,
     /// The gradient penalty (before gp_weight) of the last critic step; 0 when off.
     pub gp: f64,
+    /// A loss was not finite (NaN or infinite): its optimiser update was skipped, the weights
+    /// are those before it.
+    #[serde(skip)]
+    pub skipped: bool,
 }
 
 /// Losses settings from the model config.
@@ -213,6 +232,11 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                     loss = loss + gp.mul_scalar(self.losses.gp_weight);
                 }
                 out.d_loss = to_scalar(loss.clone().inner());
+                if !out.d_loss.is_finite() {
+                    // No update from a loss that is not a number (the weights would be lost).
+                    out.skipped = true;
+                    continue;
+                }
                 let grads = GradientsParams::from_grads(loss.backward(), critic);
                 let c = self.critic.take().ok_or("critic missing")?;
                 self.critic = Some(self.opt_d.step(lr, c, grads));
@@ -239,6 +263,10 @@ impl<B: AutodiffBackend> Pretrainer<B> {
             };
             out.rec = to_scalar(rec.inner());
             out.g_loss = to_scalar(loss.clone().inner());
+            if !out.g_loss.is_finite() {
+                out.skipped = true;
+                continue;
+            }
             let grads = GradientsParams::from_grads(loss.backward(), self.generator());
             let g = self.generator.take().ok_or("generator missing")?;
             self.generator = Some(self.opt_g.step(lr, g, grads));
@@ -285,6 +313,7 @@ pub fn evaluate<B: Backend>(
         adv,
         g_loss: rec + adv,
         gp: 0.0,
+        skipped: false,
     })
 }
 

@@ -60,7 +60,12 @@ pub trait Progress {
     );
     fn epoch(&mut self, row: &EpochRow);
     fn stop(&self) -> bool;
+    /// Something the user must know about a step (a non-finite loss was skipped).
+    fn warning(&mut self, _message: &str) {}
 }
+
+/// Steps in a row with a non-finite loss after which a run stops.
+pub const MAX_NON_FINITE_STEPS: usize = 5;
 
 /// One line of `metrics.csv`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -219,6 +224,7 @@ pub fn pretrain<B: AutodiffBackend>(
     };
     let mut rows = Vec::new();
     let mut interrupted = false;
+    let mut bad_in_a_row = 0usize;
     let n = train.videos.len();
     let val_n = opts
         .val_clips
@@ -260,8 +266,29 @@ pub fn pretrain<B: AutodiffBackend>(
                 let samples = batch?;
                 let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
                 let gp_seed = rand::RngExt::random::<u64>(&mut clip_rng(seed, epoch, i, GP_SALT));
-                let l = pt.step(clip, &idx, lr, gp_seed)?;
+                let l = crate::device_error::guard(samples.len(), || {
+                    pt.step(clip, &idx, lr, gp_seed)
+                })??;
                 state.step += 1;
+                if l.skipped {
+                    bad_in_a_row += 1;
+                    progress.warning(&format!(
+                        "epoch {epoch}, step {}: non-finite loss (critic {}, generator {}): its \
+                         update was skipped",
+                        i + 1,
+                        l.d_loss,
+                        l.g_loss
+                    ));
+                    if bad_in_a_row >= MAX_NON_FINITE_STEPS {
+                        return Err(TrainError::NonFinite {
+                            steps: bad_in_a_row,
+                            epoch,
+                            step: i + 1,
+                        });
+                    }
+                    continue;
+                }
+                bad_in_a_row = 0;
                 seen += samples.len();
                 add(&mut sum, &l, samples.len() as f64);
                 let rate = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);

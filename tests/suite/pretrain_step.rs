@@ -290,3 +290,39 @@ fn gradient_penalty_equals_double_backpropagation() {
     }
     assert!(n > 40, "compared {n} tensors");
 }
+
+/// A batch whose losses are not finite (a NaN pixel) changes no weight and says so; the next
+/// good batch trains as usual.
+#[test]
+fn a_non_finite_loss_skips_the_update() {
+    let (model, clip, idx) = tiny_a_batch();
+    let losses = LossConfig {
+        adv_loss: true,
+        adv_weight: 0.01,
+        gp_weight: 10.0,
+        d_steps: 1,
+        g_steps: 1,
+    };
+    let before = model.to_state_dict();
+    let mut t = Pretrainer::new(model, losses).unwrap();
+    let bad = clip.clone().mul_scalar(f32::NAN);
+    let l = t.step(bad, &idx, 1.5e-4, 0).unwrap();
+    assert!(l.skipped, "{l:?}");
+    assert!(!l.g_loss.is_finite() && !l.d_loss.is_finite(), "{l:?}");
+    let after = t.model().to_state_dict();
+    for (k, v) in &before.tensors {
+        assert!(
+            v.data == after.tensors[k].data,
+            "{k} changed on a skipped step"
+        );
+    }
+    let l = t.step(clip, &idx, 1.5e-4, 0).unwrap();
+    assert!(!l.skipped && l.g_loss.is_finite(), "{l:?}");
+    let trained = t.model().to_state_dict();
+    let changed = before
+        .tensors
+        .iter()
+        .filter(|(k, v)| v.data != trained.tensors[*k].data)
+        .count();
+    assert!(changed > 40, "{changed} tensors changed after a good step");
+}
