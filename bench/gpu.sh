@@ -1,29 +1,142 @@
 #!/usr/bin/env bash
-# Side-by-side GPU benchmarks in one call on the device machine (after bench/gpu_prepare.sh
-# here, with `carry` [".gpu"]): ViT-B features, clips/s at batch 64, and the pretraining step,
-# samples/s at batch 16, marlin-rs (f32) against marlin-pytorch in fp32, TF32 and bf16 autocast.
-# Random weights and clips, as bench/cpu.sh. burn's CUDA backend compiles and autotunes its
-# kernels on first use (minutes): the first, untimed iteration of each command absorbs it.
+# Everything a GPU machine is needed for, in one call, after bench/gpu_prepare.sh (its .gpu/
+# beside the checkout): parity of the CUDA backend, then marlin-rs and marlin-pytorch side by
+# side on the same GPU. One log: $OUT/gpu.log (or ./gpu.log).
 #
-#   bash bench/gpu.sh [python]
+#   OUT=/tmp/out bash bench/gpu.sh [SECTION...]
+#
+# Sections (all by default, in this order; each command has a time limit so one hang cannot
+# eat the rest):
+#   parity    `suite gpu::` (features of the tiny fixtures and of the released width against
+#             the peer's fixtures and the CPU backend, keep_seq and pooled, fp32/tf32/bf16; one
+#             pretraining step against the peer's), the face parser's label map on CUDA vs the
+#             CPU, and the out-of-memory message at an impossible batch size
+#   features  ViT-B extract_features, batch 64: ours in fp32/tf32/bf16, the peer in fp32, TF32,
+#             bf16 autocast and bf16 autocast with F.scaled_dot_product_attention; peak memory
+#   train     the pretraining step (critic + generator), batch 16 and 64, ours and the peer's
+#             in each precision; peak memory
+#   e2e       `marlin extract` of E2E_VIDEOS (500) ten-second 224x224 videos (frame folders)
+#             against a loop of the peer's extract_video on the same GPU, videos/s, the two
+#             outputs compared; `--crop-face` on 720p videos (ours: the peer's crop_face needs
+#             FaceXZoo from the network)
+#   large     ViT-L extract_features, batch 64, both sides
+#   profile   one ViT-B block part by part (ms and TFLOP/s of each product), each precision
+# burn compiles its kernels with NVRTC and autotunes them on first use: every timing below
+# comes after an untimed first pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-python3}
-BIN=${BIN:-.gpu/marlin}
-export PYTHONPATH=${PYTHONPATH:-$PWD/.gpu/pydeps}
-echo "== machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $(date -u +%F)"
-echo "== 1. extract_features, ViT-B, batch 64 (clips/s)"
-"$BIN" bench --device cuda --batch-size 64 --iters 5
-for p in fp32 tf32 bf16; do
-  "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision "$p"
+OUT=${OUT:-.}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+PY=${PY:-python3}
+work=${WORK:-/tmp/marlin-gpu}
+mkdir -p "$work"
+for b in marlin suite; do
+  gunzip -c ".gpu/$b.gz" > "$work/$b" && chmod +x "$work/$b"
 done
-echo "== 2. pretraining step (critic + generator), ViT-B, batch 16 (samples/s)"
-"$BIN" bench --train --device cuda --batch-size 16 --iters 5
-for p in fp32 tf32 bf16; do
-  "$PY" bench/peer_pretrain_step.py --device cuda --batch 16 --iters 5 --precision "$p"
-done
-echo "== 3. face parser on CUDA (burn's ops) against the CPU's host kernels: the same label map"
-face=tests/fixtures/face/astronaut256.png
-work=$(mktemp -d)
-"$BIN" parse "$face" --save-map "$work/cpu.npy" && "$BIN" parse "$face" --device cuda --save-map "$work/cuda.npy" \
-  && "$PY" -c "import numpy as np, sys; a, b = np.load(sys.argv[1]), np.load(sys.argv[2]); print(f'label maps: {(a != b).sum()} of {a.size} pixels differ')" "$work/cpu.npy" "$work/cuda.npy"
+BIN=$work/marlin
+export PYTHONPATH=$PWD/.gpu/pydeps${PYTHONPATH:+:$PYTHONPATH}
+export MARLIN_REPO_DIR=$PWD
+sections=${*:-parity features train e2e large profile}
+run() {
+  local limit=$1
+  shift
+  echo "\$ $*"
+  local t0
+  t0=$(date +%s%N)
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "(exit $rc, $(( ($(date +%s%N) - t0) / 1000000 )) ms)"
+}
+has() { [[ " $sections " == *" $1 "* ]]; }
+
+echo "== machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $(nproc) cores; $(date -u +%FT%TZ)"
+echo "== marlin-rs $(git rev-parse --short HEAD 2>/dev/null); torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+
+if has parity; then
+  echo "== parity: CUDA against the peer's fixtures and the CPU backend"
+  run 420 "$work/suite" gpu:: --test-threads 1 --nocapture
+  echo "== parity: face parser label map, CUDA (burn's ops) vs CPU (host kernels)"
+  face=tests/fixtures/face/astronaut256.png
+  run 120 "$BIN" parse "$face" --save-map "$work/cpu.npy" &&
+    run 120 "$BIN" parse "$face" --device cuda --save-map "$work/cuda.npy" &&
+    "$PY" -c "import numpy as np, sys; a, b = np.load(sys.argv[1]), np.load(sys.argv[2]); print(f'label maps: {(a != b).sum()} of {a.size} pixels differ')" "$work/cpu.npy" "$work/cuda.npy"
+  echo "== errors: an impossible batch size is one line"
+  run 120 "$BIN" bench --device cuda --batch-size 4096 --iters 1
+fi
+
+if has features; then
+  echo "== features: ViT-B extract_features, batch 64 (clips/s)"
+  for p in fp32 tf32 bf16; do
+    run 240 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
+  done
+  for p in fp32 tf32 bf16; do
+    run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision "$p"
+  done
+  run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision bf16 --sdpa
+fi
+
+if has train; then
+  echo "== train: pretraining step (critic + generator), ViT-B (samples/s)"
+  for b in 16 64; do
+    for p in fp32 tf32 bf16; do
+      run 300 "$BIN" bench --train --device cuda --batch-size "$b" --iters 5 --precision "$p"
+      run 300 "$PY" bench/peer_pretrain_step.py --device cuda --batch "$b" --iters 5 --precision "$p"
+    done
+  done
+fi
+
+if has e2e; then
+  n=${E2E_VIDEOS:-500}
+  echo "== e2e: $n ten-second 224x224 videos (300 frames each, frame folders of JPEGs)"
+  videos=$work/videos224
+  [ -d "$videos" ] || run 600 "$PY" bench/make_frame_videos.py "$videos" --videos "$n" --frames 300
+  run 120 "$PY" bench/peer_extract_folders.py --weights "$work/w.pt" --save-weights
+  # Warm-up on three videos (untimed): NVRTC compiles burn's kernels and autotune picks them;
+  # both are cached on disk for the timed run, as on a user's second job.
+  for p in ${E2E_PRECISIONS:-tf32 bf16}; do
+    rm -rf "$work/ours-$p" "$work/peer-$p" "$work/warm-out"
+    run 300 "$BIN" extract "$videos/v0000" "$videos/v0001" "$videos/v0002" --out "$work/warm-out" --weights "$work/w.pt" --device cuda \
+      --batch-size 64 --precision "$p" --quiet
+    run 600 "$BIN" extract "$videos" --out "$work/ours-$p" --weights "$work/w.pt" --device cuda \
+      --batch-size 64 --precision "$p" --quiet
+    run 900 "$PY" bench/peer_extract_folders.py --weights "$work/w.pt" --root "$videos" \
+      --out "$work/peer-$p" --device cuda --precision "$p"
+    "$PY" - "$work/ours-$p" "$work/peer-$p" <<'PYEOF'
+import numpy as np, os, sys
+a, b = sys.argv[1], sys.argv[2]
+names = sorted(f for f in os.listdir(b) if f.endswith(".npy"))
+worst, shapes = 0.0, 0
+for f in names:
+    x, y = np.load(os.path.join(a, f)), np.load(os.path.join(b, f))
+    shapes += x.shape != y.shape
+    if x.shape == y.shape:
+        worst = max(worst, float(np.abs(x - y).max()))
+print(f"outputs: {len(names)} videos, {shapes} with other shapes, max abs diff ours vs peer {worst:.3e}")
+PYEOF
+  done
+  echo "== e2e: --crop-face on 720p videos (ours)"
+  hd=$work/videos720
+  [ -d "$hd" ] || run 600 "$PY" bench/make_frame_videos.py "$hd" --videos "${E2E_HD_VIDEOS:-20}" --frames 300 --hd --face tests/fixtures/face/astronaut256.png
+  run 600 "$BIN" extract "$hd" --out "$work/ours-hd" --weights "$work/w.pt" --device cuda \
+    --batch-size 64 --crop-face --quiet
+fi
+
+if has large; then
+  echo "== large: ViT-L extract_features, batch 64 (clips/s)"
+  for p in fp32 tf32 bf16; do
+    run 300 "$BIN" bench --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision "$p"
+  done
+  for p in fp32 tf32 bf16; do
+    run 300 "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision "$p"
+  done
+  run 300 "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision bf16 --sdpa
+fi
+
+if has profile; then
+  echo "== profile: one ViT-B block, batch 64"
+  for p in fp32 tf32 bf16; do
+    run 300 "$BIN" bench --device cuda --batch-size 64 --iters 1 --profile --precision "$p"
+  done
+fi
+echo "== done $(date -u +%FT%TZ)"

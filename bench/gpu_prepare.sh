@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
-# Prepares what bench/gpu.sh needs on the GPU machine, here (no GPU or CUDA needed to build):
-#   .gpu/marlin        the stripped `--features cuda` binary (about 11 minutes from scratch on 2 cores)
-#   .gpu/pydeps/       marlin_pytorch, einops, tqdm and yaml from the peer venv (the device has torch but no
-#                      package registry), put on PYTHONPATH by bench/gpu.sh
-# .gpu/ is git-ignored: name it in the device call's `carry` (".gpu").
+# Prepares what bench/gpu.sh needs on a GPU machine, on any Linux machine (no GPU or CUDA
+# needed to build: burn loads the driver and NVRTC at run time):
+#   .gpu/marlin.gz     the stripped `--features cuda` binary, gzipped (77 MB -> 22 MB)
+#   .gpu/suite.gz      the integration tests built with `--features cuda` (the `gpu::` parity
+#                      tests against the committed peer fixtures), stripped and gzipped
+#   .gpu/pydeps/       marlin_pytorch and einops, unpacked from their wheels (pure Python), for
+#                      a machine with torch but no package registry; bench/gpu.sh puts them on
+#                      PYTHONPATH
+# .gpu/ is git-ignored: copy it beside the checkout on the GPU machine.
+# A first build takes about 20 minutes on 2 cores (two link steps of burn's CUDA backend).
 #
-#   PEER_PY=/opt/venv/peer/bin/python bench/gpu_prepare.sh
+#   bash bench/gpu_prepare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PEER_PY=${PEER_PY:-python3}
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-target-cuda}
-cargo build --release --features cuda
 mkdir -p .gpu/pydeps
-cp "$CARGO_TARGET_DIR/release/marlin" .gpu/marlin
-strip .gpu/marlin
-site=$("$PEER_PY" -c "import marlin_pytorch, os; print(os.path.dirname(os.path.dirname(marlin_pytorch.__file__)))")
-# marlin_pytorch and what it imports that a torch-only machine may lack (pure Python; OpenCV
-# and ffmpeg-python are stubbed by the peer scripts: the timed code never calls them).
-for pkg in marlin_pytorch einops tqdm yaml; do
-  rm -rf ".gpu/pydeps/$pkg"
-  cp -r "$site/$pkg" .gpu/pydeps/
+cargo build --release --features cuda --bin marlin
+suite=$(cargo test --release --features cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "suite" and m.get("executable"):
+        print(m["executable"])')
+for pair in "$CARGO_TARGET_DIR/release/marlin:marlin" "$suite:suite"; do
+  src=${pair%%:*} name=${pair##*:}
+  cp "$src" ".gpu/$name" && strip ".gpu/$name" && gzip -f ".gpu/$name"
 done
-du -sh .gpu/marlin .gpu/pydeps
+wheels=$(mktemp -d)
+python3 -m pip download -q --no-deps -d "$wheels" marlin-pytorch==0.3.4 einops
+for w in "$wheels"/*.whl; do
+  python3 -m zipfile -e "$w" .gpu/pydeps/
+done
+rm -rf "$wheels"
+du -sh .gpu/*.gz .gpu/pydeps

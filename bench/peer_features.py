@@ -3,7 +3,10 @@
 weights, same shapes as the released model). Run by bench/cpu.sh and bench/gpu.sh.
 
 --device cuda times on the GPU (synchronised); --precision tf32 allows TF32 matrix products,
-bf16 runs under torch.autocast(bfloat16), as the issue's reference numbers were taken."""
+bf16 runs under torch.autocast(bfloat16), as the issue's reference numbers were taken. --sdpa
+replaces the peer's attention (explicit q·kᵀ, softmax, ·v) with F.scaled_dot_product_attention,
+what a PyTorch expert would write (flash / memory-efficient kernels). On CUDA the peak memory
+(torch.cuda.max_memory_allocated and _reserved) is printed too."""
 import argparse
 import time
 import importlib
@@ -29,6 +32,7 @@ p.add_argument("--batch-size", type=int, default=1)
 p.add_argument("--iters", type=int, default=3)
 p.add_argument("--device", default="cpu")
 p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+p.add_argument("--sdpa", action="store_true")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 dev = torch.device(a.device)
@@ -44,6 +48,22 @@ def sync():
 def autocast():
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
 
+
+if a.sdpa:
+    import torch.nn.functional as F
+    from marlin_pytorch.model import modules
+
+    def sdpa_forward(self, x):
+        B, N, C = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, N, -1))
+
+    modules.Attention.forward = sdpa_forward
 
 c = resolve_config(a.model)
 m = Marlin(img_size=c.img_size, patch_size=c.patch_size, n_frames=c.n_frames,
@@ -63,4 +83,8 @@ with torch.no_grad(), autocast():
     sync()
     s = (time.perf_counter() - t0) / (a.iters * a.batch_size)
 print(f"peer seconds per clip: {s:.4f}  (clips/s {1 / s:.2f}; torch {torch.__version__}, "
-      f"{a.device}, {a.precision}, batch {a.batch_size}, {torch.get_num_threads()} threads)")
+      f"{a.device}, {a.precision}{' sdpa' if a.sdpa else ''}, batch {a.batch_size}, "
+      f"{torch.get_num_threads()} threads)")
+if dev.type == "cuda":
+    print(f"peer peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+          f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")

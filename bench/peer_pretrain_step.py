@@ -91,3 +91,6 @@ for _ in range(a.iters):
 sync()
 s = (time.perf_counter() - t) / a.iters
 print(f"peer seconds per step: {s:.3f} (samples/s {b / s:.2f}; {a.device}, {a.precision}, batch {b})")
+if dev.type == "cuda":
+    print(f"peer peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+          f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")

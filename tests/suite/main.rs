@@ -14,6 +14,8 @@ mod face_nets;
 mod face_parse_eval;
 mod face_parser;
 mod face_samples;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod masking;
 mod model_parity;
 mod pretrain_run;

@@ -8,28 +8,29 @@ use marlin::model::weights::{read_safetensors_file, HostTensor, StateDict};
 use marlin::model::{MaskIndices, Part};
 use marlin::{Marlin, MarlinConfig};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::common;
 
-const TOL: f32 = 1e-4;
-const CASES: [&str; 4] = ["tiny_a", "tiny_b", "tiny_ls", "tiny_nobias"];
+pub(crate) const TOL: f32 = 1e-4;
+pub(crate) const CASES: [&str; 4] = ["tiny_a", "tiny_b", "tiny_ls", "tiny_nobias"];
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model")
-        .join(name)
+pub(crate) fn fixture(name: &str) -> PathBuf {
+    common::repo().join("tests/fixtures/model").join(name)
 }
 
-fn io(case: &str) -> BTreeMap<String, HostTensor> {
+pub(crate) fn io(case: &str) -> BTreeMap<String, HostTensor> {
     read_safetensors_file(&fixture(&format!("{case}.io.safetensors"))).unwrap()
 }
 
-fn tensor<B: Backend, const D: usize>(t: &HostTensor, dev: &B::Device) -> Tensor<B, D> {
+pub(crate) fn tensor<B: Backend, const D: usize>(t: &HostTensor, dev: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), dev)
 }
 
-fn max_abs_diff<B: Backend, const D: usize>(ours: Tensor<B, D>, peer: &HostTensor) -> f32 {
+pub(crate) fn max_abs_diff<B: Backend, const D: usize>(
+    ours: Tensor<B, D>,
+    peer: &HostTensor,
+) -> f32 {
     assert_eq!(
         ours.dims().to_vec(),
         peer.shape,
@@ -39,15 +40,25 @@ fn max_abs_diff<B: Backend, const D: usize>(ours: Tensor<B, D>, peer: &HostTenso
     common::max_abs_diff(&ours, &peer.data).diff
 }
 
-fn mask_indices(io: &BTreeMap<String, HostTensor>) -> MaskIndices {
+pub(crate) fn mask_indices(io: &BTreeMap<String, HostTensor>) -> MaskIndices {
     let m = &io["mask"];
     let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
     MaskIndices::from_bools(&bools, m.shape[0]).unwrap()
 }
 
 fn load(case: &str, file: &str, parts: &[Part]) -> Marlin<Cpu> {
+    load_on(case, file, parts, &Default::default())
+}
+
+/// A fixture model on backend `B`.
+pub(crate) fn load_on<B: Backend>(
+    case: &str,
+    file: &str,
+    parts: &[Part],
+    dev: &B::Device,
+) -> Marlin<B> {
     let cfg = MarlinConfig::from_yaml_file(&fixture(&format!("{case}.yaml"))).unwrap();
-    Marlin::<Cpu>::load_file(&cfg, &fixture(file), parts, &Default::default())
+    Marlin::<B>::load_file(&cfg, &fixture(file), parts, dev)
         .unwrap()
         .0
 }
@@ -540,9 +551,17 @@ fn formula_state_dict(cfg: &MarlinConfig) -> StateDict {
 
 /// The formula model of `cfg` and the fixture's two formula clips `[2, 3, 16, 224, 224]`.
 fn vitb2_model_and_clips(cfg: &MarlinConfig) -> (Marlin<Cpu>, Tensor<Cpu, 5>) {
-    let dev = Default::default();
+    vitb2_on(cfg, &Default::default())
+}
+
+/// [`vitb2_model_and_clips`] on backend `B`.
+pub(crate) fn vitb2_on<B: Backend>(
+    cfg: &MarlinConfig,
+    dev: &B::Device,
+) -> (Marlin<B>, Tensor<B, 5>) {
+    let dev = dev.clone();
     let (model, _) =
-        Marlin::<Cpu>::from_state_dict(cfg, &formula_state_dict(cfg), &[], &dev).unwrap();
+        Marlin::<B>::from_state_dict(cfg, &formula_state_dict(cfg), &[], &dev).unwrap();
     let shape = [2, 3, 16, 224, 224];
     let clip: Vec<f32> = formula_draws("input", shape.iter().product())
         .map(|k| k as f32 / 65536.0)
@@ -550,7 +569,7 @@ fn vitb2_model_and_clips(cfg: &MarlinConfig) -> (Marlin<Cpu>, Tensor<Cpu, 5>) {
     (model, Tensor::from_data(TensorData::new(clip, shape), &dev))
 }
 
-fn vitb2() -> (MarlinConfig, BTreeMap<String, HostTensor>) {
+pub(crate) fn vitb2() -> (MarlinConfig, BTreeMap<String, HostTensor>) {
     let cfg = MarlinConfig::from_yaml_file(&fixture("vitb2.yaml")).unwrap();
     assert_eq!(
         (
@@ -629,7 +648,7 @@ fn extract_on_the_shared_samples_matches_peer() {
     }
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (norm(a) * norm(b))

@@ -8,14 +8,11 @@ use marlin::model::weights::{read_safetensors_file, HostTensor};
 use marlin::model::{MaskIndices, Part};
 use marlin::train::{LossConfig, Pretrainer};
 use marlin::{Marlin, MarlinConfig};
-use std::path::Path;
 
 use crate::common;
 
-fn fx(p: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
+pub(crate) fn fx(p: &str) -> std::path::PathBuf {
+    common::repo().join("tests/fixtures").join(p)
 }
 
 #[test]
@@ -158,25 +155,31 @@ fn cpu_attention_op_equals_burns_generic_attention() {
 
 /// The tiny_a model (all parts, AdamW as the fixtures), its batch and mask.
 fn tiny_a_batch() -> (Marlin<CpuAutodiff>, Tensor<CpuAutodiff, 5>, MaskIndices) {
-    let dev = Default::default();
+    tiny_a_batch_on(&Default::default())
+}
+
+/// [`tiny_a_batch`] on backend `B`.
+pub(crate) fn tiny_a_batch_on<B: burn::tensor::backend::Backend>(
+    dev: &B::Device,
+) -> (Marlin<B>, Tensor<B, 5>, MaskIndices) {
     let mut cfg = MarlinConfig::from_yaml_file(&fx("model/tiny_a.yaml")).unwrap();
     cfg.weight_decay = 0.05;
     if let Some(o) = cfg.optimizer.as_mut() {
         o.betas = [0.9, 0.95];
         o.eps = 1e-8;
     }
-    let (model, _) = Marlin::<CpuAutodiff>::load_file(
+    let (model, _) = Marlin::<B>::load_file(
         &cfg,
         &fx("model/tiny_a.ckpt"),
         &[Part::Encoder, Part::Decoder, Part::Discriminator],
-        &dev,
+        dev,
     )
     .unwrap();
     let io = read_safetensors_file(&fx("model/tiny_a.io.safetensors")).unwrap();
     let clip_h = &io["clip"];
-    let clip = Tensor::<CpuAutodiff, 5>::from_data(
+    let clip = Tensor::<B, 5>::from_data(
         TensorData::new(clip_h.data.clone(), clip_h.shape.clone()),
-        &dev,
+        dev,
     );
     let m = &io["mask"];
     let bools: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();

@@ -5,6 +5,14 @@ use ndarray::ArrayD;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository: where the tests were built, or `MARLIN_REPO_DIR` (a test binary run on
+/// another machine, as bench/gpu.sh does).
+pub fn repo() -> PathBuf {
+    std::env::var_os("MARLIN_REPO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/video")
 }
