@@ -56,6 +56,8 @@ echo "== marlin-rs $(git rev-parse --short HEAD 2>/dev/null); torch $($PY -c 'im
 if has parity; then
   echo "== parity: CUDA against the peer's fixtures and the CPU backend"
   run 420 "$work/suite" gpu:: --test-threads 1 --nocapture
+  echo "== parity: the same with burn's unfused attention instead of its flash kernel"
+  run 300 env MARLIN_FLASH_ATTENTION=0 "$work/suite" gpu::features --test-threads 1 --nocapture
   echo "== parity: face parser label map, CUDA (burn's ops) vs CPU (host kernels)"
   face=tests/fixtures/face/astronaut256.png
   run 120 "$BIN" parse "$face" --save-map "$work/cpu.npy" &&
@@ -69,6 +71,10 @@ if has features; then
   echo "== features: ViT-B extract_features, batch 64 (clips/s)"
   for p in fp32 tf32 bf16; do
     run 240 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
+  done
+  for p in tf32 bf16; do
+    echo "(unfused attention)"
+    run 240 env MARLIN_FLASH_ATTENTION=0 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
   done
   for p in fp32 tf32 bf16; do
     run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision "$p"

@@ -9,6 +9,9 @@
 //! Attention passes burn no scale when the model's scale is the default `head_dim^-0.5`
 //! (every MARLIN model): burn 0.21's CUDA backend takes its flash-attention kernel (autotuned
 //! against the unfused one) only when `scale`, `attn_bias` and `softcap` are all `None`.
+//! [`super::set_flash_attention`]`(false)` (or `MARLIN_FLASH_ATTENTION=0`) passes the scale,
+//! which keeps burn on its unfused attention: to compare the two, or to step around the
+//! flash kernel's autotune if it fails on a shape.
 
 use super::Precision;
 use burn::tensor::module::attention;
@@ -66,8 +69,9 @@ pub fn attention_qkv<B: Backend>(
         parts.next().expect("k"),
         parts.next().expect("v"),
     );
+    let fused = super::flash_attention() && is_default_scale(scale, hd);
     let opts = AttentionModuleOptions {
-        scale: (!is_default_scale(scale, hd)).then_some(scale as f64),
+        scale: (!fused).then_some(scale as f64),
         softcap: None,
         is_causal: false,
     };

@@ -130,6 +130,29 @@ pub fn gpu_precision() -> Precision {
     }
 }
 
+/// 0: not set (read `MARLIN_FLASH_ATTENTION` once), 1: off, 2: on.
+static FLASH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether attention may take burn's fused (flash) kernel on backends that have one: on unless
+/// [`set_flash_attention`]`(false)` or the environment says `MARLIN_FLASH_ATTENTION=0`.
+pub fn flash_attention() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match FLASH.load(Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("MARLIN_FLASH_ATTENTION").map_or(true, |v| v != "0");
+            FLASH.store(if on { 2 } else { 1 }, Relaxed);
+            on
+        }
+    }
+}
+
+/// Let attention take burn's fused kernel (the default) or keep it on the unfused ops.
+pub fn set_flash_attention(on: bool) {
+    FLASH.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Set the precision of the kernels of `device` (the CPU's or the GPU's); `None` takes
 /// [`Precision::default_for`] that device. Returns the precision in effect and, when it is not
 /// the one asked for, a one-line note.
