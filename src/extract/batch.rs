@@ -20,12 +20,15 @@
 //! ```
 
 use super::inputs::Item;
-use super::{assemble, face_track, read_clips, ClipData, ClipStats, ExtractError, ExtractOptions};
+use super::{
+    assemble, face_track, feature_rows, read_clips, ClipData, ClipStats, ExtractError,
+    ExtractOptions,
+};
 use crate::device_error::DeviceError;
 use crate::face::{Detector, TrackOptions};
 use crate::model::Marlin;
 use crate::video::Input;
-use burn::tensor::backend::Backend;
+use burn::tensor::{backend::Backend, Tensor};
 use ndarray::ArrayD;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -274,17 +277,20 @@ fn model_loop<B: Backend>(
     let mut batch: Vec<(usize, ClipData)> = Vec::new();
     let mut row_shape = Vec::new();
     let mut resized_note = false;
+    // The batch the device is computing: submitted, not yet read back. A batch is read only
+    // after the next one is submitted, so a GPU never waits for the host between batches.
+    let mut in_flight: Option<(Vec<usize>, Tensor<B, 3>)> = None;
 
-    // Runs the batch; false when the device failed (reported, the run ends).
-    let flush = |batch: &mut Vec<(usize, ClipData)>,
-                 rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
-                 row_shape: &mut Vec<usize>|
+    // Read back the batch in flight; false when the device failed (reported, the run ends).
+    let read = |in_flight: &mut Option<(Vec<usize>, Tensor<B, 3>)>,
+                rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                row_shape: &mut Vec<usize>|
      -> bool {
-        if batch.is_empty() {
+        let Some((ids, f)) = in_flight.take() else {
             return true;
-        }
-        let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
-        match model.try_extract_clips(&clips, opts.keep_seq) {
+        };
+        let n = ids.len();
+        match crate::device_error::guard(n, || feature_rows(f, opts.keep_seq)) {
             Ok((r, s)) => {
                 *row_shape = s;
                 for (i, row) in ids.into_iter().zip(r) {
@@ -299,16 +305,42 @@ fn model_loop<B: Backend>(
         }
     };
 
-    // Inputs whose decoding is done and none of whose clips wait in the batch go out.
+    // Submit the batch and read the previous one; false when the device failed.
+    let flush = |batch: &mut Vec<(usize, ClipData)>,
+                 in_flight: &mut Option<(Vec<usize>, Tensor<B, 3>)>,
+                 rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
+                 row_shape: &mut Vec<usize>|
+     -> bool {
+        if batch.is_empty() {
+            return read(in_flight, rows, row_shape);
+        }
+        let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
+        match crate::device_error::guard(clips.len(), || model.submit_clips(&clips, opts.keep_seq))
+        {
+            Ok(f) => {
+                let previous = in_flight.replace((ids, f));
+                let mut pending = previous;
+                read(&mut pending, rows, row_shape)
+            }
+            Err(e) => {
+                let _ = out.send(Out::Fatal(e));
+                false
+            }
+        }
+    };
+
+    // Inputs whose decoding is done and none of whose clips wait in the batch or on the
+    // device go out.
     let complete = |done: &mut BTreeMap<usize, ClipStats>,
                     rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
                     batch: &[(usize, ClipData)],
+                    in_flight: &Option<(Vec<usize>, Tensor<B, 3>)>,
                     row_shape: &[usize]| {
-        let ready: Vec<usize> = done
-            .keys()
-            .copied()
-            .filter(|i| !batch.iter().any(|(b, _)| b == i))
-            .collect();
+        let waiting = |i: &usize| {
+            batch.iter().any(|(b, _)| b == i)
+                || in_flight.as_ref().is_some_and(|(ids, _)| ids.contains(i))
+        };
+        let ready: Vec<usize> = done.keys().copied().filter(|i| !waiting(i)).collect();
         for i in ready {
             let stats = done.remove(&i).unwrap_or_default();
             let r = rows.remove(&i).unwrap_or_default();
@@ -324,10 +356,10 @@ fn model_loop<B: Backend>(
             Msg::Clip(i, c) => {
                 batch.push((i, c));
                 if batch.len() >= bs {
-                    if !flush(&mut batch, &mut rows, &mut row_shape) {
-                        break;
+                    if !flush(&mut batch, &mut in_flight, &mut rows, &mut row_shape) {
+                        return;
                     }
-                    complete(&mut done, &mut rows, &batch, &row_shape);
+                    complete(&mut done, &mut rows, &batch, &in_flight, &row_shape);
                 }
             }
             Msg::Done(i, Ok(stats)) => {
@@ -341,7 +373,7 @@ fn model_loop<B: Backend>(
                     )));
                 }
                 done.insert(i, stats);
-                complete(&mut done, &mut rows, &batch, &row_shape);
+                complete(&mut done, &mut rows, &batch, &in_flight, &row_shape);
             }
             Msg::Done(i, Err(e)) => {
                 batch.retain(|(b, _)| *b != i);
@@ -350,8 +382,14 @@ fn model_loop<B: Backend>(
             }
         }
     }
-    if !halt() && flush(&mut batch, &mut rows, &mut row_shape) {
-        complete(&mut done, &mut rows, &batch, &row_shape);
+    if halt() {
+        return;
+    }
+    // The last batch, then the one it leaves in flight.
+    if flush(&mut batch, &mut in_flight, &mut rows, &mut row_shape)
+        && read(&mut in_flight, &mut rows, &mut row_shape)
+    {
+        complete(&mut done, &mut rows, &batch, &in_flight, &row_shape);
     }
     // Dropping the receiver ends the decoders at their next send; the scope joins them.
 }

@@ -261,6 +261,15 @@ pub fn read_clips(
     Ok(stats)
 }
 
+/// The features of [`Marlin::submit_clips`] read back: one row per clip, `[D]` or `[N, D]`
+/// (keep_seq), and that row shape.
+pub fn feature_rows<B: Backend>(f: Tensor<B, 3>, keep_seq: bool) -> (Vec<Vec<f32>>, Vec<usize>) {
+    let [_, n, d] = f.dims();
+    let data = crate::model::load::to_f32_vec(f);
+    let rows = data.chunks(n * d).map(<[f32]>::to_vec).collect();
+    (rows, if keep_seq { vec![n, d] } else { vec![d] })
+}
+
 /// Per-clip feature rows -> the output array: `[n_clips, D]` / `[n_clips, N, D]`, or reduced
 /// over clips to `[D]` / `[N, D]`.
 pub fn assemble(rows: Vec<Vec<f32>>, row_shape: &[usize], reduction: Reduction) -> ArrayD<f32> {
@@ -280,6 +289,13 @@ pub fn assemble(rows: Vec<Vec<f32>>, row_shape: &[usize], reduction: Reduction) 
 impl<B: Backend> Marlin<B> {
     /// Features of a batch of clips: one row per clip, `[D]` or `[N, D]` (keep_seq).
     pub fn extract_clips(&self, clips: &[ClipData], keep_seq: bool) -> (Vec<Vec<f32>>, Vec<usize>) {
+        feature_rows(self.submit_clips(clips, keep_seq), keep_seq)
+    }
+
+    /// The features of a batch of clips `[B, N or 1, D]` as a tensor on the model's device,
+    /// without waiting for them: a GPU computes while the caller prepares the next batch and
+    /// reads this one with [`feature_rows`].
+    pub fn submit_clips(&self, clips: &[ClipData], keep_seq: bool) -> Tensor<B, 3> {
         let c = &self.config;
         let (t, s) = (c.clip_frames, c.img_size);
         let b = clips.len();
@@ -289,12 +305,7 @@ impl<B: Backend> Marlin<B> {
         }
         let device = self.encoder.norm.gamma.device();
         let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [b, 3, t, s, s]), &device);
-        let f = self.extract_features(x, keep_seq);
-        let [_, n, d] = f.dims();
-        let data = crate::model::load::to_f32_vec(f);
-        let row = n * d;
-        let rows = data.chunks(row).map(<[f32]>::to_vec).collect();
-        (rows, if keep_seq { vec![n, d] } else { vec![d] })
+        self.extract_features(x, keep_seq)
     }
 
     /// [`Marlin::extract_clips`] with the device's failures (out of memory, no kernel
