@@ -10,7 +10,8 @@
 //! silently be TF32. Here each product is a fusion custom operation that hands the CubeCL
 //! tensors to `cubek-matmul`'s `DoubleUnit` routine (register tiles, f32 operands and sums),
 //! the way burn's own vision ops reach their kernels from a fused backend. Under autodiff the
-//! same product is one op whose backward takes the same f32 products.
+//! same product is one op whose backward takes the same f32 products, and attention is one op
+//! in blocks of query rows ([`super::attention_ad`]) in every precision.
 
 use super::{autocast, Kernels, Precision};
 use crate::backend::Gpu;
@@ -65,11 +66,25 @@ impl<B: Backend> Kernels<B> for CudaAutodiffKernels {
         "cuda-autodiff"
     }
 
+    /// One autodiff op in blocks of query rows ([`super::attention_ad`]): no `[B, H, N, N]`
+    /// matrix is kept for backward.
     fn attention(&self, qkv: Tensor<B, 3>, heads: usize, scale: f32) -> Tensor<B, 3> {
-        match super::gpu_precision() {
-            Precision::F32 => attention_f32(qkv, heads, scale, &|a, b| matmul_f32_ad(a, b)),
-            p => autocast::attention_qkv(qkv, heads, scale, p),
-        }
+        let mm: super::attention_ad::Matmul<Gpu> = match super::gpu_precision() {
+            Precision::F32 => matmul_f32::<Gpu>,
+            Precision::Tf32 => |a, b| a.matmul(b),
+            Precision::Bf16 => |a, b| {
+                a.cast(DType::BF16)
+                    .matmul(b.cast(DType::BF16))
+                    .cast(DType::F32)
+            },
+        };
+        let budget = super::attention_ad::BLOCK_BYTES;
+        super::attention_ad::attention::<B, Gpu>(qkv, heads, scale, mm, budget).unwrap_or_else(
+            |qkv| match super::gpu_precision() {
+                Precision::F32 => attention_f32(qkv, heads, scale, &|a, b| matmul_f32_ad(a, b)),
+                p => autocast::attention_qkv(qkv, heads, scale, p),
+            },
+        )
     }
 
     fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {

@@ -9,6 +9,7 @@
 //! by the backend's type once per call; each override reaches its backend's primitive through
 //! a downcast that cannot fail for the backend it was picked for.
 
+pub mod attention_ad;
 pub mod autocast;
 pub mod bf16;
 #[cfg(feature = "cuda")]
