@@ -167,6 +167,12 @@ def test_extract_many_writes_npy_lists_failures_and_resumes(tiny224, tmp_path):
     assert max_abs_diff(np.load(out / "h264_100.npy"), expected["h264_100.mp4|sr2_s16"]) <= TOL
     again = tiny224.extract_many([str(inputs)], str(out), progress=False)
     assert (again["written"], again["skipped"]) == (0, 2)
+    # Several decoder threads: the same files.
+    out3 = tmp_path / "out3"
+    r3 = tiny224.extract_many([str(inputs)], str(out3), progress=False, decoders=3)
+    assert r3["written"] == 2 and len(r3["failures"]) == 1
+    for name in ["h264_33.npy", "h264_100.npy"]:
+        assert np.array_equal(np.load(out / name), np.load(out3 / name))
 
 
 def test_ctrl_c_interrupts_a_long_call(tmp_path):
