@@ -23,6 +23,11 @@
 #   profile   one ViT-B block part by part (ms and TFLOP/s of each product), each precision
 # burn compiles its kernels with NVRTC and autotunes them on first use: every timing below
 # comes after an untimed first pass.
+#
+# Sizing: everything takes about 25-30 minutes on one H100/H200 (estimate). Under a 10-minute
+# limit per call, run it in parts, most important first: `parity features` (about 8 min),
+# then `train` (TRAIN_BATCHES="16" to halve it), then `e2e` (E2E_VIDEOS=200 to shorten it),
+# `large`, `profile`. WORK (/tmp/marlin-gpu) keeps the generated videos between calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
@@ -84,7 +89,7 @@ fi
 
 if has train; then
   echo "== train: pretraining step (critic + generator), ViT-B (samples/s)"
-  for b in 16 64; do
+  for b in ${TRAIN_BATCHES:-16 64}; do
     for p in fp32 tf32 bf16; do
       run 300 "$BIN" bench --train --device cuda --batch-size "$b" --iters 5 --precision "$p"
       run 300 "$PY" bench/peer_pretrain_step.py --device cuda --batch "$b" --iters 5 --precision "$p"
