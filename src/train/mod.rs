@@ -222,16 +222,25 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                 let critic = self.critic();
                 let mut loss =
                     critic.forward(pred.clone()).mean() - critic.forward(real.clone()).mean();
+                let mut gp_value = None;
                 if self.losses.gp_weight > 0.0 {
                     let a = gp_alpha(gp_seed, j);
                     let interp = real.clone().mul_scalar(a) + pred.mul_scalar(1.0 - a);
                     let g = critic.input_gradient(interp);
                     let norm = (g.clone() * g).sum_dim(2).sqrt();
                     let gp = norm.sub_scalar(1.0).powi_scalar(2).mean();
-                    out.gp = to_scalar(gp.clone().inner());
+                    gp_value = Some(gp.clone().inner());
                     loss = loss + gp.mul_scalar(self.losses.gp_weight);
                 }
-                out.d_loss = to_scalar(loss.clone().inner());
+                // One read back from the device per update (it needs the loss: a non-finite
+                // one makes no update).
+                let v = scalars(
+                    std::iter::once(loss.clone().inner())
+                        .chain(gp_value)
+                        .collect(),
+                );
+                out.d_loss = v[0];
+                out.gp = v.get(1).copied().unwrap_or(out.gp);
                 if !out.d_loss.is_finite() {
                     // No update from a loss that is not a number (the weights would be lost).
                     out.skipped = true;
@@ -249,20 +258,26 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                 .map_err(|e| e.to_string())?;
             let diff = pred.clone() - real.clone();
             let rec = (diff.clone() * diff).mean();
-            let loss = if self.losses.adv_loss {
+            let (loss, adv) = if self.losses.adv_loss {
                 let adv = self
                     .critic()
                     .forward(pred)
                     .mean()
                     .neg()
                     .mul_scalar(self.losses.adv_weight);
-                out.adv = to_scalar(adv.clone().inner());
-                rec.clone() + adv
+                (rec.clone() + adv.clone(), Some(adv.inner()))
             } else {
-                rec.clone()
+                (rec.clone(), None)
             };
-            out.rec = to_scalar(rec.inner());
-            out.g_loss = to_scalar(loss.clone().inner());
+            let v = scalars(
+                [loss.clone().inner(), rec.inner()]
+                    .into_iter()
+                    .chain(adv)
+                    .collect(),
+            );
+            out.g_loss = v[0];
+            out.rec = v[1];
+            out.adv = v.get(2).copied().unwrap_or(out.adv);
             if !out.g_loss.is_finite() {
                 out.skipped = true;
                 continue;
@@ -273,6 +288,14 @@ impl<B: AutodiffBackend> Pretrainer<B> {
         }
         Ok(out)
     }
+}
+
+/// Scalars `[1]` read back from the device in one transfer, in f64.
+fn scalars<B: Backend>(ts: Vec<Tensor<B, 1>>) -> Vec<f64> {
+    crate::model::load::to_f32_vec(Tensor::cat(ts, 0))
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 /// The gradient penalty's interpolation weight for critic step `j`: uniform in [0, 1) from
