@@ -55,14 +55,36 @@ fn merge<I: Backend>(o: Tensor<I, 3>, b: usize, heads: usize) -> Tensor<I, 3> {
         .reshape([b, n, heads * hd])
 }
 
-/// The forward: output `[B, N, D]` and the log-sum-exp of each score row `[B*H, N, 1]`.
-pub fn forward<I: Backend>(
-    qkv: Tensor<I, 3>,
-    heads: usize,
-    scale: f32,
-    mm: Matmul<I>,
-    budget: usize,
-) -> (Tensor<I, 3>, Tensor<I, 3>) {
+/// Blocked attention of `heads` heads with scores scaled by `scale`, products through `mm`, and
+/// blocks of query rows whose scores take at most `budget` bytes ([`BLOCK_BYTES`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Blocked<I: Backend> {
+    pub heads: usize,
+    pub scale: f32,
+    pub mm: Matmul<I>,
+    pub budget: usize,
+}
+
+impl<I: Backend> Blocked<I> {
+    /// The forward: output `[B, N, D]` and the log-sum-exp of each score row `[B*H, N, 1]`.
+    pub fn forward(&self, qkv: Tensor<I, 3>) -> (Tensor<I, 3>, Tensor<I, 3>) {
+        forward(qkv, self)
+    }
+
+    /// The gradient of the input `[B, N, 3*D]` from the output's gradient `dout` `[B, N, D]`.
+    pub fn gradient(
+        &self,
+        qkv: Tensor<I, 3>,
+        out: Tensor<I, 3>,
+        lse: Tensor<I, 3>,
+        dout: Tensor<I, 3>,
+    ) -> Tensor<I, 3> {
+        backward(qkv, out, lse, dout, self)
+    }
+}
+
+fn forward<I: Backend>(qkv: Tensor<I, 3>, p: &Blocked<I>) -> (Tensor<I, 3>, Tensor<I, 3>) {
+    let (heads, scale, mm, budget) = (p.heads, p.scale, p.mm, p.budget);
     let b = qkv.dims()[0];
     let [q, k, v] = split(qkv, heads);
     let [bh, n, _] = q.dims();
@@ -81,17 +103,14 @@ pub fn forward<I: Backend>(
     (merge(Tensor::cat(outs, 1), b, heads), Tensor::cat(lses, 1))
 }
 
-/// The gradient of the input `[B, N, 3*D]` from the output's gradient `dout` `[B, N, D]`.
-pub fn backward<I: Backend>(
+fn backward<I: Backend>(
     qkv: Tensor<I, 3>,
     out: Tensor<I, 3>,
     lse: Tensor<I, 3>,
     dout: Tensor<I, 3>,
-    heads: usize,
-    scale: f32,
-    mm: Matmul<I>,
-    budget: usize,
+    p: &Blocked<I>,
 ) -> Tensor<I, 3> {
+    let (heads, scale, mm, budget) = (p.heads, p.scale, p.mm, p.budget);
     let [b, n, d3] = qkv.dims();
     let hd = d3 / 3 / heads;
     let [q, k, v] = split(qkv, heads);
@@ -130,21 +149,13 @@ pub fn backward<I: Backend>(
         .reshape([b, n, d3])
 }
 
-#[derive(Debug)]
-struct AttentionBackward<I: Backend> {
-    heads: usize,
-    scale: f32,
-    mm: Matmul<I>,
-    budget: usize,
-}
-
 type State<I> = (
     burn::tensor::ops::FloatTensor<I>,
     burn::tensor::ops::FloatTensor<I>,
     burn::tensor::ops::FloatTensor<I>,
 );
 
-impl<I: Backend> Backward<I, 1> for AttentionBackward<I> {
+impl<I: Backend> Backward<I, 1> for Blocked<I> {
     /// The input, the output and the log-sum-exp.
     type State = State<I>;
 
@@ -154,16 +165,7 @@ impl<I: Backend> Backward<I, 1> for AttentionBackward<I> {
         let Some(parent) = parent else { return };
         let (qkv, out, lse) = ops.state;
         let t = |p| Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(p));
-        let d = backward(
-            t(qkv),
-            t(out),
-            t(lse),
-            t(dout),
-            self.heads,
-            self.scale,
-            self.mm,
-            self.budget,
-        );
+        let d = self.gradient(t(qkv), t(out), t(lse), t(dout));
         grads.register::<I>(parent.id, d.into_primitive().tensor());
     }
 }
@@ -191,14 +193,14 @@ pub fn attention<B: Backend, I: Backend>(
         }
     };
     let inner = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(t.primitive.clone()));
-    let (out, lse) = forward(inner, heads, scale, mm, budget);
-    let out_p = out.clone().into_primitive().tensor();
-    let op = AttentionBackward {
+    let op = Blocked {
         heads,
         scale,
         mm,
         budget,
     };
+    let (out, lse) = op.forward(inner);
+    let out_p = out.clone().into_primitive().tensor();
     let result = match op
         .prepare::<NoCheckpointing>([t.node.clone()])
         .compute_bound()
