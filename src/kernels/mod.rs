@@ -422,6 +422,29 @@ mod tests {
     }
 
     #[test]
+    fn precisions_parse_and_default_per_device() {
+        for (s, p) in [
+            ("fp32", Precision::F32),
+            ("f32", Precision::F32),
+            ("tf32", Precision::Tf32),
+            ("bf16", Precision::Bf16),
+        ] {
+            assert_eq!(s.parse::<Precision>(), Ok(p));
+        }
+        assert!("fp8"
+            .parse::<Precision>()
+            .unwrap_err()
+            .contains("expected fp32, tf32 or bf16"));
+        assert_eq!(Precision::default_for(false), Precision::F32);
+        assert_eq!(Precision::default_for(true), Precision::Tf32);
+        assert_eq!(Precision::Tf32.to_string(), "tf32");
+        // TF32 is a GPU format: the CPU computes in f32 and says so.
+        let (p, note) = set_cpu_precision(Precision::Tf32);
+        assert_eq!(p, Precision::F32);
+        assert!(note.is_some_and(|n| n.contains("GPU format")));
+    }
+
+    #[test]
     fn the_door_picks_each_backends_kernels() {
         fn name<B: Backend>() -> &'static str {
             of::<B>().name()
