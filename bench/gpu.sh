@@ -10,7 +10,7 @@
 #   parity    `suite gpu::` (features of the tiny fixtures and of the released width against
 #             the peer's fixtures and the CPU backend, keep_seq and pooled, fp32/tf32/bf16; one
 #             pretraining step against the peer's), the face parser's label map on CUDA vs the
-#             CPU, and the out-of-memory message at an impossible batch size
+#             CPU, and the out-of-memory message at an impossible batch size (8192)
 #   features  ViT-B extract_features, batch 64: ours in fp32/tf32/bf16, the peer in fp32, TF32,
 #             bf16 autocast and bf16 autocast with F.scaled_dot_product_attention; peak memory
 #   train     the pretraining step (critic + generator), batch 16 and 64, ours and the peer's
@@ -69,7 +69,7 @@ if has parity; then
     run 120 "$BIN" parse "$face" --device cuda --save-map "$work/cuda.npy" &&
     "$PY" -c "import numpy as np, sys; a, b = np.load(sys.argv[1]), np.load(sys.argv[2]); print(f'label maps: {(a != b).sum()} of {a.size} pixels differ')" "$work/cpu.npy" "$work/cuda.npy"
   echo "== errors: an impossible batch size is one line"
-  run 120 "$BIN" bench --device cuda --batch-size 4096 --iters 1
+  run 120 "$BIN" bench --device cuda --batch-size 8192 --iters 1
 fi
 
 if has features; then
