@@ -46,9 +46,19 @@ impl<B: Backend> Kernels<B> for CudaKernels {
         "cuda"
     }
 
+    /// fp32: in blocks of query rows ([`super::attention_ad::Blocked`]) with both products on
+    /// CUDA cores; tf32/bf16: burn's attention (its flash kernel).
     fn attention(&self, qkv: Tensor<B, 3>, heads: usize, scale: f32) -> Tensor<B, 3> {
         match super::gpu_precision() {
-            Precision::F32 => attention_f32(qkv, heads, scale, &|a, b| matmul_f32(a, b)),
+            Precision::F32 => {
+                let blocked = super::attention_ad::Blocked::<B> {
+                    heads,
+                    scale,
+                    mm: matmul_f32::<B>,
+                    budget: super::attention_ad::BLOCK_BYTES,
+                };
+                blocked.forward(qkv).0
+            }
             p => autocast::attention_qkv(qkv, heads, scale, p),
         }
     }
@@ -79,12 +89,9 @@ impl<B: Backend> Kernels<B> for CudaAutodiffKernels {
             },
         };
         let budget = super::attention_ad::BLOCK_BYTES;
-        super::attention_ad::attention::<B, Gpu>(qkv, heads, scale, mm, budget).unwrap_or_else(
-            |qkv| match super::gpu_precision() {
-                Precision::F32 => attention_f32(qkv, heads, scale, &|a, b| matmul_f32_ad(a, b)),
-                p => autocast::attention_qkv(qkv, heads, scale, p),
-            },
-        )
+        // B is Autodiff<Cuda> (the door picks these kernels by type): never handed back.
+        super::attention_ad::attention::<B, Gpu>(qkv, heads, scale, mm, budget)
+            .unwrap_or_else(|qkv| super::generic_attention(qkv, heads, scale))
     }
 
     fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
@@ -111,36 +118,6 @@ fn linear_f32<B: Backend>(
         Some(b) => y + b.unsqueeze::<3>(),
         None => y,
     }
-}
-
-/// Attention with both products through `mm` and the softmax in f32.
-fn attention_f32<B: Backend>(
-    qkv: Tensor<B, 3>,
-    heads: usize,
-    scale: f32,
-    mm: Matmul<B>,
-) -> Tensor<B, 3> {
-    let [b, n, d3] = qkv.dims();
-    let d = d3 / 3;
-    let hd = d / heads;
-    // [B, N, 3, H, hd] -> [3, B*H, N, hd]
-    let qkv = qkv
-        .reshape([b, n, 3, heads, hd])
-        .permute([2, 0, 3, 1, 4])
-        .reshape([3, b * heads, n, hd]);
-    let mut parts = qkv.chunk(3, 0).into_iter().map(|t| t.squeeze_dim::<3>(0));
-    // chunk(3) of a size-3 dim yields exactly three parts.
-    let (q, k, v) = (
-        parts.next().expect("q"),
-        parts.next().expect("k"),
-        parts.next().expect("v"),
-    );
-    let scores = mm(q * scale, k.swap_dims(1, 2)); // [B*H, N, N]
-    let p = burn::tensor::activation::softmax(scores, 2);
-    let out = mm(p, v); // [B*H, N, hd]
-    out.reshape([b, heads, n, hd])
-        .swap_dims(1, 2)
-        .reshape([b, n, d])
 }
 
 /// The `Cuda` primitive behind `t` when `B` is `Cuda`.
