@@ -577,3 +577,49 @@ fn reconstruct_from_the_library() {
         .unwrap();
     assert!(e.to_string().contains("--mask-ratio"), "{e}");
 }
+
+/// A run whose losses stop being finite (a learning rate of 1e30 blows the weights up) skips
+/// those updates with a warning each, stops after five in a row with one line saying what to
+/// do, and leaves a whole checkpoint of the last finished epoch.
+#[test]
+fn non_finite_losses_stop_the_run_with_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let data = d.join("data");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    dataset(
+        &data,
+        &sample,
+        &[("a/0", 0), ("a/1", 8)],
+        &[("b/0", 16)],
+        20,
+    );
+    let cfg = tiny_config(d, "random");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("base: 0.2", "base: 1.0e+30")
+        .replace("warmup: 0.001", "warmup: 1.0e+30")
+        .replace("min: 0.01", "min: 1.0e+30");
+    std::fs::write(&cfg, text).unwrap();
+    let out = d.join("run");
+    let args = pretrain_args(&cfg, &data, &out, 20);
+    let o = marlin(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    let warnings = err
+        .lines()
+        .filter(|l| l.contains("non-finite loss"))
+        .count();
+    assert!(warnings >= 5, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("5 steps in a row") && last.contains("the last checkpoint is intact"),
+        "{err}"
+    );
+    assert!(last.contains("--resume"), "{last}");
+    let epochs = metric_rows(&out).len();
+    assert!(epochs < 20, "ran all {epochs} epochs");
+    if epochs > 0 {
+        read_safetensors_file(&out.join("checkpoint.safetensors")).unwrap();
+    }
+}
