@@ -65,7 +65,7 @@ impl<B: Backend> Kernels<B> for CudaKernels {
 
     fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
         match super::gpu_precision() {
-            Precision::F32 => linear_f32(x, w, b, &|a, b| matmul_f32(a, b)),
+            Precision::F32 => linear_f32(x, w, b, matmul_f32::<B>),
             p => autocast::linear(x, w, b, p),
         }
     }
@@ -96,20 +96,18 @@ impl<B: Backend> Kernels<B> for CudaAutodiffKernels {
 
     fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
         match super::gpu_precision() {
-            Precision::F32 => linear_f32(x, w, b, &|a, b| matmul_f32_ad(a, b)),
+            Precision::F32 => linear_f32(x, w, b, matmul_f32_ad::<B>),
             p => autocast::linear(x, w, b, p),
         }
     }
 }
-
-type Matmul<'a, B> = &'a dyn Fn(Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>;
 
 /// `x [B, N, in] · w [in, out] + b` as one `[1, B*N, in] · [1, in, out]` product.
 fn linear_f32<B: Backend>(
     x: Tensor<B, 3>,
     w: Tensor<B, 2>,
     b: Option<Tensor<B, 1>>,
-    mm: Matmul<B>,
+    mm: super::attention_ad::Matmul<B>,
 ) -> Tensor<B, 3> {
     let [bs, n, d] = x.dims();
     let out = w.dims()[1];

@@ -1,11 +1,12 @@
 //! Backend-specific code behind one door. The model's files call [`of`]`::<B>()` and the
 //! [`Kernels`] it returns; nothing else in the model looks at which backend runs.
 //!
-//! [`Kernels`]' default methods are burn's generic ops (what runs on CUDA, where fusion and
-//! autotune apply). The CPU backend (`Flex`) overrides attention, GELU and the whole
-//! transformer block with host kernels ([`cpu`]); under autodiff on the CPU
-//! (`Autodiff<Flex>`) attention and GELU are single autodiff ops with their own backward
-//! kernels ([`cpu_autodiff`]). Rust has no specialisation, so [`of`] picks the implementation
+//! [`Kernels`]' default methods are burn's generic ops. The CPU backend (`Flex`) overrides
+//! attention, GELU and the whole transformer block with host kernels ([`cpu`]); under
+//! autodiff on the CPU (`Autodiff<Flex>`) attention and GELU are single autodiff ops with their
+//! own backward kernels ([`cpu_autodiff`]). CUDA (`cuda` feature) runs the products in the
+//! chosen [`Precision`] ([`autocast`], `cuda`), and its autodiff trains attention as one
+//! blocked op ([`attention_ad`]). Rust has no specialisation, so [`of`] picks the implementation
 //! by the backend's type once per call; each override reaches its backend's primitive through
 //! a downcast that cannot fail for the backend it was picked for.
 
@@ -210,7 +211,7 @@ pub trait Kernels<B: Backend>: Sync {
     }
 }
 
-/// Burn's generic ops: every backend without an override (CUDA, autodiff on CUDA).
+/// Burn's generic ops: every backend without an override.
 pub struct Generic;
 impl<B: Backend> Kernels<B> for Generic {}
 
