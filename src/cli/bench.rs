@@ -40,6 +40,21 @@ pub struct BenchArgs {
     pub save_weights: Option<std::path::PathBuf>,
 }
 
+/// Seconds of `iters` (at least one) runs of `run` after an untimed first one (which compiles
+/// and autotunes a GPU's kernels); `None` after printing the device's failure (out of memory at
+/// batch `batch`) as one line.
+fn timed_runs(batch: usize, iters: usize, mut run: impl FnMut()) -> Option<f64> {
+    let timed = marlin::device_error::guard(batch, || {
+        run();
+        let t0 = Instant::now();
+        for _ in 0..iters.max(1) {
+            run();
+        }
+        t0.elapsed().as_secs_f64()
+    });
+    timed.map_err(|e| eprintln!("error: {e}")).ok()
+}
+
 /// Watches the GPU's memory while a benchmark runs (nothing on the CPU).
 fn memory_watch(device: DeviceSpec) -> Option<marlin::backend::MemoryWatch> {
     match device {
@@ -110,21 +125,10 @@ impl BackendTask for Bench {
                 .unwrap_or(1),
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
         );
-        // The first pass compiles and autotunes the GPU's kernels: not timed.
-        let timed = marlin::device_error::guard(b, || {
+        let Some(elapsed) = timed_runs(b, a.iters, || {
             sync(model.extract_features(clip.clone(), false));
-            let t0 = Instant::now();
-            for _ in 0..a.iters.max(1) {
-                sync(model.extract_features(clip.clone(), false));
-            }
-            t0.elapsed().as_secs_f64()
-        });
-        let elapsed = match timed {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return;
-            }
+        }) else {
+            return;
         };
         let per_clip = elapsed / (a.iters.max(1) * b) as f64;
         outln!(
@@ -275,20 +279,10 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
     outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
-    let timed = marlin::device_error::guard(b, || {
+    let Some(elapsed) = timed_runs(b, a.iters, || {
         let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
-        let t0 = Instant::now();
-        for _ in 0..a.iters.max(1) {
-            let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
-        }
-        t0.elapsed().as_secs_f64()
-    });
-    let elapsed = match timed {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return;
-        }
+    }) else {
+        return;
     };
     report_memory(watch);
     let per_step = elapsed / a.iters.max(1) as f64;

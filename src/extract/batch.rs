@@ -317,11 +317,8 @@ fn model_loop<B: Backend>(
         let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
         match crate::device_error::guard(clips.len(), || model.submit_clips(&clips, opts.keep_seq))
         {
-            Ok(f) => {
-                let previous = in_flight.replace((ids, f));
-                let mut pending = previous;
-                read(&mut pending, rows, row_shape)
-            }
+            // Read the batch this one replaces on the device.
+            Ok(f) => read(&mut in_flight.replace((ids, f)), rows, row_shape),
             Err(e) => {
                 let _ = out.send(Out::Fatal(e));
                 false

@@ -18,7 +18,6 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
-use std::any::Any;
 
 /// A batched matrix product `[b, m, k] · [b, k, n]`.
 pub type Matmul<I> = fn(Tensor<I, 3>, Tensor<I, 3>) -> Tensor<I, 3>;
@@ -181,17 +180,7 @@ pub fn attention<B: Backend, I: Backend>(
     budget: usize,
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     type AdTensor<I> = burn::tensor::ops::FloatTensor<Autodiff<I>>;
-    let boxed: Box<dyn Any> = Box::new(qkv.into_primitive().tensor());
-    let t = match boxed.downcast::<AdTensor<I>>() {
-        Ok(t) => *t,
-        Err(boxed) => {
-            // The box holds the B primitive it was made from.
-            let p = *boxed
-                .downcast::<B::FloatTensorPrimitive>()
-                .expect("the primitive it was built from");
-            return Err(Tensor::from_primitive(TensorPrimitive::Float(p)));
-        }
-    };
+    let t = super::primitive_as::<B, AdTensor<I>, 3>(qkv)?;
     let inner = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(t.primitive.clone()));
     let op = Blocked {
         heads,
@@ -212,12 +201,7 @@ pub fn attention<B: Backend, I: Backend>(
         ),
         OpsKind::UnTracked(prep) => prep.finish(out_p),
     };
-    let boxed: Box<dyn Any> = Box::new(result);
-    // B is Autodiff<I> (the downcast above succeeded), so its primitive is AdTensor<I>.
-    let p = *boxed
-        .downcast::<B::FloatTensorPrimitive>()
-        .expect("B is Autodiff<I>");
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(p)))
+    Ok(super::from_primitive_as::<B, _, 3>(result))
 }
 
 #[cfg(test)]

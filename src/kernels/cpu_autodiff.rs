@@ -16,8 +16,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
-use std::any::Any;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use std::sync::Arc;
 
 type Ad = Autodiff<Flex>;
@@ -53,24 +52,8 @@ fn with_ad<B: Backend, const D: usize>(
     t: Tensor<B, D>,
     op: impl FnOnce(AdTensor) -> AdTensor,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    let boxed: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    match boxed.downcast::<AdTensor>() {
-        Ok(ad) => {
-            let out: Box<dyn Any> = Box::new(op(*ad));
-            // B is Autodiff<Flex> (the downcast above succeeded), so its primitive is AdTensor.
-            let out = *out
-                .downcast::<B::FloatTensorPrimitive>()
-                .expect("B is Autodiff<Flex>");
-            Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
-        }
-        Err(boxed) => {
-            // The box holds the B primitive it was made from.
-            let p = *boxed
-                .downcast::<B::FloatTensorPrimitive>()
-                .expect("the primitive it was built from");
-            Err(Tensor::from_primitive(TensorPrimitive::Float(p)))
-        }
-    }
+    let ad = super::primitive_as::<B, AdTensor, D>(t)?;
+    Ok(super::from_primitive_as::<B, _, D>(op(ad)))
 }
 
 /// Host copy (or the buffer itself when not shared) of an f32 Flex tensor.

@@ -13,7 +13,7 @@
 //! same product is one op whose backward takes the same f32 products, and attention is one op
 //! in blocks of query rows ([`super::attention_ad`]) in every precision.
 
-use super::{autocast, Kernels, Precision};
+use super::{autocast, from_primitive_as, primitive_as, Kernels, Precision};
 use crate::backend::Gpu;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -27,7 +27,6 @@ use burn_cubecl::CubeBackend;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
-use std::any::Any;
 
 /// The backend under the fusion layer.
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
@@ -118,41 +117,20 @@ fn linear_f32<B: Backend>(
     }
 }
 
-/// The `Cuda` primitive behind `t` when `B` is `Cuda`.
-fn gpu_primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<GpuTensor, Tensor<B, D>> {
-    let boxed: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    match boxed.downcast::<GpuTensor>() {
-        Ok(p) => Ok(*p),
-        Err(boxed) => {
-            // The box holds the B primitive it was made from.
-            let p = *boxed
-                .downcast::<B::FloatTensorPrimitive>()
-                .expect("the primitive it was built from");
-            Err(Tensor::from_primitive(TensorPrimitive::Float(p)))
-        }
-    }
-}
-
-fn from_primitive<B: Backend, const D: usize, P: 'static>(p: P) -> Tensor<B, D> {
-    let boxed: Box<dyn Any> = Box::new(p);
-    // Only called with B's own primitive type (checked by the caller's downcast).
-    let p = *boxed
-        .downcast::<B::FloatTensorPrimitive>()
-        .expect("B's primitive");
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
 /// `a [b, m, k] · c [b, k, n]` in f32 on CUDA cores when `B` is `Cuda` and both are f32;
 /// burn's matmul otherwise.
 pub fn matmul_f32<B: Backend>(a: Tensor<B, 3>, c: Tensor<B, 3>) -> Tensor<B, 3> {
     if a.dtype() != DType::F32 || c.dtype() != DType::F32 {
         return a.matmul(c);
     }
-    match (gpu_primitive(a), gpu_primitive(c)) {
-        (Ok(a), Ok(c)) => from_primitive::<B, 3, _>(matmul_f32_fused(a, c)),
+    match (
+        primitive_as::<B, GpuTensor, 3>(a),
+        primitive_as::<B, GpuTensor, 3>(c),
+    ) {
+        (Ok(a), Ok(c)) => from_primitive_as::<B, _, 3>(matmul_f32_fused(a, c)),
         (a, c) => {
             let back = |r: Result<GpuTensor, Tensor<B, 3>>| match r {
-                Ok(p) => from_primitive::<B, 3, _>(p),
+                Ok(p) => from_primitive_as::<B, _, 3>(p),
                 Err(t) => t,
             };
             back(a).matmul(back(c))
@@ -231,11 +209,18 @@ pub fn matmul_f32_ad<B: Backend>(a: Tensor<B, 3>, c: Tensor<B, 3>) -> Tensor<B, 
     if a.dtype() != DType::F32 || c.dtype() != DType::F32 {
         return a.matmul(c);
     }
-    let pa: Box<dyn Any> = Box::new(a.clone().into_primitive().tensor());
-    let pc: Box<dyn Any> = Box::new(c.clone().into_primitive().tensor());
-    match (pa.downcast::<AdTensor>(), pc.downcast::<AdTensor>()) {
-        (Ok(pa), Ok(pc)) => from_primitive::<B, 3, _>(matmul_ad_op(*pa, *pc)),
-        _ => a.matmul(c),
+    match (
+        primitive_as::<B, AdTensor, 3>(a),
+        primitive_as::<B, AdTensor, 3>(c),
+    ) {
+        (Ok(a), Ok(c)) => from_primitive_as::<B, _, 3>(matmul_ad_op(a, c)),
+        (a, c) => {
+            let back = |r: Result<AdTensor, Tensor<B, 3>>| match r {
+                Ok(p) => from_primitive_as::<B, _, 3>(p),
+                Err(t) => t,
+            };
+            back(a).matmul(back(c))
+        }
     }
 }
 

@@ -376,8 +376,37 @@ impl<B: Backend> Kernels<B> for FlexKernels {
 
 /// The Flex tensor behind `t` (a refcount, no copy) when `B` is the plain CPU backend.
 fn flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> Option<FlexTensor> {
-    let prim: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    prim.downcast::<FlexTensor>().ok().map(|b| *b)
+    primitive_as::<B, FlexTensor, D>(t).ok()
+}
+
+/// The float primitive of `t` as `P` when that is `B`'s primitive type (how an override
+/// reaches its own backend's tensor), or `t` back untouched.
+pub(crate) fn primitive_as<B: Backend, P: 'static, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<P, Tensor<B, D>> {
+    let boxed: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    match boxed.downcast::<P>() {
+        Ok(p) => Ok(*p),
+        Err(boxed) => {
+            // The box holds the B primitive it was made from.
+            let p = *boxed
+                .downcast::<B::FloatTensorPrimitive>()
+                .expect("the primitive it was built from");
+            Err(Tensor::from_primitive(
+                burn::tensor::TensorPrimitive::Float(p),
+            ))
+        }
+    }
+}
+
+/// The `B` tensor of `p`, which is `B`'s float primitive (the caller's [`primitive_as`]
+/// checked the type).
+pub(crate) fn from_primitive_as<B: Backend, P: 'static, const D: usize>(p: P) -> Tensor<B, D> {
+    let boxed: Box<dyn Any> = Box::new(p);
+    let p = *boxed
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("P is B's float primitive");
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(p))
 }
 
 #[cfg(test)]
