@@ -102,7 +102,7 @@ if has e2e; then
   echo "== e2e: $n ten-second 224x224 videos (300 frames each, frame folders of JPEGs)"
   videos=$work/videos224
   [ -d "$videos" ] || run 600 "$PY" bench/make_frame_videos.py "$videos" --videos "$n" --frames 300
-  run 120 "$PY" bench/peer_extract_folders.py --weights "$work/w.pt" --save-weights
+  run 120 "$PY" bench/peer_extract.py --save-weights "$work/w.pt"
   # Warm-up on three videos (untimed): NVRTC compiles burn's kernels and autotune picks them;
   # both are cached on disk for the timed run, as on a user's second job.
   for p in ${E2E_PRECISIONS:-tf32 bf16}; do

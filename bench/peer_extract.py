@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """marlin-pytorch side of the end-to-end benchmark (bench/cpu.sh): Marlin.from_file + extract_video.
-With --save-weights, writes random ViT-B encoder weights as a .pt for both sides and exits."""
+With --save-weights, writes random ViT-B encoder weights as a .pt for both sides and exits (also
+for bench/gpu.sh)."""
 import argparse
+import importlib
+import sys
 import time
+import types
 
 import torch
 
@@ -14,6 +18,14 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--bf16", action="store_true", help="extract_video under torch.autocast(cpu, bfloat16)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
+if a.save_weights:
+    # Writing weights needs neither OpenCV nor ffmpeg-python, which marlin_pytorch imports at
+    # module level (a GPU machine with torch alone may lack them).
+    for _name in ("cv2", "ffmpeg"):
+        try:
+            importlib.import_module(_name)
+        except ImportError:
+            sys.modules[_name] = types.ModuleType(_name)
 from marlin_pytorch import Marlin  # noqa: E402
 
 if a.save_weights:

@@ -53,27 +53,13 @@ sys.modules["ffmpeg"] = ffmpeg
 from marlin_pytorch import Marlin  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--weights", required=True)
-p.add_argument("--root")
-p.add_argument("--out")
-p.add_argument("--save-weights", action="store_true",
-               help="write random ViT-B encoder weights to --weights (for both sides) and exit")
+p.add_argument("--weights", required=True, help="a .pt from bench/peer_extract.py --save-weights")
+p.add_argument("--root", required=True)
+p.add_argument("--out", required=True)
 p.add_argument("--device", default="cuda")
 p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
 p.add_argument("--limit", type=int)
 a = p.parse_args()
-if a.save_weights:
-    from marlin_pytorch.config import resolve_config
-    c = resolve_config("marlin_vit_base_ytf")
-    torch.manual_seed(0)
-    m = Marlin(img_size=224, patch_size=16, n_frames=16, encoder_embed_dim=c.encoder_embed_dim,
-               encoder_depth=c.encoder_depth, encoder_num_heads=c.encoder_num_heads,
-               decoder_embed_dim=c.decoder_embed_dim, decoder_depth=c.decoder_depth,
-               decoder_num_heads=c.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, qk_scale=None,
-               drop_rate=0.0, attn_drop_rate=0.0, norm_layer="LayerNorm", init_values=0.0,
-               tubelet_size=2, as_feature_extractor=True)
-    torch.save(m.state_dict(), a.weights)
-    raise SystemExit(0)
 torch.backends.cuda.matmul.allow_tf32 = a.precision == "tf32"
 torch.backends.cudnn.allow_tf32 = a.precision == "tf32"
 os.makedirs(a.out, exist_ok=True)

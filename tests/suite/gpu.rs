@@ -19,7 +19,6 @@ use marlin::backend::{Cpu, Gpu};
 use marlin::kernels::{set_gpu_precision, Precision};
 use marlin::model::weights::read_safetensors_file;
 use marlin::model::Part;
-use marlin::train::{LossConfig, Pretrainer};
 
 const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
 const TF32_TOL: f32 = 2e-2;
@@ -115,23 +114,9 @@ fn a_pretraining_step_matches_the_peer_in_every_precision() {
     for p in PRECISIONS {
         set_gpu_precision(p);
         let (model, clip, idx) = crate::pretrain_step::tiny_a_batch_on::<Autodiff<Gpu>>(&dev());
-        let losses = LossConfig {
-            adv_loss: true,
-            adv_weight: 0.01,
-            gp_weight: 0.0,
-            d_steps: 1,
-            g_steps: 1,
-        };
-        let mut t = Pretrainer::new(model, losses).unwrap();
-        let got = t.step(clip, &idx, 1.5e-4, 0).unwrap();
+        let (t, got) = crate::pretrain_step::fixture_step(model, clip, &idx);
         let mut worst_loss = 0f64;
-        for (ours, k) in [
-            (got.d_loss, "loss_d"),
-            (got.rec, "rec"),
-            (got.adv, "adv"),
-            (got.g_loss, "loss_g"),
-        ] {
-            let peer = want[k].data[0] as f64;
+        for (_, ours, peer) in crate::pretrain_step::loss_pairs(&got, &want) {
             let d = (ours - peer).abs();
             worst_loss = worst_loss.max(if p == Precision::F32 {
                 d
@@ -139,16 +124,9 @@ fn a_pretraining_step_matches_the_peer_in_every_precision() {
                 d / peer.abs().max(1e-3)
             });
         }
-        let sd = t.model().to_state_dict();
-        let mut wmax = 0f32;
-        let mut n = 0;
-        for (k, v) in &want {
-            let Some(key) = k.strip_prefix("after.") else {
-                continue;
-            };
-            wmax = wmax.max(common::max_abs_diff(&sd.tensors[key].data, &v.data).diff);
-            n += 1;
-        }
+        let diffs = crate::pretrain_step::weight_diffs(&t.model().to_state_dict(), &want);
+        let wmax = diffs.iter().fold(0f32, |m, (_, d)| m.max(*d));
+        let n = diffs.len();
         eprintln!("cuda {p} step: losses {worst_loss:.2e}, {n} updated tensors {wmax:.2e}");
         let (lt, wt) = if p == Precision::F32 {
             (1e-4, 1e-4)

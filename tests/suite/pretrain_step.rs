@@ -10,6 +10,7 @@ use marlin::train::{LossConfig, Pretrainer};
 use marlin::{Marlin, MarlinConfig};
 
 use crate::common;
+use std::collections::BTreeMap;
 
 pub(crate) fn fx(p: &str) -> std::path::PathBuf {
     common::repo().join("tests/fixtures").join(p)
@@ -19,6 +20,32 @@ pub(crate) fn fx(p: &str) -> std::path::PathBuf {
 fn one_step_equals_pytorch() {
     let (model, clip, idx) = tiny_a_batch();
     let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+    let (t, got) = fixture_step(model, clip, &idx);
+    let mut worst = 0f64;
+    for (name, ours, peer) in loss_pairs(&got, &want) {
+        let d = (ours - peer).abs();
+        eprintln!("{name}: ours {ours:.6}, PyTorch {peer:.6}");
+        assert!(d <= 1e-4, "{name}: {ours} vs {peer}");
+        worst = worst.max(d);
+    }
+    let diffs = weight_diffs(&t.model().to_state_dict(), &want);
+    let mut wmax = 0f32;
+    for (key, d) in &diffs {
+        assert!(*d <= 1e-4, "{key}: updated weights differ by {d}");
+        wmax = wmax.max(*d);
+    }
+    let n = diffs.len();
+    eprintln!("{n} parameters after the step: max abs diff {wmax:.2e}; losses {worst:.2e}");
+    assert!(n > 40, "compared {n} tensors");
+}
+
+/// One step of `model` with the step fixture's settings (critic, then generator; AdvLoss 0.01,
+/// no gradient penalty, lr 1.5e-4).
+pub(crate) fn fixture_step<B: burn::tensor::backend::AutodiffBackend>(
+    model: Marlin<B>,
+    clip: Tensor<B, 5>,
+    idx: &MaskIndices,
+) -> (Pretrainer<B>, marlin::train::StepLosses) {
     let losses = LossConfig {
         adv_loss: true,
         adv_weight: 0.01,
@@ -27,39 +54,43 @@ fn one_step_equals_pytorch() {
         g_steps: 1,
     };
     let mut t = Pretrainer::new(model, losses).unwrap();
-    let got = t.step(clip, &idx, 1.5e-4, 0).unwrap();
-    let scalar = |k: &str| want[k].data[0] as f64;
-    let mut worst = 0f64;
-    for (name, ours, k) in [
-        ("critic loss", got.d_loss, "loss_d"),
-        ("reconstruction", got.rec, "rec"),
-        ("adversarial", got.adv, "adv"),
-        ("generator loss", got.g_loss, "loss_g"),
-    ] {
-        let d = (ours - scalar(k)).abs();
-        eprintln!("{name}: ours {ours:.6}, PyTorch {:.6}", scalar(k));
-        assert!(d <= 1e-4, "{name}: {ours} vs {}", scalar(k));
-        worst = worst.max(d);
-    }
-    let sd = t.model().to_state_dict();
-    let mut n = 0;
-    let mut wmax = 0f32;
-    for (k, v) in &want {
-        let Some(key) = k.strip_prefix("after.") else {
-            continue;
-        };
-        let ours: &HostTensor = sd
-            .tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("{key} missing"));
-        assert_eq!(ours.shape, v.shape, "{key}");
-        let d = common::max_abs_diff(&ours.data, &v.data).diff;
-        assert!(d <= 1e-4, "{key}: updated weights differ by {d}");
-        wmax = wmax.max(d);
-        n += 1;
-    }
-    eprintln!("{n} parameters after the step: max abs diff {wmax:.2e}; losses {worst:.2e}");
-    assert!(n > 40, "compared {n} tensors");
+    let got = t.step(clip, idx, 1.5e-4, 0).unwrap();
+    (t, got)
+}
+
+/// (name, ours, the peer's) for each loss of the step fixture.
+pub(crate) fn loss_pairs(
+    got: &marlin::train::StepLosses,
+    want: &BTreeMap<String, HostTensor>,
+) -> [(&'static str, f64, f64); 4] {
+    let peer = |k: &str| want[k].data[0] as f64;
+    [
+        ("critic loss", got.d_loss, peer("loss_d")),
+        ("reconstruction", got.rec, peer("rec")),
+        ("adversarial", got.adv, peer("adv")),
+        ("generator loss", got.g_loss, peer("loss_g")),
+    ]
+}
+
+/// (key, max abs diff) of every parameter the step fixture holds after its step (`after.*`).
+pub(crate) fn weight_diffs(
+    sd: &marlin::model::weights::StateDict,
+    want: &BTreeMap<String, HostTensor>,
+) -> Vec<(String, f32)> {
+    want.iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("after.")?, v)))
+        .map(|(key, v)| {
+            let ours: &HostTensor = sd
+                .tensors
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} missing"));
+            assert_eq!(ours.shape, v.shape, "{key}");
+            (
+                key.to_string(),
+                common::max_abs_diff(&ours.data, &v.data).diff,
+            )
+        })
+        .collect()
 }
 
 /// The gradient of the reconstruction MSE for every generator parameter equals PyTorch's (the
