@@ -7,7 +7,9 @@ venv="${MARLIN_PY_VENV:-$(mktemp -d)/venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check maturin numpy pytest "ray[data]"
 rm -rf "$venv/wheels"
-"$venv/bin/maturin" build --release --quiet -m "$here/Cargo.toml" -o "$venv/wheels"
+# With the Vulkan device (its test runs on Mesa's lavapipe where no GPU is present);
+# MARLIN_PY_FEATURES picks others (e.g. "vulkan cuda").
+"$venv/bin/maturin" build --release --quiet -m "$here/Cargo.toml" -o "$venv/wheels" --features "${MARLIN_PY_FEATURES:-vulkan}"
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$venv"/wheels/marlin_rs-*.whl
 # From outside the source tree, so the installed package (with its compiled module) is tested.
 cd "$venv" && "$venv/bin/python" -m pytest -q -rs "$here/tests"

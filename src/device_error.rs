@@ -1,6 +1,11 @@
 //! Failures of the compute device as values. burn's CUDA backend reports an allocation that
 //! does not fit, a kernel NVRTC cannot compile or a missing NVRTC library by panicking, with a
 //! backtrace; [`guard`] turns that into one line that says what to do.
+//!
+//! On wgpu the failure happens in cubecl's device thread ("can't allocate buffer of size N":
+//! a buffer over the device's memory or over its largest binding), and the caller's thread
+//! only sees the call fail (`CallError`). While a guard is active, a panic of a cubecl device
+//! thread is kept (not printed) and the guard classifies that message instead.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,6 +44,7 @@ impl DeviceError {
             || m.contains("out_of_memory")
             || m.contains("outofmemory")
             || m.contains("out-of-memory")
+            || m.contains("can't allocate buffer")
         {
             Self::OutOfMemory { batch_size }
         } else if m.contains("nvrtc") || m.contains("compilation error") {
@@ -53,6 +59,26 @@ thread_local! {
     static GUARDED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Guards running now, in any thread.
+static ACTIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// The first panic message of a device thread while a guard was active.
+static DEVICE_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// cubecl's device threads (`DSD-<type>-<index>`) and wgpu's own.
+fn is_device_thread() -> bool {
+    std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("DSD-") || n.contains("wgpu"))
+}
+
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 /// Run `f`; a panic inside it (the device's way of failing) comes back as a [`DeviceError`]
 /// and prints nothing. `batch_size` goes into the out-of-memory advice.
 pub fn guard<T>(batch_size: usize, f: impl FnOnce() -> T) -> Result<T, DeviceError> {
@@ -60,21 +86,36 @@ pub fn guard<T>(batch_size: usize, f: impl FnOnce() -> T) -> Result<T, DeviceErr
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !GUARDED.with(Cell::get) {
-                previous(info);
+            use std::sync::atomic::Ordering::SeqCst;
+            if GUARDED.with(Cell::get) {
+                return;
             }
+            if ACTIVE.load(SeqCst) > 0 && is_device_thread() {
+                let mut kept = DEVICE_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+                kept.get_or_insert_with(|| payload_text(info.payload()));
+                return;
+            }
+            previous(info);
         }));
     });
+    use std::sync::atomic::Ordering::SeqCst;
+    ACTIVE.fetch_add(1, SeqCst);
     let was = GUARDED.with(|g| g.replace(true));
     let r = catch_unwind(AssertUnwindSafe(f));
     GUARDED.with(|g| g.set(was));
+    ACTIVE.fetch_sub(1, SeqCst);
     r.map_err(|payload| {
-        let msg = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        DeviceError::classify(&msg, batch_size)
+        let msg = payload_text(payload.as_ref());
+        let first = DeviceError::classify(&msg, batch_size);
+        let kept = DEVICE_PANIC
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match (first, kept) {
+            // The caller saw only that the device thread failed: its message says why.
+            (DeviceError::Other(_), Some(k)) => DeviceError::classify(&k, batch_size),
+            (e, _) => e,
+        }
     })
 }
 
@@ -111,6 +152,18 @@ mod tests {
         );
 
         assert_eq!(guard(8, || 5), Ok(5));
+
+        // wgpu: the device thread fails, the caller only sees the call fail.
+        let wgpu = guard(16, || -> u32 {
+            let t = std::thread::Builder::new()
+                .name("DSD-3-0".into())
+                .spawn(|| panic!("called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: 236027904"))
+                .unwrap();
+            assert!(t.join().is_err());
+            panic!("called `Result::unwrap()` on an `Err` value: CallError")
+        })
+        .unwrap_err();
+        assert_eq!(wgpu, DeviceError::OutOfMemory { batch_size: 16 });
         assert!(DeviceError::OutOfMemory { batch_size: 1 }
             .to_string()
             .contains("try --batch-size 1"));

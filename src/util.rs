@@ -43,3 +43,42 @@ where
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     write_atomic(path, &buf)
 }
+
+/// The unit tests' comparisons, with the integration suite's rule (`tests/suite/common`): a
+/// NaN or infinity on either side, different lengths or nothing to compare fail the test
+/// instead of scoring 0 under `f32::max`.
+#[cfg(test)]
+pub(crate) mod check {
+    /// Max abs diff of `a` against `b`; panics on any non-finite value, on different lengths
+    /// and on empty input.
+    pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "lengths differ");
+        assert!(!a.is_empty(), "nothing to compare");
+        a.iter().zip(b).enumerate().fold(0f32, |m, (i, (x, y))| {
+            assert!(
+                x.is_finite() && y.is_finite(),
+                "element {i} is not finite: {x} vs {y}"
+            );
+            m.max((x - y).abs())
+        })
+    }
+
+    /// The largest absolute value; panics on a non-finite one or empty input.
+    pub fn max_abs(x: &[f32]) -> f32 {
+        assert!(!x.is_empty(), "nothing to measure");
+        x.iter().enumerate().fold(0f32, |m, (i, v)| {
+            assert!(v.is_finite(), "element {i} is not finite: {v}");
+            m.max(v.abs())
+        })
+    }
+
+    #[test]
+    fn a_nan_fails_the_comparison() {
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+        assert!(std::panic::catch_unwind(|| max_abs_diff(&[f32::NAN], &[0.0])).is_err());
+        assert!(std::panic::catch_unwind(|| max_abs_diff(&[0.0], &[f32::INFINITY])).is_err());
+        assert!(std::panic::catch_unwind(|| max_abs_diff(&[0.0], &[0.0, 1.0])).is_err());
+        assert!(std::panic::catch_unwind(|| max_abs(&[1.0, f32::NAN])).is_err());
+        assert_eq!(max_abs(&[1.0, -3.0]), 3.0);
+    }
+}

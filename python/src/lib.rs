@@ -21,6 +21,10 @@ use std::time::Duration;
 
 #[cfg(feature = "cuda")]
 use marlin::backend::Gpu;
+#[cfg(feature = "metal")]
+use marlin::backend::Metal;
+#[cfg(feature = "vulkan")]
+use marlin::backend::Vulkan;
 
 /// Configs registered by `register_model_from_yaml`, looked up before the released names.
 static REGISTRY: Mutex<BTreeMap<String, MarlinConfig>> = Mutex::new(BTreeMap::new());
@@ -152,6 +156,10 @@ enum Model {
     Cpu(Marlin<Cpu>),
     #[cfg(feature = "cuda")]
     Cuda(Marlin<Gpu>),
+    #[cfg(feature = "vulkan")]
+    Vulkan(Marlin<Vulkan>),
+    #[cfg(feature = "metal")]
+    Metal(Marlin<Metal>),
 }
 
 /// The same code for each backend: binds the model as `$m` and its device type as `$B`.
@@ -169,6 +177,18 @@ macro_rules! on_model {
                 let _ = &$dev;
                 $body
             }
+            #[cfg(feature = "vulkan")]
+            Model::Vulkan($m) => {
+                let $dev = $m.encoder.norm.gamma.device();
+                let _ = &$dev;
+                $body
+            }
+            #[cfg(feature = "metal")]
+            Model::Metal($m) => {
+                let $dev = $m.encoder.norm.gamma.device();
+                let _ = &$dev;
+                $body
+            }
         }
     };
 }
@@ -181,19 +201,21 @@ fn load_model(cfg: &MarlinConfig, sd: &StateDict, device: &str) -> PyResult<Mode
         .into_iter()
         .filter(|p| *p != Part::Discriminator)
         .collect();
-    match device {
-        "cpu" => Ok(Model::Cpu(
+    let spec: marlin::backend::DeviceSpec = device.parse().map_err(value)?;
+    let built = |kind: &str| {
+        value(format!(
+            "device '{device}': this build has no {kind} (build the package with the {kind} \
+             feature: maturin build --features {kind})"
+        ))
+    };
+    match spec {
+        marlin::backend::DeviceSpec::Cpu => Ok(Model::Cpu(
             Marlin::<Cpu>::from_state_dict(cfg, sd, &parts, &Default::default())
                 .map_err(value)?
                 .0,
         )),
         #[cfg(feature = "cuda")]
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let index = d
-                .strip_prefix("cuda:")
-                .map(|i| i.parse::<usize>().map_err(value))
-                .transpose()?
-                .unwrap_or(0);
+        marlin::backend::DeviceSpec::Cuda(index) => {
             let dev = burn::backend::cuda::CudaDevice::new(index);
             Ok(Model::Cuda(
                 Marlin::<Gpu>::from_state_dict(cfg, sd, &parts, &dev)
@@ -201,14 +223,32 @@ fn load_model(cfg: &MarlinConfig, sd: &StateDict, device: &str) -> PyResult<Mode
                     .0,
             ))
         }
-        other => Err(value(format!(
-            "device '{other}': this build runs on \"cpu\"{}",
-            if cfg!(feature = "cuda") {
-                " and \"cuda[:N]\""
-            } else {
-                " (build with the cuda feature for \"cuda\")"
-            }
-        ))),
+        #[cfg(feature = "vulkan")]
+        marlin::backend::DeviceSpec::Vulkan(index) => {
+            let dev = marlin::backend::wgpu::device(marlin::backend::wgpu::Api::Vulkan, index)
+                .map_err(value)?;
+            Ok(Model::Vulkan(
+                Marlin::<Vulkan>::from_state_dict(cfg, sd, &parts, &dev)
+                    .map_err(value)?
+                    .0,
+            ))
+        }
+        #[cfg(feature = "metal")]
+        marlin::backend::DeviceSpec::Metal => {
+            let dev = marlin::backend::wgpu::device(marlin::backend::wgpu::Api::Metal, 0)
+                .map_err(value)?;
+            Ok(Model::Metal(
+                Marlin::<Metal>::from_state_dict(cfg, sd, &parts, &dev)
+                    .map_err(value)?
+                    .0,
+            ))
+        }
+        #[allow(unreachable_patterns)]
+        marlin::backend::DeviceSpec::Cuda(_) => Err(built("cuda")),
+        #[allow(unreachable_patterns)]
+        marlin::backend::DeviceSpec::Vulkan(_) => Err(built("vulkan")),
+        #[allow(unreachable_patterns)]
+        marlin::backend::DeviceSpec::Metal => Err(built("metal")),
     }
 }
 
@@ -774,10 +814,8 @@ impl PyClassifier {
         let encoder = match model.as_deref().map(|m| &m.model) {
             None => None,
             Some(Model::Cpu(m)) => Some(m),
-            #[cfg(feature = "cuda")]
-            Some(Model::Cuda(_)) => {
-                return Err(value("a classifier predicts with a model on \"cpu\""))
-            }
+            #[allow(unreachable_patterns)]
+            Some(_) => return Err(value("a classifier predicts with a model on \"cpu\"")),
         };
         let p = clf.predict_file(&path, encoder).map_err(value)?;
         let n = p.len();

@@ -72,6 +72,25 @@ def test_extract_video_equals_peer_for_every_case(tiny224):
     assert seen == {"none", "seq", "mean", "max", "folder"}
 
 
+def test_a_model_on_the_vulkan_device_equals_the_peer():
+    """device="vulkan": the GPU code path (on Mesa's software lavapipe in CI), the peer's
+    fixtures within 1e-4, pooled and keep_seq; an adapter that is not there is one line."""
+    gpu = Marlin.from_file("tiny224", str(VIDEO / "tiny224.pt"), device="vulkan")
+    assert gpu.device == "vulkan"
+    expected = read_safetensors(VIDEO / "expected.safetensors")
+    checked = 0
+    for key, peer in expected.items():
+        video, case, *rest = key.split("|")
+        if case != "sr2_s16" or rest not in ([], ["seq"]) or not video.endswith(".mp4"):
+            continue
+        ours = gpu.extract_video(str(VIDEO / video), keep_seq=rest == ["seq"])
+        assert max_abs_diff(ours, peer) <= TOL, key
+        checked += 1
+    assert checked >= 2
+    with pytest.raises(ValueError, match=r"vulkan:99: there are \d+ vulkan adapter"):
+        Marlin.from_file("tiny224", str(VIDEO / "tiny224.pt"), device="vulkan:99")
+
+
 def test_extract_features_and_reconstruction_equal_peer_numpy_inputs():
     register_model_from_yaml("tiny_a", str(MODEL / "tiny_a.yaml"))
     io = read_safetensors(MODEL / "tiny_a.io.safetensors")

@@ -59,7 +59,8 @@ fn timed_runs(batch: usize, iters: usize, mut run: impl FnMut()) -> Option<f64> 
 fn memory_watch(device: DeviceSpec) -> Option<marlin::backend::MemoryWatch> {
     match device {
         DeviceSpec::Cuda(i) => marlin::backend::MemoryWatch::start(i),
-        DeviceSpec::Cpu => None,
+        // NVML reads NVIDIA GPUs only.
+        DeviceSpec::Cpu | DeviceSpec::Vulkan(_) | DeviceSpec::Metal => None,
     }
 }
 

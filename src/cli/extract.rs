@@ -189,10 +189,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     };
     opts.extract.check().map_err(|e| e.to_string())?;
     args.face.check()?;
-    let kind = match args.model.device {
-        marlin::backend::DeviceSet::Cpu => marlin::backend::DeviceSpec::Cpu,
-        _ => marlin::backend::DeviceSpec::Cuda(0),
-    };
+    let kind = args.model.device.first();
     if let (_, Some(note)) = marlin::kernels::set_precision(args.precision, kind) {
         eprintln!("note: {note}");
     }

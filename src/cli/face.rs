@@ -42,7 +42,7 @@ pub struct DetectArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub face: FaceArgs,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     #[arg(long, short)]
@@ -89,7 +89,7 @@ pub struct CropArgs {
     pub glob: String,
     #[command(flatten)]
     pub face: FaceArgs,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Redo outputs that already exist.

@@ -17,8 +17,9 @@ pub struct ModelArgs {
     /// Checkpoint file (.pt, Lightning .ckpt or .safetensors).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`); `extract` also takes
-    /// several GPUs (cuda:0,cuda:1 or cuda:all), one model replica each.
+    /// cpu, cuda[:N], vulkan[:N] or metal (a GPU needs a build with that cargo feature:
+    /// `--features cuda|vulkan|metal`); `extract` also takes several GPUs (cuda:0,cuda:1,
+    /// cuda:all or vulkan:0,vulkan:1), one model replica each.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSet,
 }

@@ -41,7 +41,7 @@ pub struct ParseArgs {
     /// Mask ratio of the pictured Fasking mask.
     #[arg(long, default_value_t = 0.9)]
     pub mask_ratio: f64,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }

@@ -46,7 +46,7 @@ pub struct PretrainArgs {
     /// Validation clips per epoch at most.
     #[arg(long)]
     pub val_clips: Option<usize>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Matrix products in fp32, tf32 (GPU tensor cores) or bf16 (mixed precision: f32 master
@@ -214,7 +214,7 @@ pub struct PrepareArgs {
     /// layout fitted to the detector's 5 points).
     #[arg(long, default_value = "mesh", value_parser = super::names::<ParserKind>(&ParserKind::NAMES))]
     pub parser: ParserKind,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Redo videos already prepared.

@@ -64,7 +64,7 @@ pub struct ProbeArgs {
     pub reduction: String,
     #[command(flatten)]
     pub train: TrainArgs,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }

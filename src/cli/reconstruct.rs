@@ -50,7 +50,7 @@ pub struct ReconstructArgs {
     /// Output folder: <name>_reconstruction.png and .mp4.
     #[arg(long, short)]
     pub out: PathBuf,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda[:N], vulkan[:N] or metal (GPUs need a build with that cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }

@@ -217,9 +217,7 @@ mod tests {
     }
 
     fn max_diff(a: Vec<f32>, b: Vec<f32>) -> f32 {
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        crate::util::check::max_abs_diff(&a, &b)
     }
 
     /// Output and input gradient equal burn's attention through its own autodiff, with blocks

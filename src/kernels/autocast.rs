@@ -117,9 +117,7 @@ mod tests {
             crate::model::load::to_f32_vec(a),
             crate::model::load::to_f32_vec(b),
         );
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        crate::util::check::max_abs_diff(&a, &b)
     }
 
     #[test]
@@ -143,9 +141,7 @@ mod tests {
         assert_eq!(max_diff(exact.clone(), want), 0.0);
         let half = linear(x, w, Some(b), Precision::Bf16);
         let d = max_diff(half, exact.clone());
-        let scale = crate::model::load::to_f32_vec(exact)
-            .iter()
-            .fold(0f32, |m, v| m.max(v.abs()));
+        let scale = crate::util::check::max_abs(&crate::model::load::to_f32_vec(exact));
         assert!(d > 0.0 && d <= 2e-2 * scale, "linear: {d} of {scale}");
 
         let qkv = input([2, 50, 96], 4);
@@ -173,11 +169,8 @@ mod tests {
             gw.into_data().into_vec::<f32>().expect("f32")
         };
         let (exact, half) = (grads(Precision::F32), grads(Precision::Bf16));
-        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = exact
-            .iter()
-            .zip(&half)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let scale = crate::util::check::max_abs(&exact);
+        let d = crate::util::check::max_abs_diff(&exact, &half);
         assert!(scale > 0.0 && d <= 3e-2 * scale, "grad: {d} of {scale}");
     }
 }

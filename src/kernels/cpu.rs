@@ -849,11 +849,7 @@ mod tests {
         let grad = attention_backward(&qkv, &out, &wts, &lse, b, n, h, hd, scale);
         // Several row blocks (the accumulation of dK and dV across them) give the same.
         let blocked = attention_backward_blocked(&qkv, &out, &wts, &lse, [b, n, h, hd], scale, 5);
-        let db = grad
-            .iter()
-            .zip(&blocked)
-            .map(|(a, c)| (a - c).abs())
-            .fold(0f32, f32::max);
+        let db = crate::util::check::max_abs_diff(&grad, &blocked);
         assert!(db < 1e-6, "blocked vs whole: {db}");
         let x64: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
         let mut worst = 0f64;
@@ -909,11 +905,7 @@ mod tests {
             let scale = (hd as f32).powf(-0.5);
             let exact = attention(&qkv, 1, n, h, hd, scale);
             let ours = attention_bf16(&qkv, 1, n, h, hd, scale);
-            let worst = exact
-                .iter()
-                .zip(&ours)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = crate::util::check::max_abs_diff(&exact, &ours);
             // bf16 keeps 8 bits: relative rounding 2^-9 per operand, outputs here are O(1).
             assert!(worst < 2e-2 && worst > 0.0, "n {n}: max abs diff {worst}");
         }

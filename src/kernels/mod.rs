@@ -13,8 +13,8 @@
 pub mod attention_ad;
 pub mod autocast;
 pub mod bf16;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+#[cfg(feature = "cubecl")]
+pub mod cube;
 
 /// The precision of the matrix products (the four Linears of every block and attention's two
 /// products). LayerNorm, softmax, GELU and residuals stay in f32 in every mode.
@@ -124,11 +124,16 @@ pub fn set_gpu_precision(p: Precision) {
 /// The GPU kernels' precision ([`Precision::default_for`] a GPU unless
 /// [`set_gpu_precision`] chose another).
 pub fn gpu_precision() -> Precision {
+    gpu_precision_set().unwrap_or(Precision::default_for(true))
+}
+
+/// The precision [`set_gpu_precision`] chose, if any.
+pub fn gpu_precision_set() -> Option<Precision> {
     match GPU_PRECISION.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => Precision::F32,
-        3 => Precision::Bf16,
-        2 => Precision::Tf32,
-        _ => Precision::default_for(true),
+        1 => Some(Precision::F32),
+        2 => Some(Precision::Tf32),
+        3 => Some(Precision::Bf16),
+        _ => None,
     }
 }
 
@@ -162,12 +167,34 @@ pub fn set_precision(
     p: Option<Precision>,
     device: crate::backend::DeviceSpec,
 ) -> (Precision, Option<String>) {
+    use crate::backend::DeviceSpec;
     match device {
-        crate::backend::DeviceSpec::Cpu => set_cpu_precision(p.unwrap_or(Precision::F32)),
-        crate::backend::DeviceSpec::Cuda(_) => {
+        DeviceSpec::Cpu => set_cpu_precision(p.unwrap_or(Precision::F32)),
+        DeviceSpec::Cuda(_) => {
             let p = p.unwrap_or(Precision::default_for(true));
             set_gpu_precision(p);
             (p, None)
+        }
+        // Vulkan and Metal shaders have no TF32: f32 by default, bf16 where the adapter has
+        // bf16 arithmetic.
+        DeviceSpec::Vulkan(_) | DeviceSpec::Metal => {
+            let (effective, note) = match p.unwrap_or(Precision::F32) {
+                Precision::Tf32 => (
+                    Precision::F32,
+                    Some(format!(
+                        "TF32 is a CUDA format: computing in f32 on --device {device}"
+                    )),
+                ),
+                Precision::Bf16 if crate::backend::supports_bf16(device) == Some(false) => (
+                    Precision::F32,
+                    Some(format!(
+                        "--device {device} has no bf16 shader arithmetic: computing in f32 instead"
+                    )),
+                ),
+                p => (p, None),
+            };
+            set_gpu_precision(effective);
+            (effective, note)
         }
     }
 }
@@ -229,11 +256,9 @@ pub fn of<B: Backend>() -> &'static dyn Kernels<B> {
     } else if t == TypeId::of::<Autodiff<Flex>>() {
         &FlexAutodiffKernels
     } else {
-        #[cfg(feature = "cuda")]
-        if t == TypeId::of::<crate::backend::Gpu>() {
-            return &cuda::CudaKernels;
-        } else if t == TypeId::of::<Autodiff<crate::backend::Gpu>>() {
-            return &cuda::CudaAutodiffKernels;
+        #[cfg(feature = "cubecl")]
+        if let Some(k) = cube::kernels_of::<B>() {
+            return k;
         }
         &Generic
     }
@@ -426,11 +451,7 @@ mod tests {
             crate::model::load::to_f32_vec(a),
             crate::model::load::to_f32_vec(b),
         );
-        assert_eq!(a.len(), b.len());
-        a.iter().zip(&b).fold(0f32, |m, (x, y)| {
-            assert!(x.is_finite() && y.is_finite());
-            m.max((x - y).abs())
-        })
+        crate::util::check::max_abs_diff(&a, &b)
     }
 
     /// Each backend's overrides agree with burn's generic ops (2 clips, 50 tokens, 4 heads).

@@ -3,7 +3,7 @@
 //! tools/convert_mediapipe_weights.py (the bundled sample's face crop, mirrored and rotated).
 //! Both paths: burn's ops (what CUDA runs) and the host kernels of the CPU backend.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use marlin::backend::Cpu;
 use marlin::face::cpu_parser::{HostMesh, HostSelfie, Img};
 use marlin::face::parser::FaceParser;
@@ -18,14 +18,14 @@ fn fixtures() -> BTreeMap<String, HostTensor> {
 }
 
 /// A `[n, n, 3]` u8 fixture input as the network's `[1, 3, n, n]` in [0, 1].
-fn input(h: &HostTensor) -> Tensor<Cpu, 4> {
+fn input<B: Backend>(h: &HostTensor, dev: &B::Device) -> Tensor<B, 4> {
     let n = h.shape[0];
     let mut chw = vec![0f32; 3 * n * n];
     for (i, v) in h.data.iter().enumerate() {
         let (p, c) = (i / 3, i % 3);
         chw[c * n * n + p] = v / 255.0;
     }
-    Tensor::from_data(TensorData::new(chw, [1, 3, n, n]), &Default::default())
+    Tensor::from_data(TensorData::new(chw, [1, 3, n, n]), dev)
 }
 
 /// The same input as the host path's `[n, n, 3]` image.
@@ -39,12 +39,15 @@ fn host_input(h: &HostTensor) -> Img {
     }
 }
 
-#[test]
-fn face_mesh_matches_tflite() {
+/// The face mesh network through burn's ops on `B` against TFLite: landmarks within 1e-3 px,
+/// the presence logit within 1e-4.
+fn mesh_matches_tflite<B: Backend>(dev: &B::Device) {
     let io = fixtures();
-    let p = FaceParser::<Cpu>::embedded(&Default::default()).unwrap();
+    let p = FaceParser::<B>::embedded(dev).unwrap();
     for case in ["plain", "mirrored", "rotated"] {
-        let (points, logit) = p.mesh.forward(input(&io[&format!("mesh.{case}.input")]));
+        let (points, logit) = p
+            .mesh
+            .forward(input::<B>(&io[&format!("mesh.{case}.input")], dev));
         assert_eq!(points.dims(), [1, 468, 3]);
         // Landmarks in input pixels (0..192): 1e-3 px.
         common::assert_close(
@@ -60,6 +63,38 @@ fn face_mesh_matches_tflite() {
             1e-4,
         );
     }
+}
+
+/// The selfie segmentation network through burn's ops on `B` against TFLite: the person mask
+/// within 1e-4.
+fn selfie_matches_tflite<B: Backend>(dev: &B::Device) {
+    let io = fixtures();
+    let p = FaceParser::<B>::embedded(dev).unwrap();
+    for case in ["plain", "mirrored", "rotated"] {
+        let mask = p
+            .selfie
+            .forward(input::<B>(&io[&format!("selfie.{case}.input")], dev));
+        assert_eq!(mask.dims(), [1, 256, 256]);
+        common::assert_close(
+            &format!("selfie {case} person mask"),
+            &to_f32_vec(mask),
+            &io[&format!("selfie.{case}.output0")].data,
+            1e-4,
+        );
+    }
+}
+
+/// Both networks of the parser through burn's ops on `B` (what a GPU runs).
+pub(crate) fn nets_match_tflite<B: Backend>(dev: &B::Device) {
+    mesh_matches_tflite::<B>(dev);
+    selfie_matches_tflite::<B>(dev);
+}
+
+#[test]
+fn face_mesh_matches_tflite() {
+    mesh_matches_tflite::<Cpu>(&Default::default());
+    let io = fixtures();
+    let p = FaceParser::<Cpu>::embedded(&Default::default()).unwrap();
     let host = HostMesh::new(&p.mesh);
     for case in ["plain", "mirrored", "rotated"] {
         let (points, logit) = host.forward(&host_input(&io[&format!("mesh.{case}.input")]));
@@ -84,20 +119,9 @@ fn face_mesh_matches_tflite() {
 
 #[test]
 fn selfie_segmentation_matches_tflite() {
+    selfie_matches_tflite::<Cpu>(&Default::default());
     let io = fixtures();
     let p = FaceParser::<Cpu>::embedded(&Default::default()).unwrap();
-    for case in ["plain", "mirrored", "rotated"] {
-        let mask = p
-            .selfie
-            .forward(input(&io[&format!("selfie.{case}.input")]));
-        assert_eq!(mask.dims(), [1, 256, 256]);
-        common::assert_close(
-            &format!("selfie {case} person mask"),
-            &to_f32_vec(mask),
-            &io[&format!("selfie.{case}.output0")].data,
-            1e-4,
-        );
-    }
     // The host path sums in another order; at 13 pixels of the rotated crop's bottom edge
     // (its grey fill, where the network is unsure) that moves the probability by up to 1.8e-4:
     // 2e-4 everywhere, 1e-4 off an 8-pixel border.

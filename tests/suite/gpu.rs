@@ -1,40 +1,83 @@
-//! The CUDA backend against marlin-pytorch's fixtures and the CPU backend, in every
-//! precision (built with `--features cuda`; run on a machine with an NVIDIA GPU by
-//! `bench/gpu.sh`: `suite gpu:: --test-threads 1`). The precision is a per-process setting:
-//! each test walks the precisions in turn, so the module runs on one test thread.
+//! The GPU backends against marlin-pytorch's fixtures and the CPU backend, in every precision
+//! the device has: one suite for every CubeCL runtime of the build.
+//!
+//! - `gpu::vulkan::` (`--features vulkan`): the first Vulkan adapter; in CI Mesa's lavapipe, a
+//!   software GPU on the CPU that runs the same CubeCL kernels (fusion, autotune, the f32
+//!   custom-op matmul, the blocked autodiff attention) through SPIR-V.
+//! - `gpu::cuda::` (`--features cuda`): CUDA device 0, run on an NVIDIA GPU by `bench/gpu.sh`.
+//!
+//! The precision is a per-process setting: each test walks the precisions in turn, and the
+//! tests of one device hold a lock so they never interleave.
 //!
 //! Tolerances (max abs diff of features, whose entries are of order 1):
 //! - fp32: 1e-4 against the peer's fp32 (as on the CPU), 1e-4 against the CPU backend.
 //! - tf32: 2e-2 against fp32, cosine >= 0.9999 (TF32 keeps 10 of f32's 23 mantissa bits).
 //! - bf16: as the CPU's bf16 test: at most twice the peer's own bf16-autocast distance from
 //!   its fp32 plus 1e-2, cosine >= 0.9999.
+//!
+//! A precision the device does not have (TF32 off CUDA, bf16 on an adapter without bf16
+//! arithmetic) computes in f32, as the CLI does with its note: the test says so and checks the
+//! precisions that run.
+
+// `!(d <= tol)` on purpose: a NaN fails it.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 use crate::common;
 use crate::model_parity::{
     cosine, fixture, io, load_on, mask_indices, max_abs_diff, tensor, vitb2, vitb2_on, CASES, TOL,
 };
 use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use marlin::backend::{Cpu, Gpu};
-use marlin::kernels::{set_gpu_precision, Precision};
+use marlin::backend::{Cpu, DeviceSpec};
+use marlin::kernels::{set_precision, Precision};
 use marlin::model::weights::read_safetensors_file;
 use marlin::model::Part;
 
 const PRECISIONS: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
 const TF32_TOL: f32 = 2e-2;
 
-fn dev() -> burn::backend::cuda::CudaDevice {
-    burn::backend::cuda::CudaDevice::new(0)
+/// One test of the device at a time: the precision is the process's.
+static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn host<const D: usize>(t: Tensor<Gpu, D>) -> Vec<f32> {
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().into_vec::<f32>().unwrap()
 }
 
+/// The largest of `xs`, NaN if any is NaN (so `!(worst <= tol)` fails on a NaN).
+fn worst(xs: impl IntoIterator<Item = f32>) -> f32 {
+    xs.into_iter().fold(0f32, |m, x| {
+        if m.is_nan() || x.is_nan() {
+            f32::NAN
+        } else {
+            m.max(x)
+        }
+    })
+}
+
+/// The precisions `spec` runs as asked (the others are printed with the device's note).
+fn precisions(spec: DeviceSpec) -> Vec<Precision> {
+    let mut run = Vec::new();
+    for p in PRECISIONS {
+        match set_precision(Some(p), spec) {
+            (got, _) if got == p => run.push(p),
+            (got, note) => eprintln!(
+                "{spec} {p}: computes in {got} ({}); covered by the {got} check",
+                note.unwrap_or_default()
+            ),
+        }
+    }
+    set_precision(None, spec);
+    run
+}
+
 /// The tiny fixtures (four configs, keep_seq and pooled, the reconstruction) and the released
-/// width (768 wide, 1568 tokens, 2 blocks) on CUDA against the peer and the CPU backend.
-#[test]
-fn features_match_the_peer_and_the_cpu_in_every_precision() {
+/// width (768 wide, 1568 tokens, 2 blocks) on `B` against the peer and the CPU backend.
+fn features_match_the_peer_and_the_cpu<B: Backend>(spec: DeviceSpec, dev: &B::Device) {
     let (cfg, vio) = vitb2();
     let peer_bf16 = read_safetensors_file(&fixture("vitb2.bf16.safetensors")).unwrap();
     let fp32 = &vio["features"].data;
@@ -46,8 +89,10 @@ fn features_match_the_peer_and_the_cpu_in_every_precision() {
         .unwrap();
     let peer_bf16_gap = common::max_abs_diff(&peer_bf16["features"].data, fp32).diff;
     let mut failures = Vec::new();
-    for p in PRECISIONS {
-        set_gpu_precision(p);
+    let run = precisions(spec);
+    assert!(run.contains(&Precision::F32), "{spec}: fp32 always runs");
+    for p in run {
+        set_precision(Some(p), spec);
         let tol = match p {
             Precision::F32 => TOL,
             Precision::Tf32 => TF32_TOL,
@@ -55,8 +100,8 @@ fn features_match_the_peer_and_the_cpu_in_every_precision() {
         };
         for case in CASES {
             let io = io(case);
-            let model = load_on::<Gpu>(case, &format!("{case}.full.pt"), &[Part::Decoder], &dev());
-            let clip: Tensor<Gpu, 5> = tensor(&io["clip"], &dev());
+            let model = load_on::<B>(case, &format!("{case}.full.pt"), &[Part::Decoder], dev);
+            let clip: Tensor<B, 5> = tensor(&io["clip"], dev);
             let d_seq = max_abs_diff(
                 model.extract_features(clip.clone(), true),
                 &io["features_seq"],
@@ -69,12 +114,13 @@ fn features_match_the_peer_and_the_cpu_in_every_precision() {
             );
             let pred = model.forward_indices(clip, &mask_indices(&io)).unwrap();
             let d_fwd = max_abs_diff(pred, &io["forward"]);
-            eprintln!("cuda {p} {case}: keep_seq {d_seq:.2e} pooled {d_pool:.2e} reconstruction {d_fwd:.2e}");
-            if d_seq.max(d_pool).max(d_fwd) > tol {
+            eprintln!("{spec} {p} {case}: keep_seq {d_seq:.2e} pooled {d_pool:.2e} reconstruction {d_fwd:.2e}");
+            let w = worst([d_seq, d_pool, d_fwd]);
+            if !(w <= tol) {
                 failures.push(format!("{p} {case}: {d_seq} {d_pool} {d_fwd} > {tol}"));
             }
         }
-        let (model, clip) = vitb2_on::<Gpu>(&cfg, &dev());
+        let (model, clip) = vitb2_on::<B>(&cfg, dev);
         let pooled = host(model.extract_features(clip.clone(), false));
         let seq = host(model.extract_features(clip, true));
         let rows: Vec<f32> = (0..2)
@@ -86,57 +132,365 @@ fn features_match_the_peer_and_the_cpu_in_every_precision() {
         let d_cpu = common::max_abs_diff(&pooled, &cpu).diff;
         let cos = cosine(&pooled, fp32);
         eprintln!(
-            "cuda {p} ViT-B width: pooled {d_pool:.2e} keep_seq {d_seq:.2e} vs the peer's fp32, \
+            "{spec} {p} ViT-B width: pooled {d_pool:.2e} keep_seq {d_seq:.2e} vs the peer's fp32, \
              {d_cpu:.2e} vs the CPU backend, cosine {cos:.6} (the peer's bf16 autocast: \
              {peer_bf16_gap:.2e}, cosine {:.6})",
             cosine(&peer_bf16["features"].data, fp32)
         );
         let cpu_tol = if p == Precision::F32 { TOL } else { tol };
-        if d_pool.max(d_seq) > tol || d_cpu > cpu_tol || (p != Precision::F32 && cos < 0.9999) {
+        if !(worst([d_pool, d_seq]) <= tol
+            && d_cpu <= cpu_tol
+            && (p == Precision::F32 || cos >= 0.9999))
+        {
             failures.push(format!(
                 "{p} ViT-B width: {d_pool} {d_seq} {d_cpu} cos {cos}"
             ));
         }
     }
-    set_gpu_precision(Precision::default_for(true));
+    set_precision(None, spec);
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-/// One pretraining step (critic, then generator) of tiny_a on CUDA's autodiff against the
+/// One pretraining step (critic, then generator) of tiny_a on `B`'s autodiff against the
 /// peer's step (tests/fixtures/train/step.safetensors): losses and updated weights within
-/// 1e-4 in fp32; in TF32 and bf16 the losses within 2e-2 (relative) and the weights within
-/// 1e-3 (one AdamW step moves a weight by about lr = 1.5e-4, so this pins little more than
-/// that the step ran: the numbers are printed for the record).
-#[test]
-fn a_pretraining_step_matches_the_peer_in_every_precision() {
+/// 1e-4 in fp32 (the CPU path's tolerance); in TF32 and bf16 the losses within 2e-2 (relative)
+/// and the weights within 1e-3 (one AdamW step moves a weight by about lr = 1.5e-4, so this
+/// pins little more than that the step ran: the numbers are printed for the record).
+fn a_pretraining_step_matches_the_peer<B: Backend>(spec: DeviceSpec, dev: &B::Device) {
     let want = read_safetensors_file(&crate::pretrain_step::fx("train/step.safetensors")).unwrap();
     let mut failures = Vec::new();
-    for p in PRECISIONS {
-        set_gpu_precision(p);
-        let (model, clip, idx) = crate::pretrain_step::tiny_a_batch_on::<Autodiff<Gpu>>(&dev());
+    for p in precisions(spec) {
+        set_precision(Some(p), spec);
+        let (model, clip, idx) = crate::pretrain_step::tiny_a_batch_on::<Autodiff<B>>(dev);
         let (t, got) = crate::pretrain_step::fixture_step(model, clip, &idx);
-        let mut worst_loss = 0f64;
-        for (_, ours, peer) in crate::pretrain_step::loss_pairs(&got, &want) {
-            let d = (ours - peer).abs();
-            worst_loss = worst_loss.max(if p == Precision::F32 {
-                d
-            } else {
-                d / peer.abs().max(1e-3)
-            });
-        }
+        let worst_loss = worst(
+            crate::pretrain_step::loss_pairs(&got, &want)
+                .into_iter()
+                .map(|(_, ours, peer)| {
+                    let d = (ours - peer).abs();
+                    (if p == Precision::F32 {
+                        d
+                    } else {
+                        d / peer.abs().max(1e-3)
+                    }) as f32
+                }),
+        );
         let diffs = crate::pretrain_step::weight_diffs(&t.model().to_state_dict(), &want);
-        let wmax = diffs.iter().fold(0f32, |m, (_, d)| m.max(*d));
+        let wmax = worst(diffs.iter().map(|(_, d)| *d));
         let n = diffs.len();
-        eprintln!("cuda {p} step: losses {worst_loss:.2e}, {n} updated tensors {wmax:.2e}");
+        let mut sorted = diffs.clone();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+        eprintln!(
+            "{spec} {p} step: largest weight differences {:?}",
+            &sorted[..3.min(n)]
+        );
+        eprintln!("{spec} {p} step: losses {worst_loss:.2e}, {n} updated tensors {wmax:.2e}");
         let (lt, wt) = if p == Precision::F32 {
             (1e-4, 1e-4)
         } else {
             (2e-2, 1e-3)
         };
-        if worst_loss > lt || wmax > wt || n < 40 {
+        if !(worst_loss <= lt && wmax <= wt && n >= 40) {
             failures.push(format!("{p}: losses {worst_loss}, weights {wmax} ({n})"));
         }
     }
-    set_gpu_precision(Precision::default_for(true));
+    set_precision(None, spec);
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The face parser's networks through burn's ops on `B` against TensorFlow Lite's outputs, at
+/// the CPU test's tolerances (landmarks 1e-3 px, presence logit and person mask 1e-4).
+fn face_parser_nets_match_tflite<B: Backend>(spec: DeviceSpec, dev: &B::Device) {
+    set_precision(Some(Precision::F32), spec);
+    crate::face_parser::nets_match_tflite::<B>(dev);
+    set_precision(None, spec);
+}
+
+/// The kernels door's products on `B` against the CPU backend's, in f32: the Linear product
+/// (batched rows of one weight, with and without bias) and attention (blocked, at the
+/// default scale and another), on the shapes of the tiny fixtures and the released width:
+/// 1e-4 (a failing model test says which model; this says which product).
+fn check_products<B: Backend>(spec: DeviceSpec, dev: &B::Device) {
+    use burn::tensor::TensorData;
+    set_precision(Some(Precision::F32), spec);
+    fn vals(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect()
+    }
+    fn t<B2: Backend, const D: usize>(
+        shape: [usize; D],
+        seed: usize,
+        dev: &B2::Device,
+    ) -> Tensor<B2, D> {
+        let n: usize = shape.iter().product();
+        Tensor::from_data(TensorData::new(vals(n, seed), shape), dev)
+    }
+    let cpu: burn::tensor::Device<Cpu> = Default::default();
+    let (gk, ck) = (marlin::kernels::of::<B>(), marlin::kernels::of::<Cpu>());
+    let mut bad = Vec::new();
+    for [b, n, i, o] in [
+        [2, 50, 96, 64],
+        [1, 1568, 32, 96],
+        [2, 393, 768, 2304],
+        [3, 7, 5, 3],
+    ] {
+        for bias in [false, true] {
+            let g = gk.linear(
+                t::<B, 3>([b, n, i], 1, dev),
+                t::<B, 2>([i, o], 2, dev),
+                bias.then(|| t::<B, 1>([o], 3, dev)),
+            );
+            let c = ck.linear(
+                t::<Cpu, 3>([b, n, i], 1, &cpu),
+                t::<Cpu, 2>([i, o], 2, &cpu),
+                bias.then(|| t::<Cpu, 1>([o], 3, &cpu)),
+            );
+            assert_eq!(g.dims(), [b, n, o]);
+            let d = common::max_abs_diff(&host(g), &host(c)).diff;
+            eprintln!("{spec} linear [{b}, {n}, {i}] x [{i}, {o}] bias {bias}: {d:.2e}");
+            if !(d <= TOL) {
+                bad.push(format!("linear {b}x{n}x{i}x{o} bias {bias}: {d}"));
+            }
+        }
+    }
+    for [b, n, d, h] in [[2, 50, 96, 4], [2, 392, 32, 4], [1, 1568, 768, 12]] {
+        for scale in [((d / h) as f32).powf(-0.5), 0.2] {
+            let g = gk.attention(t::<B, 3>([b, n, 3 * d], 4, dev), h, scale);
+            let c = ck.attention(t::<Cpu, 3>([b, n, 3 * d], 4, &cpu), h, scale);
+            assert_eq!(g.dims(), [b, n, d]);
+            let diff = common::max_abs_diff(&host(g), &host(c)).diff;
+            eprintln!("{spec} attention [{b}, {n}, 3 x {d}] {h} heads scale {scale}: {diff:.2e}");
+            if !(diff <= TOL) {
+                bad.push(format!(
+                    "attention {b}x{n}x{d} {h} heads scale {scale}: {diff}"
+                ));
+            }
+        }
+    }
+    set_precision(None, spec);
+    assert!(
+        bad.is_empty(),
+        "{} products off the CPU's: {bad:#?}",
+        gk.name()
+    );
+}
+
+/// The face networks' layers one by one on `B` against the CPU backend, on the same inputs
+/// (a failing network test says which network; this says which layer): 1e-5.
+fn check_face_layers<B: Backend>(dev: &B::Device) {
+    use burn::tensor::activation::{hard_swish, sigmoid};
+    use burn::tensor::TensorData;
+    use marlin::face::layers::{global_mean, upsample2, Conv, Upconv};
+    fn data(shape: [usize; 4], seed: usize) -> TensorData {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i + seed) * 7919) % 1009) as f32 / 504.5 - 1.0)
+            .collect();
+        TensorData::new(v, shape)
+    }
+    fn on<B2: Backend>(d: &TensorData, dev: &B2::Device) -> Tensor<B2, 4> {
+        Tensor::from_data(d.clone(), dev)
+    }
+    fn bias<B2: Backend>(n: usize, dev: &B2::Device) -> Tensor<B2, 1> {
+        let v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5).collect();
+        Tensor::from_data(TensorData::new(v, [n]), dev)
+    }
+    let cpu: burn::tensor::Device<Cpu> = Default::default();
+    let x = data([2, 8, 16, 16], 1);
+    let w_up = data([8, 4, 2, 2], 2);
+    let w_dw = data([8, 1, 5, 5], 3);
+    let w_pw = data([4, 8, 1, 1], 4);
+    let w_pw24 = data([24, 8, 1, 1], 6);
+    let gate = data([2, 8, 1, 1], 5);
+    type Layer<B2> =
+        fn(Tensor<B2, 4>, &[Tensor<B2, 4>], &burn::tensor::Device<B2>) -> Tensor<B2, 4>;
+    fn run<B2: Backend>(
+        f: Layer<B2>,
+        x: &TensorData,
+        ws: &[&TensorData],
+        dev: &B2::Device,
+    ) -> Vec<f32> {
+        let ws: Vec<Tensor<B2, 4>> = ws.iter().map(|w| on::<B2>(w, dev)).collect();
+        host(f(on::<B2>(x, dev), &ws, dev))
+    }
+    macro_rules! layer {
+        ($name:expr, $ws:expr, |$x:ident, $w:ident, $d:ident| $body:expr) => {{
+            fn f<B2: Backend>(
+                $x: Tensor<B2, 4>,
+                $w: &[Tensor<B2, 4>],
+                $d: &B2::Device,
+            ) -> Tensor<B2, 4> {
+                let _ = (&$w, &$d);
+                $body
+            }
+            let a = run::<Cpu>(f::<Cpu>, &x, $ws, &cpu);
+            let b = run::<B>(f::<B>, &x, $ws, dev);
+            let d = common::max_abs_diff(&b, &a).diff;
+            eprintln!("face layer {}: {d:.2e}", $name);
+            ($name, d)
+        }};
+    }
+    let results = [
+        layer!("hard_swish", &[], |x, w, d| hard_swish(x)),
+        layer!("sigmoid", &[], |x, w, d| sigmoid(x)),
+        layer!("global_mean", &[], |x, w, d| global_mean(x)),
+        layer!("gate product", &[&gate], |x, w, d| x * w[0].clone()),
+        layer!("upsample2", &[], |x, w, d| upsample2(x)),
+        layer!("transposed conv 2x2/2", &[&w_up], |x, w, d| Upconv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(4, d),
+        }
+        .forward(x)),
+        layer!("depthwise 5x5/2 same", &[&w_dw], |x, w, d| Conv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(8, d),
+            stride: 2,
+            groups: 8,
+            same: true,
+        }
+        .forward(x)),
+        layer!("pointwise 1x1 8 -> 24", &[&w_pw24], |x, w, d| Conv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(24, d),
+            stride: 1,
+            groups: 1,
+            same: false,
+        }
+        .forward(x)),
+        layer!("pointwise 1x1", &[&w_pw], |x, w, d| Conv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(4, d),
+            stride: 1,
+            groups: 1,
+            same: false,
+        }
+        .forward(x)),
+    ];
+    let bad: Vec<_> = results.iter().filter(|(_, d)| !(*d <= 1e-5)).collect();
+    assert!(bad.is_empty(), "layers off the CPU's: {bad:?}");
+}
+
+/// `marlin extract --device DEVICE` of the shared samples (two face videos, pooled and
+/// keep_seq, batched across videos) equal to `--device cpu` within 1e-4.
+fn extract_equals_the_cpu(device: &str) {
+    let Some(dir) = common::samples() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let videos = ["cropped01.mp4", "cropped02.mp4"].map(|v| dir.join(v).display().to_string());
+    for seq in [false, true] {
+        let mut outs = Vec::new();
+        for d in ["cpu", device] {
+            let out = t.path().join(format!("{d}-{seq}"));
+            let mut extra: Vec<&str> = videos.iter().map(String::as_str).collect();
+            extra.extend(["--device", d, "--batch-size", "3"]);
+            if seq {
+                extra.push("--keep-seq");
+            }
+            let o = common::extract(&extra, &out);
+            assert!(o.status.success(), "--device {d}: {}", common::stderr(&o));
+            outs.push(out);
+        }
+        for v in ["cropped01", "cropped02"] {
+            let (a, b) = (
+                common::read(&outs[0].join(format!("{v}.npy"))),
+                common::read(&outs[1].join(format!("{v}.npy"))),
+            );
+            assert_eq!(a.shape(), b.shape(), "{v}");
+            let w = common::assert_close(
+                &format!("{v} keep_seq={seq}, {device} vs cpu"),
+                b.as_slice().unwrap(),
+                a.as_slice().unwrap(),
+                TOL,
+            );
+            eprintln!(
+                "extract {v} keep_seq={seq} {:?}: {device} vs cpu {:.2e}",
+                a.shape(),
+                w.diff
+            );
+        }
+    }
+}
+
+/// The GPU suite on one backend: `$B` its type, `$spec` its [`DeviceSpec`], `$dev` its device.
+macro_rules! gpu_suite {
+    ($B:ty, $spec:expr, $dev:expr, $cli:expr) => {
+        use super::*;
+
+        fn dev() -> burn::tensor::Device<$B> {
+            $dev
+        }
+
+        #[test]
+        fn features_match_the_peer_and_the_cpu_in_every_precision() {
+            let _one = lock();
+            features_match_the_peer_and_the_cpu::<$B>($spec, &dev());
+        }
+
+        #[test]
+        fn face_parser_networks_match_tflite() {
+            let _one = lock();
+            face_parser_nets_match_tflite::<$B>($spec, &dev());
+        }
+
+        #[test]
+        fn products_match_the_cpu() {
+            let _one = lock();
+            check_products::<$B>($spec, &dev());
+        }
+
+        #[test]
+        fn face_layers_match_the_cpu() {
+            let _one = lock();
+            check_face_layers::<$B>(&dev());
+        }
+
+        #[test]
+        fn extract_of_the_samples_equals_the_cpu() {
+            // Its own process: no lock needed.
+            extract_equals_the_cpu($cli);
+        }
+    };
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    gpu_suite!(
+        marlin::backend::Gpu,
+        DeviceSpec::Cuda(0),
+        burn::backend::cuda::CudaDevice::new(0),
+        "cuda"
+    );
+
+    #[test]
+    fn a_pretraining_step_matches_the_peer_in_every_precision() {
+        let _one = lock();
+        a_pretraining_step_matches_the_peer::<marlin::backend::Gpu>(DeviceSpec::Cuda(0), &dev());
+    }
+}
+
+#[cfg(feature = "vulkan")]
+mod vulkan {
+    gpu_suite!(
+        marlin::backend::Vulkan,
+        DeviceSpec::Vulkan(0),
+        marlin::backend::wgpu::device(marlin::backend::wgpu::Api::Vulkan, 0)
+            .unwrap_or_else(|e| panic!("{e}")),
+        "vulkan"
+    );
+
+    /// Open bug of the GPU path, found here: on lavapipe the step's losses equal the peer's
+    /// (7.5e-8) but some updated encoder weights differ by 2 x lr (3.0e-4, over the 1e-4 of
+    /// the CPU path; the patch embedding and block 0's first MLP Linear): some gradient
+    /// elements come out with the wrong sign. Run it with `--ignored` (docs/gpu.md).
+    #[test]
+    #[ignore = "open GPU-path bug: some encoder gradients differ on wgpu (docs/gpu.md)"]
+    fn a_pretraining_step_matches_the_peer_in_every_precision() {
+        let _one = lock();
+        a_pretraining_step_matches_the_peer::<marlin::backend::Vulkan>(
+            DeviceSpec::Vulkan(0),
+            &dev(),
+        );
+    }
 }

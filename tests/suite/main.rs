@@ -14,7 +14,7 @@ mod face_nets;
 mod face_parse_eval;
 mod face_parser;
 mod face_samples;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "vulkan"))]
 mod gpu;
 mod masking;
 mod model_parity;

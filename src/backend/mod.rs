@@ -1,4 +1,8 @@
-//! Run-time choice of the compute device (`--device cpu|cuda[:i]`) over one generic code path.
+//! Run-time choice of the compute device (`--device cpu|cuda[:i]|vulkan[:i]|metal`) over one
+//! generic code path.
+
+#[cfg(any(feature = "vulkan", feature = "metal"))]
+pub mod wgpu;
 
 use burn::tensor::backend::Backend;
 use std::str::FromStr;
@@ -10,25 +14,48 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 /// The CUDA backend (`cuda` cargo feature).
 #[cfg(feature = "cuda")]
 pub type Gpu = burn::backend::Cuda;
+/// Vulkan through wgpu, kernels compiled to SPIR-V (`vulkan` cargo feature): any GPU with a
+/// Vulkan driver, and Mesa's software lavapipe.
+#[cfg(feature = "vulkan")]
+pub type Vulkan = burn::backend::Vulkan;
+/// Apple GPUs through wgpu, kernels compiled to MSL (`metal` cargo feature).
+#[cfg(feature = "metal")]
+pub type Metal = burn::backend::Metal;
 
 /// A device named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
+    /// The i-th Vulkan adapter in [`wgpu::adapters`]' order (GPUs before software ones).
+    Vulkan(usize),
+    Metal,
+}
+
+impl DeviceSpec {
+    /// A GPU (or a software GPU) rather than the CPU backend.
+    pub fn is_gpu(self) -> bool {
+        self != Self::Cpu
+    }
 }
 
 impl FromStr for DeviceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let index = |rest: &str| rest.parse::<usize>().ok();
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|i| i.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+            "vulkan" => Ok(Self::Vulkan(0)),
+            "metal" => Ok(Self::Metal),
+            _ => match s.split_once(':') {
+                Some(("cuda", i)) => index(i).map(Self::Cuda),
+                Some(("vulkan", i)) => index(i).map(Self::Vulkan),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                format!("unknown device '{s}' (expected cpu, cuda[:N], vulkan[:N] or metal)")
+            }),
         }
     }
 }
@@ -38,17 +65,22 @@ impl std::fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(i) => write!(f, "cuda:{i}"),
+            Self::Vulkan(i) => write!(f, "vulkan:{i}"),
+            Self::Metal => write!(f, "metal"),
         }
     }
 }
 
-/// One or more devices of one kind: `cpu`, `cuda`, `cuda:N`, `cuda:0,cuda:1`, `cuda:all`.
+/// One or more devices of one kind: `cpu`, `cuda`, `cuda:N`, `cuda:0,cuda:1`, `cuda:all`,
+/// `vulkan[:N]`, `vulkan:0,vulkan:1`, `metal`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSet {
     Cpu,
     Cuda(Vec<usize>),
     /// Every GPU the driver sees, counted when the work starts.
     CudaAll,
+    Vulkan(Vec<usize>),
+    Metal,
 }
 
 impl FromStr for DeviceSet {
@@ -61,39 +93,51 @@ impl FromStr for DeviceSet {
             .split(',')
             .map(|d| d.trim().parse())
             .collect::<Result<_, _>>()?;
+        let ids = |of: fn(&DeviceSpec) -> Option<usize>| -> Result<Vec<usize>, String> {
+            let ids: Vec<usize> = specs.iter().filter_map(of).collect();
+            if ids.len() != specs.len() {
+                return Err(format!("--device {s}: list devices of one kind"));
+            }
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if sorted.len() != ids.len() {
+                return Err(format!("--device {s}: a GPU is listed twice"));
+            }
+            Ok(ids)
+        };
         match specs.as_slice() {
             [DeviceSpec::Cpu] => Ok(Self::Cpu),
+            [DeviceSpec::Metal] => Ok(Self::Metal),
             _ if specs.contains(&DeviceSpec::Cpu) => Err(format!(
                 "--device {s}: list GPUs only (cuda:0,cuda:1); for several CPU workers use --workers"
             )),
-            _ => {
-                let mut ids: Vec<usize> = specs
-                    .iter()
-                    .filter_map(|d| match d {
-                        DeviceSpec::Cuda(i) => Some(*i),
-                        DeviceSpec::Cpu => None,
-                    })
-                    .collect();
-                let n = ids.len();
-                ids.dedup();
-                if ids.len() != n {
-                    return Err(format!("--device {s}: a GPU is listed twice"));
-                }
-                Ok(Self::Cuda(ids))
-            }
+            [DeviceSpec::Vulkan(_), ..] => ids(|d| match d {
+                DeviceSpec::Vulkan(i) => Some(*i),
+                _ => None,
+            })
+            .map(Self::Vulkan),
+            _ => ids(|d| match d {
+                DeviceSpec::Cuda(i) => Some(*i),
+                _ => None,
+            })
+            .map(Self::Cuda),
         }
     }
 }
 
 impl std::fmt::Display for DeviceSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |f: &mut std::fmt::Formatter<'_>, kind: &str, ids: &[usize]| {
+            let v: Vec<String> = ids.iter().map(|i| format!("{kind}:{i}")).collect();
+            write!(f, "{}", v.join(","))
+        };
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::CudaAll => write!(f, "cuda:all"),
-            Self::Cuda(ids) => {
-                let v: Vec<String> = ids.iter().map(|i| format!("cuda:{i}")).collect();
-                write!(f, "{}", v.join(","))
-            }
+            Self::Cuda(ids) => list(f, "cuda", ids),
+            Self::Vulkan(ids) => list(f, "vulkan", ids),
+            Self::Metal => write!(f, "metal"),
         }
     }
 }
@@ -103,10 +147,23 @@ impl DeviceSet {
     pub fn single(&self) -> Result<DeviceSpec, String> {
         match self {
             Self::Cpu => Ok(DeviceSpec::Cpu),
+            Self::Metal => Ok(DeviceSpec::Metal),
             Self::Cuda(ids) if ids.len() == 1 => Ok(DeviceSpec::Cuda(ids[0])),
+            Self::Vulkan(ids) if ids.len() == 1 => Ok(DeviceSpec::Vulkan(ids[0])),
             _ => Err(format!(
-                "--device {self}: this command runs on one device (cpu, cuda or cuda:N)"
+                "--device {self}: this command runs on one device (cpu, cuda[:N], vulkan[:N] or metal)"
             )),
+        }
+    }
+
+    /// The first device of the set (which sets the precision of the kind).
+    pub fn first(&self) -> DeviceSpec {
+        match self {
+            Self::Cpu => DeviceSpec::Cpu,
+            Self::Metal => DeviceSpec::Metal,
+            Self::CudaAll => DeviceSpec::Cuda(0),
+            Self::Cuda(ids) => DeviceSpec::Cuda(ids.first().copied().unwrap_or(0)),
+            Self::Vulkan(ids) => DeviceSpec::Vulkan(ids.first().copied().unwrap_or(0)),
         }
     }
 }
@@ -140,6 +197,20 @@ pub fn run_on_all<T: MultiDeviceTask>(set: &DeviceSet, task: T) -> Result<T::Out
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSet::Cuda(_) | DeviceSet::CudaAll => Err(BackendError::NoCudaBuild),
+        #[cfg(feature = "vulkan")]
+        DeviceSet::Vulkan(ids) => {
+            let devices = ids
+                .iter()
+                .map(|&i| wgpu::device(wgpu::Api::Vulkan, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(task.run::<Vulkan>(devices))
+        }
+        #[cfg(not(feature = "vulkan"))]
+        DeviceSet::Vulkan(_) => Err(BackendError::NotBuilt("vulkan")),
+        #[cfg(feature = "metal")]
+        DeviceSet::Metal => Ok(task.run::<Metal>(vec![wgpu::device(wgpu::Api::Metal, 0)?])),
+        #[cfg(not(feature = "metal"))]
+        DeviceSet::Metal => Err(BackendError::NotBuilt("metal")),
     }
 }
 
@@ -274,6 +345,14 @@ pub enum BackendError {
     NoCudaBuild,
     #[error("--device cuda: no NVIDIA driver on this machine ({0}); install the driver or use --device cpu")]
     NoDriver(String),
+    #[error(
+        "this marlin was built without {0}: rebuild with `cargo build --release --features {0}`"
+    )]
+    NotBuilt(&'static str),
+    /// A Vulkan or Metal adapter that is not there (the message names those that are, and
+    /// what to install).
+    #[error("{0}")]
+    NoAdapter(String),
 }
 
 /// Work that is generic over the backend; [`run_on`] picks the backend at run time.
@@ -282,8 +361,8 @@ pub trait BackendTask {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output;
 }
 
-/// Run `task` on the backend of `spec`. A CUDA device in a build without the `cuda` feature is
-/// an error saying how to get one.
+/// Run `task` on the backend of `spec`. A GPU kind this build lacks is an error saying how to
+/// get it; a Vulkan or Metal adapter that is not there, one naming those that are.
 pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, BackendError> {
     match spec {
         DeviceSpec::Cpu => Ok(task.run::<Cpu>(Default::default())),
@@ -294,6 +373,36 @@ pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, Ba
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(BackendError::NoCudaBuild),
+        #[cfg(feature = "vulkan")]
+        DeviceSpec::Vulkan(i) => Ok(task.run::<Vulkan>(wgpu::device(wgpu::Api::Vulkan, i)?)),
+        #[cfg(not(feature = "vulkan"))]
+        DeviceSpec::Vulkan(_) => Err(BackendError::NotBuilt("vulkan")),
+        #[cfg(feature = "metal")]
+        DeviceSpec::Metal => Ok(task.run::<Metal>(wgpu::device(wgpu::Api::Metal, 0)?)),
+        #[cfg(not(feature = "metal"))]
+        DeviceSpec::Metal => Err(BackendError::NotBuilt("metal")),
+    }
+}
+
+/// Whether `spec` computes in bf16 (storage, conversion, arithmetic and dot products):
+/// `None` when that cannot be known (the device does not open, or its kind is not built).
+pub fn supports_bf16(spec: DeviceSpec) -> Option<bool> {
+    fn ask<B: Backend>(device: B::Device) -> bool {
+        B::supports_dtype(&device, burn::tensor::DType::BF16)
+    }
+    match spec {
+        DeviceSpec::Cpu => Some(crate::kernels::bf16::supported()),
+        // Every CUDA GPU burn runs on stores and converts bf16; tensor cores make it fast.
+        DeviceSpec::Cuda(_) => Some(true),
+        #[cfg(feature = "vulkan")]
+        DeviceSpec::Vulkan(i) => wgpu::device(wgpu::Api::Vulkan, i).ok().map(ask::<Vulkan>),
+        #[cfg(feature = "metal")]
+        DeviceSpec::Metal => wgpu::device(wgpu::Api::Metal, 0).ok().map(ask::<Metal>),
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = ask::<Cpu>;
+            None
+        }
     }
 }
 
@@ -333,6 +442,20 @@ mod tests {
             .parse::<DeviceSpec>()
             .unwrap_err()
             .contains("unknown device 'tpu'"));
+        assert_eq!("vulkan".parse::<DeviceSpec>(), Ok(DeviceSpec::Vulkan(0)));
+        assert_eq!("vulkan:2".parse::<DeviceSpec>(), Ok(DeviceSpec::Vulkan(2)));
+        assert_eq!("metal".parse::<DeviceSpec>(), Ok(DeviceSpec::Metal));
+        assert!("vulkan:x".parse::<DeviceSpec>().is_err());
+        assert_eq!(
+            "vulkan:0,vulkan:1".parse::<DeviceSet>(),
+            Ok(DeviceSet::Vulkan(vec![0, 1]))
+        );
+        assert!("vulkan:0,cuda:1"
+            .parse::<DeviceSet>()
+            .unwrap_err()
+            .contains("one kind"));
+        assert_eq!(DeviceSet::Metal.single(), Ok(DeviceSpec::Metal));
+        assert_eq!(DeviceSet::Vulkan(vec![1]).first(), DeviceSpec::Vulkan(1));
         assert_eq!("cpu".parse::<DeviceSet>(), Ok(DeviceSet::Cpu));
         assert_eq!(
             "cuda:0,cuda:2".parse::<DeviceSet>(),
