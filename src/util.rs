@@ -63,6 +63,17 @@ pub(crate) mod check {
         })
     }
 
+    /// A float tensor's values as f32 (the tests' read-back; `convert` makes it f32 whatever
+    /// the backend's float type, so reading it as f32 cannot fail).
+    pub fn values<B: burn::tensor::backend::Backend, const D: usize>(
+        t: burn::tensor::Tensor<B, D>,
+    ) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("data converted to f32")
+    }
+
     /// The largest absolute value; panics on a non-finite one or empty input.
     pub fn max_abs(x: &[f32]) -> f32 {
         assert!(!x.is_empty(), "nothing to measure");

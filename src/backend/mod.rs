@@ -4,6 +4,7 @@
 #[cfg(any(feature = "vulkan", feature = "metal"))]
 pub mod wgpu;
 
+use crate::kernels::{set_cpu_precision, set_gpu_precision, Precision};
 use burn::tensor::backend::Backend;
 use std::str::FromStr;
 
@@ -384,6 +385,40 @@ pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output, Ba
     }
 }
 
+/// Set the precision of the kernels of `device` (the CPU's or the GPU's); `None` takes
+/// [`Precision::default_for`] that device. Returns the precision in effect and, when it is not
+/// the one asked for, a one-line note.
+pub fn set_precision(p: Option<Precision>, device: DeviceSpec) -> (Precision, Option<String>) {
+    match device {
+        DeviceSpec::Cpu => set_cpu_precision(p.unwrap_or(Precision::F32)),
+        DeviceSpec::Cuda(_) => {
+            let p = p.unwrap_or(Precision::default_for(true));
+            set_gpu_precision(p);
+            (p, None)
+        }
+        // Vulkan and Metal shaders have no TF32: f32 by default, bf16 where the adapter has
+        // bf16 arithmetic.
+        DeviceSpec::Vulkan(_) | DeviceSpec::Metal => {
+            let (effective, note) = match p.unwrap_or(Precision::F32) {
+                Precision::Tf32 => (
+                    Precision::F32,
+                    Some(format!(
+                        "TF32 is a CUDA format: computing in f32 on --device {device}"
+                    )),
+                ),
+                Precision::Bf16 if supports_bf16(device) == Some(false) => (
+                    Precision::F32,
+                    Some(format!(
+                        "--device {device} has no bf16 shader arithmetic: computing in f32 instead"
+                    )),
+                ),
+                p => (p, None),
+            };
+            set_gpu_precision(effective);
+            (effective, note)
+        }
+    }
+}
 /// Whether `spec` computes in bf16 (storage, conversion, arithmetic and dot products):
 /// `None` when that cannot be known (the device does not open, or its kind is not built).
 pub fn supports_bf16(spec: DeviceSpec) -> Option<bool> {

@@ -298,7 +298,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         Some(p) => MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?,
         None => MarlinConfig::from_name(&args.model).map_err(|e| e.to_string())?,
     };
-    let (p, note) = marlin::kernels::set_precision(args.precision, args.device);
+    let (p, note) = marlin::backend::set_precision(args.precision, args.device);
     if let Some(n) = note {
         eprintln!("note: {n}");
     }

@@ -190,7 +190,7 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     opts.extract.check().map_err(|e| e.to_string())?;
     args.face.check()?;
     let kind = args.model.device.first();
-    if let (_, Some(note)) = marlin::kernels::set_precision(args.precision, kind) {
+    if let (_, Some(note)) = marlin::backend::set_precision(args.precision, kind) {
         eprintln!("note: {note}");
     }
     let mut found = discover_inputs(&args.inputs, &args.list, &args.glob, &args.out)?;

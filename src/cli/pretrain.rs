@@ -174,7 +174,7 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
             args.out.display()
         );
     }
-    let (_, note) = marlin::kernels::set_precision(args.precision, args.device);
+    let (_, note) = marlin::backend::set_precision(args.precision, args.device);
     if let Some(n) = note {
         eprintln!("note: {n}");
     }

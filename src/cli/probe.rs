@@ -244,7 +244,7 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
     let data = Dataset::load(&t.labels, &t.task).map_err(|e| e.to_string())?;
     data.check_videos().map_err(|e| e.to_string())?;
     let device = args.model.device.single()?;
-    if let (_, Some(n)) = marlin::kernels::set_precision(args.precision, device) {
+    if let (_, Some(n)) = marlin::backend::set_precision(args.precision, device) {
         eprintln!("note: {n}");
     }
     let (cfg, weights) = args.model.resolve(false, !t.quiet)?;

@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub use super::inputs::Failure;
 use super::inputs::Item;
 use super::{
     assemble, face_track, feature_rows, read_clips, ClipData, ClipStats, ExtractError,
@@ -49,22 +50,6 @@ pub struct BatchOptions {
 pub struct FaceCrop<B: Backend> {
     pub detector: Detector<B>,
     pub track: TrackOptions,
-}
-
-/// An input that produced no output, and why (one line).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Failure {
-    pub file: String,
-    pub error: String,
-}
-
-impl Failure {
-    pub fn new(input: &Input, error: impl ToString) -> Self {
-        Self {
-            file: input.path().display().to_string(),
-            error: error.to_string(),
-        }
-    }
 }
 
 /// Where a run stands, after each finished input.

@@ -1,11 +1,26 @@
 //! Which inputs a batch job has and where each one's output goes: files, frame folders,
 //! directories walked for both, list files; outputs keep the inputs' relative paths.
 
-use super::batch::Failure;
 use super::ExtractError;
 use crate::video::{self, Input, VideoError};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+
+/// An input that produced no output, and why (one line).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub file: String,
+    pub error: String,
+}
+
+impl Failure {
+    pub fn new(input: &Input, error: impl ToString) -> Self {
+        Self {
+            file: input.path().display().to_string(),
+            error: error.to_string(),
+        }
+    }
+}
 
 /// The video patterns a directory walk takes by default.
 pub const DEFAULT_GLOB: &str = "*.mp4,*.avi,*.mov,*.mkv,*.webm,*.m4v,*.mpg,*.mpeg,*.flv";

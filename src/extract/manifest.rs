@@ -3,8 +3,7 @@
 //! list of any shard names it) or missing (neither: re-run the same command or the shard that
 //! owns it; finished outputs are skipped).
 
-use super::batch::Failure;
-use super::inputs::Item;
+use super::inputs::{Failure, Item};
 use super::ExtractError;
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -70,9 +70,9 @@ pub enum CropError {
     Track { path: String, msg: String },
     #[error("{path}: {msg}")]
     Write { path: String, msg: String },
-    /// A step of preparing pretraining data (`face::prepare`); the message names the file.
-    #[error("{0}")]
-    Prepare(String),
+    /// Ctrl-C (or the caller's stop) ended the work before it finished.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// What a finished crop found.

@@ -6,6 +6,7 @@
 //! (`--smooth`), then the video is read a second time for the person masks and the maps.
 
 use super::crop::crop_resize;
+use super::crop_video::CropError;
 use super::detect::Detector;
 use super::parser::{smooth_landmarks, FaceInput, Parsing};
 use super::track::{detect_frames, plan_track, TrackOptions};
@@ -33,36 +34,43 @@ pub fn prepare_video<B: Backend>(
     data: &Path,
     steps: &FaceSteps<B>,
     stop: &dyn Fn() -> bool,
-) -> Result<usize, crate::face::crop_video::CropError> {
+) -> Result<usize, CropError> {
     let FaceSteps {
         detector,
         track,
         parsing,
         size,
     } = *steps;
-    let run = || -> Result<usize, String> {
-        let name = input.path().display().to_string();
-        let e = |err: crate::video::VideoError| err.to_string();
-        let (mut reader, frames, _) = open_input(input, None).map_err(e)?;
+    let name = input.path().display().to_string();
+    // A file that cannot be written: its path and why.
+    let write = |path: &Path, err: &dyn std::fmt::Display| CropError::Write {
+        path: path.display().to_string(),
+        msg: err.to_string(),
+    };
+    let run = || -> Result<usize, CropError> {
+        let (mut reader, frames, _) = open_input(input, None)?;
         let wanted = vec![true; frames];
-        let dets = detect_frames(reader.as_mut(), &wanted, detector, track, stop).map_err(e)?;
+        let dets = detect_frames(reader.as_mut(), &wanted, detector, track, stop)?;
         drop(reader);
-        let t = plan_track(&dets, &wanted, track).map_err(|msg| format!("{name}: {msg}"))?;
+        let t = plan_track(&dets, &wanted, track).map_err(|e| CropError::Track {
+            path: name.clone(),
+            msg: e.to_string(),
+        })?;
         let crop_dir = data.join("crop_images_DB").join(rel);
         let parse_dir = data.join("face_parsing_images_DB").join(rel);
         let (tmp_c, tmp_p) = (temp_path(&crop_dir), temp_path(&parse_dir));
         for d in [&tmp_c, &tmp_p] {
             let _ = std::fs::remove_dir_all(d);
-            std::fs::create_dir_all(d).map_err(|err| format!("{}: {err}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(|err| write(d, &err))?;
         }
-        let (mut reader, _, _) = open_input(input, None).map_err(e)?;
-        let write_map = |index: usize, map: ParsingMap| -> Result<(), String> {
-            let arr = ndarray::Array2::from_shape_vec((size, size), map.labels)
-                .map_err(|err| err.to_string())?;
+        let (mut reader, _, _) = open_input(input, None)?;
+        let write_map = |index: usize, map: ParsingMap| -> Result<(), CropError> {
             let q = tmp_p.join(format!("{index:05}.npy"));
-            ndarray_npy::write_npy(&q, &arr).map_err(|err| format!("{}: {err}", q.display()))
+            let arr = ndarray::Array2::from_shape_vec((size, size), map.labels)
+                .map_err(|err| write(&q, &err))?;
+            ndarray_npy::write_npy(&q, &arr).map_err(|err| write(&q, &err))
         };
-        let result = (|| -> Result<usize, String> {
+        let result = (|| -> Result<usize, CropError> {
             let mut n = 0;
             // Frames whose map is its own, and those that borrow the nearest one's.
             let (mut parsed, mut missing) = (Vec::new(), Vec::new());
@@ -72,21 +80,20 @@ pub fn prepare_video<B: Backend>(
                 let mut frames = Vec::with_capacity(chunk.len());
                 for f in chunk {
                     if stop() {
-                        return Err("interrupted".into());
+                        return Err(CropError::Interrupted);
                     }
-                    let Some(frame) = reader.next_frame().map_err(e)? else {
+                    let Some(frame) = reader.next_frame()? else {
                         break;
                     };
                     let face = crop_resize(&frame, &f.crop, size);
                     let p = tmp_c.join(format!("{:05}.jpg", f.index));
                     let img = image::RgbImage::from_raw(size as u32, size as u32, face.data)
-                        .ok_or("bad frame buffer")?;
+                        .ok_or_else(|| write(&p, &"bad frame buffer"))?;
                     let mut buf = std::io::Cursor::new(Vec::new());
                     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95)
                         .encode_image(&img)
-                        .map_err(|err| format!("{}: {err}", p.display()))?;
-                    std::fs::write(&p, buf.into_inner())
-                        .map_err(|err| format!("{}: {err}", p.display()))?;
+                        .map_err(|err| write(&p, &err))?;
+                    std::fs::write(&p, buf.into_inner()).map_err(|err| write(&p, &err))?;
                     frames.push(frame);
                 }
                 let faces: Vec<FaceInput> = frames
@@ -126,18 +133,19 @@ pub fn prepare_video<B: Backend>(
                 // The landmarks smoothed as the boxes are (--smooth), then a second pass over
                 // the frames for the person masks and the maps.
                 let smoothed = smooth_landmarks(&tracked, track.smooth);
-                let (mut reader, _, _) = open_input(input, None).map_err(e)?;
+                let (mut reader, _, _) = open_input(input, None)?;
                 for (chunk, points) in t.frames[..n]
                     .chunks(PARSE_BATCH)
                     .zip(smoothed.chunks(PARSE_BATCH))
                 {
                     if stop() {
-                        return Err("interrupted".into());
+                        return Err(CropError::Interrupted);
                     }
                     let mut frames = Vec::with_capacity(chunk.len());
                     for _ in chunk {
-                        let frame = reader.next_frame().map_err(e)?.ok_or_else(|| {
-                            format!("{name}: fewer frames on the second read than the first")
+                        let frame = reader.next_frame()?.ok_or_else(|| CropError::Track {
+                            path: name.clone(),
+                            msg: "fewer frames on the second read than the first".into(),
                         })?;
                         frames.push(frame);
                     }
@@ -170,14 +178,17 @@ pub fn prepare_video<B: Backend>(
                 if let Some(&j) = near {
                     let from = tmp_p.join(format!("{j:05}.npy"));
                     let to = tmp_p.join(format!("{i:05}.npy"));
-                    std::fs::copy(&from, &to).map_err(|err| format!("{}: {err}", to.display()))?;
+                    std::fs::copy(&from, &to).map_err(|err| write(&to, &err))?;
                 }
             }
             Ok(n)
         })();
         let n = match result {
             Ok(n) if n > 0 => n,
-            Ok(_) => Err(format!("{name}: no frame could be decoded"))?,
+            Ok(_) => Err(CropError::Track {
+                path: name.clone(),
+                msg: "no frame could be decoded".into(),
+            })?,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&tmp_c);
                 let _ = std::fs::remove_dir_all(&tmp_p);
@@ -186,9 +197,9 @@ pub fn prepare_video<B: Backend>(
         };
         for (tmp, dst) in [(&tmp_p, &parse_dir), (&tmp_c, &crop_dir)] {
             let _ = std::fs::remove_dir_all(dst);
-            std::fs::rename(tmp, dst).map_err(|err| format!("{}: {err}", dst.display()))?;
+            std::fs::rename(tmp, dst).map_err(|err| write(dst, &err))?;
         }
         Ok(n)
     };
-    run().map_err(crate::face::crop_video::CropError::Prepare)
+    run()
 }

@@ -113,10 +113,7 @@ mod tests {
 
     fn max_diff(a: Tensor<Flex, 3>, b: Tensor<Flex, 3>) -> f32 {
         assert_eq!(a.dtype(), DType::F32, "results come back in f32");
-        let (a, b) = (
-            crate::model::load::to_f32_vec(a),
-            crate::model::load::to_f32_vec(b),
-        );
+        let (a, b) = (crate::util::check::values(a), crate::util::check::values(b));
         crate::util::check::max_abs_diff(&a, &b)
     }
 
@@ -141,7 +138,7 @@ mod tests {
         assert_eq!(max_diff(exact.clone(), want), 0.0);
         let half = linear(x, w, Some(b), Precision::Bf16);
         let d = max_diff(half, exact.clone());
-        let scale = crate::util::check::max_abs(&crate::model::load::to_f32_vec(exact));
+        let scale = crate::util::check::max_abs(&crate::util::check::values(exact));
         assert!(d > 0.0 && d <= 2e-2 * scale, "linear: {d} of {scale}");
 
         let qkv = input([2, 50, 96], 4);

@@ -160,51 +160,11 @@ pub fn set_flash_attention(on: bool) {
     FLASH.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Set the precision of the kernels of `device` (the CPU's or the GPU's); `None` takes
-/// [`Precision::default_for`] that device. Returns the precision in effect and, when it is not
-/// the one asked for, a one-line note.
-pub fn set_precision(
-    p: Option<Precision>,
-    device: crate::backend::DeviceSpec,
-) -> (Precision, Option<String>) {
-    use crate::backend::DeviceSpec;
-    match device {
-        DeviceSpec::Cpu => set_cpu_precision(p.unwrap_or(Precision::F32)),
-        DeviceSpec::Cuda(_) => {
-            let p = p.unwrap_or(Precision::default_for(true));
-            set_gpu_precision(p);
-            (p, None)
-        }
-        // Vulkan and Metal shaders have no TF32: f32 by default, bf16 where the adapter has
-        // bf16 arithmetic.
-        DeviceSpec::Vulkan(_) | DeviceSpec::Metal => {
-            let (effective, note) = match p.unwrap_or(Precision::F32) {
-                Precision::Tf32 => (
-                    Precision::F32,
-                    Some(format!(
-                        "TF32 is a CUDA format: computing in f32 on --device {device}"
-                    )),
-                ),
-                Precision::Bf16 if crate::backend::supports_bf16(device) == Some(false) => (
-                    Precision::F32,
-                    Some(format!(
-                        "--device {device} has no bf16 shader arithmetic: computing in f32 instead"
-                    )),
-                ),
-                p => (p, None),
-            };
-            set_gpu_precision(effective);
-            (effective, note)
-        }
-    }
-}
 pub mod cpu;
 pub mod cpu_autodiff;
 
-use crate::model::block::Block;
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::Autodiff;
-use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::any::{Any, TypeId};
 
@@ -232,10 +192,48 @@ pub trait Kernels<B: Backend>: Sync {
     }
 
     /// A whole pre-norm block `[B, N, D] -> [B, N, D]` in one kernel, or `x` back untouched to
-    /// run the block op by op.
-    fn block(&self, _block: &Block<B>, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    /// run the block op by op. `block` hands over its weights only if an override asks.
+    fn block(
+        &self,
+        _block: &dyn PreNormBlock<B>,
+        x: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
         Err(x)
     }
+}
+
+/// A pre-norm transformer block as the door's [`Kernels::block`] sees it (the model's block
+/// implements it; the kernels sit below the model and never name its types).
+pub trait PreNormBlock<B: Backend> {
+    /// The block's weights, or `None` where it has a part a one-kernel block does not do
+    /// (layer scale, a qkv Linear with a bias of its own).
+    fn tensors(&self) -> Option<BlockTensors<B>>;
+}
+
+/// A Linear's weight `[in, out]` and bias `[out]`.
+pub type LinearTensors<B> = (Tensor<B, 2>, Option<Tensor<B, 1>>);
+
+/// The weights of one pre-norm block without layer scale:
+/// x += proj(attn(LN1(x))); x += fc2(GELU(fc1(LN2(x)))).
+pub struct BlockTensors<B: Backend> {
+    /// LayerNorm 1 (weight, bias) `[D]`.
+    pub norm1: (Tensor<B, 1>, Tensor<B, 1>),
+    /// qkv projection `[D, 3D]` (no bias of its own).
+    pub qkv: Tensor<B, 2>,
+    /// q_bias and v_bias `[D]` (k has none).
+    pub qv_bias: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    /// Output projection `[D, D]`.
+    pub proj: LinearTensors<B>,
+    /// LayerNorm 2 (weight, bias) `[D]`.
+    pub norm2: (Tensor<B, 1>, Tensor<B, 1>),
+    /// MLP `[D, Hid]` and `[Hid, D]`.
+    pub fc1: LinearTensors<B>,
+    pub fc2: LinearTensors<B>,
+    pub heads: usize,
+    /// Scale of q·k.
+    pub scale: f32,
+    /// LayerNorm epsilon.
+    pub eps: f32,
 }
 
 /// Burn's generic ops: every backend without an override.
@@ -318,35 +316,30 @@ impl<B: Backend> Kernels<B> for FlexKernels {
 
     /// The whole block as one host kernel ([`cpu::block_forward`]), reading the weights in
     /// place; not for layer scale or a qkv Linear with a bias of its own.
-    fn block(&self, blk: &Block<B>, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
-        if blk.gamma_1.is_some() || blk.gamma_2.is_some() {
+    fn block(
+        &self,
+        blk: &dyn PreNormBlock<B>,
+        x: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+        if x.dtype() != burn::tensor::DType::F32 {
             return Err(x);
         }
-        let linear = |l: &Linear<B>| -> Option<(FlexTensor, Option<FlexTensor>)> {
+        let Some(t) = blk.tensors() else {
+            return Err(x);
+        };
+        let pair = |(a, b): (Tensor<B, 1>, Tensor<B, 1>)| Some((flex(a)?, flex(b)?));
+        let held = (|| {
             Some((
-                flex(l.weight.val())?,
-                match &l.bias {
-                    Some(b) => Some(flex(b.val())?),
+                pair(t.norm1)?,
+                flex(t.qkv)?,
+                match t.qv_bias {
+                    Some(p) => Some(pair(p)?),
                     None => None,
                 },
-            ))
-        };
-        let norm = |n: &LayerNorm<B>| -> Option<(FlexTensor, FlexTensor)> {
-            Some((flex(n.gamma.val())?, flex(n.beta.as_ref()?.val())?))
-        };
-        let held = (|| {
-            let qv = match (&blk.attn.q_bias, &blk.attn.v_bias) {
-                (Some(q), Some(v)) => Some((flex(q.val())?, flex(v.val())?)),
-                _ => None,
-            };
-            Some((
-                norm(&blk.norm1)?,
-                linear(&blk.attn.qkv)?,
-                qv,
-                linear(&blk.attn.proj)?,
-                norm(&blk.norm2)?,
-                linear(&blk.mlp.fc1)?,
-                linear(&blk.mlp.fc2)?,
+                (flex(t.proj.0)?, flex(t.proj.1?)?),
+                pair(t.norm2)?,
+                (flex(t.fc1.0)?, flex(t.fc1.1?)?),
+                (flex(t.fc2.0)?, flex(t.fc2.1?)?),
             ))
         })();
         let Some((n1, qkv, qv, proj, n2, fc1, fc2)) = held else {
@@ -355,36 +348,29 @@ impl<B: Backend> Kernels<B> for FlexKernels {
         fn sl(t: &FlexTensor) -> Option<&[f32]> {
             t.as_slice::<f32>()
         }
-        fn pair((a, b): &(FlexTensor, FlexTensor)) -> Option<(&[f32], &[f32])> {
+        fn pair_sl((a, b): &(FlexTensor, FlexTensor)) -> Option<(&[f32], &[f32])> {
             Some((sl(a)?, sl(b)?))
-        }
-        fn lin((w, b): &(FlexTensor, Option<FlexTensor>)) -> Option<(&[f32], &[f32])> {
-            Some((sl(w)?, sl(b.as_ref()?)?))
         }
         let w = (|| {
             Some(cpu::BlockWeights {
-                norm1: pair(&n1)?,
-                qkv: sl(&qkv.0)?,
+                norm1: pair_sl(&n1)?,
+                qkv: sl(&qkv)?,
                 qv_bias: match &qv {
-                    Some(p) => Some(pair(p)?),
+                    Some(p) => Some(pair_sl(p)?),
                     None => None,
                 },
-                proj: lin(&proj)?,
-                norm2: pair(&n2)?,
-                fc1: lin(&fc1)?,
-                fc2: lin(&fc2)?,
-                heads: blk.attn.num_heads,
-                scale: blk.attn.scale as f32,
-                eps: crate::model::load::LN_EPS as f32,
+                proj: pair_sl(&proj)?,
+                norm2: pair_sl(&n2)?,
+                fc1: pair_sl(&fc1)?,
+                fc2: pair_sl(&fc2)?,
+                heads: t.heads,
+                scale: t.scale,
+                eps: t.eps,
             })
         })();
-        // The qkv Linear of a block has no bias of its own (q/v biases are separate).
-        let Some(w) = w.filter(|_| qkv.1.is_none()) else {
+        let Some(w) = w else {
             return Err(x);
         };
-        if x.dtype() != burn::tensor::DType::F32 {
-            return Err(x);
-        }
         let [b, n, d] = x.dims();
         let device = x.device();
         // An f32 tensor (checked above) always converts to Vec<f32>.
@@ -447,10 +433,7 @@ mod tests {
     }
 
     fn diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
-        let (a, b) = (
-            crate::model::load::to_f32_vec(a),
-            crate::model::load::to_f32_vec(b),
-        );
+        let (a, b) = (crate::util::check::values(a), crate::util::check::values(b));
         crate::util::check::max_abs_diff(&a, &b)
     }
 

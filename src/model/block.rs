@@ -139,3 +139,29 @@ impl<B: Backend> Block<B> {
         x + m
     }
 }
+
+impl<B: Backend> kernels::PreNormBlock<B> for Block<B> {
+    fn tensors(&self) -> Option<kernels::BlockTensors<B>> {
+        if self.gamma_1.is_some() || self.gamma_2.is_some() || self.attn.qkv.bias.is_some() {
+            return None;
+        }
+        let norm = |n: &LayerNorm<B>| Some((n.gamma.val(), n.beta.as_ref()?.val()));
+        let lin = |l: &Linear<B>| (l.weight.val(), l.bias.as_ref().map(|b| b.val()));
+        let qv_bias = match (&self.attn.q_bias, &self.attn.v_bias) {
+            (Some(q), Some(v)) => Some((q.val(), v.val())),
+            _ => None,
+        };
+        Some(kernels::BlockTensors {
+            norm1: norm(&self.norm1)?,
+            qkv: self.attn.qkv.weight.val(),
+            qv_bias,
+            proj: lin(&self.attn.proj),
+            norm2: norm(&self.norm2)?,
+            fc1: lin(&self.mlp.fc1),
+            fc2: lin(&self.mlp.fc2),
+            heads: self.attn.num_heads,
+            scale: self.attn.scale as f32,
+            eps: super::load::LN_EPS as f32,
+        })
+    }
+}

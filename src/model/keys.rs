@@ -12,8 +12,7 @@
 //! and initialised from. [`KeyMap::load`] fills a module from a [`StateDict`] in one walk and
 //! [`KeyMap::export`] writes one back, so adding a parameter to a module is the whole change.
 
-use super::load::to_host;
-use super::weights::{HostTensor, StateDict, WeightsError};
+use super::host::{to_host, HostTensor, StateDict, WeightsError};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 

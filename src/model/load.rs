@@ -2,7 +2,8 @@
 //! (filled by [`super::keys::KeyMap::load`]), and a name-by-name [`Loader`] for networks whose
 //! weights are embedded (the face detector's).
 
-use super::weights::{HostTensor, StateDict, WeightsError};
+pub use super::host::{to_f32_vec, to_host, to_scalar};
+use super::host::{HostTensor, StateDict, WeightsError};
 use burn::module::Param;
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::Shape;
@@ -70,26 +71,6 @@ impl<'a, B: Backend> Loader<'a, B> {
         };
         Ok(Linear { weight, bias })
     }
-}
-
-/// A float tensor's values as `f32`, row-major.
-pub fn to_f32_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    // `convert::<f32>` makes the data f32 whatever the backend's float type, so reading it
-    // back as f32 cannot fail.
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("data converted to f32 reads back as f32")
-}
-
-/// A tensor back to host memory.
-pub fn to_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> HostTensor {
-    HostTensor::new(t.dims().to_vec(), to_f32_vec(t.clone()))
-}
-
-/// The first value of a tensor (a loss) as f64 (NaN for an empty tensor).
-pub fn to_scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
-    to_f32_vec(t).first().copied().unwrap_or(f32::NAN) as f64
 }
 
 /// A lazy parameter of `shape`: nothing is allocated until it is read, and loading replaces it.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod decoder;
 pub mod discriminator;
 pub mod encoder;
+pub mod host;
 pub mod keys;
 pub mod load;
 pub mod patch_embed;

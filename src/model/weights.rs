@@ -7,60 +7,11 @@
 //! names and shapes come from the module tree ([`super::keys`]); nothing here lists them.
 
 use super::config::MarlinConfig;
+pub use super::host::{HostTensor, StateDict, WeightsError};
 use burn_store::pytorch::PytorchReader;
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-/// A tensor in host memory, PyTorch layout, float32.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Self { shape, data }
-    }
-    pub fn numel(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// Errors while reading, checking or writing a checkpoint. Each names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum WeightsError {
-    #[error("{file}: cannot read checkpoint: {msg}")]
-    Read { file: String, msg: String },
-    #[error(
-        "{file}: not a MARLIN checkpoint: no key ends in '{probe}' (found {n} tensors{sample})"
-    )]
-    NotMarlin {
-        file: String,
-        probe: String,
-        n: usize,
-        sample: String,
-    },
-    #[error("{file}: missing key '{key}' (expected shape {expected:?}){hint}")]
-    Missing {
-        file: String,
-        key: String,
-        expected: Vec<usize>,
-        hint: String,
-    },
-    #[error("{file}: key '{key}' has shape {found:?} but config '{config}' expects {expected:?}")]
-    Shape {
-        file: String,
-        key: String,
-        config: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error("{file}: cannot write checkpoint: {msg}")]
-    Write { file: String, msg: String },
-}
 
 /// Which parts of the model a set of weights covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -162,14 +113,6 @@ pub fn sinusoid_table(n: usize, d: usize) -> Vec<f32> {
     out
 }
 
-/// Official key names -> host tensors, with the file they came from (for messages).
-#[derive(Debug, Clone, Default)]
-pub struct StateDict {
-    pub tensors: BTreeMap<String, HostTensor>,
-    /// Where the tensors came from, for error messages.
-    pub source: String,
-}
-
 /// What a checkpoint holds, as `marlin info` reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointSummary {
@@ -180,14 +123,8 @@ pub struct CheckpointSummary {
     pub num_values: usize,
 }
 
+/// Reading, checking and writing checkpoint files (the type is in [`super::host`]).
 impl StateDict {
-    pub fn new(source: impl Into<String>) -> Self {
-        Self {
-            tensors: BTreeMap::new(),
-            source: source.into(),
-        }
-    }
-
     /// Read a checkpoint: a torch `.pt` (zip or legacy pickle), a Lightning `.ckpt` (`state_dict`
     /// inside), or safetensors (ours, or the HF wrapper's prefixed names). The file type is told
     /// from its first bytes, not its extension. Keys are normalised to the official names.
@@ -208,9 +145,9 @@ impl StateDict {
         }
         // safetensors first: its 8-byte header length can begin with 0x80, the pickle marker.
         let raw = if n >= 9 && head[8] == b'{' && !head.starts_with(b"PK") {
-            read_safetensors(path).map_err(read_err)?
+            read_safetensors(path).map_err(|e| read_err(e.to_string()))?
         } else if head.starts_with(b"PK") || head[0] == 0x80 {
-            read_torch(path).map_err(read_err)?
+            read_torch(path).map_err(|e| read_err(e.to_string()))?
         } else {
             return Err(read_err(
                 "unknown format (expected a torch .pt/.ckpt zip or pickle, or safetensors)".into(),
@@ -507,6 +444,26 @@ impl StateDict {
     }
 }
 
+/// Why a checkpoint's bytes could not be read as tensors (reported as [`WeightsError::Read`],
+/// which adds the file).
+#[derive(Debug, thiserror::Error)]
+enum FormatError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// burn-store's reader (torch zip or pickle), for a file that candle cannot read either.
+    #[error("{0}")]
+    Torch(String),
+    #[error("{0}")]
+    Safetensors(#[from] safetensors::SafeTensorError),
+    #[error("tensor '{name}': {msg}")]
+    Tensor { name: String, msg: String },
+    #[error("tensor '{name}' has unsupported dtype {dtype}")]
+    Dtype { name: String, dtype: String },
+    /// A tensor whose values cannot be read as f32, or do not fill its shape.
+    #[error("{0}")]
+    Values(String),
+}
+
 /// A tensor read lazily from a checkpoint (only model keys are materialised).
 pub(crate) enum LazyTensor {
     Snapshot(burn_store::TensorSnapshot),
@@ -514,19 +471,22 @@ pub(crate) enum LazyTensor {
 }
 
 impl LazyTensor {
-    fn materialise(self) -> Result<HostTensor, String> {
+    fn materialise(self) -> Result<HostTensor, FormatError> {
         match self {
             LazyTensor::Host(t) => Ok(t),
             LazyTensor::Snapshot(s) => {
                 let shape = s.shape.to_vec();
                 let data = s
                     .to_data()
-                    .map_err(|e| format!("{e:?}"))?
+                    .map_err(|e| FormatError::Values(format!("{e:?}")))?
                     .convert::<f32>()
                     .into_vec::<f32>()
-                    .map_err(|e| format!("{e:?}"))?;
+                    .map_err(|e| FormatError::Values(format!("{e:?}")))?;
                 if data.len() != shape.iter().product::<usize>() {
-                    return Err(format!("{} values for shape {shape:?}", data.len()));
+                    return Err(FormatError::Values(format!(
+                        "{} values for shape {shape:?}",
+                        data.len()
+                    )));
                 }
                 Ok(HostTensor::new(shape, data))
             }
@@ -534,7 +494,7 @@ impl LazyTensor {
     }
 }
 
-fn read_torch(path: &Path) -> Result<BTreeMap<String, LazyTensor>, String> {
+fn read_torch(path: &Path) -> Result<BTreeMap<String, LazyTensor>, FormatError> {
     // burn-store reads plain state dicts (zip or legacy pickle); nested dicts come back as
     // dotted paths. It rejects dicts with non-string keys, which every real Lightning checkpoint
     // has (optimizer state is keyed by parameter index): for those, candle's reader takes the
@@ -545,20 +505,24 @@ fn read_torch(path: &Path) -> Result<BTreeMap<String, LazyTensor>, String> {
             .into_iter()
             .map(|(k, v)| (k, LazyTensor::Snapshot(v)))
             .collect()),
-        Err(burn_err) => {
-            read_torch_candle(path, Some("state_dict")).map_err(|_| burn_err.to_string())
-        }
+        Err(burn_err) => read_torch_candle(path, Some("state_dict"))
+            .map_err(|_| FormatError::Torch(burn_err.to_string())),
     }
 }
 
 fn read_torch_candle(
     path: &Path,
     key: Option<&str>,
-) -> Result<BTreeMap<String, LazyTensor>, String> {
-    let pth = candle_core::pickle::PthTensors::new(path, key).map_err(|e| e.to_string())?;
+) -> Result<BTreeMap<String, LazyTensor>, FormatError> {
+    let pth = candle_core::pickle::PthTensors::new(path, key)
+        .map_err(|e| FormatError::Torch(e.to_string()))?;
     let mut out = BTreeMap::new();
     for name in pth.tensor_infos().keys() {
-        let Some(t) = pth.get(name).map_err(|e| format!("tensor '{name}': {e}"))? else {
+        let tensor_err = |e: candle_core::Error| FormatError::Tensor {
+            name: name.clone(),
+            msg: e.to_string(),
+        };
+        let Some(t) = pth.get(name).map_err(tensor_err)? else {
             continue;
         };
         let shape = t.dims().to_vec();
@@ -566,15 +530,14 @@ fn read_torch_candle(
             .flatten_all()
             .and_then(|t| t.to_dtype(candle_core::DType::F32))
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("tensor '{name}': {e}"))?;
+            .map_err(tensor_err)?;
         out.insert(name.clone(), LazyTensor::Host(HostTensor::new(shape, data)));
     }
     Ok(out)
 }
 
-fn read_safetensors(path: &Path) -> Result<BTreeMap<String, LazyTensor>, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    read_safetensors_raw(&bytes)
+fn read_safetensors(path: &Path) -> Result<BTreeMap<String, LazyTensor>, FormatError> {
+    read_safetensors_raw(&std::fs::read(path)?)
 }
 
 /// Every tensor of safetensors bytes as float32 host tensors, names as stored (embedded
@@ -583,9 +546,9 @@ pub fn read_safetensors_bytes(
     bytes: &[u8],
     name: &str,
 ) -> Result<BTreeMap<String, HostTensor>, WeightsError> {
-    let read_err = |msg: String| WeightsError::Read {
+    let read_err = |e: FormatError| WeightsError::Read {
         file: name.to_string(),
-        msg,
+        msg: e.to_string(),
     };
     read_safetensors_raw(bytes)
         .map_err(read_err)?
@@ -594,8 +557,8 @@ pub fn read_safetensors_bytes(
         .collect()
 }
 
-fn read_safetensors_raw(bytes: &[u8]) -> Result<BTreeMap<String, LazyTensor>, String> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+fn read_safetensors_raw(bytes: &[u8]) -> Result<BTreeMap<String, LazyTensor>, FormatError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
@@ -620,7 +583,12 @@ fn read_safetensors_raw(bytes: &[u8]) -> Result<BTreeMap<String, LazyTensor>, St
             safetensors::Dtype::U8 | safetensors::Dtype::BOOL => {
                 raw.iter().map(|&b| b as f32).collect()
             }
-            other => return Err(format!("tensor '{name}' has unsupported dtype {other:?}")),
+            other => {
+                return Err(FormatError::Dtype {
+                    name,
+                    dtype: format!("{other:?}"),
+                })
+            }
         };
         out.insert(name, LazyTensor::Host(HostTensor::new(shape, data)));
     }
@@ -630,9 +598,9 @@ fn read_safetensors_raw(bytes: &[u8]) -> Result<BTreeMap<String, LazyTensor>, St
 /// Every tensor of a safetensors file as float32 host tensors, names as stored (no key
 /// normalisation): for data files such as test fixtures.
 pub fn read_safetensors_file(path: &Path) -> Result<BTreeMap<String, HostTensor>, WeightsError> {
-    let read_err = |msg: String| WeightsError::Read {
+    let read_err = |e: FormatError| WeightsError::Read {
         file: path.display().to_string(),
-        msg,
+        msg: e.to_string(),
     };
     read_safetensors(path)
         .map_err(read_err)?

@@ -46,6 +46,13 @@ pub enum DataError {
     },
 }
 
+/// A message naming the file (and row): an unusable input.
+impl From<String> for DataError {
+    fn from(msg: String) -> Self {
+        DataError::Invalid(msg)
+    }
+}
+
 /// A dataset with its three splits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -80,9 +87,9 @@ impl Dataset {
     /// `train.csv`, `val.csv` and `test.csv`.
     pub fn load(path: &Path, task: &str) -> Result<Self, DataError> {
         if path.join("celebvhq_info.json").is_file() {
-            load_celebvhq(path, task).map_err(DataError::Invalid)
+            load_celebvhq(path, task)
         } else if path.is_dir() {
-            load_csv_dir(path).map_err(DataError::Invalid)
+            load_csv_dir(path)
         } else {
             Err(DataError::Invalid(format!(
                 "{}: not a CelebV-HQ root (celebvhq_info.json) nor a folder with train.csv, val.csv and test.csv",
@@ -140,15 +147,13 @@ impl Dataset {
     }
 }
 
-fn read_text(p: &Path) -> Result<String, String> {
-    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+fn read_text(p: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(p).map_err(|e| DataError::Invalid(format!("{}: {e}", p.display())))
 }
 
-fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, String> {
+fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, DataError> {
     if task != "appearance" && task != "action" {
-        return Err(format!(
-            "--task {task}: CelebV-HQ tasks are appearance and action"
-        ));
+        return Err(format!("--task {task}: CelebV-HQ tasks are appearance and action").into());
     }
     let info_path = root.join("celebvhq_info.json");
     let info: serde_json::Value = serde_json::from_str(&read_text(&info_path)?)
@@ -187,13 +192,14 @@ fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, String> {
                     Some(x) if x == 0.0 || x == 1.0 => Ok(x as f32),
                     _ => Err(format!("{origin}: '{name}': label {l} is not 0 or 1")),
                 })
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<_, String>>()?;
             let w = *width.get_or_insert(target.len());
             if target.len() != w {
                 return Err(format!(
                     "{origin}: '{name}' has {} {task} labels, expected {w}",
                     target.len()
-                ));
+                )
+                .into());
             }
             v.push(Sample {
                 origin,
@@ -224,7 +230,7 @@ fn load_celebvhq(root: &Path, task: &str) -> Result<Dataset, String> {
 /// The rows of one CSV: (origin, path, label cells), and the header's label names.
 type Rows = (Vec<(String, String, Vec<String>)>, Option<Vec<String>>);
 
-fn read_csv(p: &Path) -> Result<Rows, String> {
+fn read_csv(p: &Path) -> Result<Rows, DataError> {
     let mut r = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -251,7 +257,8 @@ fn read_csv(p: &Path) -> Result<Rows, String> {
                 "{origin}: {} column(s), expected {} (path and label(s))",
                 rec.len(),
                 w.max(2)
-            ));
+            )
+            .into());
         }
         let cells: Vec<String> = rec.iter().map(String::from).collect();
         rows.push((origin, cells[0].clone(), cells[1..].to_vec()));
@@ -259,7 +266,7 @@ fn read_csv(p: &Path) -> Result<Rows, String> {
     Ok((rows, header))
 }
 
-fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
+fn load_csv_dir(dir: &Path) -> Result<Dataset, DataError> {
     let mut all = Vec::new();
     let mut header = None;
     let mut width = None;
@@ -269,7 +276,8 @@ fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
             return Err(format!(
                 "{}: missing (make the splits with `marlin split LABELS.csv`)",
                 p.display()
-            ));
+            )
+            .into());
         }
         let (rows, h) = read_csv(&p)?;
         if header.is_none() {
@@ -281,7 +289,8 @@ fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
                 return Err(format!(
                     "{origin}: {} label column(s), train.csv has {w}",
                     cells.len()
-                ));
+                )
+                .into());
             }
         }
         all.push(rows);
@@ -332,10 +341,10 @@ fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
                         if is01(c) {
                             Ok(if c == "1" { 1.0 } else { 0.0 })
                         } else {
-                            Err(format!(
-                                "{origin}: label {} is '{c}', expected 0 or 1",
-                                j + 1
-                            ))
+                            Err(
+                                format!("{origin}: label {} is '{c}', expected 0 or 1", j + 1)
+                                    .into(),
+                            )
                         }
                     })
                     .collect::<Result<Vec<f32>, String>>()?,
@@ -358,7 +367,7 @@ fn load_csv_dir(dir: &Path) -> Result<Dataset, String> {
     let [train, val, test]: [Vec<Sample>; 3] =
         splits.try_into().map_err(|_| "three splits".to_string())?;
     if train.is_empty() {
-        return Err(format!("{}: no rows", dir.join("train.csv").display()));
+        return Err(format!("{}: no rows", dir.join("train.csv").display()).into());
     }
     Ok(Dataset {
         kind,
@@ -389,10 +398,14 @@ pub fn make_split(
     seed: u64,
     overwrite: bool,
 ) -> Result<Vec<(PathBuf, usize)>, DataError> {
-    split_files(input, seed, overwrite).map_err(DataError::Invalid)
+    split_files(input, seed, overwrite)
 }
 
-fn split_files(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathBuf, usize)>, String> {
+fn split_files(
+    input: &Path,
+    seed: u64,
+    overwrite: bool,
+) -> Result<Vec<(PathBuf, usize)>, DataError> {
     let (dir, ext, header, rows): (PathBuf, &str, Option<String>, Vec<String>) = if input.is_dir() {
         let cropped = input.join("cropped");
         let rd = std::fs::read_dir(&cropped).map_err(|_| {
@@ -438,7 +451,8 @@ fn split_files(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathBuf,
             "{}: {} item(s); a split needs at least 3",
             input.display(),
             rows.len()
-        ));
+        )
+        .into());
     }
     let targets: Vec<PathBuf> = SPLITS
         .iter()
@@ -446,7 +460,7 @@ fn split_files(input: &Path, seed: u64, overwrite: bool) -> Result<Vec<(PathBuf,
         .collect();
     if !overwrite {
         if let Some(t) = targets.iter().find(|t| t.exists()) {
-            return Err(format!("{}: exists (use --overwrite)", t.display()));
+            return Err(format!("{}: exists (use --overwrite)", t.display()).into());
         }
     }
     let parts = split_indices(rows.len(), seed);

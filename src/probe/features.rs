@@ -1,7 +1,7 @@
 //! Features of a downstream dataset from `marlin extract`'s `.npy` files, combined over clips.
 
 use super::data::Dataset;
-use super::train::{Inputs, ProbeError};
+use super::inputs::{Inputs, ProbeError};
 use std::path::PathBuf;
 
 /// A video's clip features `[clips, D]` (or `[D]`) combined over clips: mean, max or min.
@@ -34,14 +34,14 @@ pub fn load_features(
     data: &Dataset,
     reduction: &str,
 ) -> Result<Inputs, ProbeError> {
-    read_features(paths, data, reduction).map_err(ProbeError::Input)
+    read_features(paths, data, reduction)
 }
 
 fn read_features(
     paths: &std::collections::BTreeMap<String, Vec<PathBuf>>,
     data: &Dataset,
     reduction: &str,
-) -> Result<Inputs, String> {
+) -> Result<Inputs, ProbeError> {
     let mut d = None;
     let mut out: Vec<Vec<f32>> = Vec::new();
     for split in super::data::SPLITS {
@@ -58,11 +58,11 @@ fn read_features(
                         s.origin,
                         p.display(),
                         a.shape()
-                    ))
+                    ).into())
                 }
             };
             if a.shape()[0] == 0 {
-                return Err(format!("{}: {}: no clips", s.origin, p.display()));
+                return Err(format!("{}: {}: no clips", s.origin, p.display()).into());
             }
             let width = a.shape()[1];
             if *d.get_or_insert(width) != width {
@@ -71,7 +71,8 @@ fn read_features(
                     s.origin,
                     p.display(),
                     d.unwrap_or(0)
-                ));
+                )
+                .into());
             }
             rows.extend(reduce_clips(a, reduction).map_err(|e| e.to_string())?);
         }

@@ -4,6 +4,7 @@
 pub mod classifier;
 pub mod data;
 pub mod features;
+pub mod inputs;
 pub mod metrics;
 pub mod plot;
 pub mod run;

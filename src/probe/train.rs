@@ -7,11 +7,10 @@
 pub use super::classifier::{head_shape, probs, Classifier};
 use super::data::{Dataset, Sample};
 pub use super::features::{load_features, reduce_clips};
+pub use super::inputs::{ClipSpec, Inputs, ProbeError};
 use super::metrics::{evaluate, Metrics, TaskKind};
 use crate::model::load::to_scalar;
-use crate::video::clip::{self, to_clip, ClipData};
-use crate::video::VideoError;
-use crate::video::{open_input, Input};
+use crate::video::clip::ClipData;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
@@ -21,19 +20,6 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use rayon::prelude::*;
 use std::time::Instant;
-
-/// Why a downstream run or its inputs failed. One line naming the file (and row).
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    /// Features or clips that cannot be read or used (`file:row: what`).
-    #[error("{0}")]
-    Input(String),
-    /// A run's hook (checkpoint, report) failed.
-    #[error("{0}")]
-    Report(String),
-    #[error("no epoch finished")]
-    NoEpoch,
-}
 
 /// Settings of a training run (the reference's values by default).
 #[derive(Debug, Clone)]
@@ -96,52 +82,6 @@ impl Plateau {
             self.lr = (self.lr * self.factor).max(1e-8);
             self.bad = 0;
         }
-    }
-}
-
-/// Where the inputs of a run come from.
-pub enum Inputs {
-    /// Features per split, `[n, d]` row-major (already reduced over windows).
-    Features {
-        d: usize,
-        train: Vec<f32>,
-        val: Vec<f32>,
-        test: Vec<f32>,
-    },
-    /// Videos, read as one clip each time a sample is used.
-    Clips(ClipSpec),
-}
-
-/// How fine-tuning reads a clip from a video: `clip_frames` frames `sample_rate` apart (fewer
-/// frames: a lower rate, then padding with the last frame, as the reference), frames resized
-/// to `size`. Training clips start at random; evaluation clips are centred.
-#[derive(Debug, Clone)]
-pub struct ClipSpec {
-    pub clip_frames: usize,
-    pub sample_rate: usize,
-    pub size: usize,
-}
-
-impl ClipSpec {
-    /// Read one clip; `rng` picks the start (None: the centred clip).
-    pub fn read(
-        &self,
-        video: &std::path::Path,
-        rng: Option<&mut StdRng>,
-    ) -> Result<ClipData, VideoError> {
-        let input = Input::Video(video.to_path_buf());
-        let (mut reader, n, _) = open_input(&input, Some((self.size, self.size)))?;
-        let t = self.clip_frames;
-        let wanted = clip::sample_indices(n, t, self.sample_rate, rng);
-        let mut frames = clip::read_indices(reader.as_mut(), &wanted)?;
-        let Some(last) = frames.last().cloned() else {
-            return Err(VideoError::Other {
-                path: video.display().to_string(),
-                msg: "no frame could be decoded".into(),
-            });
-        };
-        frames.resize(t, last);
-        Ok(to_clip(&frames))
     }
 }
 
@@ -217,7 +157,7 @@ impl Inputs {
         idx: &[usize],
         rng: Option<&mut StdRng>,
         device: &B::Device,
-    ) -> Result<Tensor<B, 2>, String> {
+    ) -> Result<Tensor<B, 2>, ProbeError> {
         match self {
             Inputs::Features {
                 d,
@@ -279,9 +219,7 @@ impl Inputs {
         let idx: Vec<usize> = (0..samples.len()).collect();
         let (mut p, mut total, mut y) = (Vec::new(), 0f64, Vec::new());
         for chunk in idx.chunks(batch.max(1)) {
-            let logits = self
-                .logits(model, split, samples, chunk, None, device)
-                .map_err(ProbeError::Input)?;
+            let logits = self.logits(model, split, samples, chunk, None, device)?;
             let t = targets(samples, chunk);
             total += to_scalar(loss(logits.clone(), &t, data.kind)) * chunk.len() as f64;
             p.extend(probs(logits, data.kind));
@@ -335,9 +273,7 @@ pub fn train<B: AutodiffBackend>(
             if hooks.stop() {
                 break;
             }
-            let logits = inputs
-                .logits(&model, "train", &data.train, b, Some(&mut rng), device)
-                .map_err(ProbeError::Input)?;
+            let logits = inputs.logits(&model, "train", &data.train, b, Some(&mut rng), device)?;
             let l = loss(logits, &targets(&data.train, b), data.kind);
             sum += to_scalar(l.clone().inner()) * b.len() as f64;
             count += b.len();

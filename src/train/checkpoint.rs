@@ -3,7 +3,6 @@
 //! load by visit order) and the run state; `model.safetensors` the weights alone. Both are
 //! written atomically.
 
-use super::run::RunState;
 use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, TrainError};
 use crate::model::weights::{read_safetensors_file, StateDict};
 use crate::model::{Marlin, MarlinConfig, Part};
@@ -14,6 +13,20 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
+
+/// Where a run stands (saved in every checkpoint).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunState {
+    /// The next epoch to run (0-based).
+    pub epoch: usize,
+    pub step: u64,
+    pub seed: u64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Parameter order of the generator and the critic, to re-key the optimiser state.
+    pub generator_ids: Vec<String>,
+    pub critic_ids: Vec<String>,
+}
 
 struct Ids(Vec<ParamId>);
 
@@ -30,7 +43,7 @@ pub(super) fn param_ids<B: Backend, M: Module<B>>(m: &M) -> Vec<ParamId> {
 }
 
 /// Re-key an optimiser record (a map from parameter ids) from the saved ids to the model's.
-fn remap<V, M>(rec: M, old: &[String], new: &[ParamId]) -> Result<M, String>
+fn remap<V, M>(rec: M, old: &[String], new: &[ParamId]) -> Result<M, TrainError>
 where
     M: IntoIterator<Item = (ParamId, V)> + FromIterator<(ParamId, V)>,
 {
@@ -39,7 +52,8 @@ where
             "the checkpoint's optimiser state has {} parameters, the model {}",
             old.len(),
             new.len()
-        ));
+        )
+        .into());
     }
     let map: HashMap<ParamId, ParamId> = old
         .iter()
@@ -58,7 +72,7 @@ pub(super) fn save_checkpoint<B: AutodiffBackend>(
     out: &Path,
     pt: &Pretrainer<B>,
     state: &RunState,
-) -> Result<(), String> {
+) -> Result<(), TrainError> {
     let sd = pt.model().to_state_dict();
     let (g, d) = pt.optimizer_records();
     let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
@@ -111,7 +125,7 @@ pub(super) fn save_checkpoint<B: AutodiffBackend>(
     let p = out.join("checkpoint.safetensors");
     write_atomic(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?;
     let m = out.join("model.safetensors");
-    sd.save_safetensors(&m, None).map_err(|e| e.to_string())
+    Ok(sd.save_safetensors(&m, None)?)
 }
 
 /// Resume from `out/checkpoint.safetensors`: model, optimisers, run state.
@@ -133,10 +147,10 @@ pub(super) fn load_checkpoint<B: AutodiffBackend>(
         .and_then(|s| serde_json::from_str(s).map_err(|e| format!("{}: {e}", p.display())))?;
     let st =
         safetensors::SafeTensors::deserialize(&raw).map_err(|e| format!("{}: {e}", p.display()))?;
-    let bytes_of = |k: &str| -> Result<Vec<u8>, String> {
+    let bytes_of = |k: &str| -> Result<Vec<u8>, TrainError> {
         st.tensor(k)
             .map(|v| v.data().to_vec())
-            .map_err(|e| format!("{}: {k}: {e}", p.display()))
+            .map_err(|e| TrainError::Run(format!("{}: {k}: {e}", p.display())))
     };
     let (gb, db) = (
         bytes_of("train.optimizer_generator")?,

@@ -8,6 +8,7 @@
 //! weights alone, for `extract --weights` and `reconstruct`), `metrics.csv`,
 //! `samples/epoch_NNNN.png`.
 
+pub use super::checkpoint::RunState;
 use super::checkpoint::{load_checkpoint, param_ids, save_checkpoint};
 use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split};
 use super::samples::{enlarge_small, sample_image, save_png, SAMPLE_MIN_SIDE};
@@ -32,20 +33,6 @@ pub struct RunOptions {
     pub steps_per_epoch: Option<usize>,
     /// Validation clips per epoch (all when None).
     pub val_clips: Option<usize>,
-}
-
-/// Where a run stands (saved in every checkpoint).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RunState {
-    /// The next epoch to run (0-based).
-    pub epoch: usize,
-    pub step: u64,
-    pub seed: u64,
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// Parameter order of the generator and the critic, to re-key the optimiser state.
-    pub generator_ids: Vec<String>,
-    pub critic_ids: Vec<String>,
 }
 
 /// Progress reports and Ctrl-C.
@@ -114,7 +101,7 @@ fn batch_tensors<B: Backend>(
     samples: &[Sample],
     s: &ClipSettings,
     device: &B::Device,
-) -> Result<(Tensor<B, 5>, MaskIndices), String> {
+) -> Result<(Tensor<B, 5>, MaskIndices), TrainError> {
     let b = samples.len();
     let (t, h) = (s.clip_frames, s.img_size);
     let flat: Vec<f32> = samples

@@ -30,7 +30,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use marlin::backend::{Cpu, DeviceSpec};
-use marlin::kernels::{set_precision, Precision};
+use marlin::backend::set_precision;
+use marlin::kernels::Precision;
 use marlin::model::weights::read_safetensors_file;
 use marlin::model::Part;
 
