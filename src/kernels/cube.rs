@@ -196,6 +196,16 @@ impl<R: CubeRuntime, B: Backend> Kernels<B> for CubeAutodiffKernels<R> {
             p => autocast::linear(x, w, b, p),
         }
     }
+
+    /// The exact GELU as `x · (1 + erf(x / √2)) / 2` in differentiable ops, so its gradient is
+    /// the exact one, `Φ(x) + x·φ(x)` (through erf's backward). burn 0.21's `gelu` op takes the
+    /// erf GELU forward but the default `gelu_backward`, which every CubeCL backend uses, is the
+    /// derivative of the tanh approximation: off by up to about 1e-3 of each gradient (found on
+    /// lavapipe by the reconstruction-gradient test). Fusion fuses the element-wise ops.
+    fn gelu(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let erf = (x.clone() * std::f32::consts::FRAC_1_SQRT_2).erf();
+        x * (erf + 1.0) * 0.5
+    }
 }
 
 /// `x [B, N, in] · w [in, out] + b` as one `[1, B*N, in] · [1, in, out]` product.

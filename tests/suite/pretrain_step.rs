@@ -98,17 +98,29 @@ pub(crate) fn weight_diffs(
 /// back as the change an SGD step with lr 1 makes.
 #[test]
 fn reconstruction_gradients_equal_pytorch() {
+    let n = reconstruction_gradients_match::<CpuAutodiff>(&Default::default());
+    assert!(n > 40, "compared {n} gradients");
+}
+
+/// [`reconstruction_gradients_equal_pytorch`] on backend `B` (its autodiff): asserts each
+/// gradient within 1e-4 of the larger of its max |grad| and 1e-2; returns how many it compared.
+// `!(d <= tol)` on purpose: a NaN fails it.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+pub(crate) fn reconstruction_gradients_match<B: burn::tensor::backend::AutodiffBackend>(
+    dev: &B::Device,
+) -> usize {
     use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-    let (mut model, clip, idx) = tiny_a_batch();
+    let (mut model, clip, idx) = tiny_a_batch_on::<B>(dev);
     model.discriminator = None;
     let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
     let before = model.to_state_dict();
     let diff = model.forward_indices(clip.clone(), &idx).unwrap() - model.target(clip, &idx);
     let loss = (diff.clone() * diff).mean();
     let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let mut sgd = SgdConfig::new().init::<CpuAutodiff, Marlin<CpuAutodiff>>();
+    let mut sgd = SgdConfig::new().init::<B, Marlin<B>>();
     let after = sgd.step(1.0, model, grads).to_state_dict();
     let mut n = 0;
+    let mut failures = Vec::new();
     for (k, g) in &want {
         let Some(key) = k.strip_prefix("grad.") else {
             continue;
@@ -116,15 +128,18 @@ fn reconstruction_gradients_equal_pytorch() {
         let (b, a) = (&before.tensors[key], &after.tensors[key]);
         let scale = common::max_abs(&g.data);
         let update: Vec<f32> = b.data.iter().zip(&a.data).map(|(b, a)| b - a).collect();
-        let d = common::max_abs_diff(&update, &g.data).diff;
-        eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {d:.2e}");
-        assert!(
-            d <= 1e-4 * scale.max(1e-2),
-            "{key}: gradient differs by {d} (max |grad| {scale})"
-        );
+        let d = common::max_abs_diff(&update, &g.data);
+        eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {:.2e}", d.diff);
+        if !(d.diff <= 1e-4 * scale.max(1e-2)) {
+            failures.push(format!(
+                "{key}: gradient differs by {} at {} (ours {}, PyTorch {}; max |grad| {scale})",
+                d.diff, d.index, d.ours, d.peer
+            ));
+        }
         n += 1;
     }
-    assert!(n > 40, "compared {n} gradients");
+    assert!(failures.is_empty(), "{failures:#?}");
+    n
 }
 
 /// The CPU attention autodiff op (one op, its own backward kernel, query rows in blocks of
