@@ -341,10 +341,10 @@ fn load_csv_dir(dir: &Path) -> Result<Dataset, DataError> {
                         if is01(c) {
                             Ok(if c == "1" { 1.0 } else { 0.0 })
                         } else {
-                            Err(
-                                format!("{origin}: label {} is '{c}', expected 0 or 1", j + 1)
-                                    .into(),
-                            )
+                            Err(format!(
+                                "{origin}: label {} is '{c}', expected 0 or 1",
+                                j + 1
+                            ))
                         }
                     })
                     .collect::<Result<Vec<f32>, String>>()?,

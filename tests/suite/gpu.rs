@@ -553,7 +553,6 @@ mod cuda {
         burn::backend::cuda::CudaDevice::new(0),
         "cuda"
     );
-
 }
 
 #[cfg(feature = "vulkan")]
@@ -565,5 +564,4 @@ mod vulkan {
             .unwrap_or_else(|e| panic!("{e}")),
         "vulkan"
     );
-
 }
