@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Also time the parts of one transformer block.
     #[arg(long)]
     pub profile: bool,
+    /// Measure this CPU's f32 FMA peak (rayon's threads) first, and give each rate as a share
+    /// of it.
+    #[arg(long)]
+    pub peak: bool,
     /// Time pretraining steps instead (critic + generator step, random 90% masks, AdamW).
     #[arg(long)]
     pub train: bool,
@@ -81,6 +85,8 @@ fn report_memory(watch: Option<marlin::backend::MemoryWatch>) {
 struct Bench {
     cfg: MarlinConfig,
     args: BenchArgs,
+    /// The CPU's measured FMA peak (`--peak` on the CPU).
+    peak: Option<marlin::kernels::peak::Peak>,
 }
 
 fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
@@ -137,6 +143,25 @@ impl BackendTask for Bench {
             1.0 / per_clip,
             marlin::kernels::of::<B>().name()
         );
+        let e = &cfg.encoder;
+        let flops = marlin::kernels::peak::encoder_flops(
+            1,
+            cfg.num_patches(),
+            e.embed_dim,
+            cfg.mlp_hidden(e.embed_dim),
+            e.depth,
+        );
+        let peak = self.peak;
+        let share = |gflops: f64| match peak {
+            Some(p) => format!(" = {:.0}% of the FMA peak", 100.0 * gflops / p.gflops),
+            None => String::new(),
+        };
+        let gflops = flops / per_clip / 1e9;
+        outln!(
+            "encoder: {:.1} GFLOP per clip, {gflops:.1} GFLOP/s{}",
+            flops / 1e9,
+            share(gflops)
+        );
         report_memory(watch);
         if !a.profile {
             return;
@@ -155,7 +180,10 @@ impl BackendTask for Bench {
         let k = marlin::kernels::of::<B>();
         let lin = |l: &burn::nn::Linear<B>, x: Tensor<B, 3>| marlin::model::block::linear(k, l, x);
         // Products per call: 2 * tokens * in * out for a Linear, 4 * B * N^2 * D for attention.
-        let rate = |flops: f64, s: f64| outln!("    {:.1} TFLOP/s", flops / s / 1e12);
+        let rate = |flops: f64, s: f64| {
+            let gflops = flops / s / 1e9;
+            outln!("    {gflops:.1} GFLOP/s{}", share(gflops))
+        };
         let tok = (bb * n) as f64;
         let hidden = cfg.mlp_hidden(d) as f64;
         let dd = d as f64;
@@ -304,6 +332,22 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
     }
     outln!("precision: {p}");
     let device = args.device;
-    run_on(device, Bench { cfg, args })?;
+    let peak = args.peak.then(|| {
+        let p = marlin::kernels::peak::fma_peak(1.0);
+        outln!(
+            "f32 FMA peak of {} threads ({}): {:.1} GFLOP/s{}",
+            p.threads,
+            p.isa,
+            p.gflops,
+            if device.is_gpu() {
+                " (the CPU's; the GPU's rates are not shares of it)"
+            } else {
+                ""
+            }
+        );
+        p
+    });
+    let peak = peak.filter(|_| !device.is_gpu());
+    run_on(device, Bench { cfg, args, peak })?;
     Ok(0)
 }

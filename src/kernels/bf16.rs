@@ -10,6 +10,19 @@
 
 use rayon::prelude::*;
 
+/// Whether the CPU has AMX tiles for bf16 products (and this process may use them).
+/// `MARLIN_NO_AMX` in the environment says no.
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Rows of `a` per parallel task.
 const ROW_BLOCK: usize = 128;
 

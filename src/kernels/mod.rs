@@ -15,6 +15,7 @@ pub mod autocast;
 pub mod bf16;
 #[cfg(feature = "cubecl")]
 pub mod cube;
+pub mod peak;
 
 /// The precision of the matrix products (the four Linears of every block and attention's two
 /// products). LayerNorm, softmax, GELU and residuals stay in f32 in every mode.
@@ -76,15 +77,33 @@ impl std::str::FromStr for Precision {
 
 static CPU_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set in the environment, bf16 runs on a CPU with AVX-512 BF16 but no AMX, where it is
+/// slower than f32 (for its numbers, or to measure it).
+pub const BF16_WITHOUT_AMX: &str = "MARLIN_BF16_WITHOUT_AMX";
+
 /// Choose the CPU kernels' precision for this process. bf16 needs AVX-512 BF16: without it
-/// the products stay in f32 and the returned note says so (one line for the user); TF32 is a
-/// GPU format, f32 on the CPU.
+/// the products stay in f32 and the returned note says so (one line for the user). With it but
+/// without AMX, bf16 is slower than f32 (AVX-512 BF16 dot products have the peak of f32 FMAs,
+/// and the conversions cost on top: 3.63 vs 2.23 s per ViT-B clip on a 2-core Xeon, BENCHMARKS.md),
+/// so f32 runs, with a note, unless [`BF16_WITHOUT_AMX`] is set. TF32 is a GPU format, f32 on
+/// the CPU.
 pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
     let (effective, note) = match p {
         Precision::Bf16 if !bf16::supported() => (
             Precision::F32,
             Some("this CPU has no AVX-512 BF16 instructions: computing in f32 instead".to_string()),
         ),
+        Precision::Bf16
+            if !bf16::amx_available() && std::env::var_os(BF16_WITHOUT_AMX).is_none() =>
+        {
+            (
+                Precision::F32,
+                Some(format!(
+                    "this CPU has no AMX: bf16 is slower than f32 here, computing in f32 \
+                     instead (set {BF16_WITHOUT_AMX}=1 for bf16 anyway)"
+                )),
+            )
+        }
         Precision::Tf32 => (
             Precision::F32,
             Some("TF32 is a GPU format: computing in f32 on the CPU".to_string()),

@@ -1,6 +1,6 @@
 //! `--precision bf16` on the CPU: features within the stated tolerance of f32 (and of the
-//! peer's fp32 fixture), or, on a CPU without AVX-512 BF16, one note and exactly the f32
-//! features. Run through the binary: the precision is a per-process setting.
+//! peer's fp32 fixture), or, on a CPU without AVX-512 BF16 or without AMX (where bf16 is slower
+//! than f32), one note and exactly the f32 features. Run through the binary: the precision is a per-process setting.
 
 use crate::common::{extract, fixtures, read, stderr};
 
@@ -23,7 +23,10 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
     let (f32_dir, bf16_dir) = (t.path().join("f32"), t.path().join("bf16"));
     let a = extract(&[v, "--keep-seq"], &f32_dir);
     assert!(a.status.success(), "{}", stderr(&a));
-    let b = extract(&[v, "--keep-seq", "--precision", "bf16"], &bf16_dir);
+    // The bf16 kernels themselves, also on a CPU without AMX (where they are not the default).
+    let b_args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], &bf16_dir);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b = crate::common::marlin(&b_args, &[(marlin::kernels::BF16_WITHOUT_AMX, "1")]);
     assert!(b.status.success(), "{}", stderr(&b));
     let (x, y) = (
         read(&f32_dir.join("h264_143.npy")),
@@ -52,6 +55,26 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
         crate::common::max_abs_diff(&z, &x).diff,
         0.0,
         "the fallback computes in f32"
+    );
+    // A CPU with AVX-512 BF16 but no AMX (MARLIN_NO_AMX forces it): bf16 would be slower than
+    // f32, so one note and exactly the f32 features.
+    let d_dir = t.path().join("no_amx");
+    let mut args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], &d_dir);
+    args.retain(|a| a != "--quiet");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = crate::common::marlin(&args, &[("MARLIN_NO_AMX", "1")]);
+    assert!(d.status.success(), "{}", stderr(&d));
+    let note = if stderr(&b).contains("no AVX-512 BF16") {
+        "note: this CPU has no AVX-512 BF16 instructions: computing in f32 instead"
+    } else {
+        "note: this CPU has no AMX: bf16 is slower than f32 here, computing in f32 instead"
+    };
+    assert!(stderr(&d).contains(note), "{}", stderr(&d));
+    let z: Vec<f32> = read(&d_dir.join("h264_143.npy")).iter().copied().collect();
+    assert_eq!(
+        crate::common::max_abs_diff(&z, &x).diff,
+        0.0,
+        "without AMX, bf16 falls back to f32"
     );
     if stderr(&b).contains("no AVX-512 BF16") {
         assert_eq!(worst, 0.0, "the fallback computes in f32");

@@ -665,6 +665,8 @@ fn released_width_bf16_features_are_as_close_to_fp32_as_the_peers_bf16() {
         let o = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
             .env("MARLIN_TEST_BF16_CHILD", "1")
+            // The bf16 kernels also where they are not the default (no AMX).
+            .env(marlin::kernels::BF16_WITHOUT_AMX, "1")
             .output()
             .unwrap();
         let text =

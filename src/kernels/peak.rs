@@ -1,0 +1,187 @@
+//! The machine's limit for the CPU kernels: the f32 fused multiply-add peak of this process's
+//! threads, measured (not read off a datasheet: clocks under AVX-512 load differ from the
+//! label), and the floating-point work of an encoder forward, so `marlin bench` can say how
+//! close each kernel comes to that limit.
+
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// The measured f32 FMA peak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peak {
+    /// Billions of floating-point operations per second (an FMA counts two), all threads.
+    pub gflops: f64,
+    /// Threads that ran (rayon's pool: `RAYON_NUM_THREADS` or every core).
+    pub threads: usize,
+    /// The widest FMA the CPU has: "avx512", "avx2" or "scalar".
+    pub isa: &'static str,
+}
+
+/// Independent accumulators per thread: enough to cover an FMA's latency (4 cycles) on two
+/// ports.
+const CHAINS: usize = 12;
+
+/// The f32 FMA peak of rayon's threads: each thread runs `CHAINS` independent FMA chains in
+/// the widest registers the CPU has for about `seconds`; the best of three rounds.
+pub fn fma_peak(seconds: f64) -> Peak {
+    let threads = rayon::current_num_threads();
+    let isa = isa();
+    let lanes = match isa {
+        "avx512" => 16,
+        "avx2" => 8,
+        _ => 1,
+    };
+    // Calibrate the iteration count on one thread, then time all threads together.
+    let mut iters = 1usize << 16;
+    loop {
+        let t0 = Instant::now();
+        std::hint::black_box(chains(isa, iters));
+        let s = t0.elapsed().as_secs_f64();
+        if s > 0.02 || iters > 1 << 34 {
+            iters = ((iters as f64) * (seconds / 3.0 / s.max(1e-9))).max(1.0) as usize;
+            break;
+        }
+        iters *= 4;
+    }
+    let best = (0..3)
+        .map(|_| {
+            let t0 = Instant::now();
+            let sum: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| chains(isa, iters))
+                .sum();
+            std::hint::black_box(sum);
+            t0.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    let flops = (threads * iters * CHAINS * lanes * 2) as f64;
+    Peak {
+        gflops: flops / best / 1e9,
+        threads,
+        isa,
+    }
+}
+
+/// The floating-point operations of one encoder forward of `clips` clips of `tokens` tokens of
+/// width `dim` through `depth` blocks with an MLP of width `hidden`: per block the four
+/// Linears (qkv 3 D^2, proj D^2, fc1 and fc2 D x hidden, 2 per multiply-add) and attention
+/// (scores and weighted sum, 4 N^2 D); LayerNorm, softmax and GELU are not counted.
+pub fn encoder_flops(clips: usize, tokens: usize, dim: usize, hidden: usize, depth: usize) -> f64 {
+    let (n, d, h) = (tokens as f64, dim as f64, hidden as f64);
+    let linears = 2.0 * n * (3.0 * d * d + d * d + 2.0 * d * h);
+    let attention = 4.0 * n * n * d;
+    clips as f64 * depth as f64 * (linears + attention)
+}
+
+fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2";
+        }
+    }
+    "scalar"
+}
+
+/// `iters` rounds of `CHAINS` FMAs in the registers of `isa`; returns a value that depends on
+/// every chain (so none is optimised away).
+fn chains(isa: &str, iters: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `isa` says the CPU has the instructions (checked at run time by `isa()`).
+        match isa {
+            "avx512" => return unsafe { x86::chains_avx512(iters) },
+            "avx2" => return unsafe { x86::chains_avx2(iters) },
+            _ => {}
+        }
+    }
+    let _ = isa;
+    let mut acc = [0f32; CHAINS];
+    let (a, b) = (
+        std::hint::black_box(0.999_999f32),
+        std::hint::black_box(1e-7f32),
+    );
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = x.mul_add(a, b);
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::CHAINS;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn chains_avx512(iters: usize) -> f32 {
+        let a = _mm512_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm512_set1_ps(std::hint::black_box(1e-7));
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for x in acc {
+            s = _mm512_add_ps(s, x);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn chains_avx2(iters: usize) -> f32 {
+        let a = _mm256_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm256_set1_ps(std::hint::black_box(1e-7));
+        let mut acc = [_mm256_setzero_ps(); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm256_fmadd_ps(*x, a, b);
+            }
+        }
+        let mut s = _mm256_setzero_ps();
+        for x in acc {
+            s = _mm256_add_ps(s, x);
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), s);
+        out.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flops_of_a_vit_b_clip_are_the_papers_count() {
+        // ViT-B, 1568 tokens: 12 x (24 N D^2 + 4 N^2 D) = 357 GFLOP per clip.
+        let f = encoder_flops(1, 1568, 768, 3072, 12);
+        let want = 12.0 * (24.0 * 1568.0 * 768f64.powi(2) + 4.0 * 1568f64.powi(2) * 768.0);
+        assert!((f - want).abs() < 1.0, "{f} vs {want}");
+        assert!((f / 1e9 - 357.0).abs() < 1.0, "{}", f / 1e9);
+    }
+
+    #[test]
+    fn the_peak_is_positive_and_each_wider_isa_is_not_slower() {
+        let p = fma_peak(0.05);
+        assert!(p.gflops.is_finite() && p.gflops > 0.0, "{p:?}");
+        assert!(p.threads >= 1);
+        // One chain round per lane: the widest ISA's peak per thread beats scalar's.
+        if p.isa != "scalar" {
+            let t0 = Instant::now();
+            std::hint::black_box(chains("scalar", 1 << 20));
+            let scalar = (CHAINS << 21) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+            assert!(
+                p.gflops / p.threads as f64 > scalar,
+                "{p:?} vs scalar {scalar}"
+            );
+        }
+    }
+}
