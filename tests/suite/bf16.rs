@@ -23,10 +23,22 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
     let (f32_dir, bf16_dir) = (t.path().join("f32"), t.path().join("bf16"));
     let a = extract(&[v, "--keep-seq"], &f32_dir);
     assert!(a.status.success(), "{}", stderr(&a));
+    // `marlin extract --keep-seq --precision bf16` of the video into `dir` with `envs` set;
+    // `notes` drops `--quiet` so the notes reach stderr.
+    let bf16_extract = |dir: &std::path::Path, notes: bool, envs: &[(&str, &str)]| {
+        let mut args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], dir);
+        if notes {
+            args.retain(|a| a != "--quiet");
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::common::marlin(&args, envs)
+    };
     // The bf16 kernels themselves, also on a CPU without AMX (where they are not the default).
-    let b_args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], &bf16_dir);
-    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
-    let b = crate::common::marlin(&b_args, &[(marlin::kernels::BF16_WITHOUT_AMX, "1")]);
+    let b = bf16_extract(
+        &bf16_dir,
+        false,
+        &[(marlin::kernels::BF16_WITHOUT_AMX, "1")],
+    );
     assert!(b.status.success(), "{}", stderr(&b));
     let (x, y) = (
         read(&f32_dir.join("h264_143.npy")),
@@ -39,10 +51,7 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
     eprintln!("bf16 vs f32: max abs diff {worst:.3e}, cosine {cos:.6}");
     // A CPU without the instructions (or MARLIN_NO_BF16): one note, then exactly f32.
     let c_dir = t.path().join("fallback");
-    let mut args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], &c_dir);
-    args.retain(|a| a != "--quiet");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let c = crate::common::marlin(&args, &[("MARLIN_NO_BF16", "1")]);
+    let c = bf16_extract(&c_dir, true, &[("MARLIN_NO_BF16", "1")]);
     assert!(c.status.success(), "{}", stderr(&c));
     assert!(
         stderr(&c)
@@ -59,10 +68,7 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
     // A CPU with AVX-512 BF16 but no AMX (MARLIN_NO_AMX forces it): bf16 would be slower than
     // f32, so one note and exactly the f32 features.
     let d_dir = t.path().join("no_amx");
-    let mut args = crate::common::extract_args(&[v, "--keep-seq", "--precision", "bf16"], &d_dir);
-    args.retain(|a| a != "--quiet");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = crate::common::marlin(&args, &[("MARLIN_NO_AMX", "1")]);
+    let d = bf16_extract(&d_dir, true, &[("MARLIN_NO_AMX", "1")]);
     assert!(d.status.success(), "{}", stderr(&d));
     let note = if stderr(&b).contains("no AVX-512 BF16") {
         "note: this CPU has no AVX-512 BF16 instructions: computing in f32 instead"
