@@ -21,6 +21,8 @@
 #             FaceXZoo from the network)
 #   large     ViT-L extract_features, batch 64, both sides
 #   profile   one ViT-B block part by part (ms and TFLOP/s of each product), each precision
+#   ddp       data-parallel pretraining at world size 1 under torchrun's variables: NCCL's id
+#             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5)
 # burn compiles its kernels with NVRTC and autotunes them on first use: every timing below
 # comes after an untimed first pass.
 #
@@ -42,7 +44,7 @@ done
 BIN=$work/marlin
 export PYTHONPATH=$PWD/.gpu/pydeps${PYTHONPATH:+:$PYTHONPATH}
 export MARLIN_REPO_DIR=$PWD
-sections=${*:-parity features train e2e large profile}
+sections=${*:-parity ddp features train e2e large profile}
 run() {
   local limit=$1
   shift
@@ -142,6 +144,46 @@ if has large; then
     run 300 "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision "$p"
   done
   run 300 "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision bf16 --sdpa
+fi
+
+if has ddp; then
+  echo "== ddp: pretraining at world size 1 with NCCL vs a plain run (tiny_smoke, 2 epochs)"
+  d=$work/ddp
+  rm -rf "$d" && mkdir -p "$d"
+  "$PY" - "$d/data" <<'PYEOF'
+import os, sys
+import numpy as np
+from PIL import Image
+root = sys.argv[1]
+rng = np.random.default_rng(0)
+for split, names in [("train", ["a/0", "a/1", "a/2", "a/3"]), ("val", ["b/0"])]:
+    for n in names:
+        os.makedirs(f"{root}/crop_images_DB/{n}", exist_ok=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f"{root}/crop_images_DB/{n}/{i:03d}.jpg")
+    with open(f"{root}/{split}_set.csv", "w") as f:
+        f.write("path,len\n" + "".join(f"{n},20\n" for n in names))
+PYEOF
+  "$BIN" config tiny_smoke | sed 's/mask_strategy: fasking/mask_strategy: random/' > "$d/tiny.yaml"
+  nccl=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+  echo "NCCL: ${nccl:-system}"
+  args=(pretrain --config "$d/tiny.yaml" --data "$d/data" --epochs 2 --batch-size 2 --device cuda --quiet)
+  run 300 "$BIN" "${args[@]}" --out "$d/plain"
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 MARLIN_NCCL_LIBRARY=$nccl \
+    run 300 "$BIN" "${args[@]}" --out "$d/nccl" --dist-timeout 120
+  "$PY" - "$d/plain/model.safetensors" "$d/nccl/model.safetensors" <<'PYEOF'
+import json, struct, sys
+import numpy as np
+def load(p):
+    b = open(p, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    return {k: np.frombuffer(b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]], dtype=np.float32)
+            for k, v in h.items() if k != "__metadata__" and v["dtype"] == "F32"}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+print(f"ddp: {len(a)} tensors, max abs diff plain vs NCCL world 1: {worst:.3e} ({'ok' if worst <= 1e-5 else 'FAIL'})")
+PYEOF
 fi
 
 if has profile; then

@@ -7,7 +7,9 @@ its loss back-propagates through the generator's reconstruction too (no detach),
 generator's gradients from it are then zeroed before the generator update.
 Run by bench/pretrain.sh and bench/gpu.sh: --device cuda (synchronised), --precision tf32 (TF32
 matrix products) or bf16 (torch.autocast(bfloat16) around the forward passes; fp32 weights and
-AdamW, as mixed-precision training does)."""
+AdamW, as mixed-precision training does). --ddp under torchrun: both modules in torch's
+DistributedDataParallel over Gloo (NCCL on CUDA), the reference's Lightning strategy=ddp, each
+rank at --batch (bench/ddp_cpu.sh)."""
 import argparse
 import time
 import importlib
@@ -32,6 +34,7 @@ ap.add_argument("--iters", type=int, default=2)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+ap.add_argument("--ddp", action="store_true")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -55,6 +58,11 @@ m = Marlin(img_size=224, patch_size=16, n_frames=16, encoder_embed_dim=768, enco
            norm_layer="LayerNorm", init_values=0.0, tubelet_size=2, as_feature_extractor=False).train().to(dev)
 disc = torch.nn.Sequential(torch.nn.Linear(1536, 1536), torch.nn.LeakyReLU(0.01),
                            torch.nn.Linear(1536, 1)).to(dev)
+if a.ddp:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    m, disc = DDP(m), DDP(disc)
 kw = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 opt_g = torch.optim.AdamW(m.parameters(), **kw)
 opt_d = torch.optim.AdamW(disc.parameters(), **kw)

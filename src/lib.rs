@@ -36,6 +36,7 @@
 
 pub mod backend;
 pub mod device_error;
+pub mod dist;
 pub mod extract;
 pub mod face;
 pub mod hub;

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// `extract --weights` without a download.
     #[arg(long)]
     pub save_weights: Option<std::path::PathBuf>,
+    /// With --train under torchrun/srun: each rank times its steps at --batch-size with the
+    /// gradients all-reduced across the ranks, as `pretrain` does.
+    #[command(flatten)]
+    pub dist: super::pretrain::DistArgs,
 }
 
 /// Seconds of `iters` (at least one) runs of `run` after an untimed first one (which compiles
@@ -87,6 +91,8 @@ struct Bench {
     args: BenchArgs,
     /// The CPU's measured FMA peak (`--peak` on the CPU).
     peak: Option<marlin::kernels::peak::Peak>,
+    /// The ranks of a data-parallel launch (`--train`).
+    group: Option<std::sync::Arc<marlin::dist::Group>>,
 }
 
 fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
@@ -110,7 +116,9 @@ impl BackendTask for Bench {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) {
         if self.args.train {
-            return train_bench::<burn::backend::Autodiff<B>>(&self.cfg, &self.args, &device);
+            return train_bench::<burn::backend::Autodiff<B>>(
+                &self.cfg, &self.args, self.group, &device,
+            );
         }
         let (cfg, a) = (self.cfg, self.args);
         let watch = memory_watch(a.device);
@@ -274,6 +282,7 @@ impl BackendTask for Bench {
 fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     cfg: &MarlinConfig,
     a: &BenchArgs,
+    group: Option<std::sync::Arc<marlin::dist::Group>>,
     device: &B::Device,
 ) {
     use marlin::masking::{make_mask, Grid, RngDraws, Strategy};
@@ -288,9 +297,10 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         device,
     );
     // The config's losses (the released ones: critic on, adv_weight 0.01, no penalty).
-    let Ok(mut pt) = Pretrainer::new(model, LossConfig::from_config(cfg)) else {
+    let Ok(pt) = Pretrainer::new(model, LossConfig::from_config(cfg)) else {
         return;
     };
+    let mut pt = pt.with_group(group.clone());
     let g = cfg.img_size / cfg.patch_size;
     let grid = Grid {
         tubelets: cfg.clip_frames / cfg.tubelet_size,
@@ -307,18 +317,47 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     };
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
-    outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device);
+    let world = group.as_ref().map_or(1, |g| g.world());
+    match &group {
+        Some(g) => outln!(
+            "{} pretraining step on {}: batch {b} per rank, {world} ranks ({}), global batch {}",
+            cfg.name(),
+            a.device,
+            g.engine_name(),
+            b * world
+        ),
+        None => outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device),
+    }
+    // The collectives' cost after the untimed first step.
+    let mut after_warmup = None;
     let Some(elapsed) = timed_runs(b, a.iters, || {
-        let _ = pt.step(clip.clone(), &idx, 1e-4, 0);
+        if let Err(e) = pt.step(clip.clone(), &idx, 1e-4, 0) {
+            // A rank that is gone ends the benchmark (no step could follow).
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+        if after_warmup.is_none() {
+            after_warmup = Some(group.as_ref().map(|g| g.stats()).unwrap_or_default());
+        }
     }) else {
         return;
     };
     report_memory(watch);
-    let per_step = elapsed / a.iters.max(1) as f64;
+    let iters = a.iters.max(1) as f64;
+    let per_step = elapsed / iters;
     outln!(
         "seconds per step: {per_step:.3}  (samples/s {:.2})",
-        b as f64 / per_step
+        (b * world) as f64 / per_step
     );
+    if let (Some(g), Some(w)) = (&group, after_warmup) {
+        let s = g.stats();
+        outln!(
+            "all-reduce per step: {:.3} s, {:.1} MB in {} calls (waits for slower ranks included)",
+            (s.seconds - w.seconds) / iters,
+            (s.values - w.values) as f64 * 4e-6 / iters,
+            (s.calls - w.calls) as f64 / iters
+        );
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<i32, String> {
@@ -348,6 +387,18 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         p
     });
     let peak = peak.filter(|_| !device.is_gpu());
-    run_on(device, Bench { cfg, args, peak })?;
+    let (group, device) = match args.train {
+        true => args.dist.join(device)?,
+        false => (None, device),
+    };
+    run_on(
+        device,
+        Bench {
+            cfg,
+            args,
+            peak,
+            group,
+        },
+    )?;
     Ok(0)
 }

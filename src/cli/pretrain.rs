@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
 use marlin::backend::{BackendTask, DeviceSpec};
+use marlin::dist::{DistOptions, Group};
 use marlin::face::parser::{ParserKind, Parsing};
 use marlin::model::MarlinConfig;
 use marlin::train::prepare::{prepare_dataset, PrepareOptions, PrepareSummary};
@@ -54,8 +55,29 @@ pub struct PretrainArgs {
     /// tf32 on a GPU.
     #[arg(long)]
     pub precision: Option<marlin::kernels::Precision>,
+    #[command(flatten)]
+    pub dist: DistArgs,
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Data-parallel training under torchrun or srun (see docs/scale.md).
+#[derive(Args, Debug, Clone)]
+pub struct DistArgs {
+    /// Under torchrun or srun: how long a rank waits for the others (start, each step's
+    /// all-reduce) before every rank stops with the name of the one that is gone or late.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub dist_timeout: u64,
+}
+
+impl DistArgs {
+    /// The group of this launch (None outside torchrun/srun) and the rank's device.
+    pub fn join(&self, device: DeviceSpec) -> Result<(Option<Arc<Group>>, DeviceSpec), String> {
+        let opts = DistOptions {
+            timeout: std::time::Duration::from_secs(self.dist_timeout.max(1)),
+        };
+        marlin::dist::join(device, &opts).map_err(|e| e.to_string())
+    }
 }
 
 struct Bar {
@@ -95,6 +117,7 @@ struct Job {
     args: PretrainArgs,
     cfg: MarlinConfig,
     stop: Arc<AtomicBool>,
+    group: Option<Arc<Group>>,
 }
 
 impl BackendTask for Job {
@@ -122,6 +145,7 @@ impl BackendTask for Job {
             seed: a.seed,
             steps_per_epoch: a.steps_per_epoch,
             val_clips: a.val_clips,
+            group: self.group.clone(),
         };
         let s = pretrain::<Autodiff<B>>(
             &self.cfg,
@@ -135,6 +159,10 @@ impl BackendTask for Job {
         )
         .map_err(|e| e.to_string())?;
         progress.bar.finish_and_clear();
+        // (Every rank of a multi-process run has the same outcome: rank 0 says it.)
+        if self.group.as_ref().is_some_and(|g| !g.is_main()) {
+            return Ok(if s.interrupted { 130 } else { 0 });
+        }
         if let Some(e) = s.resumed_from {
             eprintln!("resumed at epoch {e}");
         }
@@ -152,6 +180,16 @@ impl BackendTask for Job {
             s.last_epoch,
             a.out.join("model.safetensors").display()
         );
+        if let (Some(g), false) = (&self.group, a.quiet) {
+            let c = g.stats();
+            eprintln!(
+                "{}: {} collectives, {:.1} MB, {:.2} s in them (waits for slower ranks included)",
+                g.engine_name(),
+                c.calls,
+                c.values as f64 * 4e-6,
+                c.seconds
+            );
+        }
         Ok(0)
     }
 }
@@ -174,14 +212,34 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
             args.out.display()
         );
     }
-    let (_, note) = marlin::backend::set_precision(args.precision, args.device);
-    if let Some(n) = note {
+    let (group, device) = args.dist.join(args.device)?;
+    let mut args = args;
+    // Rank 0 alone reports.
+    args.quiet |= group.as_ref().is_some_and(|g| !g.is_main());
+    let (_, note) = marlin::backend::set_precision(args.precision, device);
+    if let (Some(n), false) = (note, args.quiet) {
         eprintln!("note: {n}");
+    }
+    if let (Some(g), false) = (&group, args.quiet) {
+        eprintln!(
+            "{} ranks ({}): global batch {} ({} per rank)",
+            g.world(),
+            g.engine_name(),
+            g.world() * args.batch_size,
+            args.batch_size
+        );
     }
     let stop = Arc::new(AtomicBool::new(false));
     super::stop_on_ctrlc(&stop);
-    let device = args.device;
-    run_on(device, Job { args, cfg, stop })?
+    run_on(
+        device,
+        Job {
+            args,
+            cfg,
+            stop,
+            group,
+        },
+    )?
 }
 
 #[derive(Args, Debug)]

@@ -78,6 +78,8 @@ pub struct FinetuneArgs {
     /// Frame step of the 16-frame training clips.
     #[arg(long, default_value_t = 2)]
     pub sample_rate: usize,
+    #[command(flatten)]
+    pub dist: super::pretrain::DistArgs,
     /// Matrix products in fp32, tf32 (GPU tensor cores) or bf16 (mixed precision, f32 master
     /// weights). Default: fp32 on the CPU, tf32 on a GPU.
     #[arg(long)]
@@ -140,7 +142,7 @@ impl RunProgress for Bar {
 }
 
 /// Print how a run ended; the exit code (130 after Ctrl-C).
-fn report(r: &RunSummary, bar: &Bar, quiet: bool) -> i32 {
+fn report(r: &RunSummary, bar: &Bar, quiet: bool, main: bool) -> i32 {
     bar.bar.finish_and_clear();
     if !quiet {
         eprintln!(
@@ -150,7 +152,10 @@ fn report(r: &RunSummary, bar: &Bar, quiet: bool) -> i32 {
             r.val.auc().map_or("n/a".into(), |v| format!("{v:.4}"))
         );
     }
-    outln!("test: {}", table(&r.test));
+    // (Every rank of a multi-process run has the same numbers: rank 0 prints them.)
+    if main {
+        outln!("test: {}", table(&r.test));
+    }
     if r.interrupted {
         130
     } else {
@@ -199,7 +204,7 @@ impl BackendTask for ProbeJob {
         let mut bar = Bar::new(self.opts.train.max_epochs, self.quiet);
         let r = marlin::probe::run::probe::<B>(&self.data, &self.opts, &mut bar, &device)
             .map_err(|e| e.to_string())?;
-        Ok(report(&r, &bar, self.quiet))
+        Ok(report(&r, &bar, self.quiet, true))
     }
 }
 
@@ -232,7 +237,8 @@ impl BackendTask for FinetuneJob {
         let mut bar = Bar::new(self.opts.train.max_epochs, self.quiet);
         let r = marlin::probe::run::finetune::<B>(&self.data, &self.opts, &mut bar, &device)
             .map_err(|e| e.to_string())?;
-        Ok(report(&r, &bar, self.quiet))
+        let main = self.opts.train.group.as_ref().is_none_or(|g| g.is_main());
+        Ok(report(&r, &bar, self.quiet, main))
     }
 }
 
@@ -243,19 +249,20 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
     }
     let data = Dataset::load(&t.labels, &t.task).map_err(|e| e.to_string())?;
     data.check_videos().map_err(|e| e.to_string())?;
-    let device = args.model.device.single()?;
+    let (group, device) = args.dist.join(args.model.device.single()?)?;
+    // Rank 0 alone reports.
+    let quiet = t.quiet || group.as_ref().is_some_and(|g| !g.is_main());
     if let (_, Some(n)) = marlin::backend::set_precision(args.precision, device) {
-        eprintln!("note: {n}");
+        if !quiet {
+            eprintln!("note: {n}");
+        }
     }
-    let (cfg, weights) = args.model.resolve(false, !t.quiet)?;
+    let (cfg, weights) = args.model.resolve(false, !quiet)?;
     let mut opts = FinetuneOptions::new(cfg, weights, &t.out);
     opts.sample_rate = args.sample_rate;
     opts.train = train_options(t, opts.train);
-    let job = FinetuneJob {
-        data,
-        opts,
-        quiet: t.quiet,
-    };
+    opts.train.group = group;
+    let job = FinetuneJob { data, opts, quiet };
     run_on(device, job)?
 }
 

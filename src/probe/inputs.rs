@@ -18,6 +18,9 @@ pub enum ProbeError {
     Report(String),
     #[error("no epoch finished")]
     NoEpoch,
+    /// Another rank of a multi-process run is gone, or the ranks disagree.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
 }
 
 /// A message naming the file (and row): an input that cannot be used.

@@ -224,7 +224,10 @@ fn run<B: Backend>(
     progress: &mut dyn RunProgress,
     device: &B::Device,
 ) -> Result<RunSummary, RunError> {
-    std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
+    let main = opts.group.as_ref().is_none_or(|g| g.is_main());
+    if main {
+        std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
+    }
     let mut dir = RunDir {
         out,
         name: info.mode.clone(),
@@ -243,7 +246,9 @@ fn run<B: Backend>(
         test: r.test,
         info,
     };
-    finish(out, &summary)?;
+    if main {
+        finish(out, &summary)?;
+    }
     Ok(summary)
 }
 

@@ -9,6 +9,7 @@ use super::data::{Dataset, Sample};
 pub use super::features::{load_features, reduce_clips};
 pub use super::inputs::{ClipSpec, Inputs, ProbeError};
 use super::metrics::{evaluate, Metrics, TaskKind};
+use crate::dist::{all_reduce_gradients, weights_digest, Group};
 use crate::model::load::to_scalar;
 use crate::video::clip::ClipData;
 use burn::module::AutodiffModule;
@@ -19,6 +20,7 @@ use burn::tensor::{Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Settings of a training run (the reference's values by default).
@@ -33,6 +35,10 @@ pub struct TrainOptions {
     /// Stop once the learning rate is below this.
     pub stop_lr: f64,
     pub seed: u64,
+    /// The ranks of a data-parallel run (see [`crate::dist`]): `batch_size` is per rank, rank
+    /// r trains on positions r, r + world, ... of each global batch; rank 0 alone calls the
+    /// epoch hook (writes the run folder).
+    pub group: Option<Arc<Group>>,
 }
 
 impl Default for TrainOptions {
@@ -45,6 +51,7 @@ impl Default for TrainOptions {
             factor: 0.5,
             stop_lr: 1e-6,
             seed: 0,
+            group: None,
         }
     }
 }
@@ -155,7 +162,7 @@ impl Inputs {
         split: &str,
         samples: &[Sample],
         idx: &[usize],
-        rng: Option<&mut StdRng>,
+        seeds: Option<&[u64]>,
         device: &B::Device,
     ) -> Result<Tensor<B, 2>, ProbeError> {
         match self {
@@ -182,8 +189,8 @@ impl Inputs {
             Inputs::Clips(spec) => {
                 // One seed per clip from the run's generator, so parallel decoding stays
                 // deterministic.
-                let seeds: Vec<Option<u64>> = match rng {
-                    Some(r) => idx.iter().map(|_| Some(r.random::<u64>())).collect(),
+                let seeds: Vec<Option<u64>> = match seeds {
+                    Some(s) => s.iter().copied().map(Some).collect(),
                     None => vec![None; idx.len()],
                 };
                 let clips: Vec<ClipData> = idx
@@ -251,7 +258,27 @@ pub fn train<B: AutodiffBackend>(
     let mut sched = Plateau::new(opts.lr, opts.patience, opts.factor);
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let n = data.train.len();
-    let bs = opts.batch_size.max(1).min(n.max(1));
+    let group = opts.group.as_deref();
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
+    if n < world {
+        return Err(ProbeError::Input(format!(
+            "the training split has {n} videos, fewer than the {world} ranks"
+        )));
+    }
+    // Per rank; the global batch is world x bs.
+    let bs = opts.batch_size.max(1).min((n / world).max(1));
+    let global = bs * world;
+    if let Some(g) = group {
+        g.agree(
+            "run (options, data)",
+            &format!(
+                "lr {}, global batch {global}, epochs {}, seed {}, {n} training samples",
+                opts.lr, opts.max_epochs, opts.seed
+            ),
+        )?;
+        g.agree("starting weights", &weights_digest(&model))?;
+    }
+    let clips = matches!(inputs, Inputs::Clips(_));
     let mut epochs = Vec::new();
     // (validation AUC, -validation loss), epoch, weights.
     type Best<M> = Option<((f64, f64), usize, M)>;
@@ -267,21 +294,55 @@ pub fn train<B: AutodiffBackend>(
         let mut idx: Vec<usize> = (0..n).collect();
         idx.shuffle(&mut rng);
         // The reference drops the last incomplete batch.
-        let batches: Vec<&[usize]> = idx.chunks(bs).filter(|c| c.len() == bs).collect();
+        let batches: Vec<&[usize]> = idx.chunks(global).filter(|c| c.len() == global).collect();
         let (mut sum, mut count) = (0f64, 0usize);
-        for (bi, b) in batches.iter().enumerate() {
-            if hooks.stop() {
+        let mut stopped = false;
+        for (bi, gb) in batches.iter().enumerate() {
+            stopped = stop_all(group, hooks.stop())?;
+            if stopped {
                 break;
             }
-            let logits = inputs.logits(&model, "train", &data.train, b, Some(&mut rng), device)?;
-            let l = loss(logits, &targets(&data.train, b), data.kind);
-            sum += to_scalar(l.clone().inner()) * b.len() as f64;
-            count += b.len();
-            let grads = GradientsParams::from_grads(l.backward(), &model);
+            // The clips' seeds are drawn for the global batch, so every rank draws alike.
+            let all_seeds: Vec<u64> = match clips {
+                true => gb.iter().map(|_| rng.random::<u64>()).collect(),
+                false => Vec::new(),
+            };
+            let mine = |v: &[usize]| -> Vec<usize> {
+                v.iter().copied().skip(rank).step_by(world).collect()
+            };
+            let b = mine(gb);
+            let seeds: Vec<u64> = match clips {
+                true => all_seeds
+                    .iter()
+                    .copied()
+                    .skip(rank)
+                    .step_by(world)
+                    .collect(),
+                false => Vec::new(),
+            };
+            let logits = inputs.logits(
+                &model,
+                "train",
+                &data.train,
+                &b,
+                clips.then_some(&seeds[..]),
+                device,
+            )?;
+            let l = loss(logits, &targets(&data.train, &b), data.kind);
+            let mut value = to_scalar(l.clone().inner());
+            let mut grads = GradientsParams::from_grads(l.backward(), &model);
+            if let Some(g) = group {
+                let mut extra = [value as f32];
+                grads =
+                    all_reduce_gradients(g, &model, grads, &mut extra, "the gradient all-reduce")?;
+                value = extra[0] as f64;
+            }
+            sum += value * gb.len() as f64;
+            count += gb.len();
             model = optim.step(sched.lr, model, grads);
             hooks.batch(bi + 1, batches.len());
         }
-        if hooks.stop() {
+        if stopped || stop_all(group, hooks.stop())? {
             stop = "interrupted".into();
             break;
         }
@@ -306,7 +367,9 @@ pub fn train<B: AutodiffBackend>(
         if improved {
             best = Some((score, epoch, valid.clone()));
         }
-        hooks.epoch(&log, improved.then_some(&valid))?;
+        if rank == 0 {
+            hooks.epoch(&log, improved.then_some(&valid))?;
+        }
         epochs.push(log);
         sched.step(train_loss);
         if sched.lr < opts.stop_lr {
@@ -328,6 +391,14 @@ pub fn train<B: AutodiffBackend>(
         test,
         stop,
     })
+}
+
+/// Whether any rank asked to stop (every rank then stops at the same batch).
+fn stop_all(group: Option<&Group>, mine: bool) -> Result<bool, ProbeError> {
+    let Some(g) = group else { return Ok(mine) };
+    let mut flag = [f32::from(u8::from(mine))];
+    g.all_reduce_sum(&mut flag, "the stop check")?;
+    Ok(flag[0] > 0.0)
 }
 
 /// The inner backend's device of an autodiff device (the same device).

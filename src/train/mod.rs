@@ -26,6 +26,9 @@ pub enum TrainError {
     /// The device failed (out of GPU memory at this batch size, no kernel compiler).
     #[error(transparent)]
     Device(#[from] crate::device_error::DeviceError),
+    /// Another rank of a multi-process run is gone, or the ranks disagree.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// Too many steps in a row had a loss that is not a number: the run stops, the last
     /// checkpoint is intact.
     #[error(
@@ -60,6 +63,7 @@ pub mod run;
 pub mod samples;
 pub mod schedule;
 
+use crate::dist::{all_reduce_gradients, Group};
 use crate::model::discriminator::Discriminator;
 use crate::model::load::to_scalar;
 use crate::model::{Marlin, MarlinConfig, MaskIndices};
@@ -68,6 +72,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use std::sync::Arc;
 
 /// The losses of one step (or of a validation batch).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -141,6 +146,9 @@ pub struct Pretrainer<B: AutodiffBackend> {
     opt_g: OptimizerAdaptor<AdamW, Marlin<B>, B>,
     opt_d: OptimizerAdaptor<AdamW, Discriminator<B>, B>,
     pub losses: LossConfig,
+    /// The ranks of a data-parallel run: each update's gradients (and the step's losses) are
+    /// averaged across them before the optimiser steps.
+    group: Option<Arc<Group>>,
 }
 
 impl<B: AutodiffBackend> Pretrainer<B> {
@@ -160,7 +168,14 @@ impl<B: AutodiffBackend> Pretrainer<B> {
             generator: Some(model),
             critic: Some(critic),
             losses,
+            group: None,
         })
+    }
+
+    /// Average every update's gradients across `group` (data-parallel training).
+    pub fn with_group(mut self, group: Option<Arc<Group>>) -> Self {
+        self.group = group;
+        self
     }
 
     /// The model with its discriminator, for checkpoints.
@@ -241,12 +256,31 @@ impl<B: AutodiffBackend> Pretrainer<B> {
                 );
                 out.d_loss = v[0];
                 out.gp = v.get(1).copied().unwrap_or(out.gp);
+                let grads = match &self.group {
+                    // Every rank takes the same decision on the mean losses (NaN on one rank
+                    // is NaN in the mean).
+                    Some(group) => {
+                        let grads = GradientsParams::from_grads(loss.backward(), critic);
+                        let mut extra = [out.d_loss as f32, out.gp as f32];
+                        let grads = all_reduce_gradients(
+                            group,
+                            critic,
+                            grads,
+                            &mut extra,
+                            "the critic's gradient all-reduce",
+                        )?;
+                        (out.d_loss, out.gp) = (extra[0] as f64, extra[1] as f64);
+                        Some(grads)
+                    }
+                    None => None,
+                };
                 if !out.d_loss.is_finite() {
                     // No update from a loss that is not a number (the weights would be lost).
                     out.skipped = true;
                     continue;
                 }
-                let grads = GradientsParams::from_grads(loss.backward(), critic);
+                let grads =
+                    grads.unwrap_or_else(|| GradientsParams::from_grads(loss.backward(), critic));
                 let c = self.critic.take().ok_or("critic missing")?;
                 self.critic = Some(self.opt_d.step(lr, c, grads));
             }
@@ -278,11 +312,30 @@ impl<B: AutodiffBackend> Pretrainer<B> {
             out.g_loss = v[0];
             out.rec = v[1];
             out.adv = v.get(2).copied().unwrap_or(out.adv);
+            let grads = match &self.group {
+                Some(group) => {
+                    let grads = GradientsParams::from_grads(loss.backward(), self.generator());
+                    let mut extra = [out.g_loss as f32, out.rec as f32, out.adv as f32];
+                    let grads = all_reduce_gradients(
+                        group,
+                        self.generator(),
+                        grads,
+                        &mut extra,
+                        "the generator's gradient all-reduce",
+                    )?;
+                    out.g_loss = extra[0] as f64;
+                    out.rec = extra[1] as f64;
+                    out.adv = extra[2] as f64;
+                    Some(grads)
+                }
+                None => None,
+            };
             if !out.g_loss.is_finite() {
                 out.skipped = true;
                 continue;
             }
-            let grads = GradientsParams::from_grads(loss.backward(), self.generator());
+            let grads = grads
+                .unwrap_or_else(|| GradientsParams::from_grads(loss.backward(), self.generator()));
             let g = self.generator.take().ok_or("generator missing")?;
             self.generator = Some(self.opt_g.step(lr, g, grads));
         }

@@ -14,6 +14,7 @@ use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split
 use super::samples::{enlarge_small, sample_image, save_png, SAMPLE_MIN_SIDE};
 use super::schedule::lr_at;
 use super::{LossConfig, Pretrainer, StepLosses, TrainError};
+use crate::dist::{weights_digest, Group};
 use crate::model::config::LearningRateConfig;
 use crate::model::weights::StateDict;
 use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
@@ -21,6 +22,7 @@ use crate::util::write_atomic;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Settings of a run.
@@ -33,6 +35,11 @@ pub struct RunOptions {
     pub steps_per_epoch: Option<usize>,
     /// Validation clips per epoch (all when None).
     pub val_clips: Option<usize>,
+    /// The ranks of a data-parallel run (see [`crate::dist`]): `batch_size` is per rank, the
+    /// global batch `world x batch_size`; rank r trains on positions r, r + world, ... of each
+    /// global batch, so the run trains on the samples (and learning rates) of one process at
+    /// the global batch. Rank 0 alone writes the run folder.
+    pub group: Option<Arc<Group>>,
 }
 
 /// Progress reports and Ctrl-C.
@@ -154,10 +161,19 @@ pub fn pretrain<B: AutodiffBackend>(
     let settings = ClipSettings::from_config(cfg)?;
     let losses = LossConfig::from_config(cfg);
     let lrc = lr_config(cfg);
-    std::fs::create_dir_all(out.join("samples")).map_err(|e| format!("{}: {e}", out.display()))?;
+    let group = opts.group.as_deref();
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
+    let main = rank == 0;
+    if main {
+        std::fs::create_dir_all(out.join("samples"))
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+    }
     // Temp files of a killed run: the real files beside them are whole; drop the leftovers.
-    for dir in [out.to_path_buf(), out.join("samples")] {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
+    for dir in [out.to_path_buf(), out.join("samples")]
+        .iter()
+        .filter(|_| main)
+    {
+        if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with('.') && name.contains(".tmp") {
@@ -167,7 +183,7 @@ pub fn pretrain<B: AutodiffBackend>(
         }
     }
     let ckpt = out.join("checkpoint.safetensors");
-    let (mut pt, mut state, resumed_from) = if resume && ckpt.is_file() {
+    let (pt, mut state, resumed_from) = if resume && ckpt.is_file() {
         let (pt, state) = load_checkpoint::<B>(out, cfg, losses, device)?;
         let e = state.epoch;
         (pt, state, Some(e))
@@ -179,18 +195,52 @@ pub fn pretrain<B: AutodiffBackend>(
             step: 0,
             seed: opts.seed,
             epochs: opts.epochs,
-            batch_size: opts.batch_size,
+            batch_size: opts.batch_size.max(1) * world,
             ..Default::default()
         };
         (pt, state, None)
     };
-    // A resumed run keeps its own schedule and seed.
-    let (epochs, bs, seed) = if resumed_from.is_some() {
+    let mut pt = pt.with_group(opts.group.clone());
+    // A resumed run keeps its own schedule, seed and global batch (`batch_size` in the run
+    // state), whatever the number of ranks now.
+    let (epochs, global, seed) = if resumed_from.is_some() {
         (state.epochs.max(opts.epochs), state.batch_size, state.seed)
     } else {
-        (opts.epochs, opts.batch_size.max(1), opts.seed)
+        (opts.epochs, opts.batch_size.max(1) * world, opts.seed)
     };
+    if global % world != 0 {
+        return Err(format!(
+            "{}: the run's global batch is {global} clips, which {world} ranks cannot share evenly: resume it with a number of ranks that divides {global}",
+            ckpt.display()
+        )
+        .into());
+    }
+    // Clips per step on this rank.
+    let bs = global / world;
     state.epochs = epochs;
+    if let Some(g) = group {
+        // Every rank must run the same run: config, options, data, starting weights.
+        g.agree(
+            "run (config, epochs, global batch, seed, data, resume)",
+            &format!(
+                "config {:016x}, epochs {epochs}, global batch {global}, seed {seed}, {} train and {} val videos, steps/epoch {:?}, val clips {:?}, from epoch {}",
+                text_digest(&format!("{cfg:?}")),
+                train.videos.len(),
+                val.videos.len(),
+                opts.steps_per_epoch,
+                opts.val_clips,
+                state.epoch
+            ),
+        )?;
+        g.agree(
+            "starting weights",
+            &format!(
+                "generator {}, critic {}",
+                weights_digest(pt.generator()),
+                weights_digest(pt.critic_module())
+            ),
+        )?;
+    }
     // Metrics of the epochs already done (a resumed run keeps them, drops any later line).
     let csv_path = out.join("metrics.csv");
     let mut csv_lines: Vec<String> = if resumed_from.is_some() {
@@ -219,11 +269,27 @@ pub fn pretrain<B: AutodiffBackend>(
         .min(val.videos.len());
     for epoch in state.epoch..epochs {
         let t0 = Instant::now();
-        let lr = lr_at(&lrc, epoch, epochs, bs);
+        let lr = lr_at(&lrc, epoch, epochs, global);
         let order = epoch_order(n, seed, epoch);
-        let mut batches: Vec<Vec<usize>> = order.chunks(bs.min(n)).map(<[usize]>::to_vec).collect();
-        if batches.len() > 1 && batches.last().is_some_and(|b| b.len() < bs) {
+        let mut batches: Vec<Vec<usize>> =
+            order.chunks(global.min(n)).map(<[usize]>::to_vec).collect();
+        if batches.len() > 1 && batches.last().is_some_and(|b| b.len() < global) {
             batches.pop();
+        }
+        if world > 1 {
+            if batches.first().is_some_and(|b| b.len() < world) {
+                return Err(format!(
+                    "{}: {n} training videos are fewer than the {world} ranks",
+                    data.display()
+                )
+                .into());
+            }
+            // This rank's share of each global batch: positions rank, rank + world, ...
+            // (A short batch is cut to a multiple of the ranks, so every rank's share is equal.)
+            for b in &mut batches {
+                b.truncate(b.len() / world * world);
+                *b = b.iter().copied().skip(rank).step_by(world).collect();
+            }
         }
         if let Some(k) = opts.steps_per_epoch {
             batches.truncate(k);
@@ -235,6 +301,10 @@ pub fn pretrain<B: AutodiffBackend>(
         let mut sum = StepLosses::default();
         let mut seen = 0usize;
         let result: Result<(), TrainError> = std::thread::scope(|scope| {
+            // The receiver lives in this closure: when the trainer leaves early (an error, a
+            // rank gone), it is dropped before the scope joins the loader, whose next send then
+            // fails and ends it instead of waiting for room forever.
+            let rx = rx;
             scope.spawn(move || {
                 for b in &batches {
                     if tx
@@ -246,7 +316,16 @@ pub fn pretrain<B: AutodiffBackend>(
                 }
             });
             for (i, batch) in rx.iter().enumerate() {
-                if progress.stop() {
+                // Every rank stops at the same step (Ctrl-C may reach only some of them).
+                let stop = match group {
+                    Some(g) => {
+                        let mut flag = [f32::from(u8::from(progress.stop()))];
+                        g.all_reduce_sum(&mut flag, "the stop check")?;
+                        flag[0] > 0.0
+                    }
+                    None => progress.stop(),
+                };
+                if stop {
                     interrupted = true;
                     break;
                 }
@@ -276,8 +355,9 @@ pub fn pretrain<B: AutodiffBackend>(
                     continue;
                 }
                 bad_in_a_row = 0;
-                seen += samples.len();
-                add(&mut sum, &l, samples.len() as f64);
+                // The losses are the global batch's means (every rank's samples).
+                seen += samples.len() * world;
+                add(&mut sum, &l, (samples.len() * world) as f64);
                 let rate = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
                 progress.step(epoch, i + 1, total, &l, rate);
             }
@@ -293,16 +373,16 @@ pub fn pretrain<B: AutodiffBackend>(
             m
         };
         let samples_per_s = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        // Validation: the same clips and masks every epoch.
+        // Validation: the same clips and masks every epoch; rank r takes chunks r, r + world...
         let mut vsum = StepLosses::default();
         let val_idx: Vec<usize> = (0..val_n).collect();
         let mut first: Option<(Sample, Vec<f32>)> = None;
-        for chunk in val_idx.chunks(bs.max(1)) {
+        for chunk in val_idx.chunks(bs.max(1)).skip(rank).step_by(world) {
             let samples = read_batch(&val, chunk, &settings, seed, 0, 2)?;
             let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
             let l = pt.validate(clip.clone(), &idx)?;
             add(&mut vsum, &l, chunk.len() as f64);
-            if first.is_none() {
+            if first.is_none() && main {
                 let g = burn::module::AutodiffModule::valid(pt.generator());
                 let one = samples.into_iter().next();
                 if let Some(s) = one {
@@ -317,8 +397,26 @@ pub fn pretrain<B: AutodiffBackend>(
                 }
             }
         }
+        if let Some(g) = group {
+            let mut v = [vsum.d_loss, vsum.rec, vsum.adv, vsum.g_loss, vsum.gp].map(|x| x as f32);
+            g.all_reduce_sum(&mut v, "the validation losses")?;
+            [vsum.d_loss, vsum.rec, vsum.adv, vsum.g_loss, vsum.gp] = v.map(f64::from);
+        }
         let mut val_mean = StepLosses::default();
         add(&mut val_mean, &vsum, 1.0 / val_n.max(1) as f64);
+        state.epoch = epoch + 1;
+        let row = EpochRow {
+            epoch,
+            lr,
+            train: train_mean,
+            val: val_mean,
+            samples_per_s,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        if !main {
+            rows.push(row);
+            continue;
+        }
         if let Some((s, p)) = &first {
             let img = enlarge_small(
                 &sample_image(&s.clip, &s.visible, Some(p), &settings, 0),
@@ -329,7 +427,6 @@ pub fn pretrain<B: AutodiffBackend>(
                 &out.join("samples").join(format!("epoch_{epoch:04}.png")),
             )?;
         }
-        state.epoch = epoch + 1;
         state.generator_ids = param_ids(pt.generator())
             .into_iter()
             .map(|i| i.serialize())
@@ -339,14 +436,6 @@ pub fn pretrain<B: AutodiffBackend>(
             .map(|i| i.serialize())
             .collect();
         save_checkpoint(out, &pt, &state)?;
-        let row = EpochRow {
-            epoch,
-            lr,
-            train: train_mean,
-            val: val_mean,
-            samples_per_s,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
         csv_lines.push(row.csv());
         let text = format!("{CSV_HEADER}\n{}\n", csv_lines.join("\n"));
         write_atomic(&csv_path, text.as_bytes())
@@ -360,6 +449,13 @@ pub fn pretrain<B: AutodiffBackend>(
         rows,
         interrupted,
         resumed_from,
+    })
+}
+
+/// FNV-1a of a text (the ranks compare configs by it).
+fn text_digest(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
     })
 }
 

@@ -7,6 +7,7 @@ mod common;
 mod bf16;
 mod cli_extract;
 mod cli_face;
+mod data_parallel;
 mod download;
 mod extract_parity;
 mod face_detect;
