@@ -33,14 +33,15 @@ two() {
 }
 o1=(); o2=(); p1=(); p2=(); ar=()
 for round in 1 2 3; do
-  o1+=("$(RAYON_NUM_THREADS=$threads "$bin" bench --train --model marlin_vit_base_ytf --batch-size 2 --iters "$ITERS" | tee /dev/stderr | step_of)")
+  o1+=("$(RAYON_NUM_THREADS=$threads "$bin" bench --train --model marlin_vit_base_ytf --batch-size 2 --iters "$ITERS" | tee >(cat >&2) | step_of)")
   two "$bin" bench --train --model marlin_vit_base_ytf --batch-size 1 --iters "$ITERS"
   o2+=("$(step_of "$work/r0.txt")")
   ar+=("$(sed -n 's/^all-reduce per step: \([0-9.]*\) s.*/\1/p' "$work/r0.txt")")
-  p1+=("$("$PEER_PY" bench/peer_pretrain_step.py --threads "$threads" --batch 2 --iters "$ITERS" | tee /dev/stderr | step_of)")
+  p1+=("$("$PEER_PY" bench/peer_pretrain_step.py --threads "$threads" --batch 2 --iters "$ITERS" | tee >(cat >&2) | step_of)")
   two "$PEER_PY" bench/peer_pretrain_step.py --threads "$half" --batch 1 --iters "$ITERS" --ddp
   p2+=("$(step_of "$work/r0.txt")")
 done
+echo "rounds: ours 1 process ${o1[*]}; ours 2 ranks ${o2[*]} (all-reduce ${ar[*]}); peer 1 process ${p1[*]}; peer 2 ranks ${p2[*]}"
 O1=$(median "${o1[@]}"); O2=$(median "${o2[@]}"); P1=$(median "${p1[@]}"); P2=$(median "${p2[@]}")
 echo "== ViT-B pretraining step, global batch 2, seconds per step (medians of 3 rounds)"
 echo "ours: 1 process x $threads threads $O1; 2 ranks x $half threads $O2 (all-reduce $(median "${ar[@]}") s of it); 2 ranks / 1 process $(python3 -c "print(f'{$O2/$O1:.2f}')")"
