@@ -161,7 +161,15 @@ impl BackendTask for Bench {
         );
         let peak = self.peak;
         let share = |gflops: f64| match peak {
-            Some(p) => format!(" = {:.0}% of the FMA peak", 100.0 * gflops / p.gflops),
+            Some(p) => format!(
+                " = {:.0}% of the {} peak",
+                100.0 * gflops / p.gflops,
+                if p.isa == "avx512bf16" {
+                    "bf16 dot-product"
+                } else {
+                    "FMA"
+                }
+            ),
             None => String::new(),
         };
         let gflops = flops / per_clip / 1e9;
@@ -370,6 +378,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         eprintln!("note: {n}");
     }
     outln!("precision: {p}");
+    let precision = p;
     let device = args.device;
     let peak = args.peak.then(|| {
         let p = marlin::kernels::peak::fma_peak(1.0);
@@ -384,7 +393,21 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
                 ""
             }
         );
-        p
+        // bf16 products are shares of the bf16 dot-product peak (where the CPU has one).
+        let dots = marlin::kernels::peak::bf16_dot_peak(1.0);
+        if let Some(d) = dots.filter(|_| !device.is_gpu()) {
+            outln!(
+                "bf16 dot-product peak of {} threads ({}): {:.1} GFLOP/s ({:.2}x the f32 peak)",
+                d.threads,
+                d.isa,
+                d.gflops,
+                d.gflops / p.gflops
+            );
+        }
+        match dots {
+            Some(d) if precision == marlin::kernels::Precision::Bf16 => d,
+            _ => p,
+        }
     });
     let peak = peak.filter(|_| !device.is_gpu());
     let (group, device) = match args.train {

@@ -26,23 +26,9 @@ const CHAINS: usize = 12;
 pub fn fma_peak(seconds: f64) -> Peak {
     let threads = rayon::current_num_threads();
     let isa = isa();
-    let lanes = match isa {
-        "avx512" => 16,
-        "avx2" => 8,
-        _ => 1,
-    };
+    let lanes = fma_lanes(isa);
     // Calibrate the iteration count on one thread, then time all threads together.
-    let mut iters = 1usize << 16;
-    loop {
-        let t0 = Instant::now();
-        std::hint::black_box(chains(isa, iters));
-        let s = t0.elapsed().as_secs_f64();
-        if s > 0.02 || iters > 1 << 34 {
-            iters = ((iters as f64) * (seconds / 3.0 / s.max(1e-9))).max(1.0) as usize;
-            break;
-        }
-        iters *= 4;
-    }
+    let iters = calibrate(seconds, |n| chains(isa, n));
     let best = (0..3)
         .map(|_| {
             let t0 = Instant::now();
@@ -59,6 +45,111 @@ pub fn fma_peak(seconds: f64) -> Peak {
         gflops: flops / best / 1e9,
         threads,
         isa,
+    }
+}
+
+/// The bf16 dot-product peak of rayon's threads (`vdpbf16ps`: two multiply-adds per f32 lane
+/// per instruction, summed in f32), measured as [`fma_peak`]; `None` where the CPU lacks
+/// AVX-512 BF16. Where this is no faster than [`fma_peak`] (Intel cores without AMX issue
+/// `vdpbf16ps` on one port, FMAs on two), bf16 products cannot beat f32 ones.
+pub fn bf16_dot_peak(seconds: f64) -> Option<Peak> {
+    if !bf16_dot_available() {
+        return None;
+    }
+    let threads = rayon::current_num_threads();
+    let iters = calibrate(seconds, bf16_chains);
+    let best = (0..3)
+        .map(|_| {
+            let t0 = Instant::now();
+            let sum: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| bf16_chains(iters))
+                .sum();
+            std::hint::black_box(sum);
+            t0.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    // 16 lanes, two multiply-adds (four operations) per lane per instruction.
+    let flops = (threads * iters * CHAINS * 16 * 4) as f64;
+    Some(Peak {
+        gflops: flops / best / 1e9,
+        threads,
+        isa: "avx512bf16",
+    })
+}
+
+/// Whether bf16 dot products outrun f32 FMAs on this CPU by at least half, on one thread
+/// (about 0.2 s, measured once per process; the two kinds of rounds alternate and the best of
+/// each counts, so a busy machine slows both alike): Zen 4 runs `vdpbf16ps` at the FMA rate,
+/// so at twice the f32 products' peak; Intel cores without AMX at half the rate, so at the
+/// same peak.
+pub fn bf16_dots_outrun_fmas() -> bool {
+    static FASTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FASTER.get_or_init(|| {
+        if !bf16_dot_available() {
+            return false;
+        }
+        let isa = isa();
+        let fma = |n: usize| chains(isa, n);
+        let (fma_iters, dot_iters) = (calibrate(0.06, fma), calibrate(0.06, bf16_chains));
+        let time = |f: &dyn Fn(usize) -> f32, iters: usize| {
+            let t0 = Instant::now();
+            std::hint::black_box(f(iters));
+            t0.elapsed().as_secs_f64()
+        };
+        let (mut fma_s, mut dot_s) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..3 {
+            fma_s = fma_s.min(time(&fma, fma_iters));
+            dot_s = dot_s.min(time(&bf16_chains, dot_iters));
+        }
+        let fma_rate = fma_iters as f64 * 2.0 * fma_lanes(isa) as f64 / fma_s;
+        let dot_rate = dot_iters as f64 * 4.0 * 16.0 / dot_s;
+        dot_rate >= 1.5 * fma_rate
+    })
+}
+
+fn bf16_dot_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `iters` rounds of `CHAINS` bf16 dot products (only where [`bf16_dot_available`]).
+fn bf16_chains(iters: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot_available() {
+        // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked).
+        return unsafe { x86::chains_bf16(iters) };
+    }
+    let _ = iters;
+    0.0
+}
+
+/// The iteration count that makes one thread's run of `f` last about `seconds / 3`.
+fn calibrate(seconds: f64, f: impl Fn(usize) -> f32) -> usize {
+    let mut iters = 1usize << 16;
+    loop {
+        let t0 = Instant::now();
+        std::hint::black_box(f(iters));
+        let s = t0.elapsed().as_secs_f64();
+        if s > 0.02 || iters > 1 << 34 {
+            return ((iters as f64) * (seconds / 3.0 / s.max(1e-9))).max(1.0) as usize;
+        }
+        iters *= 4;
+    }
+}
+
+fn fma_lanes(isa: &str) -> usize {
+    match isa {
+        "avx512" => 16,
+        "avx2" => 8,
+        _ => 1,
     }
 }
 
@@ -135,6 +226,23 @@ mod x86 {
         _mm512_reduce_add_ps(s)
     }
 
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn chains_bf16(iters: usize) -> f32 {
+        let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3f80_3f80)));
+        let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3380_3380)));
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for x in acc {
+            s = _mm512_add_ps(s, x);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn chains_avx2(iters: usize) -> f32 {
         let a = _mm256_set1_ps(std::hint::black_box(0.999_999));
@@ -182,6 +290,20 @@ mod tests {
                 p.gflops / p.threads as f64 > scalar,
                 "{p:?} vs scalar {scalar}"
             );
+        }
+    }
+
+    #[test]
+    fn the_bf16_dot_peak_is_positive_where_the_cpu_has_the_instructions() {
+        match bf16_dot_peak(0.05) {
+            Some(d) => {
+                assert!(d.gflops.is_finite() && d.gflops > 0.0, "{d:?}");
+                assert_eq!(d.isa, "avx512bf16");
+                // Four operations per lane per instruction: at least the scalar FMA rate.
+                let f = fma_peak(0.05);
+                assert!(d.gflops > f.gflops / 4.0, "{d:?} vs {f:?}");
+            }
+            None => assert!(!bf16_dots_outrun_fmas(), "no instructions, yet faster?"),
         }
     }
 }
