@@ -653,8 +653,10 @@ fn register_model_from_yaml(name: &str, path: PathBuf) -> PyResult<()> {
 /// Precision of the matrix products for this process: "f32" (the CPU default), "tf32" (the
 /// GPU default; f32 on the CPU) or "bf16" (bf16 operands, f32 sums; on the CPU AMX tiles or
 /// AVX-512 BF16). Returns the CPU's precision in effect: "f32" with a warning on a CPU without
-/// AVX-512 BF16, or without AMX, where bf16 is slower than f32 (`MARLIN_BF16_WITHOUT_AMX=1`
-/// computes in bf16 anyway). Models on a GPU take the precision as given.
+/// AVX-512 BF16, or without AMX and with bf16 dot products no faster than f32 FMAs (Intel
+/// cores without AMX), where bf16 is slower than f32 (`MARLIN_BF16_WITHOUT_AMX=1` computes in
+/// bf16 anyway); "bf16" on AMX and on AMD Zen 4, where bf16 is the faster. Models on a GPU
+/// take the precision as given.
 #[pyfunction]
 fn set_precision(py: Python<'_>, precision: &str) -> PyResult<String> {
     let p: marlin::kernels::Precision = precision.parse().map_err(value)?;

@@ -77,30 +77,43 @@ impl std::str::FromStr for Precision {
 
 static CPU_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Set in the environment, bf16 runs on a CPU with AVX-512 BF16 but no AMX, where it is
-/// slower than f32 (for its numbers, or to measure it).
+/// Set in the environment, bf16 runs on a CPU with AVX-512 BF16 but no AMX even where its
+/// bf16 dot products are no faster than f32 FMAs, so bf16 is slower than f32 (for its numbers,
+/// or to measure it).
 pub const BF16_WITHOUT_AMX: &str = "MARLIN_BF16_WITHOUT_AMX";
 
+/// Set in the environment, the CPU's bf16 dot products count as no faster than its f32 FMAs
+/// whatever [`peak::bf16_dots_outrun_fmas`] measures (the Intel case, forced on any CPU: for
+/// tests of the fallback).
+pub const SLOW_BF16_DOTS: &str = "MARLIN_SLOW_BF16_DOTS";
+
 /// Choose the CPU kernels' precision for this process. bf16 needs AVX-512 BF16: without it
-/// the products stay in f32 and the returned note says so (one line for the user). With it but
-/// without AMX, bf16 is slower than f32 (AVX-512 BF16 dot products have the peak of f32 FMAs,
-/// and the conversions cost on top: 3.63 vs 2.23 s per ViT-B clip on a 2-core Xeon, BENCHMARKS.md),
-/// so f32 runs, with a note, unless [`BF16_WITHOUT_AMX`] is set. TF32 is a GPU format, f32 on
+/// the products stay in f32 and the returned note says so (one line for the user). With it,
+/// bf16 runs on AMX tiles where the CPU has them, and otherwise on AVX-512 BF16 dot products
+/// where those outrun f32 FMAs ([`peak::bf16_dots_outrun_fmas`]: AMD Zen 4 and later, where
+/// ViT-B takes 1.19 s per clip in bf16 against 2.02 in f32 on 2 cores, BENCHMARKS.md). Where
+/// they do not (Intel cores without AMX: one dot product per cycle against two FMAs, and the
+/// conversions on top; 3.63 vs 2.23 s per clip on a 2-core Xeon), bf16 is slower than f32, so
+/// f32 runs, with a note, unless [`BF16_WITHOUT_AMX`] is set. TF32 is a GPU format, f32 on
 /// the CPU.
 pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
+    let env = |k: &str| std::env::var_os(k).is_some();
     let (effective, note) = match p {
         Precision::Bf16 if !bf16::supported() => (
             Precision::F32,
             Some("this CPU has no AVX-512 BF16 instructions: computing in f32 instead".to_string()),
         ),
         Precision::Bf16
-            if !bf16::amx_available() && std::env::var_os(BF16_WITHOUT_AMX).is_none() =>
+            if !bf16::amx_available()
+                && !env(BF16_WITHOUT_AMX)
+                && (env(SLOW_BF16_DOTS) || !peak::bf16_dots_outrun_fmas()) =>
         {
             (
                 Precision::F32,
                 Some(format!(
-                    "this CPU has no AMX: bf16 is slower than f32 here, computing in f32 \
-                     instead (set {BF16_WITHOUT_AMX}=1 for bf16 anyway)"
+                    "this CPU has no AMX and its bf16 dot products are no faster than f32 \
+                     FMAs: bf16 is slower than f32 here, computing in f32 instead (set \
+                     {BF16_WITHOUT_AMX}=1 for bf16 anyway)"
                 )),
             )
         }

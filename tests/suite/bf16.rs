@@ -1,6 +1,7 @@
 //! `--precision bf16` on the CPU: features within the stated tolerance of f32 (and of the
-//! peer's fp32 fixture), or, on a CPU without AVX-512 BF16 or without AMX (where bf16 is slower
-//! than f32), one note and exactly the f32 features. Run through the binary: the precision is a per-process setting.
+//! peer's fp32 fixture), or, on a CPU without AVX-512 BF16, or without AMX and with bf16 dot
+//! products no faster than f32 FMAs (where bf16 is slower than f32), one note and exactly the
+//! f32 features. Run through the binary: the precision is a per-process setting.
 
 use crate::common::{extract, fixtures, read, stderr};
 
@@ -65,24 +66,53 @@ fn bf16_features_are_within_tolerance_of_f32_or_fall_back_with_a_note() {
         0.0,
         "the fallback computes in f32"
     );
-    // A CPU with AVX-512 BF16 but no AMX (MARLIN_NO_AMX forces it): bf16 would be slower than
-    // f32, so one note and exactly the f32 features.
-    let d_dir = t.path().join("no_amx");
-    let d = bf16_extract(&d_dir, true, &[("MARLIN_NO_AMX", "1")]);
+    // A CPU with AVX-512 BF16 but no AMX whose bf16 dot products are no faster than its f32
+    // FMAs (an Intel core without AMX; MARLIN_NO_AMX and MARLIN_SLOW_BF16_DOTS force it): bf16
+    // would be slower than f32, so one note and exactly the f32 features.
+    let no_bf16 = stderr(&b).contains("no AVX-512 BF16");
+    let no_bf16_note = "note: this CPU has no AVX-512 BF16 instructions: computing in f32 instead";
+    let slow_note = "note: this CPU has no AMX and its bf16 dot products are no faster than f32 \
+                     FMAs: bf16 is slower than f32 here, computing in f32 instead";
+    let d_dir = t.path().join("slow_dots");
+    let d = bf16_extract(
+        &d_dir,
+        true,
+        &[
+            ("MARLIN_NO_AMX", "1"),
+            (marlin::kernels::SLOW_BF16_DOTS, "1"),
+        ],
+    );
     assert!(d.status.success(), "{}", stderr(&d));
-    let note = if stderr(&b).contains("no AVX-512 BF16") {
-        "note: this CPU has no AVX-512 BF16 instructions: computing in f32 instead"
-    } else {
-        "note: this CPU has no AMX: bf16 is slower than f32 here, computing in f32 instead"
-    };
+    let note = if no_bf16 { no_bf16_note } else { slow_note };
     assert!(stderr(&d).contains(note), "{}", stderr(&d));
     let z: Vec<f32> = read(&d_dir.join("h264_143.npy")).iter().copied().collect();
     assert_eq!(
         crate::common::max_abs_diff(&z, &x).diff,
         0.0,
-        "without AMX, bf16 falls back to f32"
+        "without AMX or fast dot products, bf16 falls back to f32"
     );
-    if stderr(&b).contains("no AVX-512 BF16") {
+    // No AMX, the dot products as this CPU has them: bf16 where they outrun f32 FMAs (Zen 4:
+    // the faster path, no note), otherwise the note and f32, as the probe of this process says.
+    let e_dir = t.path().join("no_amx");
+    let e = bf16_extract(&e_dir, true, &[("MARLIN_NO_AMX", "1")]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let z: Vec<f32> = read(&e_dir.join("h264_143.npy")).iter().copied().collect();
+    let diff = crate::common::max_abs_diff(&z, &x).diff;
+    if !no_bf16 && marlin::kernels::peak::bf16_dots_outrun_fmas() {
+        assert!(!stderr(&e).contains("note:"), "{}", stderr(&e));
+        assert!(
+            diff > 0.0 && diff <= TOL,
+            "no AMX, fast dots: max abs diff {diff}"
+        );
+        assert!(cosine(&x, &z) >= 0.9995, "cosine {}", cosine(&x, &z));
+    } else {
+        assert!(stderr(&e).contains(note), "{}", stderr(&e));
+        assert_eq!(
+            diff, 0.0,
+            "without AMX or fast dot products, bf16 falls back to f32"
+        );
+    }
+    if no_bf16 {
         assert_eq!(worst, 0.0, "the fallback computes in f32");
         return;
     }
