@@ -6,7 +6,7 @@
 use crate::model::load::Loader;
 use crate::model::weights::WeightsError;
 use burn::tensor::activation::{prelu, relu, sigmoid};
-use burn::tensor::module::{conv2d, conv_transpose2d};
+use burn::tensor::module::conv_transpose2d;
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, PadMode};
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -74,7 +74,7 @@ impl<B: Backend> Conv<B> {
                 x = x.pad((l, r, t, b), PadMode::Constant(0.0));
             }
         }
-        conv2d(
+        crate::kernels::of::<B>().conv2d(
             x,
             self.weight.clone(),
             Some(self.bias.clone()),

@@ -9,7 +9,7 @@ use crate::model::weights::{read_safetensors_bytes, StateDict, WeightsError};
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::{prelu, softmax};
-use burn::tensor::module::{conv2d, max_pool2d};
+use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -31,7 +31,7 @@ impl<B: Backend> Conv<B> {
         })
     }
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        conv2d(
+        crate::kernels::of::<B>().conv2d(
             x,
             self.weight.val(),
             Some(self.bias.val()),
@@ -50,6 +50,12 @@ fn pool<B: Backend>(x: Tensor<B, 4>, k: usize, s: usize) -> Tensor<B, 4> {
 }
 
 /// Flatten `[B, C, H, W]` in (W, H, C) order, as the reference's permute(0, 3, 2, 1).
+/// A dense layer `[B, in] -> [B, out]` through the kernels (their precision: true f32 on CUDA).
+fn dense<B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let k = crate::kernels::of::<B>();
+    crate::model::block::linear(k, l, x.unsqueeze_dim(0)).squeeze_dim(0)
+}
+
 fn flatten_whc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
     let [b, c, h, w] = x.dims();
     x.permute([0, 3, 2, 1]).reshape([b, w * h * c])
@@ -100,9 +106,9 @@ impl<B: Backend> RNet<B> {
         let x = pool(prelu(self.conv1.forward(x), self.prelu1.val()), 3, 2);
         let x = pool(prelu(self.conv2.forward(x), self.prelu2.val()), 3, 2);
         let x = prelu(self.conv3.forward(x), self.prelu3.val());
-        let x = prelu(self.dense4.forward(flatten_whc(x)), self.prelu4.val());
-        let prob = softmax(self.dense5_1.forward(x.clone()), 1);
-        (self.dense5_2.forward(x), prob)
+        let x = prelu(dense(&self.dense4, flatten_whc(x)), self.prelu4.val());
+        let prob = softmax(dense(&self.dense5_1, x.clone()), 1);
+        (dense(&self.dense5_2, x), prob)
     }
 }
 
@@ -132,11 +138,11 @@ impl<B: Backend> ONet<B> {
         let x = pool(prelu(self.conv2.forward(x), self.prelu2.val()), 3, 2);
         let x = pool(prelu(self.conv3.forward(x), self.prelu3.val()), 2, 2);
         let x = prelu(self.conv4.forward(x), self.prelu4.val());
-        let x = prelu(self.dense5.forward(flatten_whc(x)), self.prelu5.val());
-        let prob = softmax(self.dense6_1.forward(x.clone()), 1);
+        let x = prelu(dense(&self.dense5, flatten_whc(x)), self.prelu5.val());
+        let prob = softmax(dense(&self.dense6_1, x.clone()), 1);
         (
-            self.dense6_2.forward(x.clone()),
-            self.dense6_3.forward(x),
+            dense(&self.dense6_2, x.clone()),
+            dense(&self.dense6_3, x),
             prob,
         )
     }

@@ -164,6 +164,73 @@ impl<R: CubeRuntime, B: Backend> Kernels<B> for CubeKernels<R> {
             p => autocast::linear(x, w, b, p),
         }
     }
+
+    /// In f32, a dense convolution (one group, no dilation) is the f32 product over its
+    /// patches ([`conv2d_as_product`]): burn's GPU convolution is an implicit matmul on tensor
+    /// cores, TF32 on CUDA whatever the precision (found on an H200: the face mesh's landmarks
+    /// 2e-2 px off TFLite's in "fp32"). Depthwise ones do no product and stay burn's.
+    fn conv2d(
+        &self,
+        x: Tensor<B, 4>,
+        w: Tensor<B, 4>,
+        b: Option<Tensor<B, 1>>,
+        options: burn::tensor::ops::ConvOptions<2>,
+    ) -> Tensor<B, 4> {
+        let dense = options.groups == 1 && options.dilation == [1, 1];
+        match precision::<B>(self.tf32, &x.device()) {
+            Precision::F32 if dense => conv2d_as_product(x, w, b, options, |x, w, b| {
+                linear_f32(x, w, b, matmul_f32::<R, B>)
+            }),
+            _ => burn::tensor::module::conv2d(x, w, b, options),
+        }
+    }
+}
+
+/// A dense 2-D convolution as one product: each output pixel's `C * kh * kw` input patch
+/// (strided slices of the padded input, one per kernel offset, stacked in the weight's
+/// `[C, kh, kw]` order) times the weight `[C * kh * kw, O]`, by `linear`.
+pub fn conv2d_as_product<B: Backend>(
+    x: Tensor<B, 4>,
+    w: Tensor<B, 4>,
+    b: Option<Tensor<B, 1>>,
+    options: burn::tensor::ops::ConvOptions<2>,
+    linear: impl Fn(Tensor<B, 3>, Tensor<B, 2>, Option<Tensor<B, 1>>) -> Tensor<B, 3>,
+) -> Tensor<B, 4> {
+    use burn::tensor::ops::PadMode;
+    use burn::tensor::Slice;
+    let [bs, c, h, wd] = x.dims();
+    let [o, _, kh, kw] = w.dims();
+    let ([sh, sw], [ph, pw]) = (options.stride, options.padding);
+    let x = if ph > 0 || pw > 0 {
+        x.pad((pw, pw, ph, ph), PadMode::Constant(0.0))
+    } else {
+        x
+    };
+    let (oh, ow) = ((h + 2 * ph - kh) / sh + 1, (wd + 2 * pw - kw) / sw + 1);
+    let mut taps = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            let rows = Slice::new(
+                i as isize,
+                Some((i + sh * (oh - 1) + 1) as isize),
+                sh as isize,
+            );
+            let cols = Slice::new(
+                j as isize,
+                Some((j + sw * (ow - 1) + 1) as isize),
+                sw as isize,
+            );
+            taps.push(x.clone().slice([Slice::full(), Slice::full(), rows, cols]));
+        }
+    }
+    // [B, C, kh*kw, oh, ow] -> [B, oh*ow, C*kh*kw]
+    let patches = Tensor::stack::<5>(taps, 2)
+        .reshape([bs, c * kh * kw, oh * ow])
+        .swap_dims(1, 2);
+    let wt = w.reshape([o, c * kh * kw]).transpose();
+    linear(patches, wt, b)
+        .swap_dims(1, 2)
+        .reshape([bs, o, oh, ow])
 }
 
 impl<R: CubeRuntime, B: Backend> Kernels<B> for CubeAutodiffKernels<R> {

@@ -223,6 +223,18 @@ pub trait Kernels<B: Backend>: Sync {
         burn::tensor::activation::gelu(x)
     }
 
+    /// A 2-D convolution `x [B, C, H, W]`, `w [O, C / groups, kh, kw]` (+ `b [O]`): the face
+    /// networks' (MTCNN, the face mesh, the selfie mask).
+    fn conv2d(
+        &self,
+        x: Tensor<B, 4>,
+        w: Tensor<B, 4>,
+        b: Option<Tensor<B, 1>>,
+        options: burn::tensor::ops::ConvOptions<2>,
+    ) -> Tensor<B, 4> {
+        burn::tensor::module::conv2d(x, w, b, options)
+    }
+
     /// A whole pre-norm block `[B, N, D] -> [B, N, D]` in one kernel, or `x` back untouched to
     /// run the block op by op. `block` hands over its weights only if an override asks.
     fn block(

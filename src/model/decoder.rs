@@ -80,6 +80,6 @@ impl<B: Backend> Decoder<B> {
         }
         let n = x.dims()[1];
         let x = x.slice([0..b, n - n_mask..n, 0..d]);
-        self.head.forward(self.norm.forward(x))
+        super::block::linear(crate::kernels::of::<B>(), &self.head, self.norm.forward(x))
     }
 }

@@ -29,23 +29,26 @@ impl<B: Backend> Discriminator<B> {
     /// for the gradient penalty.
     pub fn input_gradient(&self, patches: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, k, p] = patches.dims();
-        let z = self.fc1.forward(patches).detach();
+        let k_ = crate::kernels::of::<B>();
+        let z = super::block::linear(k_, &self.fc1, patches).detach();
         let h = z.dims()[2];
         let slope = z
             .greater_elem(0.0)
             .float()
             .mul_scalar(1.0 - 0.01)
             .add_scalar(0.01);
-        // [B*K, H] ⊙ w2ᵀ, then · W1ᵀ [H, P]
-        let w2 = self.fc2.weight.val().reshape([1, h]);
-        let s = slope.reshape([b * k, h]) * w2;
-        s.matmul(self.fc1.weight.val().transpose())
-            .reshape([b, k, p])
+        // [B, K, H] ⊙ w2ᵀ, then · W1ᵀ [H, P] (the kernels' product, in their precision)
+        let w2 = self.fc2.weight.val().reshape([1, 1, h]);
+        let s = slope * w2;
+        let out = k_.linear(s, self.fc1.weight.val().transpose(), None);
+        debug_assert_eq!(out.dims(), [b, k, p]);
+        out
     }
 
     /// Patches `[B, K, P]` -> scores `[B, K, 1]`.
     pub fn forward(&self, patches: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2
-            .forward(leaky_relu(self.fc1.forward(patches), 0.01))
+        let k = crate::kernels::of::<B>();
+        let h = leaky_relu(super::block::linear(k, &self.fc1, patches), 0.01);
+        super::block::linear(k, &self.fc2, h)
     }
 }

@@ -284,7 +284,8 @@ impl<B: Backend> Marlin<B> {
         };
         let (vis, mask) = idx.to_tensors::<B>(&clip.device());
         let x = self.encoder.forward(clip, vis.clone());
-        Ok(decoder.forward(proj.forward(x), vis, mask))
+        let x = block::linear(crate::kernels::of::<B>(), proj, x);
+        Ok(decoder.forward(x, vis, mask))
     }
 
     /// The reconstruction target: pixels of the masked tubelets `[B, N_masked, P]`.

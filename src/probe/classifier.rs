@@ -108,7 +108,9 @@ impl<B: Backend> Classifier<B> {
 
     /// Logits `[b, k]` of features `[b, d]`.
     pub fn forward_features(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc.forward(x)
+        // Through the kernels, so the product takes their precision (true f32 on CUDA in fp32).
+        let k = crate::kernels::of::<B>();
+        crate::model::block::linear(k, &self.fc, x.unsqueeze_dim(0)).squeeze_dim(0)
     }
 
     /// Logits `[b, k]` of clips `[b, 3, T, H, W]` (pooled encoder features; needs the encoder).
@@ -118,7 +120,7 @@ impl<B: Backend> Classifier<B> {
             Some(enc) => {
                 let f = enc.extract_features(x, false);
                 let d = f.dims()[2];
-                self.fc.forward(f.reshape([b, d]))
+                self.forward_features(f.reshape([b, d]))
             }
             None => panic!("forward_clips needs the encoder (a fine-tuning classifier)"),
         }

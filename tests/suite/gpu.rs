@@ -376,6 +376,7 @@ fn check_face_layers<B: Backend>(dev: &B::Device) {
     let w_pw = data([4, 8, 1, 1], 4);
     let w_pw24 = data([24, 8, 1, 1], 6);
     let gate = data([2, 8, 1, 1], 5);
+    let w_3 = data([16, 8, 3, 3], 7);
     type Layer<B2> =
         fn(Tensor<B2, 4>, &[Tensor<B2, 4>], &burn::tensor::Device<B2>) -> Tensor<B2, 4>;
     fn run<B2: Backend>(
@@ -426,6 +427,33 @@ fn check_face_layers<B: Backend>(dev: &B::Device) {
         layer!("pointwise 1x1 8 -> 24", &[&w_pw24], |x, w, d| Conv {
             weight: w[0].clone(),
             bias: bias::<B2>(24, d),
+            stride: 1,
+            groups: 1,
+            same: false,
+        }
+        .forward(x)),
+        // Dense convolutions: the door's product over patches in f32 on a GPU (burn's
+        // convolution is TF32 on CUDA): padding passed on (same, 1 each side), padding made
+        // by hand (same at stride 2: one row/column after), none (MTCNN's).
+        layer!("dense 3x3 same", &[&w_3], |x, w, d| Conv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(16, d),
+            stride: 1,
+            groups: 1,
+            same: true,
+        }
+        .forward(x)),
+        layer!("dense 3x3/2 same", &[&w_3], |x, w, d| Conv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(16, d),
+            stride: 2,
+            groups: 1,
+            same: true,
+        }
+        .forward(x)),
+        layer!("dense 3x3 valid", &[&w_3], |x, w, d| Conv {
+            weight: w[0].clone(),
+            bias: bias::<B2>(16, d),
             stride: 1,
             groups: 1,
             same: false,
@@ -516,7 +544,10 @@ macro_rules! gpu_suite {
         #[test]
         fn face_layers_match_the_cpu() {
             let _one = lock();
+            // In f32: CUDA's default precision is TF32 (as PyTorch's `allow_tf32`), 1e-3 off.
+            set_precision(Some(Precision::F32), $spec);
             check_face_layers::<$B>(&dev());
+            set_precision(None, $spec);
         }
 
         /// On lavapipe this found burn's GELU gradient (the tanh approximation's derivative
