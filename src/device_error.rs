@@ -64,11 +64,17 @@ static ACTIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::
 /// The first panic message of a device thread while a guard was active.
 static DEVICE_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
-/// cubecl's device threads (`DSD-<type>-<index>`) and wgpu's own.
+/// cubecl's device threads (`DSD-<type>-<index>` downstream, `DSU-<type>-<index>` upstream:
+/// burn's fusion stream, where an allocation that fails on CUDA first shows as a failed
+/// autotune plan and then a cascade of panics) and wgpu's own.
 fn is_device_thread() -> bool {
     std::thread::current()
         .name()
-        .is_some_and(|n| n.starts_with("DSD-") || n.contains("wgpu"))
+        .is_some_and(is_device_thread_name)
+}
+
+fn is_device_thread_name(n: &str) -> bool {
+    n.starts_with("DSD-") || n.starts_with("DSU-") || n.contains("wgpu")
 }
 
 fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
@@ -164,6 +170,28 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(wgpu, DeviceError::OutOfMemory { batch_size: 16 });
+
+        // CUDA (seen on an H200 at ViT-B batch 8192): the device thread's allocation fails,
+        // then burn's fusion thread (`DSU-`) panics on every later call (a failed autotune
+        // plan, missing handles); all of it stays quiet and the device thread's reason wins.
+        let cuda = guard(8192, || -> u32 {
+            for (name, msg) in [
+                ("DSD-0-0", "An out-of-memory error happened during allocation: CUDA_ERROR_OUT_OF_MEMORY"),
+                ("DSU-0-0", "Can't execute the autotune plan for key: MatmulAutotuneKey { .. } Communication channel with the server is down: CallError"),
+                ("DSU-0-0", "Should have handle for tensor TensorId { value: 166 }"),
+            ] {
+                let t = std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || panic!("{msg}"))
+                    .unwrap();
+                assert!(t.join().is_err());
+            }
+            panic!("called `Result::unwrap()` on an `Err` value: RecvError")
+        })
+        .unwrap_err();
+        assert_eq!(cuda, DeviceError::OutOfMemory { batch_size: 8192 });
+        assert!(is_device_thread_name("DSU-0-0") && is_device_thread_name("DSD-3-1"));
+        assert!(!is_device_thread_name("main"));
         assert!(DeviceError::OutOfMemory { batch_size: 1 }
             .to_string()
             .contains("try --batch-size 1"));

@@ -49,9 +49,9 @@ pub struct BenchArgs {
 }
 
 /// Seconds of `iters` (at least one) runs of `run` after an untimed first one (which compiles
-/// and autotunes a GPU's kernels); `None` after printing the device's failure (out of memory at
-/// batch `batch`) as one line.
-fn timed_runs(batch: usize, iters: usize, mut run: impl FnMut()) -> Option<f64> {
+/// and autotunes a GPU's kernels). The device's failure (out of memory at batch `batch`) is
+/// one line and exit status 1.
+fn timed_runs(batch: usize, iters: usize, mut run: impl FnMut()) -> f64 {
     let timed = marlin::device_error::guard(batch, || {
         run();
         let t0 = Instant::now();
@@ -60,7 +60,10 @@ fn timed_runs(batch: usize, iters: usize, mut run: impl FnMut()) -> Option<f64> 
         }
         t0.elapsed().as_secs_f64()
     });
-    timed.map_err(|e| eprintln!("error: {e}")).ok()
+    timed.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    })
 }
 
 /// Watches the GPU's memory while a benchmark runs (nothing on the CPU).
@@ -140,11 +143,9 @@ impl BackendTask for Bench {
                 .unwrap_or(1),
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
         );
-        let Some(elapsed) = timed_runs(b, a.iters, || {
+        let elapsed = timed_runs(b, a.iters, || {
             sync(model.extract_features(clip.clone(), false));
-        }) else {
-            return;
-        };
+        });
         let per_clip = elapsed / (a.iters.max(1) * b) as f64;
         outln!(
             "seconds per clip: {per_clip:.4}  (clips/s {:.2}; {})",
@@ -305,8 +306,12 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         device,
     );
     // The config's losses (the released ones: critic on, adv_weight 0.01, no penalty).
-    let Ok(pt) = Pretrainer::new(model, LossConfig::from_config(cfg)) else {
-        return;
+    let pt = match Pretrainer::new(model, LossConfig::from_config(cfg)) {
+        Ok(pt) => pt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
     };
     let mut pt = pt.with_group(group.clone());
     let g = cfg.img_size / cfg.patch_size;
@@ -320,8 +325,12 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     let vis: Vec<bool> = (0..b)
         .flat_map(|_| make_mask(Strategy::Random, 0.9, &[], &grid, &mut draws))
         .collect();
-    let Ok(idx) = MaskIndices::from_bools(&vis, b) else {
-        return;
+    let idx = match MaskIndices::from_bools(&vis, b) {
+        Ok(idx) => idx,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
     };
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
@@ -338,7 +347,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     }
     // The collectives' cost after the untimed first step.
     let mut after_warmup = None;
-    let Some(elapsed) = timed_runs(b, a.iters, || {
+    let elapsed = timed_runs(b, a.iters, || {
         if let Err(e) = pt.step(clip.clone(), &idx, 1e-4, 0) {
             // A rank that is gone ends the benchmark (no step could follow).
             eprintln!("error: {e}");
@@ -347,9 +356,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         if after_warmup.is_none() {
             after_warmup = Some(group.as_ref().map(|g| g.stats()).unwrap_or_default());
         }
-    }) else {
-        return;
-    };
+    });
     report_memory(watch);
     let iters = a.iters.max(1) as f64;
     let per_step = elapsed / iters;
