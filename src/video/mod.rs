@@ -461,30 +461,34 @@ impl Input {
 /// Open an input for reading: the reader (frames at `size` (w, h) when given, else as
 /// decoded), its frame count and its source frame size.
 #[allow(clippy::type_complexity)]
-pub fn open_input(
-    input: &Input,
-    size: Option<(usize, usize)>,
-) -> Result<(Box<dyn FrameReader>, usize, (usize, usize)), VideoError> {
+pub fn open_input(input: &Input, size: Option<(usize, usize)>) -> Result<Opened, VideoError> {
     Ok(match input {
+        // One picture is a one-frame input, read without FFmpeg.
+        Input::Video(p) if is_image(p) => images(vec![p.clone()], size)?,
         Input::Video(p) => {
             let info = probe(p)?;
             let r = FfmpegReader::open(p, &info, size)?;
             (Box::new(r), info.frames, (info.width, info.height))
         }
-        Input::Frames(d) => {
-            let files = list_frames(d)?;
-            let n = files.len();
-            let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
-                path: files[0].display().to_string(),
-                msg: format!("cannot read image: {e}"),
-            })?;
-            (
-                Box::new(FolderReader::open(files, size)),
-                n,
-                (first.0 as usize, first.1 as usize),
-            )
-        }
+        Input::Frames(d) => images(list_frames(d)?, size)?,
     })
+}
+
+/// An open input: its reader, frame count and source frame size `(w, h)`.
+pub type Opened = (Box<dyn FrameReader>, usize, (usize, usize));
+
+/// A reader of image `files` (at least one), their count and the first one's size.
+fn images(files: Vec<PathBuf>, size: Option<(usize, usize)>) -> Result<Opened, VideoError> {
+    let n = files.len();
+    let first = image::image_dimensions(&files[0]).map_err(|e| VideoError::Other {
+        path: files[0].display().to_string(),
+        msg: format!("cannot read image: {e}"),
+    })?;
+    Ok((
+        Box::new(FolderReader::open(files, size)),
+        n,
+        (first.0 as usize, first.1 as usize),
+    ))
 }
 
 #[cfg(test)]
