@@ -21,6 +21,8 @@
 #             FaceXZoo from the network)
 #   large     ViT-L extract_features, batch 64, both sides
 #   profile   one ViT-B block part by part (ms and TFLOP/s of each product), each precision
+#   unfused   parity and speed with burn's unfused attention instead of its flash kernel
+#   step      the pretraining-step parity test alone, with whatever time is left
 #   ddp       data-parallel pretraining at world size 1 under torchrun's variables: NCCL's id
 #             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5)
 # burn compiles its kernels with NVRTC and autotunes them on first use: every timing below
@@ -30,6 +32,8 @@
 # limit per call, run it in parts, most important first: `parity features` (about 8 min),
 # then `train` (TRAIN_BATCHES="16" to halve it), then `e2e` (E2E_VIDEOS=200 to shorten it),
 # `large`, `profile`. WORK (/tmp/marlin-gpu) keeps the generated videos between calls.
+# BUDGET_S=N caps the whole call at N seconds (each command gets what is left, at most its own
+# limit; PARITY_LIMIT caps the parity suite): the log always ends inside the call's limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
@@ -44,27 +48,60 @@ done
 BIN=$work/marlin
 export PYTHONPATH=$PWD/.gpu/pydeps${PYTHONPATH:+:$PYTHONPATH}
 export MARLIN_REPO_DIR=$PWD
-sections=${*:-parity ddp features train e2e large profile}
+# The test binary keeps the paths it was built with (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_marlin;
+# bench/gpu_prepare.sh writes them to .gpu/paths): make them point at this checkout.
+if [ -f .gpu/paths ]; then
+  read -r built_repo built_bin < .gpu/paths
+  if [ "$built_repo" != "$PWD" ] && [ ! -e "$built_repo" ]; then
+    mkdir -p "$(dirname "$built_repo")" && ln -s "$PWD" "$built_repo"
+  fi
+  mkdir -p "$(dirname "$built_bin")" && cp "$BIN" "$built_bin"
+fi
+# NVRTC (burn compiles its kernels at run time) and NCCL: the CUDA toolkit's, else the ones
+# PyTorch's wheels carry.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+  $($PY -c 'import glob, os, nvidia; print(" ".join(sorted({os.path.dirname(f) for p in nvidia.__path__ for f in glob.glob(p + "/**/libnvrtc.so*", recursive=True) + glob.glob(p + "/**/libnccl.so*", recursive=True)})))' 2>/dev/null); do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+[ -d .gpu/samples ] && export MARLIN_SAMPLES=$PWD/.gpu/samples
+# Libraries the binary links that the GPU machine may lack (Gloo, for CPU data-parallel runs).
+[ -d .gpu/lib ] && export LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# PEER=0 leaves out marlin-pytorch's runs (they were taken in an earlier call); SUITE_SKIP names
+# parity tests to leave out (`--skip` filters of the test binary, space-separated).
+peer() { [ "${PEER:-1}" = 1 ]; }
+sections=${*:-parity ddp features train e2e large unfused step profile}
+# BUDGET_S: seconds for the whole call; each command gets what is left of it (at most its own
+# limit), and a command with under 20 s left is skipped with a line, so the log always ends.
+deadline=$(( $(date +%s) + ${BUDGET_S:-86400} ))
 run() {
   local limit=$1
   shift
+  local left=$(( deadline - $(date +%s) ))
+  if (( left < 20 )); then
+    echo "(skipped, budget spent: $*)"
+    return 124
+  fi
+  (( left < limit )) && limit=$left
   echo "\$ $*"
   local t0
   t0=$(date +%s%N)
   timeout "$limit" "$@"
   local rc=$?
   echo "(exit $rc, $(( ($(date +%s%N) - t0) / 1000000 )) ms)"
+  return $rc
 }
 has() { [[ " $sections " == *" $1 "* ]]; }
 
 echo "== machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $(nproc) cores; $(date -u +%FT%TZ)"
 echo "== marlin-rs $(git rev-parse --short HEAD 2>/dev/null); torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+echo "== libraries: nvrtc $(ldconfig -p 2>/dev/null | grep -c libnvrtc) in ldconfig, LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}; ffmpeg: $(command -v ffmpeg || echo none)"
 
 if has parity; then
   echo "== parity: CUDA against the peer's fixtures and the CPU backend"
-  run 420 "$work/suite" gpu:: --test-threads 1 --nocapture
-  echo "== parity: the same with burn's unfused attention instead of its flash kernel"
-  run 300 env MARLIN_FLASH_ATTENTION=0 "$work/suite" gpu::features --test-threads 1 --nocapture
+  skip=()
+  command -v ffmpeg > /dev/null || { skip=(--skip extract_of_the_samples); echo "(no ffmpeg here: extract_of_the_samples_equals_the_cpu not run)"; }
+  for t in ${SUITE_SKIP:-}; do skip+=(--skip "$t"); done
+  run "${PARITY_LIMIT:-420}" "$work/suite" gpu:: --test-threads 1 --nocapture "${skip[@]}"
   echo "== parity: face parser label map, CUDA (burn's ops) vs CPU (host kernels)"
   face=tests/fixtures/face/astronaut256.png
   run 120 "$BIN" parse "$face" --save-map "$work/cpu.npy" &&
@@ -79,14 +116,12 @@ if has features; then
   for p in fp32 tf32 bf16; do
     run 240 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
   done
-  for p in tf32 bf16; do
-    echo "(unfused attention)"
-    run 240 env MARLIN_FLASH_ATTENTION=0 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
-  done
-  for p in fp32 tf32 bf16; do
-    run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision "$p"
-  done
-  run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision bf16 --sdpa
+  if peer; then
+    for p in fp32 tf32 bf16; do
+      run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision "$p"
+    done
+    run 240 "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 5 --precision bf16 --sdpa
+  fi
 fi
 
 if has train; then
@@ -94,7 +129,7 @@ if has train; then
   for b in ${TRAIN_BATCHES:-16 64}; do
     for p in fp32 tf32 bf16; do
       run 300 "$BIN" bench --train --device cuda --batch-size "$b" --iters 5 --precision "$p"
-      run 300 "$PY" bench/peer_pretrain_step.py --device cuda --batch "$b" --iters 5 --precision "$p"
+      peer && run 300 "$PY" bench/peer_pretrain_step.py --device cuda --batch "$b" --iters 5 --precision "$p"
     done
   done
 fi
@@ -184,6 +219,19 @@ a, b = load(sys.argv[1]), load(sys.argv[2])
 worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
 print(f"ddp: {len(a)} tensors, max abs diff plain vs NCCL world 1: {worst:.3e} ({'ok' if worst <= 1e-5 else 'FAIL'})")
 PYEOF
+fi
+
+if has unfused; then
+  echo "== unfused: burn's unfused attention instead of its flash kernel (parity, then speed)"
+  run 300 env MARLIN_FLASH_ATTENTION=0 "$work/suite" gpu::cuda::features --test-threads 1 --nocapture
+  for p in tf32 bf16; do
+    run 240 env MARLIN_FLASH_ATTENTION=0 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
+  done
+fi
+
+if has step; then
+  echo "== step: the pretraining-step parity test alone (every precision), with what is left"
+  run 600 "$work/suite" gpu::cuda::a_pretraining_step --test-threads 1 --nocapture
 fi
 
 if has profile; then

@@ -7,6 +7,8 @@
 #   .gpu/pydeps/       marlin_pytorch and einops, unpacked from their wheels (pure Python), for
 #                      a machine with torch but no package registry; bench/gpu.sh puts them on
 #                      PYTHONPATH
+#   .gpu/paths         the paths the test binary was built with; .gpu/samples/ the shared videos;
+#   .gpu/lib/          Gloo and its libraries (the binary links them where libgloo-dev is)
 # .gpu/ is git-ignored: copy it beside the checkout on the GPU machine.
 # A first build takes about 20 minutes on 2 cores (two link steps of burn's CUDA backend).
 #
@@ -26,6 +28,17 @@ for pair in "$CARGO_TARGET_DIR/release/marlin:marlin" "$suite:suite"; do
   src=${pair%%:*} name=${pair##*:}
   cp "$src" ".gpu/$name" && strip ".gpu/$name" && gzip -f ".gpu/$name"
 done
+# The paths the test binary was built with (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_marlin):
+# bench/gpu.sh links them to the checkout there.
+echo "$PWD $(cd "$CARGO_TARGET_DIR" && pwd)/release/marlin" > .gpu/paths
+# The shared sample videos (not in the repository: their license), for the suite's extract test.
+samples=${MARLIN_SAMPLES:-../shared/samples}
+[ -d "$samples" ] && mkdir -p .gpu/samples && cp "$samples"/*.mp4 .gpu/samples/
+# Shared libraries the binary links that a GPU machine may lack (Gloo, for CPU data-parallel
+# training, where this machine has libgloo-dev); bench/gpu.sh puts .gpu/lib on LD_LIBRARY_PATH.
+mkdir -p .gpu/lib
+ldd "$CARGO_TARGET_DIR/release/marlin" | awk '$3 ~ /^\// && $1 ~ /^lib(gloo|hiredis|ibverbs|nl-3|nl-route-3)\./ {print $3}' \
+  | xargs -r cp -L -t .gpu/lib/
 wheels=$(mktemp -d)
 python3 -m pip download -q --no-deps -d "$wheels" marlin-pytorch==0.3.4 einops
 for w in "$wheels"/*.whl; do
