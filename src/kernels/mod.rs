@@ -337,11 +337,39 @@ impl<B: Backend> Kernels<B> for FlexKernels {
         let device = qkv.device();
         match qkv.clone().into_data().into_vec::<f32>() {
             Ok(data) => {
-                let out = cpu::attention(&data, b, n, heads, d / heads, scale);
+                // The precision of the fused block ([`cpu::block_forward`]), so a block run op by
+                // op (and `marlin bench --profile`) computes as the fused one does.
+                let out = match cpu_precision() {
+                    Precision::Bf16 => cpu::attention_bf16(&data, b, n, heads, d / heads, scale),
+                    _ => cpu::attention(&data, b, n, heads, d / heads, scale),
+                };
                 Tensor::from_data(TensorData::new(out, [b, n, d]), &device)
             }
             // Not f32: burn's op.
             Err(_) => generic_attention(qkv, heads, scale),
+        }
+    }
+
+    /// burn's product in f32; in bf16 (`--precision bf16`) the host bf16 product of the fused
+    /// block ([`bf16::matmul`]), so a block run op by op computes as the fused one does.
+    fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
+        if cpu_precision() != Precision::Bf16 {
+            return burn::tensor::module::linear(x, w, b);
+        }
+        let ([bb, n, k], [_, out]) = (x.dims(), w.dims());
+        let device = x.device();
+        let host = |d: TensorData| d.into_vec::<f32>().ok();
+        let (Some(xv), Some(wv)) = (host(x.clone().into_data()), host(w.clone().into_data()))
+        else {
+            // Not f32: burn's op.
+            return burn::tensor::module::linear(x, w, b);
+        };
+        let mut y = vec![0f32; bb * n * out];
+        bf16::matmul(&mut y, &xv, &wv, [bb * n, k, out], false);
+        let y = Tensor::<B, 3>::from_data(TensorData::new(y, [bb, n, out]), &device);
+        match b {
+            Some(b) => y + b.unsqueeze::<3>(),
+            None => y,
         }
     }
 

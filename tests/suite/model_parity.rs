@@ -717,4 +717,23 @@ fn released_width_bf16_features_are_as_close_to_fp32_as_the_peers_bf16() {
         cos_ours >= 0.9999 && cos_ours >= cos_peer - 1e-4,
         "cosine {cos_ours} vs {cos_peer}"
     );
+    // The kernels door's Linear computes as the fused block does (bf16 operands, f32 sums), so
+    // a block run op by op, and `marlin bench --profile`, measure the bf16 path.
+    use burn::tensor::Distribution::Default as Uniform;
+    let dev = Default::default();
+    let x = Tensor::<Cpu, 3>::random([1, 40, 96], Uniform, &dev);
+    let w = Tensor::<Cpu, 2>::random([96, 48], Uniform, &dev);
+    let b = Tensor::<Cpu, 1>::random([48], Uniform, &dev);
+    let door = marlin::kernels::of::<Cpu>().linear(x.clone(), w.clone(), Some(b.clone()));
+    let f32: Vec<f32> = burn::tensor::module::linear(x, w, Some(b))
+        .into_data()
+        .into_vec()
+        .unwrap();
+    let door: Vec<f32> = door.into_data().into_vec().unwrap();
+    let d = common::max_abs_diff(&door, &f32).diff;
+    // Sums of 96 products of values in [0, 1): bf16 rounding (2^-9 relative) keeps them within 0.2.
+    assert!(
+        d > 0.0 && d < 0.2,
+        "the door's bf16 Linear differs from f32 by {d}"
+    );
 }
