@@ -60,10 +60,13 @@ fn timed_runs(batch: usize, iters: usize, mut run: impl FnMut()) -> f64 {
         }
         t0.elapsed().as_secs_f64()
     });
-    timed.unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(1)
-    })
+    timed.unwrap_or_else(|e| fail(e))
+}
+
+/// One line for a failure that ends the benchmark, and exit status 1.
+fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("error: {e}");
+    std::process::exit(1)
 }
 
 /// Watches the GPU's memory while a benchmark runs (nothing on the CPU).
@@ -308,10 +311,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     // The config's losses (the released ones: critic on, adv_weight 0.01, no penalty).
     let pt = match Pretrainer::new(model, LossConfig::from_config(cfg)) {
         Ok(pt) => pt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1)
-        }
+        Err(e) => fail(e),
     };
     let mut pt = pt.with_group(group.clone());
     let g = cfg.img_size / cfg.patch_size;
@@ -327,10 +327,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         .collect();
     let idx = match MaskIndices::from_bools(&vis, b) {
         Ok(idx) => idx,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1)
-        }
+        Err(e) => fail(e),
     };
     let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
     let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
@@ -350,8 +347,7 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     let elapsed = timed_runs(b, a.iters, || {
         if let Err(e) = pt.step(clip.clone(), &idx, 1e-4, 0) {
             // A rank that is gone ends the benchmark (no step could follow).
-            eprintln!("error: {e}");
-            std::process::exit(1);
+            fail(e);
         }
         if after_warmup.is_none() {
             after_warmup = Some(group.as_ref().map(|g| g.stats()).unwrap_or_default());

@@ -52,8 +52,7 @@ fn pool<B: Backend>(x: Tensor<B, 4>, k: usize, s: usize) -> Tensor<B, 4> {
 /// Flatten `[B, C, H, W]` in (W, H, C) order, as the reference's permute(0, 3, 2, 1).
 /// A dense layer `[B, in] -> [B, out]` through the kernels (their precision: true f32 on CUDA).
 fn dense<B: Backend>(l: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let k = crate::kernels::of::<B>();
-    crate::model::block::linear(k, l, x.unsqueeze_dim(0)).squeeze_dim(0)
+    crate::model::block::linear_rows(crate::kernels::of::<B>(), l, x)
 }
 
 fn flatten_whc<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {

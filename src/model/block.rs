@@ -67,6 +67,15 @@ pub fn linear<B: Backend>(
     k.linear(x, l.weight.val(), l.bias.as_ref().map(|b| b.val()))
 }
 
+/// [`linear`] of rows `[B, in] -> [B, out]`.
+pub fn linear_rows<B: Backend>(
+    k: &dyn kernels::Kernels<B>,
+    l: &Linear<B>,
+    x: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    linear(k, l, x.unsqueeze_dim(0)).squeeze_dim(0)
+}
+
 /// Linear(D, hidden) -> exact GELU -> Linear(hidden, D).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {

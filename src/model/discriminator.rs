@@ -29,8 +29,8 @@ impl<B: Backend> Discriminator<B> {
     /// for the gradient penalty.
     pub fn input_gradient(&self, patches: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, k, p] = patches.dims();
-        let k_ = crate::kernels::of::<B>();
-        let z = super::block::linear(k_, &self.fc1, patches).detach();
+        let kern = crate::kernels::of::<B>();
+        let z = super::block::linear(kern, &self.fc1, patches).detach();
         let h = z.dims()[2];
         let slope = z
             .greater_elem(0.0)
@@ -40,7 +40,7 @@ impl<B: Backend> Discriminator<B> {
         // [B, K, H] ⊙ w2ᵀ, then · W1ᵀ [H, P] (the kernels' product, in their precision)
         let w2 = self.fc2.weight.val().reshape([1, 1, h]);
         let s = slope * w2;
-        let out = k_.linear(s, self.fc1.weight.val().transpose(), None);
+        let out = kern.linear(s, self.fc1.weight.val().transpose(), None);
         debug_assert_eq!(out.dims(), [b, k, p]);
         out
     }

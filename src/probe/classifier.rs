@@ -109,8 +109,7 @@ impl<B: Backend> Classifier<B> {
     /// Logits `[b, k]` of features `[b, d]`.
     pub fn forward_features(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         // Through the kernels, so the product takes their precision (true f32 on CUDA in fp32).
-        let k = crate::kernels::of::<B>();
-        crate::model::block::linear(k, &self.fc, x.unsqueeze_dim(0)).squeeze_dim(0)
+        crate::model::block::linear_rows(crate::kernels::of::<B>(), &self.fc, x)
     }
 
     /// Logits `[b, k]` of clips `[b, 3, T, H, W]` (pooled encoder features; needs the encoder).
