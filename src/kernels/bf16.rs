@@ -5,8 +5,8 @@
 //! `dst[m, n] (+)= bf16(a)[m, k] · bf16(w)[k, n]`. `a` is converted to pairs of consecutive
 //! k (`[m, k/2]` u32), `w` packed into 16-column panels of k pairs (`[n/16][k/2][16]` u32), so
 //! the micro-kernel (8 rows x 32 columns, 16 accumulators) broadcasts one pair of `a` and
-//! multiplies two 16-lane panel rows. Panels are packed on every call (a few percent of a
-//! ViT-B block); nothing is cached across calls, so changed weights can never be stale.
+//! multiplies two 16-lane panel rows. A model's weights are packed once and kept while their
+//! storage lives ([`cached_panels`]); other right operands are packed per call.
 
 use rayon::prelude::*;
 
@@ -25,6 +25,9 @@ pub fn amx_available() -> bool {
 
 /// Rows of `a` per parallel task.
 const ROW_BLOCK: usize = 128;
+
+/// Panels of `w` per parallel task when packing (128 columns: 512-byte runs of each row).
+const PANELS_PER_TASK: usize = 48;
 
 /// Whether this CPU has the instructions (AVX-512F and AVX-512 BF16). `MARLIN_NO_BF16` in the
 /// environment says no, to try the fallback on a machine that has them.
@@ -60,75 +63,174 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// Rows of `a` `[m, k]` as pairs of consecutive k (`[m, kp]`, the last pair zero-padded).
-fn pack_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
-    let kp = k.div_ceil(2);
-    let rows_per_task = 64;
-    let parts: Vec<Vec<u32>> = a
-        .par_chunks(rows_per_task * k)
-        .map(|block| pairs_of_rows(block, block.len() / k.max(1), k, k, 1.0))
-        .collect();
-    let mut out = Vec::with_capacity(m * kp);
-    parts.into_iter().for_each(|p| out.extend(p));
-    out
-}
-
-/// `w` `[k, n]` into 16-column panels: `[nb][kp][16]` pairs (columns past n are zero), one
-/// panel per task.
-fn pack_panels(w: &[f32], k: usize, n: usize) -> Vec<u32> {
+/// `w` `[k, n]` into 16-column panels, `[nb][kp][16]` pairs (columns past n are zero), one
+/// panel per task, into `out` (resized; every element is written).
+fn pack_panels_into(w: &[f32], k: usize, n: usize, out: &mut Vec<u32>) {
     let (kp, nb) = (k.div_ceil(2), n.div_ceil(16));
-    let mut out = vec![0u32; nb * kp * 16];
-    out.par_chunks_mut(kp * 16)
+    out.resize(nb * kp * 16, 0);
+    out.par_chunks_mut(PANELS_PER_TASK * kp * 16)
         .enumerate()
-        .for_each(|(jb, panel)| fill_panel(panel, w, jb, k, n, n));
-    out
+        .for_each(|(t, panels)| fill_panels(panels, w, t * PANELS_PER_TASK, k, n, n));
 }
 
-/// Panel `jb` (`[kp][16]` pairs) of `w[k, n]` whose rows are `stride` apart.
-fn fill_panel(panel: &mut [u32], w: &[f32], jb: usize, k: usize, n: usize, stride: usize) {
+/// Rows of `a` per parallel task of [`matmul`]: about [`ROW_BLOCK`], as many tasks for every
+/// thread so that the threads finish together (1568 rows on 2 threads: 14 tasks of 112, not
+/// 12 of 128 and one of 32), in multiples of the micro-kernel's 8 rows (32 for AMX tiles).
+fn rows_per_task(m: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = m.div_ceil(ROW_BLOCK * threads).max(1) * threads;
+    let unit = if amx_available() { 32 } else { 8 };
+    m.div_ceil(tasks).div_ceil(unit).max(1) * unit
+}
+
+thread_local! {
+    /// Each thread's pairs of its rows of `a` in [`matmul`] (reused: no allocation, no page
+    /// faults per call).
+    static ROW_PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's packed panels of `w` in [`matmul`] (reused likewise).
+    static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Consecutive panels from `jb0` (`panels` holds a whole number of `[kp][16]` panels) of
+/// `w[k, n]` whose rows are `stride` apart, walking the rows of `w` once: each row pair is
+/// read as one run of `16 x panels` columns (a panel at a time down the column read 64 bytes
+/// per row, a stride the prefetchers follow badly: 2.5x slower for ViT-B's weights).
+fn fill_panels(panels: &mut [u32], w: &[f32], jb0: usize, k: usize, n: usize, stride: usize) {
     let kp = k.div_ceil(2);
-    let full = (jb + 1) * 16 <= n;
+    let count = panels.len() / (kp * 16).max(1);
+    let fast = supported();
     for p in 0..kp {
-        let (r0, r1) = (2 * p * stride + jb * 16, (2 * p + 1) * stride + jb * 16);
-        let dst = &mut panel[p * 16..p * 16 + 16];
-        if full && 2 * p + 1 < k && supported() {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F and AVX-512 BF16 are present (checked); both rows hold 16
-            // columns from `jb * 16` (a full panel) and `dst` 16 pairs.
-            unsafe {
-                avx512::interleave(&w[r0..r0 + 16], &w[r1..r1 + 16], dst)
-            };
-            continue;
-        }
-        for (j, d) in dst.iter_mut().enumerate() {
-            if jb * 16 + j >= n {
+        let (r0, r1) = (2 * p * stride, (2 * p + 1) * stride);
+        for g in 0..count {
+            let (jb, col) = (jb0 + g, (jb0 + g) * 16);
+            let dst = &mut panels[(g * kp + p) * 16..(g * kp + p) * 16 + 16];
+            if fast && col + 16 <= n && 2 * p + 1 < k {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F and AVX-512 BF16 are present (checked); both rows hold 16
+                // columns from `col` (a full panel) and `dst` 16 pairs.
+                unsafe {
+                    avx512::interleave(
+                        &w[r0 + col..r0 + col + 16],
+                        &w[r1 + col..r1 + col + 16],
+                        dst,
+                    )
+                };
                 continue;
             }
-            let lo = to_bf16(w[r0 + j]) as u32;
-            let hi = if 2 * p + 1 < k {
-                to_bf16(w[r1 + j]) as u32
-            } else {
-                0
-            };
-            *d = lo | (hi << 16);
+            for (j, d) in dst.iter_mut().enumerate() {
+                if jb * 16 + j >= n {
+                    *d = 0;
+                    continue;
+                }
+                let lo = to_bf16(w[r0 + col + j]) as u32;
+                let hi = if 2 * p + 1 < k {
+                    to_bf16(w[r1 + col + j]) as u32
+                } else {
+                    0
+                };
+                *d = lo | (hi << 16);
+            }
         }
     }
 }
 
 /// `dst[m, n] (+)= bf16(a)[m, k] · bf16(w)[k, n]`, row-major, on the rayon pool. Falls back to
 /// a portable loop (same rounding, same f32 sums in another order) where the CPU lacks
-/// AVX-512 BF16.
+/// AVX-512 BF16. `w` is packed once per call (into a reused buffer); [`matmul_panels`] takes
+/// it packed.
 pub fn matmul(dst: &mut [f32], a: &[f32], w: &[f32], [m, k, n]: [usize; 3], acc: bool) {
     assert!(dst.len() == m * n && a.len() == m * k && w.len() == k * n);
+    let mut bp = PANELS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    pack_panels_into(w, k, n, &mut bp);
+    matmul_panels(dst, a, &bp, [m, k, n], acc);
+    PANELS.with(|b| *b.borrow_mut() = bp);
+}
+
+/// [`matmul`] with `w` already packed ([`panels`] or [`cached_panels`]). Each task rounds its
+/// own rows of `a` just before its product, so they are still in its core's cache.
+pub fn matmul_panels(dst: &mut [f32], a: &[f32], bp: &[u32], [m, k, n]: [usize; 3], acc: bool) {
     let kp = k.div_ceil(2);
-    let ap = pack_rows(a, m, k);
-    let bp = pack_panels(w, k, n);
-    dst.par_chunks_mut(ROW_BLOCK * n)
-        .zip(ap.par_chunks(ROW_BLOCK * kp))
+    assert!(dst.len() == m * n && a.len() == m * k && bp.len() == n.div_ceil(16) * kp * 16);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let rows = rows_per_task(m);
+    dst.par_chunks_mut(rows * n)
+        .zip(a.par_chunks(rows * k.max(1)))
         .for_each(|(c, a)| {
-            let rows = c.len() / n.max(1);
-            product(c, a, &bp, rows, kp, n, acc);
+            let r = c.len() / n;
+            ROW_PAIRS.with(|buf| {
+                let mut ap = buf.borrow_mut();
+                ap.resize(r * kp, 0);
+                pairs_into(a, r, k, k, 1.0, &mut ap[..r * kp]);
+                product(c, &ap, bp, r, kp, n, acc);
+            });
         });
+}
+
+/// `w` `[k, n]` packed for [`matmul_panels`] (`[n/16][k/2][16]` pairs).
+pub fn panels(w: &[f32], k: usize, n: usize) -> Vec<u32> {
+    assert_eq!(w.len(), k * n, "weight is not [k, n]");
+    let mut out = Vec::new();
+    pack_panels_into(w, k, n, &mut out);
+    out
+}
+
+/// The storage a weight's values live in, shared and copy-on-write (a burn-flex tensor's
+/// `Arc<Bytes>`).
+pub type Owner = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+/// Packed panels kept, in all, up to this many bytes (a ViT-L encoder's are 0.6 GB).
+const CACHE_BYTES: usize = 2 << 30;
+
+struct Cached {
+    owner: std::sync::Weak<dyn std::any::Any + Send + Sync>,
+    at: usize,
+    kn: [usize; 2],
+    panels: std::sync::Arc<Vec<u32>>,
+}
+
+static CACHE: std::sync::Mutex<Vec<Cached>> = std::sync::Mutex::new(Vec::new());
+
+/// [`panels`] of `w` `[k, n]`, whose values lie in `owner`, packed on the first call and kept
+/// while `owner` lives, so a model's weights are packed on its first pass only (repacking
+/// cost ViT-B 3-4% of a bf16 forward).
+///
+/// An entry can never be stale. It is found by the address of `owner`'s allocation and of
+/// `w` in it, and holds a `Weak` to it: the allocation cannot be freed and reused while the
+/// `Weak` lives, and copy-on-write storage is never changed in place while one exists
+/// (`Arc::get_mut` refuses, `Arc::make_mut` moves the values to a new allocation first), so
+/// new values mean a new owner and a new entry. Entries whose owner is gone are dropped on
+/// the next insertion, then the oldest beyond [`CACHE_BYTES`].
+pub fn cached_panels(owner: &Owner, w: &[f32], k: usize, n: usize) -> std::sync::Arc<Vec<u32>> {
+    let same = |c: &Cached| {
+        std::ptr::addr_eq(c.owner.as_ptr(), std::sync::Arc::as_ptr(owner))
+            && c.at == w.as_ptr() as usize
+            && c.kn == [k, n]
+    };
+    // A poisoned lock only means another thread panicked while holding it; the list itself
+    // is always consistent (pushes and retains).
+    let lock = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = lock().iter().find(|c| same(c)) {
+        return c.panels.clone();
+    }
+    let packed = std::sync::Arc::new(panels(w, k, n));
+    let mut cache = lock();
+    if let Some(c) = cache.iter().find(|c| same(c)) {
+        return c.panels.clone();
+    }
+    cache.retain(|c| c.owner.strong_count() > 0);
+    cache.push(Cached {
+        owner: std::sync::Arc::downgrade(owner),
+        at: w.as_ptr() as usize,
+        kn: [k, n],
+        panels: packed.clone(),
+    });
+    let mut total: usize = cache.iter().map(|c| c.panels.len() * 4).sum();
+    while total > CACHE_BYTES && cache.len() > 1 {
+        total -= cache.remove(0).panels.len() * 4;
+    }
+    packed
 }
 
 /// `c[rows, n] (+)= a[rows, kp pairs] · panels[n/16][kp][16]`, on this thread: AMX tiles for
@@ -165,10 +267,17 @@ pub fn product(c: &mut [f32], a: &[u32], bp: &[u32], rows: usize, kp: usize, n: 
 /// Pairs of consecutive elements of `rows` rows of `k` values, `stride` apart in `x`, each
 /// multiplied by `scale` before rounding (`[rows, k/2]`, the last pair zero-padded).
 pub fn pairs_of_rows(x: &[f32], rows: usize, k: usize, stride: usize, scale: f32) -> Vec<u32> {
+    let mut out = vec![0u32; rows * k.div_ceil(2)];
+    pairs_into(x, rows, k, stride, scale, &mut out);
+    out
+}
+
+/// [`pairs_of_rows`] into `out` (`rows * k/2` pairs, every one written).
+pub fn pairs_into(x: &[f32], rows: usize, k: usize, stride: usize, scale: f32, out: &mut [u32]) {
     let kp = k.div_ceil(2);
-    let mut out = vec![0u32; rows * kp];
+    assert!(out.len() >= rows * kp && (rows == 0 || x.len() >= (rows - 1) * stride + k));
     let fast = supported();
-    for (r, o) in out.chunks_mut(kp).enumerate() {
+    for (r, o) in out.chunks_mut(kp).take(rows).enumerate() {
         let row = &x[r * stride..r * stride + k];
         let mut p0 = 0;
         if fast {
@@ -185,31 +294,125 @@ pub fn pairs_of_rows(x: &[f32], rows: usize, k: usize, stride: usize, scale: f32
             o[p] = lo | (hi << 16);
         }
     }
-    out
 }
 
 /// Panels of the transpose of `rows` rows of `k` values (`stride` apart): the right operand
 /// `W[k, rows]` with `W[p, j] = x[j, p]`, e.g. Kᵀ for attention scores.
 pub fn panels_of_transpose(x: &[f32], rows: usize, k: usize, stride: usize) -> Vec<u32> {
     let (kp, nb) = (k.div_ceil(2), rows.div_ceil(16));
-    let pairs = pairs_of_rows(x, rows, k, stride, 1.0);
     let mut out = vec![0u32; nb * kp * 16];
-    for (j, row) in pairs.chunks(kp).enumerate() {
+    let mut pairs = vec![0u32; kp];
+    for j in 0..rows {
+        pairs_into(&x[j * stride..], 1, k, stride, 1.0, &mut pairs);
         let (jb, jj) = (j / 16, j % 16);
-        for (p, &v) in row.iter().enumerate() {
-            out[(jb * kp + p) * 16 + jj] = v;
+        let panel = &mut out[jb * kp * 16..(jb + 1) * kp * 16];
+        for (p, &v) in pairs.iter().enumerate() {
+            panel[p * 16 + jj] = v;
         }
     }
     out
+}
+
+/// A raw pointer to packed pairs that may cross threads; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedPairs(*mut u32);
+// SAFETY: only used by [`kv_panels`], whose tasks write disjoint ranges of one buffer.
+unsafe impl Send for SharedPairs {}
+unsafe impl Sync for SharedPairs {}
+
+impl SharedPairs {
+    /// `len` pairs from `off`.
+    ///
+    /// # Safety
+    /// The range lies in the buffer and no other live slice overlaps it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, off: usize, len: usize) -> &mut [u32] {
+        // SAFETY: as the caller guarantees.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
+    }
+}
+
+/// K and V of every (batch item, head) of a fused projection `qkv` `[b, n, 3, h, hd]` as the
+/// right operands of attention's two products: `Kᵀ` as [`panels_of_transpose`] writes it
+/// (`[b*h][n/16][hd/2][16]`) and `V` as [`panels_strided`] (`[b*h][hd/16][n/2][16]`), in one
+/// parallel pass over groups of 16 tokens. Each token's K and V of all heads are one
+/// contiguous read; head by head they are 256-byte pieces 9 KB apart, which the prefetchers
+/// follow badly (the per-head packing was 7% of a ViT-B attention).
+pub fn kv_panels(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize) -> (Vec<u32>, Vec<u32>) {
+    let d = h * hd;
+    assert_eq!(
+        qkv.len(),
+        b * n * 3 * d,
+        "qkv buffer does not match [B, N, 3, H, hd]"
+    );
+    let (kq, kn, nb, nbv) = (
+        hd.div_ceil(2),
+        n.div_ceil(2),
+        n.div_ceil(16),
+        hd.div_ceil(16),
+    );
+    let (k_len, v_len) = (nb * kq * 16, nbv * kn * 16);
+    let mut kt = vec![0u32; b * h * k_len];
+    let mut vp = vec![0u32; b * h * v_len];
+    let (ks, vs) = (SharedPairs(kt.as_mut_ptr()), SharedPairs(vp.as_mut_ptr()));
+    let fast = supported();
+    (0..b * nb).into_par_iter().for_each(|task| {
+        let (bi, jb) = (task / nb, task % nb);
+        let row = |j: usize| &qkv[(bi * n + j) * 3 * d..(bi * n + j + 1) * 3 * d];
+        let mut pairs = vec![0u32; kq];
+        for hh in 0..h {
+            // SAFETY: panel jb of head hh's Kᵀ is this task's alone (one task per jb).
+            let panel = unsafe { ks.range((bi * h + hh) * k_len + jb * kq * 16, kq * 16) };
+            for j in jb * 16..(jb * 16 + 16).min(n) {
+                pairs_into(&row(j)[d + hh * hd..], 1, hd, hd, 1.0, &mut pairs);
+                for (p, &v) in pairs.iter().enumerate() {
+                    panel[p * 16 + j % 16] = v;
+                }
+            }
+        }
+        // The pairs of V rows (2p, 2p + 1) of these 16 tokens.
+        let (p0, p1) = (jb * 8, (jb * 8 + 8).min(kn));
+        for hh in 0..h {
+            for c in 0..nbv {
+                // SAFETY: pairs p0..p1 of every V panel are this task's alone.
+                let dst =
+                    unsafe { vs.range((bi * h + hh) * v_len + (c * kn + p0) * 16, (p1 - p0) * 16) };
+                let col = 2 * d + hh * hd + c * 16;
+                let cols = (hd - c * 16).min(16);
+                for (i, p) in (p0..p1).enumerate() {
+                    let r0 = &row(2 * p)[col..col + cols];
+                    let out = &mut dst[i * 16..i * 16 + 16];
+                    if 2 * p + 1 < n {
+                        let r1 = &row(2 * p + 1)[col..col + cols];
+                        if fast && cols == 16 {
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: AVX-512F and AVX-512 BF16 are present (checked); both
+                            // rows and `out` hold 16 values.
+                            unsafe {
+                                avx512::interleave(r0, r1, out)
+                            };
+                            continue;
+                        }
+                        for j in 0..cols {
+                            out[j] = to_bf16(r0[j]) as u32 | ((to_bf16(r1[j]) as u32) << 16);
+                        }
+                    } else {
+                        for j in 0..cols {
+                            out[j] = to_bf16(r0[j]) as u32;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (kt, vp)
 }
 
 /// Panels of `w[k, n]` whose rows are `stride` apart (e.g. V for attention outputs).
 pub fn panels_strided(w: &[f32], k: usize, n: usize, stride: usize) -> Vec<u32> {
     let (kp, nb) = (k.div_ceil(2), n.div_ceil(16));
     let mut out = vec![0u32; nb * kp * 16];
-    for (jb, panel) in out.chunks_mut(kp * 16).enumerate() {
-        fill_panel(panel, w, jb, k, n, stride);
-    }
+    fill_panels(&mut out, w, 0, k, n, stride);
     out
 }
 
@@ -508,6 +711,75 @@ mod tests {
         out
     }
 
+    /// The one-pass packing of every head's K and V equals head-by-head packing, on shapes
+    /// with every edge: tokens not a multiple of 16 and odd, a head width not a multiple of
+    /// 16, two batch items.
+    #[test]
+    fn kv_panels_equal_packing_head_by_head() {
+        for &(b, n, h, hd) in &[(1, 1, 1, 2), (2, 37, 3, 24), (1, 50, 4, 64), (2, 16, 2, 16)] {
+            let d = h * hd;
+            let qkv: Vec<f32> = (0..b * n * 3 * d)
+                .map(|i| (i as f32 * 0.61).cos())
+                .collect();
+            let (kt, vp) = kv_panels(&qkv, b, n, h, hd);
+            let (k_len, v_len) = (kt.len() / (b * h), vp.len() / (b * h));
+            for bi in 0..b {
+                for hi in 0..h {
+                    let base = bi * n * 3 * d + hi * hd;
+                    let bh = bi * h + hi;
+                    let want_k = panels_of_transpose(&qkv[base + d..], n, hd, 3 * d);
+                    let want_v = panels_strided(&qkv[base + 2 * d..], n, hd, 3 * d);
+                    assert_eq!(
+                        &kt[bh * k_len..(bh + 1) * k_len],
+                        &want_k[..],
+                        "K {b} {n} {h} {hd}"
+                    );
+                    assert_eq!(
+                        &vp[bh * v_len..(bh + 1) * v_len],
+                        &want_v[..],
+                        "V {b} {n} {h} {hd}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Panels kept for a weight are reused while its storage lives, and changing the values
+    /// the copy-on-write way gives new panels, not the kept ones.
+    #[test]
+    fn cached_panels_are_reused_and_never_stale() {
+        let (k, n) = (10, 20);
+        let mut data = std::sync::Arc::new((0..k * n).map(|i| i as f32 / 7.0).collect::<Vec<_>>());
+        let owner: Owner = data.clone();
+        let a = cached_panels(&owner, &data, k, n);
+        assert_eq!(*a, panels(&data, k, n));
+        assert!(std::sync::Arc::ptr_eq(
+            &a,
+            &cached_panels(&owner, &data, k, n)
+        ));
+        // Another matrix in the same storage (a view of fewer rows) is another entry.
+        let top = cached_panels(&owner, &data[..(k / 2) * n], k / 2, n);
+        assert_eq!(*top, panels(&data[..(k / 2) * n], k / 2, n));
+        drop(owner);
+        std::sync::Arc::make_mut(&mut data)[3] = 100.0;
+        let owner: Owner = data.clone();
+        let b = cached_panels(&owner, &data, k, n);
+        assert_eq!(*b, panels(&data, k, n), "stale panels after a change");
+        assert_ne!(*a, *b);
+    }
+
+    /// The product from kept panels equals the product that packs them, bit for bit.
+    #[test]
+    fn matmul_from_panels_equals_matmul() {
+        let [m, k, n] = [300, 96, 80];
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.13).sin()).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.29).cos()).collect();
+        let (mut x, mut y) = (vec![1f32; m * n], vec![1f32; m * n]);
+        matmul(&mut x, &a, &w, [m, k, n], true);
+        matmul_panels(&mut y, &a, &panels(&w, k, n), [m, k, n], true);
+        assert_eq!(x, y);
+    }
+
     #[test]
     fn rounding_is_to_nearest_even() {
         assert_eq!(to_bf16(1.0), 0x3f80);
@@ -549,8 +821,8 @@ mod tests {
                 let kp = k.div_ceil(2);
                 portable_block(
                     &mut portable,
-                    &pack_rows(&a, m, k),
-                    &pack_panels(&w, k, n),
+                    &pairs_of_rows(&a, m, k, k, 1.0),
+                    &panels_strided(&w, k, n, n),
                     m,
                     kp,
                     n,

@@ -351,7 +351,8 @@ impl<B: Backend> Kernels<B> for FlexKernels {
     }
 
     /// burn's product in f32; in bf16 (`--precision bf16`) the host bf16 product of the fused
-    /// block ([`bf16::matmul`]), so a block run op by op computes as the fused one does.
+    /// block from the weight's kept panels ([`bf16::matmul_panels`]), so a block run op by op
+    /// computes as the fused one does.
     fn linear(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
         if cpu_precision() != Precision::Bf16 {
             return burn::tensor::module::linear(x, w, b);
@@ -359,13 +360,21 @@ impl<B: Backend> Kernels<B> for FlexKernels {
         let ([bb, n, k], [_, out]) = (x.dims(), w.dims());
         let device = x.device();
         let host = |d: TensorData| d.into_vec::<f32>().ok();
-        let (Some(xv), Some(wv)) = (host(x.clone().into_data()), host(w.clone().into_data()))
-        else {
+        // The weight's panels packed once, as the fused block keeps them.
+        let panels = flex(w.clone()).and_then(|t| flex_panels(&t));
+        let wv = match panels {
+            Some(_) => Some(Vec::new()),
+            None => host(w.clone().into_data()),
+        };
+        let (Some(xv), Some(wv)) = (host(x.clone().into_data()), wv) else {
             // Not f32: burn's op.
             return burn::tensor::module::linear(x, w, b);
         };
         let mut y = vec![0f32; bb * n * out];
-        bf16::matmul(&mut y, &xv, &wv, [bb * n, k, out], false);
+        match panels {
+            Some(bp) => bf16::matmul_panels(&mut y, &xv, &bp, [bb * n, k, out], false),
+            None => bf16::matmul(&mut y, &xv, &wv, [bb * n, k, out], false),
+        }
         let y = Tensor::<B, 3>::from_data(TensorData::new(y, [bb, n, out]), &device);
         match b {
             Some(b) => y + b.unsqueeze::<3>(),
@@ -423,6 +432,17 @@ impl<B: Backend> Kernels<B> for FlexKernels {
         fn pair_sl((a, b): &(FlexTensor, FlexTensor)) -> Option<(&[f32], &[f32])> {
             Some((sl(a)?, sl(b)?))
         }
+        // bf16: the Linears' weights packed once, kept while their storage lives.
+        let bf16_panels = (cpu_precision() == Precision::Bf16)
+            .then(|| {
+                Some([
+                    flex_panels(&qkv)?,
+                    flex_panels(&proj.0)?,
+                    flex_panels(&fc1.0)?,
+                    flex_panels(&fc2.0)?,
+                ])
+            })
+            .flatten();
         let w = (|| {
             Some(cpu::BlockWeights {
                 norm1: pair_sl(&n1)?,
@@ -438,6 +458,7 @@ impl<B: Backend> Kernels<B> for FlexKernels {
                 heads: t.heads,
                 scale: t.scale,
                 eps: t.eps,
+                bf16_panels,
             })
         })();
         let Some(w) = w else {
@@ -455,6 +476,19 @@ impl<B: Backend> Kernels<B> for FlexKernels {
             &device,
         ))
     }
+}
+
+/// A 2-d f32 weight `[k, n]` of the CPU backend packed for bf16 products, once per weight
+/// ([`bf16::cached_panels`], keyed by the tensor's copy-on-write storage); None for a weight
+/// that is not a plain contiguous f32 matrix.
+fn flex_panels(w: &FlexTensor) -> Option<std::sync::Arc<Vec<u32>>> {
+    if w.layout().num_dims() != 2 {
+        return None;
+    }
+    let [k, n] = w.layout().shape().dims::<2>();
+    let values = w.as_slice::<f32>()?;
+    let owner: bf16::Owner = w.data_arc();
+    Some(bf16::cached_panels(&owner, values, k, n))
 }
 
 /// The Flex tensor behind `t` (a refcount, no copy) when `B` is the plain CPU backend.
@@ -525,6 +559,28 @@ mod tests {
         }
         check::<Flex>();
         check::<Autodiff<Flex>>();
+    }
+
+    /// A weight's cached bf16 panels are its values' panels, and after burn changes a tensor
+    /// in place (an op on the only handle to it) the panels are the new values', never the
+    /// old ones.
+    #[test]
+    fn cached_weight_panels_follow_the_tensor() {
+        let device = Default::default();
+        let (k, n) = (24, 40);
+        let values: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::<Flex, 2>::from_data(TensorData::new(values.clone(), [k, n]), &device);
+        let first = flex_panels(&flex(w.clone()).unwrap()).unwrap();
+        assert_eq!(*first, bf16::panels(&values, k, n));
+        let again = flex_panels(&flex(w.clone()).unwrap()).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &again), "packed twice");
+        // `w` is the only handle now: burn-flex adds in place where it can.
+        let w = w.add_scalar(1.0);
+        let changed: Vec<f32> = values.iter().map(|v| v + 1.0).collect();
+        let after = flex_panels(&flex(w.clone()).unwrap()).unwrap();
+        assert_eq!(*after, bf16::panels(&changed, k, n), "stale panels");
+        // Not a matrix: no panels.
+        assert!(flex_panels(&flex(w.reshape([k * n])).unwrap()).is_none());
     }
 
     #[test]
