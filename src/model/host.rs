@@ -55,6 +55,35 @@ pub enum WeightsError {
     Write { file: String, msg: String },
 }
 
+/// `src` `[rows, cols]` row-major transposed to `[cols, rows]`, in 32 x 32 tiles on all
+/// cores: loading ViT-B's Linears (86 M values) the value-by-value loop, whose writes walk a
+/// column, was 8% of a one-clip `marlin extract`.
+pub fn transpose2d(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const T: usize = 32;
+    assert_eq!(src.len(), rows * cols, "not a [rows, cols] matrix");
+    let mut out = vec![0f32; src.len()];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    // Each task writes T whole rows of the output (T columns of `src`).
+    out.par_chunks_mut(T * rows)
+        .enumerate()
+        .for_each(|(cb, dst)| {
+            let c0 = cb * T;
+            let cn = dst.len() / rows;
+            for r0 in (0..rows).step_by(T) {
+                for r in r0..(r0 + T).min(rows) {
+                    let row = &src[r * cols + c0..r * cols + c0 + cn];
+                    for (c, &v) in row.iter().enumerate() {
+                        dst[c * rows + r] = v;
+                    }
+                }
+            }
+        });
+    out
+}
+
 /// Official key names -> host tensors, with the file they came from (for messages).
 #[derive(Debug, Clone, Default)]
 pub struct StateDict {
@@ -90,4 +119,24 @@ pub fn to_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> HostTensor {
 /// The first value of a tensor (a loss) as f64 (NaN for an empty tensor).
 pub fn to_scalar<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
     to_f32_vec(t).first().copied().unwrap_or(f32::NAN) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose2d_is_the_transpose() {
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (100, 1)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = super::transpose2d(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@
 //! and initialised from. [`KeyMap::load`] fills a module from a [`StateDict`] in one walk and
 //! [`KeyMap::export`] writes one back, so adding a parameter to a module is the whole change.
 
-use super::host::{to_host, HostTensor, StateDict, WeightsError};
+use super::host::{to_host, transpose2d, HostTensor, StateDict, WeightsError};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
@@ -274,12 +274,8 @@ impl<B: Backend> ModuleMapper<B> for Walk<'_> {
         let data = match slot.layout {
             Layout::Same => host.data.clone(),
             Layout::Transposed | Layout::Conv => {
-                let out = host.shape[0];
-                transpose(&HostTensor::new(
-                    vec![out, host.numel() / out.max(1)],
-                    host.data.clone(),
-                ))
-                .data
+                let out = host.shape[0].max(1);
+                transpose2d(&host.data, out, host.numel() / out)
             }
         };
         let tensor = Tensor::from_data(TensorData::new(data, burn_shape), &param.lazy_device());
@@ -294,11 +290,5 @@ impl<B: Backend> ModuleMapper<B> for Walk<'_> {
 fn transpose(t: &HostTensor) -> HostTensor {
     let rows = t.shape.first().copied().unwrap_or(1).max(1);
     let cols = t.numel() / rows;
-    let mut out = vec![0f32; t.numel()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = t.data[r * cols + c];
-        }
-    }
-    HostTensor::new(vec![cols, rows], out)
+    HostTensor::new(vec![cols, rows], transpose2d(&t.data, rows, cols))
 }

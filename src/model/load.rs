@@ -54,12 +54,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         let w = self.host(&format!("{prefix}.weight"))?;
         let out = w.shape[0];
         let inp = w.data.len() / out.max(1);
-        let mut t = vec![0f32; w.data.len()];
-        for o in 0..out {
-            for i in 0..inp {
-                t[i * out + o] = w.data[o * inp + i];
-            }
-        }
+        let t = super::host::transpose2d(&w.data, out, inp);
         let weight = Param::from_tensor(Tensor::from_data(
             TensorData::new(t, [inp, out]),
             self.device,
