@@ -339,6 +339,19 @@ impl SharedPairs {
 /// contiguous read; head by head they are 256-byte pieces 9 KB apart, which the prefetchers
 /// follow badly (the per-head packing was 7% of a ViT-B attention).
 pub fn kv_panels(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize) -> (Vec<u32>, Vec<u32>) {
+    let (mut kt, mut vp) = (Vec::new(), Vec::new());
+    kv_panels_into(qkv, [b, n, h, hd], &mut kt, &mut vp);
+    (kt, vp)
+}
+
+/// [`kv_panels`] into `kt` and `vp`, resized, every element written (the zero padding too),
+/// so a caller can reuse them from one call to the next.
+pub fn kv_panels_into(
+    qkv: &[f32],
+    [b, n, h, hd]: [usize; 4],
+    kt: &mut Vec<u32>,
+    vp: &mut Vec<u32>,
+) {
     let d = h * hd;
     assert_eq!(
         qkv.len(),
@@ -352,8 +365,8 @@ pub fn kv_panels(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize) -> (Vec<u
         hd.div_ceil(16),
     );
     let (k_len, v_len) = (nb * kq * 16, nbv * kn * 16);
-    let mut kt = vec![0u32; b * h * k_len];
-    let mut vp = vec![0u32; b * h * v_len];
+    kt.resize(b * h * k_len, 0);
+    vp.resize(b * h * v_len, 0);
     let (ks, vs) = (SharedPairs(kt.as_mut_ptr()), SharedPairs(vp.as_mut_ptr()));
     let fast = supported();
     (0..b * nb).into_par_iter().for_each(|task| {
@@ -369,6 +382,12 @@ pub fn kv_panels(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize) -> (Vec<u
                     panel[p * 16 + j % 16] = v;
                 }
             }
+            // Tokens past n in the last panel.
+            for j in n.max(jb * 16)..jb * 16 + 16 {
+                for p in 0..kq {
+                    panel[p * 16 + j % 16] = 0;
+                }
+            }
         }
         // The pairs of V rows (2p, 2p + 1) of these 16 tokens.
         let (p0, p1) = (jb * 8, (jb * 8 + 8).min(kn));
@@ -382,6 +401,7 @@ pub fn kv_panels(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize) -> (Vec<u
                 for (i, p) in (p0..p1).enumerate() {
                     let r0 = &row(2 * p)[col..col + cols];
                     let out = &mut dst[i * 16..i * 16 + 16];
+                    out[cols..].fill(0);
                     if 2 * p + 1 < n {
                         let r1 = &row(2 * p + 1)[col..col + cols];
                         if fast && cols == 16 {
@@ -405,7 +425,6 @@ pub fn kv_panels(qkv: &[f32], b: usize, n: usize, h: usize, hd: usize) -> (Vec<u
             }
         }
     });
-    (kt, vp)
 }
 
 /// Panels of `w[k, n]` whose rows are `stride` apart (e.g. V for attention outputs).
@@ -722,6 +741,10 @@ mod tests {
                 .map(|i| (i as f32 * 0.61).cos())
                 .collect();
             let (kt, vp) = kv_panels(&qkv, b, n, h, hd);
+            // Reused buffers holding other values give the same panels.
+            let (mut kt2, mut vp2) = (vec![u32::MAX; kt.len()], vec![u32::MAX; vp.len() + 3]);
+            kv_panels_into(&qkv, [b, n, h, hd], &mut kt2, &mut vp2);
+            assert_eq!((&kt, &vp), (&kt2, &vp2), "reused buffers {b} {n} {h} {hd}");
             let (k_len, v_len) = (kt.len() / (b * h), vp.len() / (b * h));
             for bi in 0..b {
                 for hi in 0..h {

@@ -15,6 +15,7 @@ pub mod autocast;
 pub mod bf16;
 #[cfg(feature = "cubecl")]
 pub mod cube;
+pub mod panels;
 pub mod peak;
 
 /// The precision of the matrix products (the four Linears of every block and attention's two
