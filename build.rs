@@ -1,6 +1,8 @@
-//! Links Gloo, the CPU's collectives for data-parallel training (src/dist), where its headers
-//! are: Debian/Ubuntu's `libgloo-dev`, or `GLOO_INCLUDE_DIR` / `GLOO_LIB_DIR`. Without them the
-//! build goes on without it, and a multi-process launch on the CPU says what to install.
+//! Builds the shim to Gloo, the CPU's collectives for data-parallel training (src/dist), where
+//! its headers are: Debian/Ubuntu's `libgloo-dev`, or `GLOO_INCLUDE_DIR` / `GLOO_LIB_DIR`. The
+//! shim is a shared object the binary embeds and opens at run time, so only a multi-process
+//! launch on the CPU needs libgloo. Without the headers the build goes on without it, and such
+//! a launch says what to install.
 
 use std::path::PathBuf;
 
@@ -24,19 +26,38 @@ fn main() {
         );
         return;
     };
-    cc::Build::new()
+    // The shim becomes a shared object of its own, linked to libgloo, that the binary carries
+    // and opens when a CPU launch needs Gloo (src/dist/gloo.rs): the binary itself does not
+    // need libgloo to start, so a build made where Gloo is installed runs anywhere.
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let shim = out.join("libmarlin_gloo.so");
+    let mut cmd = cc::Build::new()
         .cpp(true)
         .std("c++17")
+        .pic(true)
+        .opt_level(2)
         .include(&include)
-        .file("src/dist/gloo.cc")
         .warnings(false)
-        .compile("marlin_gloo");
+        .get_compiler()
+        .to_command();
+    cmd.arg("-shared")
+        .arg("-o")
+        .arg(&shim)
+        .arg("src/dist/gloo.cc");
     if let Some(lib) = std::env::var_os("GLOO_LIB_DIR") {
-        println!(
-            "cargo:rustc-link-search=native={}",
-            PathBuf::from(lib).display()
-        );
+        cmd.arg(format!("-L{}", PathBuf::from(lib).display()));
     }
-    println!("cargo:rustc-link-lib=dylib=gloo");
+    cmd.arg("-lgloo");
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        other => {
+            println!(
+                "cargo:warning=the Gloo shim did not build ({other:?}): multi-process training \
+                 on the CPU is off in this build"
+            );
+            return;
+        }
+    }
+    println!("cargo:rustc-env=MARLIN_GLOO_SHIM={}", shim.display());
     println!("cargo:rustc-cfg=marlin_gloo");
 }

@@ -64,7 +64,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
   [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 [ -d .gpu/samples ] && export MARLIN_SAMPLES=$PWD/.gpu/samples
-# Libraries the binary links that the GPU machine may lack (Gloo, for CPU data-parallel runs).
+# Libraries the binary opens that the GPU machine may lack (Gloo, for CPU data-parallel runs).
 [ -d .gpu/lib ] && export LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # PEER=0 leaves out marlin-pytorch's runs (they were taken in an earlier call); SUITE_SKIP names
 # parity tests to leave out (`--skip` filters of the test binary, space-separated).

@@ -8,7 +8,8 @@
 #                      a machine with torch but no package registry; bench/gpu.sh puts them on
 #                      PYTHONPATH
 #   .gpu/paths         the paths the test binary was built with; .gpu/samples/ the shared videos;
-#   .gpu/lib/          Gloo and its libraries (the binary links them where libgloo-dev is)
+#   .gpu/lib/          libgloo and its libraries (the binary opens them for CPU data-parallel
+#                      runs, where the build found libgloo-dev)
 # .gpu/ is git-ignored: copy it beside the checkout on the GPU machine.
 # A first build takes about 20 minutes on 2 cores (two link steps of burn's CUDA backend).
 #
@@ -34,11 +35,15 @@ echo "$PWD $(cd "$CARGO_TARGET_DIR" && pwd)/release/marlin" > .gpu/paths
 # The shared sample videos (not in the repository: their license), for the suite's extract test.
 samples=${MARLIN_SAMPLES:-../shared/samples}
 [ -d "$samples" ] && mkdir -p .gpu/samples && cp "$samples"/*.mp4 .gpu/samples/
-# Shared libraries the binary links that a GPU machine may lack (Gloo, for CPU data-parallel
-# training, where this machine has libgloo-dev); bench/gpu.sh puts .gpu/lib on LD_LIBRARY_PATH.
+# Shared libraries that a GPU machine may lack: libgloo and what it links, which the binary's
+# Gloo shim opens for CPU data-parallel training (where this machine has libgloo-dev);
+# bench/gpu.sh puts .gpu/lib on LD_LIBRARY_PATH.
 mkdir -p .gpu/lib
-ldd "$CARGO_TARGET_DIR/release/marlin" | awk '$3 ~ /^\// && $1 ~ /^lib(gloo|hiredis|ibverbs|nl-3|nl-route-3)\./ {print $3}' \
-  | xargs -r cp -L -t .gpu/lib/
+gloo=$(ldconfig -p | awk '$1 == "libgloo.so.0" {print $NF; exit}')
+if [ -n "$gloo" ]; then
+  { echo "$gloo"; ldd "$gloo" | awk '$3 ~ /^\// && $1 ~ /^lib(hiredis|ibverbs|nl-3|nl-route-3)\./ {print $3}'; } \
+    | xargs -r cp -L -t .gpu/lib/
+fi
 wheels=$(mktemp -d)
 python3 -m pip download -q --no-deps -d "$wheels" marlin-pytorch==0.3.4 einops
 for w in "$wheels"/*.whl; do

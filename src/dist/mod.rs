@@ -3,7 +3,8 @@
 //! with one all-reduce per optimiser update, rank 0 alone writing the run folder.
 //!
 //! The collectives are an existing engine's, never hand-written: Gloo on the CPU (Debian's
-//! `libgloo-dev`; the build links it when its headers are there) and NCCL on CUDA. The ranks
+//! `libgloo-dev`: where its headers are, the build makes a shim the binary carries and opens
+//! at run time) and NCCL on CUDA. The ranks
 //! meet through a small key-value store rank 0 serves on `MASTER_ADDR:MASTER_PORT`
 //! ([`store`], the design of torch's TCPStore), which also tells which rank is gone when a
 //! collective fails. Every wait has a timeout.
@@ -352,6 +353,8 @@ fn gloo_engine(
     let iface = std::env::var("GLOO_SOCKET_IFNAME")
         .ok()
         .filter(|s| !s.is_empty());
+    // A machine without libgloo: one line saying what to install, not a failed connection.
+    gloo::load().map_err(DistError::Unavailable)?;
     let host = client.local_ip.to_string();
     gloo::Gloo::connect(
         client.clone(),

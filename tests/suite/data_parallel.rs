@@ -416,3 +416,30 @@ fn two_ranks_finetune_like_one_process_at_the_global_batch() {
     let moved = weights_diff(&best(&whole), &best(&one_step));
     assert!(moved > 1e-4, "{moved}");
 }
+
+/// The binary carries the Gloo shim and opens it when a CPU launch first needs it (the ranks
+/// above): the binary itself lists neither libgloo nor libstdc++, so it starts (and extracts)
+/// on a machine where Gloo is not installed.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_binary_starts_without_libgloo() {
+    let Ok(out) = Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_marlin")])
+        .output()
+    else {
+        eprintln!("no readelf (binutils): skipped");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert!(
+        out.status.success() && needed.iter().any(|l| l.contains("libc.so")),
+        "readelf -d did not list the binary's libraries:\n{text}"
+    );
+    assert!(
+        needed
+            .iter()
+            .all(|l| !l.contains("libgloo") && !l.contains("libstdc++")),
+        "the binary needs {needed:?}"
+    );
+}
