@@ -1099,6 +1099,39 @@ pub(crate) fn matmul_with(
     }
 }
 
+/// Tubelets of a row-major clip `x` `[b, c, t, h, w]` as tokens `[b, n, c*tubelet*patch*patch]`
+/// (tokens in (t, h, w) order, values in (c, pt, ph, pw) order: the model's patchify), one
+/// (clip, time step) per parallel task, `patch` values per copy.
+pub fn patchify(x: &[f32], [b, c, t, h, w]: [usize; 5], tubelet: usize, patch: usize) -> Vec<f32> {
+    assert_eq!(x.len(), b * c * t * h * w, "clip is not [b, c, t, h, w]");
+    let (nt, nh, nw) = (t / tubelet, h / patch, w / patch);
+    let pd = c * tubelet * patch * patch;
+    let mut out = vec![0f32; b * nt * nh * nw * pd];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(nh * nw * pd)
+        .enumerate()
+        .for_each(|(task, tokens)| {
+            let (bi, tt) = (task / nt, task % nt);
+            for (token, dst) in tokens.chunks_exact_mut(pd).enumerate() {
+                let (hh, ww) = (token / nw, token % nw);
+                let mut o = 0;
+                for ci in 0..c {
+                    for pt in 0..tubelet {
+                        let frame = ((bi * c + ci) * t + tt * tubelet + pt) * h * w;
+                        for ph in 0..patch {
+                            let src = frame + (hh * patch + ph) * w + ww * patch;
+                            dst[o..o + patch].copy_from_slice(&x[src..src + patch]);
+                            o += patch;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
 /// Each row of `x` += `bias`.
 fn add_rows(x: &mut [f32], bias: &[f32]) {
     x.par_chunks_mut(bias.len())

@@ -15,13 +15,10 @@ pub struct TubeletShape {
 }
 
 /// Clip `[B, C, T, H, W]` -> tokens `[B, N, C*tubelet*patch*patch]`; tokens in (t, h, w) order,
-/// values in (c, pt, ph, pw) order.
+/// values in (c, pt, ph, pw) order (through the kernels door: an 8-d permute in burn's ops, a
+/// host copy on the CPU).
 pub fn patchify<B: Backend>(x: Tensor<B, 5>, s: TubeletShape) -> Tensor<B, 3> {
-    let [b, c, t, h, w] = x.dims();
-    let (nt, nh, nw) = (t / s.tubelet, h / s.patch, w / s.patch);
-    x.reshape([b, c, nt, s.tubelet, nh, s.patch, nw, s.patch])
-        .permute([0, 2, 4, 6, 1, 3, 5, 7])
-        .reshape([b, nt * nh * nw, c * s.tubelet * s.patch * s.patch])
+    crate::kernels::of::<B>().patchify(x, s.tubelet, s.patch)
 }
 
 /// Inverse of [`patchify`]: tokens `[B, N, C*tubelet*patch*patch]` -> clip `[B, C, T, H, W]`
