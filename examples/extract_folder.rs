@@ -7,10 +7,11 @@
 //! With no argument it runs on `assets/` (the bundled sample face video) with this
 //! repository's small test model, writing to a temp folder.
 
-use marlin::backend::Cpu;
+use marlin::backend::{Cpu, DeviceSpec};
 use marlin::extract::batch::{extract_to_npy, write_failures, BatchOptions, FaceCrop};
 use marlin::extract::inputs::{discover, DiscoverOptions};
 use marlin::face::{DetectOptions, Detector, TrackOptions};
+use marlin::kernels::Precision;
 use marlin::{Marlin, MarlinConfig};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -39,6 +40,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let device = Default::default();
     let (model, _) = Marlin::<Cpu>::load_file(&cfg, &weights, &[], &device)?;
+    // Extraction on the engine's schedule, as `marlin extract` runs it.
+    let (model, _) = marlin::engine::attach(model, DeviceSpec::Cpu, Precision::F32)?;
     let faces = FaceCrop {
         detector: Detector::<Cpu>::new(&device, DetectOptions::default())?,
         track: TrackOptions::default(),

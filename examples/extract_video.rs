@@ -7,8 +7,9 @@
 //! once into the cache). With no argument at all it runs on a test video of this repository
 //! with its small test model.
 
-use marlin::backend::Cpu;
+use marlin::backend::{Cpu, DeviceSpec};
 use marlin::extract::ExtractOptions;
+use marlin::kernels::Precision;
 use marlin::{Marlin, MarlinConfig};
 use std::path::PathBuf;
 
@@ -37,6 +38,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let (model, _) = Marlin::<Cpu>::load_file(&cfg, &weights, &[], &Default::default())?;
+    // Extraction on the engine's schedule, as `marlin extract` runs it.
+    let (model, _) = marlin::engine::attach(model, DeviceSpec::Cpu, Precision::F32)?;
     // The reference's defaults: every 2nd frame, windows of 16 kept frames, 16 apart.
     let (features, stats) = model.extract_video(&video, &ExtractOptions::default())?;
     println!(

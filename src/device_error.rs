@@ -41,6 +41,7 @@ impl DeviceError {
             .unwrap_or("unknown error")
             .to_string();
         if m.contains("out of memory")
+            || m.contains("out of gpu memory")
             || m.contains("out_of_memory")
             || m.contains("outofmemory")
             || m.contains("out-of-memory")

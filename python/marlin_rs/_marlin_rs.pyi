@@ -13,15 +13,21 @@ class Marlin:
     """A MARLIN model, called as marlin-pytorch's `Marlin` (returns numpy float32 arrays)."""
 
     @classmethod
-    def from_online(cls, model_name: str, full_model: bool = False, device: str = "cpu") -> "Marlin":
+    def from_online(
+        cls, model_name: str, full_model: bool = False, device: str = "cpu", precision: Optional[str] = None
+    ) -> "Marlin":
         """Download (once, into the cache) and load a released model (`marlin_vit_{small,base,large}_ytf`).
-        `full_model` adds the decoder for reconstruction; `device` is "cpu" or "cuda[:N]"."""
+        `full_model` adds the decoder for reconstruction; `device` is "cpu" or "cuda[:N]";
+        `precision` ("fp32", "tf32", "bf16") is this model's own (default: the process's
+        `set_precision`, else fp32 on the CPU and tf32 on a GPU)."""
     @classmethod
-    def from_file(cls, model_name: str, path: _Path, device: str = "cpu") -> "Marlin":
+    def from_file(cls, model_name: str, path: _Path, device: str = "cpu", precision: Optional[str] = None) -> "Marlin":
         """Load `.pt`, Lightning `.ckpt` or safetensors weights with the config `model_name`
         (released, or registered with `register_model_from_yaml`)."""
     @classmethod
-    def from_config(cls, model_name: str, seed: int = 0, full_model: bool = False, device: str = "cpu") -> "Marlin":
+    def from_config(
+        cls, model_name: str, seed: int = 0, full_model: bool = False, device: str = "cpu", precision: Optional[str] = None
+    ) -> "Marlin":
         """A fresh model with the reference's initialisation (deterministic in `seed`)."""
     def save(self, path: _Path) -> None:
         """Write the weights as safetensors with the official key names."""
@@ -32,6 +38,9 @@ class Marlin:
     def name(self) -> str: ...
     @property
     def device(self) -> str: ...
+    @property
+    def precision(self) -> str:
+        """This model's precision ("fp32", "tf32" or "bf16"), fixed when it was loaded."""
     @property
     def embed_dim(self) -> int: ...
     @property
@@ -115,7 +124,8 @@ def parse_face(
     [size, size, 3], "box": [x1, y1, x2, y2]}. `parser`: "mesh" or "template"."""
 
 def set_precision(precision: str) -> str:
-    """CPU matrix products in "f32" (default) or "bf16" (f32 sums; AMX or AVX-512 BF16) for this
-    process. Returns the precision in effect: "bf16" on AMX and where AVX-512 BF16 dot products
+    """The precision of models loaded after this call without a `precision=` of their own
+    (a loaded model keeps its own): CPU matrix products in "f32" (default) or "bf16" (f32
+    sums; AMX or AVX-512 BF16); "tf32" on a GPU. Returns the precision in effect: "bf16" on AMX and where AVX-512 BF16 dot products
     outrun f32 FMAs (AMD Zen 4); "f32" with a warning without AVX-512 BF16, or on a Xeon without
     AMX, where bf16 is slower than f32 (MARLIN_BF16_WITHOUT_AMX=1 forces bf16)."""

@@ -193,7 +193,59 @@ macro_rules! on_model {
     };
 }
 
-fn load_model(cfg: &MarlinConfig, sd: &StateDict, device: &str) -> PyResult<Model> {
+/// The engine (the encoder's schedule on the host kernels or on CUDA) for the model of `sd`
+/// on `spec` in `precision` (the process's setting for that device when `None`); a note the
+/// user must see becomes a Python warning. `None` where the device keeps burn's path.
+fn engine_for(
+    cfg: &MarlinConfig,
+    sd: &StateDict,
+    spec: marlin::backend::DeviceSpec,
+    precision: Option<&str>,
+) -> PyResult<Option<std::sync::Arc<dyn marlin::engine::FeatureEngine>>> {
+    use marlin::kernels::Precision;
+    let p: Precision = match precision {
+        Some(p) => p.parse().map_err(value)?,
+        None if spec == marlin::backend::DeviceSpec::Cpu => marlin::kernels::cpu_precision(),
+        None => marlin::kernels::gpu_precision(),
+    };
+    let host = Marlin::<Cpu>::from_state_dict(cfg, sd, &[Part::Encoder], &Default::default())
+        .map_err(value)?
+        .0;
+    let (engine, note) = match marlin::engine::for_device(&host, spec, p) {
+        Ok(chosen) => chosen,
+        Err(e) => (
+            None,
+            Some(format!(
+                "{e}; extracting with burn's kernels instead (slower)"
+            )),
+        ),
+    };
+    if let Some(n) = note {
+        Python::attach(|py| -> PyResult<()> {
+            py.import("warnings")?.call_method1("warn", (n,))?;
+            Ok(())
+        })?;
+    }
+    Ok(engine)
+}
+
+/// `m` with `engine` attached, when there is one.
+fn attach<B: burn::tensor::backend::Backend>(
+    m: Marlin<B>,
+    engine: Option<std::sync::Arc<dyn marlin::engine::FeatureEngine>>,
+) -> Marlin<B> {
+    match engine {
+        Some(e) => m.with_engine(e),
+        None => m,
+    }
+}
+
+fn load_model(
+    cfg: &MarlinConfig,
+    sd: &StateDict,
+    device: &str,
+    precision: Option<&str>,
+) -> PyResult<Model> {
     // The peer loads what the file holds (encoder only, or with the decoder); the critic of a
     // training checkpoint is dropped.
     let parts: Vec<Part> = sd
@@ -209,19 +261,23 @@ fn load_model(cfg: &MarlinConfig, sd: &StateDict, device: &str) -> PyResult<Mode
         ))
     };
     match spec {
-        marlin::backend::DeviceSpec::Cpu => Ok(Model::Cpu(
+        // Features on the engine of the device (its own precision); the burn model keeps its
+        // weights for reconstruction and `save`.
+        marlin::backend::DeviceSpec::Cpu => Ok(Model::Cpu(attach(
             Marlin::<Cpu>::from_state_dict(cfg, sd, &parts, &Default::default())
                 .map_err(value)?
                 .0,
-        )),
+            engine_for(cfg, sd, spec, precision)?,
+        ))),
         #[cfg(feature = "cuda")]
         marlin::backend::DeviceSpec::Cuda(index) => {
             let dev = burn::backend::cuda::CudaDevice::new(index);
-            Ok(Model::Cuda(
+            Ok(Model::Cuda(attach(
                 Marlin::<Gpu>::from_state_dict(cfg, sd, &parts, &dev)
                     .map_err(value)?
                     .0,
-            ))
+                engine_for(cfg, sd, spec, precision)?,
+            )))
         }
         #[cfg(feature = "vulkan")]
         marlin::backend::DeviceSpec::Vulkan(index) => {
@@ -265,43 +321,46 @@ impl PyMarlin {
     /// Download (once, into the cache) and load a released model; `full_model` adds the
     /// decoder for reconstruction.
     #[classmethod]
-    #[pyo3(signature = (model_name, full_model = false, device = "cpu"))]
+    #[pyo3(signature = (model_name, full_model = false, device = "cpu", precision = None))]
     fn from_online(
         _cls: &Bound<'_, pyo3::types::PyType>,
         py: Python<'_>,
         model_name: &str,
         full_model: bool,
         device: &str,
+        precision: Option<&str>,
     ) -> PyResult<Self> {
         let path = interruptible(py, |_| marlin::hub::fetch(model_name, full_model, true))?
             .map_err(value)?;
-        Self::load(py, model_name, &path, device)
+        Self::load(py, model_name, &path, device, precision)
     }
 
     /// Load `path` (`.pt`, Lightning `.ckpt` or safetensors) with the config `model_name` (a
     /// released name, or one registered with `register_model_from_yaml`).
     #[classmethod]
-    #[pyo3(signature = (model_name, path, device = "cpu"))]
+    #[pyo3(signature = (model_name, path, device = "cpu", precision = None))]
     fn from_file(
         _cls: &Bound<'_, pyo3::types::PyType>,
         py: Python<'_>,
         model_name: &str,
         path: PathBuf,
         device: &str,
+        precision: Option<&str>,
     ) -> PyResult<Self> {
-        Self::load(py, model_name, &path, device)
+        Self::load(py, model_name, &path, device, precision)
     }
 
     /// A fresh model of `model_name` with the reference's initialisation (deterministic in
     /// `seed`), e.g. to pretrain from scratch or to test a pipeline without downloading.
     #[classmethod]
-    #[pyo3(signature = (model_name, seed = 0, full_model = false, device = "cpu"))]
+    #[pyo3(signature = (model_name, seed = 0, full_model = false, device = "cpu", precision = None))]
     fn from_config(
         _cls: &Bound<'_, pyo3::types::PyType>,
         model_name: &str,
         seed: u64,
         full_model: bool,
         device: &str,
+        precision: Option<&str>,
     ) -> PyResult<Self> {
         let cfg = resolve_config(model_name)?;
         let parts: &[Part] = if full_model {
@@ -311,7 +370,7 @@ impl PyMarlin {
         };
         let sd = StateDict::init(&cfg, parts, seed);
         Ok(Self {
-            model: load_model(&cfg, &sd, device)?,
+            model: load_model(&cfg, &sd, device, precision)?,
             name: model_name.to_string(),
             device: device.to_string(),
         })
@@ -344,6 +403,16 @@ impl PyMarlin {
     #[getter]
     fn device(&self) -> &str {
         &self.device
+    }
+
+    /// The precision this model's features are computed in ("fp32", "tf32" or "bf16"):
+    /// the model's own, fixed when it was loaded (`precision=`, else the process's setting).
+    #[getter]
+    fn precision(&self) -> String {
+        on_model!(&self.model, |m, _d| match &m.engine {
+            Some(e) => e.precision().to_string(),
+            None => marlin::kernels::gpu_precision().to_string(),
+        })
     }
 
     #[getter]
@@ -613,11 +682,17 @@ impl PyMarlin {
 }
 
 impl PyMarlin {
-    fn load(py: Python<'_>, model_name: &str, path: &Path, device: &str) -> PyResult<Self> {
+    fn load(
+        py: Python<'_>,
+        model_name: &str,
+        path: &Path,
+        device: &str,
+        precision: Option<&str>,
+    ) -> PyResult<Self> {
         must_exist(path)?;
         let cfg = resolve_config(model_name)?;
         let sd = interruptible(py, |_| StateDict::load(path))?.map_err(value)?;
-        let model = load_model(&cfg, &sd, device)?;
+        let model = load_model(&cfg, &sd, device, precision)?;
         Ok(Self {
             model,
             name: model_name.to_string(),
@@ -650,7 +725,8 @@ fn register_model_from_yaml(name: &str, path: PathBuf) -> PyResult<()> {
     Ok(())
 }
 
-/// Precision of the matrix products for this process: "f32" (the CPU default), "tf32" (the
+/// Precision of the models loaded after this call without a `precision=` of their own (each
+/// loaded model keeps its own): "f32" (the CPU default), "tf32" (the
 /// GPU default; f32 on the CPU) or "bf16" (bf16 operands, f32 sums; on the CPU AMX tiles or
 /// AVX-512 BF16). Returns the CPU's precision in effect: "f32" with a warning on a CPU without
 /// AVX-512 BF16, or without AMX and with bf16 dot products no faster than f32 FMAs (Intel

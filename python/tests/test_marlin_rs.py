@@ -271,8 +271,9 @@ print(features.shape)
 
 
 def test_bf16_precision_stays_within_tolerance_of_f32():
-    """In a child process (the precision is per process): bf16 features within 5e-2 max abs
-    and cosine 0.9995 of f32, or exactly f32 where the CPU lacks AVX-512 BF16 or AMX."""
+    """In a child process (set_precision is the process's default for models loaded after
+    it): bf16 features within 5e-2 max abs and cosine 0.9995 of f32, or exactly f32 where the
+    CPU lacks AVX-512 BF16 or AMX; the model loaded before keeps f32."""
     script = f"""
 import warnings, numpy as np, marlin_rs
 marlin_rs.register_model_from_yaml("tiny224", {str(VIDEO / 'tiny224.yaml')!r})
@@ -281,7 +282,10 @@ a = m.extract_video({str(VIDEO / 'h264_143.mp4')!r}, keep_seq=True)
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     got = marlin_rs.set_precision("bf16")
-b = m.extract_video({str(VIDEO / 'h264_143.mp4')!r}, keep_seq=True)
+m2 = marlin_rs.Marlin.from_file("tiny224", {str(VIDEO / 'tiny224.pt')!r})
+b = m2.extract_video({str(VIDEO / 'h264_143.mp4')!r}, keep_seq=True)
+assert m.precision == "fp32" and m2.precision == ("bf16" if got == "bf16" else "fp32"), (m.precision, m2.precision)
+assert np.array_equal(m.extract_video({str(VIDEO / 'h264_143.mp4')!r}, keep_seq=True), a)
 cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
 print(got, float(np.abs(a - b).max()), cos, len(w))
 """
@@ -303,6 +307,30 @@ print(got, float(np.abs(a - b).max()), cos, len(w))
     assert got == "f32" and warned == "1" and float(diff) == 0.0, r.stdout
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         marlin_rs.set_precision("fp8")
+
+
+def test_two_models_in_one_process_keep_their_precisions():
+    """Precision belongs to a model: an fp32 and a bf16 model side by side each compute in
+    theirs (bf16 where the CPU has AVX-512 BF16; elsewhere the bf16 model says fp32)."""
+    script = f"""
+import numpy as np, marlin_rs
+marlin_rs.register_model_from_yaml("tiny224", {str(VIDEO / 'tiny224.yaml')!r})
+w = {str(VIDEO / 'tiny224.pt')!r}
+f = marlin_rs.Marlin.from_file("tiny224", w, precision="fp32")
+h = marlin_rs.Marlin.from_file("tiny224", w, precision="bf16")
+x = np.random.default_rng(0).random((2, 3, 16, 224, 224), dtype=np.float32)
+a, b, a2 = f.extract_features(x), h.extract_features(x), f.extract_features(x)
+print(f.precision, h.precision, float(np.abs(a - b).max()), float(np.abs(a - a2).max()))
+"""
+    env = dict(os.environ, MARLIN_BF16_WITHOUT_AMX="1")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    pf, ph, diff, same = r.stdout.split()
+    assert pf == "fp32" and float(same) == 0.0, r.stdout
+    if ph == "bf16":
+        assert 0.0 < float(diff) <= 5e-2, r.stdout
+    else:
+        assert ph == "fp32" and float(diff) == 0.0, r.stdout
 
 
 def test_parse_face_gives_label_maps_and_clear_errors(tmp_path):

@@ -157,6 +157,18 @@ impl DeviceSet {
         }
     }
 
+    /// Each of the `n` devices of the set as a [`DeviceSpec`], in the order [`run_on_all`]
+    /// hands them to a task (`n` counts `cuda:all`'s GPUs).
+    pub fn specs(&self, n: usize) -> Vec<DeviceSpec> {
+        match self {
+            Self::Cpu => vec![DeviceSpec::Cpu; n],
+            Self::Metal => vec![DeviceSpec::Metal; n],
+            Self::CudaAll => (0..n).map(DeviceSpec::Cuda).collect(),
+            Self::Cuda(ids) => ids.iter().map(|&i| DeviceSpec::Cuda(i)).collect(),
+            Self::Vulkan(ids) => ids.iter().map(|&i| DeviceSpec::Vulkan(i)).collect(),
+        }
+    }
+
     /// The first device of the set (which sets the precision of the kind).
     pub fn first(&self) -> DeviceSpec {
         match self {

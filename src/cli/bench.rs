@@ -95,6 +95,8 @@ fn report_memory(watch: Option<marlin::backend::MemoryWatch>) {
 struct Bench {
     cfg: MarlinConfig,
     args: BenchArgs,
+    /// The precision in effect on the device.
+    precision: marlin::kernels::Precision,
     /// The CPU's measured FMA peak (`--peak` on the CPU).
     peak: Option<marlin::kernels::peak::Peak>,
     /// The ranks of a data-parallel launch (`--train`).
@@ -128,6 +130,12 @@ impl BackendTask for Bench {
         }
         let (cfg, a) = (self.cfg, self.args);
         let watch = memory_watch(a.device);
+        #[cfg(feature = "cuda-engine")]
+        if let (DeviceSpec::Cuda(i), marlin::engine::EngineChoice::Schedule) =
+            (a.device, marlin::engine::EngineChoice::from_env())
+        {
+            return cuda_engine_bench(&cfg, &a, i, watch);
+        }
         let model = Marlin::<B>::init(&cfg, &[Part::Encoder], 0, &device);
         if let Some(p) = &a.save_weights {
             if let Err(e) = model.to_state_dict().save_safetensors(p, None) {
@@ -135,6 +143,12 @@ impl BackendTask for Bench {
             }
         }
         let b = a.batch_size.max(1);
+        // The CPU's extraction runs the engine's schedule on the host kernels (unless
+        // MARLIN_ENGINE=burn): time that.
+        let model = match marlin::engine::for_device(&model, a.device, self.precision) {
+            Ok((Some(e), _)) => model.with_engine(e),
+            _ => model,
+        };
         let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
         let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), &device);
         outln!(
@@ -153,7 +167,10 @@ impl BackendTask for Bench {
         outln!(
             "seconds per clip: {per_clip:.4}  (clips/s {:.2}; {})",
             1.0 / per_clip,
-            marlin::kernels::of::<B>().name()
+            match &model.engine {
+                Some(e) => e.describe(),
+                None => marlin::kernels::of::<B>().name().to_string(),
+            }
         );
         let e = &cfg.encoder;
         let flops = marlin::kernels::peak::encoder_flops(
@@ -290,6 +307,126 @@ impl BackendTask for Bench {
     }
 }
 
+/// `marlin bench --device cuda`: the CUDA engine's forward (random weights) replayed on clips
+/// already on the GPU, as the peer's `extract_features` on CUDA tensors is timed; with the
+/// time to a ready engine and to the first batch, peak memory and (`--profile`) each step's
+/// device time.
+#[cfg(feature = "cuda-engine")]
+fn cuda_engine_bench(
+    cfg: &MarlinConfig,
+    a: &BenchArgs,
+    ordinal: usize,
+    watch: Option<marlin::backend::MemoryWatch>,
+) {
+    use marlin::engine::FeatureEngine;
+    let b = a.batch_size.max(1);
+    let precision = marlin::kernels::gpu_precision();
+    let t0 = Instant::now();
+    let host = Marlin::<marlin::backend::Cpu>::init(cfg, &[Part::Encoder], 0, &Default::default());
+    if let Some(p) = &a.save_weights {
+        if let Err(e) = host.to_state_dict().save_safetensors(p, None) {
+            eprintln!("{e}");
+        }
+    }
+    let w = marlin::engine::EncoderWeights::of_model(&host);
+    drop(host);
+    let (engine, note) = match marlin::kernels::cuda::CudaEngine::new(w, ordinal, precision) {
+        Ok(e) => e,
+        Err(e) => fail(e),
+    };
+    let ready = t0.elapsed().as_secs_f64();
+    if let Some(n) = note {
+        eprintln!("note: {n}");
+    }
+    outln!("{} on {}: batch {b}", cfg.name(), engine.describe());
+    // The first batch: the eager pass (cuBLASLt's and cuDNN's first use), then the graph's
+    // capture on the second.
+    let t1 = Instant::now();
+    let first = engine.time_forward(b, false, 1).unwrap_or_else(|e| fail(e));
+    let first_s = t1.elapsed().as_secs_f64();
+    let _ = first;
+    outln!("engine ready in {ready:.2} s (kernels compiled or read from the cache, weights uploaded); first batch {first_s:.2} s");
+    let per_batch = engine
+        .time_forward(b, false, a.iters.max(1))
+        .unwrap_or_else(|e| fail(e));
+    let per_clip = per_batch / b as f64;
+    let e = &cfg.encoder;
+    let flops = marlin::kernels::peak::encoder_flops(
+        1,
+        cfg.num_patches(),
+        e.embed_dim,
+        cfg.mlp_hidden(e.embed_dim),
+        e.depth,
+    );
+    outln!(
+        "seconds per clip: {per_clip:.5}  (clips/s {:.2}; {})",
+        1.0 / per_clip,
+        engine.describe()
+    );
+    outln!(
+        "encoder: {:.1} GFLOP per clip, {:.1} TFLOP/s",
+        flops / 1e9,
+        flops / per_clip / 1e12
+    );
+    // Through the host as `extract` feeds it: pinned upload on the copy stream, features back.
+    let per = 3 * cfg.clip_frames * cfg.img_size * cfg.img_size;
+    let clip: Vec<f32> = (0..per)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let clips: Vec<&[f32]> = (0..b).map(|_| clip.as_slice()).collect();
+    let iters = a.iters.max(1);
+    let t2 = Instant::now();
+    let mut pending = None;
+    for _ in 0..iters {
+        let p = engine.submit(&clips, false).unwrap_or_else(|e| fail(e));
+        if let Some(prev) = pending.replace(p) {
+            engine.wait(prev).unwrap_or_else(|e| fail(e));
+        }
+    }
+    if let Some(p) = pending {
+        engine.wait(p).unwrap_or_else(|e| fail(e));
+    }
+    let host_clip = t2.elapsed().as_secs_f64() / (iters * b) as f64;
+    outln!(
+        "with the clips from host memory: {host_clip:.5} s per clip (clips/s {:.2}; the upload overlaps the previous batch)",
+        1.0 / host_clip
+    );
+    report_memory(watch);
+    if a.profile {
+        match engine.profile(b) {
+            Ok(ops) => {
+                outln!("one forward, batch {b}, step by step (device time):");
+                let total: f64 = ops.iter().map(|o| o.ms).sum();
+                let mut by: std::collections::BTreeMap<String, (f64, f64, usize)> =
+                    Default::default();
+                for o in &ops {
+                    let key = o
+                        .label
+                        .trim_end_matches(|c: char| c.is_ascii_digit() || c == '(' || c == ')')
+                        .to_string();
+                    let e = by.entry(key).or_default();
+                    e.0 += o.ms;
+                    e.1 += o.flops;
+                    e.2 += 1;
+                }
+                for (k, (ms, fl, n)) in by {
+                    let rate = if fl > 0.0 {
+                        format!("  {:.1} TFLOP/s", fl / (ms * 1e-3) / 1e12)
+                    } else {
+                        String::new()
+                    };
+                    outln!(
+                        "  {k:<16} {n:>3} x  {ms:>9.3} ms  {:>5.1}%{rate}",
+                        100.0 * ms / total
+                    );
+                }
+                outln!("  total            {total:>9.3} ms");
+            }
+            Err(e) => eprintln!("profile: {e}"),
+        }
+    }
+}
+
 /// Seconds per pretraining step (batch `--batch-size`, one critic and one generator update).
 fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     cfg: &MarlinConfig,
@@ -422,6 +559,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         Bench {
             cfg,
             args,
+            precision,
             peak,
             group,
         },

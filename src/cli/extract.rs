@@ -13,7 +13,7 @@ use marlin::extract::manifest::{Manifest, Status};
 use marlin::extract::shard::Shard;
 use marlin::extract::{ExtractOptions, Input, Reduction};
 use marlin::face::Detector;
-use marlin::model::{Marlin, Part, StateDict};
+use marlin::model::StateDict;
 use marlin::util::write_atomic;
 use marlin::video::VideoError;
 use std::path::{Path, PathBuf};
@@ -94,6 +94,9 @@ struct Job {
     /// Detect and crop faces first (`--crop-face`).
     face: Option<FaceArgs>,
     workers: usize,
+    /// The devices as given, and the precision in effect on them.
+    set: DeviceSet,
+    precision: marlin::kernels::Precision,
 }
 
 impl MultiDeviceTask for Job {
@@ -102,10 +105,21 @@ impl MultiDeviceTask for Job {
     fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output {
         let sd = StateDict::load(&self.weights).map_err(|e| e.to_string())?;
         let mut workers = Vec::new();
-        for device in &devices {
-            let (model, report) =
-                Marlin::<B>::from_state_dict(&self.cfg, &sd, &[Part::Encoder], device)
-                    .map_err(|e| e.to_string())?;
+        let specs = self.set.specs(devices.len());
+        for (device, &spec) in devices.iter().zip(&specs) {
+            // The device's engine (the host kernels on the CPU; cuBLASLt, cuDNN and NVRTC
+            // kernels on CUDA) holds the weights; burn's model stays unfilled beside it.
+            let (model, report, note) = marlin::engine::load_for_features::<B>(
+                &self.cfg,
+                &sd,
+                device,
+                spec,
+                self.precision,
+            )
+            .map_err(|e| e.to_string())?;
+            if let (Some(n), false) = (&note, self.quiet) {
+                eprintln!("note: {spec}: {n}");
+            }
             if workers.is_empty() {
                 for k in &report.unknown_keys {
                     eprintln!(
@@ -190,7 +204,8 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
     opts.extract.check().map_err(|e| e.to_string())?;
     args.face.check()?;
     let kind = args.model.device.first();
-    if let (_, Some(note)) = marlin::backend::set_precision(args.precision, kind) {
+    let (precision, note) = marlin::backend::set_precision(args.precision, kind);
+    if let Some(note) = note {
         eprintln!("note: {note}");
     }
     let mut found = discover_inputs(&args.inputs, &args.list, &args.glob, &args.out)?;
@@ -237,6 +252,8 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
             stop: stop.clone(),
             face: args.crop_face.then(|| args.face.clone()),
             workers: args.workers,
+            set: args.model.device.clone(),
+            precision,
         };
         summary = run_on_all(&args.model.device, job).map_err(|e| e.to_string())??;
     }

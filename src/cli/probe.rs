@@ -7,7 +7,6 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
 use marlin::backend::{BackendTask, DeviceSpec};
-use marlin::model::{Marlin, Part};
 use marlin::probe::data::{make_split, Dataset};
 use marlin::probe::metrics::table;
 use marlin::probe::run::{FinetuneOptions, ProbeOptions, RunProgress, RunSummary};
@@ -277,8 +276,19 @@ impl BackendTask for PredictJob {
         let clf = SavedClassifier::<B>::load(&a.classifier, &device).map_err(|e| e.to_string())?;
         let encoder = if clf.needs_encoder(&a.inputs) {
             let (cfg, w) = a.model.resolve(false, true)?;
-            let m = Marlin::<B>::load_file(&cfg, &w, &[Part::Encoder], &device);
-            Some(m.map_err(|e| e.to_string())?.0)
+            let sd = marlin::model::StateDict::load(&w).map_err(|e| e.to_string())?;
+            // Features on the device's engine, in the precision `--precision` set.
+            let spec = a.model.device.first();
+            let p = match spec {
+                DeviceSpec::Cpu => marlin::kernels::cpu_precision(),
+                _ => marlin::kernels::gpu_precision(),
+            };
+            let (m, _, note) = marlin::engine::load_for_features::<B>(&cfg, &sd, &device, spec, p)
+                .map_err(|e| e.to_string())?;
+            if let Some(n) = note {
+                eprintln!("note: {n}");
+            }
+            Some(m)
         } else {
             None
         };

@@ -22,14 +22,13 @@
 pub use super::inputs::Failure;
 use super::inputs::Item;
 use super::{
-    assemble, face_track, feature_rows, read_clips, ClipData, ClipStats, ExtractError,
-    ExtractOptions,
+    assemble, face_track, read_clips, ClipData, ClipStats, ExtractError, ExtractOptions, Submitted,
 };
 use crate::device_error::DeviceError;
 use crate::face::{Detector, TrackOptions};
 use crate::model::Marlin;
 use crate::video::Input;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::backend::Backend;
 use ndarray::ArrayD;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -264,10 +263,10 @@ fn model_loop<B: Backend>(
     let mut resized_note = false;
     // The batch the device is computing: submitted, not yet read back. A batch is read only
     // after the next one is submitted, so a GPU never waits for the host between batches.
-    let mut in_flight: Option<(Vec<usize>, Tensor<B, 3>)> = None;
+    let mut in_flight: Option<(Vec<usize>, Submitted<B>)> = None;
 
     // Read back the batch in flight; false when the device failed (reported, the run ends).
-    let read = |in_flight: &mut Option<(Vec<usize>, Tensor<B, 3>)>,
+    let read = |in_flight: &mut Option<(Vec<usize>, Submitted<B>)>,
                 rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
                 row_shape: &mut Vec<usize>|
      -> bool {
@@ -275,7 +274,7 @@ fn model_loop<B: Backend>(
             return true;
         };
         let n = ids.len();
-        match crate::device_error::guard(n, || feature_rows(f, opts.keep_seq)) {
+        match crate::device_error::guard(n, || f.rows(opts.keep_seq)).and_then(|r| r) {
             Ok((r, s)) => {
                 *row_shape = s;
                 for (i, row) in ids.into_iter().zip(r) {
@@ -292,7 +291,7 @@ fn model_loop<B: Backend>(
 
     // Submit the batch and read the previous one; false when the device failed.
     let flush = |batch: &mut Vec<(usize, ClipData)>,
-                 in_flight: &mut Option<(Vec<usize>, Tensor<B, 3>)>,
+                 in_flight: &mut Option<(Vec<usize>, Submitted<B>)>,
                  rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
                  row_shape: &mut Vec<usize>|
      -> bool {
@@ -301,6 +300,7 @@ fn model_loop<B: Backend>(
         }
         let (ids, clips): (Vec<usize>, Vec<ClipData>) = batch.drain(..).unzip();
         match crate::device_error::guard(clips.len(), || model.submit_clips(&clips, opts.keep_seq))
+            .and_then(|r| r)
         {
             // Read the batch this one replaces on the device.
             Ok(f) => read(&mut in_flight.replace((ids, f)), rows, row_shape),
@@ -316,7 +316,7 @@ fn model_loop<B: Backend>(
     let complete = |done: &mut BTreeMap<usize, ClipStats>,
                     rows: &mut BTreeMap<usize, Vec<Vec<f32>>>,
                     batch: &[(usize, ClipData)],
-                    in_flight: &Option<(Vec<usize>, Tensor<B, 3>)>,
+                    in_flight: &Option<(Vec<usize>, Submitted<B>)>,
                     row_shape: &[usize]| {
         let waiting = |i: &usize| {
             batch.iter().any(|(b, _)| b == i)

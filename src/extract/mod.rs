@@ -6,6 +6,7 @@ pub mod inputs;
 pub mod manifest;
 pub mod shard;
 
+use crate::device_error::DeviceError;
 use crate::face::{self, crop, crop::CropBox, track::Track, track::TrackOptions, Detector};
 use crate::model::Marlin;
 pub use crate::video::clip::{to_clip, ClipData};
@@ -286,16 +287,59 @@ pub fn assemble(rows: Vec<Vec<f32>>, row_shape: &[usize], reduction: Reduction) 
     }
 }
 
+/// A batch's features on their way: a tensor on burn's device, or a batch an engine is
+/// computing ([`crate::engine::FeatureEngine`]).
+pub enum Submitted<B: Backend> {
+    Tensor(Tensor<B, 3>),
+    Engine(
+        Arc<dyn crate::engine::FeatureEngine>,
+        crate::engine::Pending,
+    ),
+}
+
+impl<B: Backend> Submitted<B> {
+    /// The features read back: one row per clip, `[D]` or `[N, D]` (keep_seq), and that row
+    /// shape. Waits for the device.
+    pub fn rows(self, keep_seq: bool) -> Result<(Vec<Vec<f32>>, Vec<usize>), DeviceError> {
+        match self {
+            Submitted::Tensor(f) => Ok(feature_rows(f, keep_seq)),
+            Submitted::Engine(e, p) => {
+                let [_, n, d] = p.shape;
+                let v = e.wait(p)?;
+                let rows = v.chunks(n * d).map(<[f32]>::to_vec).collect();
+                Ok((rows, if keep_seq { vec![n, d] } else { vec![d] }))
+            }
+        }
+    }
+}
+
 impl<B: Backend> Marlin<B> {
     /// Features of a batch of clips: one row per clip, `[D]` or `[N, D]` (keep_seq).
     pub fn extract_clips(&self, clips: &[ClipData], keep_seq: bool) -> (Vec<Vec<f32>>, Vec<usize>) {
-        feature_rows(self.submit_clips(clips, keep_seq), keep_seq)
+        match self
+            .submit_clips(clips, keep_seq)
+            .and_then(|s| s.rows(keep_seq))
+        {
+            Ok(r) => r,
+            // An engine's failure, as burn's are: a panic the device guard turns into a value.
+            Err(e) => panic!("{e}"),
+        }
     }
 
-    /// The features of a batch of clips `[B, N or 1, D]` as a tensor on the model's device,
-    /// without waiting for them: a GPU computes while the caller prepares the next batch and
-    /// reads this one with [`feature_rows`].
-    pub fn submit_clips(&self, clips: &[ClipData], keep_seq: bool) -> Tensor<B, 3> {
+    /// Start the features of a batch of clips without waiting for them: a GPU computes while
+    /// the caller prepares the next batch and reads this one with [`Submitted::rows`]. With an
+    /// engine attached, its failures come back as values; burn's panic (see
+    /// [`crate::device_error::guard`]).
+    pub fn submit_clips(
+        &self,
+        clips: &[ClipData],
+        keep_seq: bool,
+    ) -> Result<Submitted<B>, DeviceError> {
+        if let Some(e) = &self.engine {
+            let slices: Vec<&[f32]> = clips.iter().map(|c| c.data.as_slice()).collect();
+            let p = e.submit(&slices, keep_seq)?;
+            return Ok(Submitted::Engine(e.clone(), p));
+        }
         let c = &self.config;
         let (t, s) = (c.clip_frames, c.img_size);
         let b = clips.len();
@@ -305,7 +349,7 @@ impl<B: Backend> Marlin<B> {
         }
         let device = self.encoder.norm.gamma.device();
         let x = Tensor::<B, 5>::from_data(TensorData::new(flat, [b, 3, t, s, s]), &device);
-        self.extract_features(x, keep_seq)
+        Ok(Submitted::Tensor(self.extract_features(x, keep_seq)))
     }
 
     /// [`Marlin::extract_clips`] with the device's failures (out of memory, no kernel
@@ -314,8 +358,12 @@ impl<B: Backend> Marlin<B> {
         &self,
         clips: &[ClipData],
         keep_seq: bool,
-    ) -> Result<(Vec<Vec<f32>>, Vec<usize>), crate::device_error::DeviceError> {
-        crate::device_error::guard(clips.len(), || self.extract_clips(clips, keep_seq))
+    ) -> Result<(Vec<Vec<f32>>, Vec<usize>), DeviceError> {
+        crate::device_error::guard(clips.len(), || {
+            self.submit_clips(clips, keep_seq)
+                .and_then(|s| s.rows(keep_seq))
+        })
+        .and_then(|r| r)
     }
 
     /// Features of one video file or frame folder, as marlin-pytorch's `extract_video`:

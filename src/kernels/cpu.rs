@@ -1133,13 +1133,19 @@ pub fn patchify(x: &[f32], [b, c, t, h, w]: [usize; 5], tubelet: usize, patch: u
 }
 
 /// Each row of `x` += `bias`.
-fn add_rows(x: &mut [f32], bias: &[f32]) {
+pub(crate) fn add_rows(x: &mut [f32], bias: &[f32]) {
     x.par_chunks_mut(bias.len())
         .for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
 }
 
 /// out = LayerNorm(x) row by row (biased variance, as torch), statistics in f64.
-fn layer_norm(x: &[f32], out: &mut [f32], d: usize, (g, bta): (&[f32], &[f32]), eps: f32) {
+pub(crate) fn layer_norm(
+    x: &[f32],
+    out: &mut [f32],
+    d: usize,
+    (g, bta): (&[f32], &[f32]),
+    eps: f32,
+) {
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(o, r)| layer_norm_row(r, o, g, bta, eps));

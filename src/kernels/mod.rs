@@ -15,6 +15,7 @@ pub mod autocast;
 pub mod bf16;
 #[cfg(feature = "cubecl")]
 pub mod cube;
+pub mod cuda;
 pub mod panels;
 pub mod peak;
 
@@ -98,6 +99,17 @@ pub const SLOW_BF16_DOTS: &str = "MARLIN_SLOW_BF16_DOTS";
 /// f32 runs, with a note, unless [`BF16_WITHOUT_AMX`] is set. TF32 is a GPU format, f32 on
 /// the CPU.
 pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
+    let (effective, note) = cpu_effective_precision(p);
+    CPU_BF16.store(
+        effective == Precision::Bf16,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    (effective, note)
+}
+
+/// The precision the CPU's kernels compute in when `p` is asked for (as
+/// [`set_cpu_precision`] decides, without setting anything): an engine keeps its own.
+pub fn cpu_effective_precision(p: Precision) -> (Precision, Option<String>) {
     let env = |k: &str| std::env::var_os(k).is_some();
     let (effective, note) = match p {
         Precision::Bf16 if !bf16::supported() => (
@@ -124,10 +136,6 @@ pub fn set_cpu_precision(p: Precision) -> (Precision, Option<String>) {
         ),
         p => (p, None),
     };
-    CPU_BF16.store(
-        effective == Precision::Bf16,
-        std::sync::atomic::Ordering::Relaxed,
-    );
     (effective, note)
 }
 

@@ -33,6 +33,9 @@ pub struct Marlin<B: Backend> {
     pub decoder: Option<Decoder<B>>,
     pub discriminator: Option<Discriminator<B>>,
     pub config: MarlinConfig,
+    /// The encoder's inference engine, when one is attached ([`Marlin::with_engine`]): feature
+    /// extraction runs on it instead of on burn's ops.
+    pub engine: Option<std::sync::Arc<dyn crate::engine::FeatureEngine>>,
 }
 
 /// What loading found beside the expected weights.
@@ -173,7 +176,18 @@ impl<B: Backend> Marlin<B> {
                 .contains(&Part::Discriminator)
                 .then(|| Discriminator::new(cfg.patch_dim(), cfg.discriminator_hidden(), device)),
             config: cfg.clone(),
+            engine: None,
         }
+    }
+
+    /// Extract features with `engine` (which must hold this model's encoder: build it with
+    /// [`crate::engine::for_device`] or from [`crate::engine::EncoderWeights::of_model`]).
+    /// [`Marlin::extract_features`], [`Marlin::submit_clips`] and everything built on them
+    /// (`extract_video`, batch extraction) then run on the engine; reconstruction and training
+    /// still use the model's own weights.
+    pub fn with_engine(mut self, engine: std::sync::Arc<dyn crate::engine::FeatureEngine>) -> Self {
+        self.engine = Some(engine);
+        self
     }
 
     /// Official names of this model family: the module tree's paths after [`MARLIN_RENAMES`],
@@ -252,8 +266,23 @@ impl<B: Backend> Marlin<B> {
 
     /// Features of clips `[B, 3, T, H, W]` (RGB in [0, 1]): keep_seq -> `[B, N, D]`, else the
     /// pooled feature `[B, 1, D]` (LayerNorm of the token mean).
+    ///
+    /// With an engine attached the clips go through it (a copy to the host and back); its
+    /// failures (out of device memory) panic here as burn's do: [`Marlin::try_extract_clips`]
+    /// and batch extraction return them as values.
     pub fn extract_features(&self, clip: Tensor<B, 5>, keep_seq: bool) -> Tensor<B, 3> {
-        self.encoder.extract_features(clip, keep_seq)
+        let Some(engine) = &self.engine else {
+            return self.encoder.extract_features(clip, keep_seq);
+        };
+        let [b, c, t, h, w] = clip.dims();
+        let device = clip.device();
+        let data = load::to_f32_vec(clip);
+        let per = c * t * h * w;
+        let clips: Vec<&[f32]> = data.chunks(per.max(1)).take(b).collect();
+        match crate::engine::features(engine.as_ref(), &clips, keep_seq) {
+            Ok((v, shape)) => Tensor::from_data(TensorData::new(v, shape), &device),
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// Reconstruction: clips `[B, 3, T, H, W]` and a visibility mask `[B, N]` (true = visible,

@@ -584,6 +584,177 @@ mod cuda {
         burn::backend::cuda::CudaDevice::new(0),
         "cuda"
     );
+
+    /// The CUDA engine (cuBLASLt, cuDNN or our attention, the NVRTC kernels, CUDA graphs)
+    /// against the peer's fixtures and the host twin of its schedule. Each check prints
+    /// `parity NAME VALUE` lines that bench/gpu_results.py collects.
+    mod engine {
+        use super::super::*;
+        use marlin::engine::host::HostEngine;
+        use marlin::engine::{features, EncoderWeights, FeatureEngine};
+        use marlin::kernels::cuda::CudaEngine;
+        use marlin::{Marlin, MarlinConfig};
+
+        fn cuda(m: &Marlin<Cpu>, p: Precision) -> CudaEngine {
+            let (e, note) = CudaEngine::new(EncoderWeights::of_model(m), 0, p)
+                .unwrap_or_else(|e| panic!("{p}: {e}"));
+            if let Some(n) = note {
+                eprintln!("{p}: {n}");
+            }
+            eprintln!("{}", e.describe());
+            e
+        }
+
+        fn tol(p: Precision, peer_bf16_gap: f32) -> f32 {
+            match p {
+                Precision::F32 => TOL,
+                Precision::Tf32 => TF32_TOL,
+                Precision::Bf16 => 2.0 * peer_bf16_gap + 1e-2,
+            }
+        }
+
+        fn vitb2_clips() -> (Marlin<Cpu>, Vec<f32>) {
+            let (cfg, _) = vitb2();
+            let (model, clip) = vitb2_on::<Cpu>(&cfg, &Default::default());
+            (model, host(clip))
+        }
+
+        #[test]
+        fn features_match_the_peer_in_every_precision() {
+            let _one = lock();
+            let (_, vio) = vitb2();
+            let peer_bf16 = read_safetensors_file(&fixture("vitb2.bf16.safetensors")).unwrap();
+            let fp32 = &vio["features"].data;
+            let gap = common::max_abs_diff(&peer_bf16["features"].data, fp32).diff;
+            let mut failures = Vec::new();
+            for p in PRECISIONS {
+                for case in CASES {
+                    let io = io(case);
+                    let cfg =
+                        MarlinConfig::from_yaml_file(&fixture(&format!("{case}.yaml"))).unwrap();
+                    let (m, _) = Marlin::<Cpu>::load_file(
+                        &cfg,
+                        &fixture(&format!("{case}.full.pt")),
+                        &[Part::Encoder],
+                        &Default::default(),
+                    )
+                    .unwrap();
+                    let e = cuda(&m, p);
+                    let per: usize = io["clip"].shape[1..].iter().product();
+                    let c: Vec<&[f32]> = io["clip"].data.chunks(per).collect();
+                    let (seq, _) = features(&e, &c, true).unwrap();
+                    let (pooled, _) = features(&e, &c, false).unwrap();
+                    let d_seq = common::max_abs_diff(&seq, &io["features_seq"].data).diff;
+                    let d_pool = common::max_abs_diff(&pooled, &io["features_pooled"].data).diff;
+                    println!("parity engine_{p}_{case}_seq {d_seq:.3e}");
+                    println!("parity engine_{p}_{case}_pooled {d_pool:.3e}");
+                    let w = worst([d_seq, d_pool]);
+                    if !(w <= tol(p, gap)) {
+                        failures.push(format!("{p} {case}: {d_seq} {d_pool}"));
+                    }
+                }
+                let (m, clip) = vitb2_clips();
+                let e = cuda(&m, p);
+                let c: Vec<&[f32]> = clip.chunks(clip.len() / 2).collect();
+                let (pooled, _) = features(&e, &c, false).unwrap();
+                let (seq, _) = features(&e, &c, true).unwrap();
+                let rows: Vec<f32> = (0..2)
+                    .flat_map(|b| (0..1568).step_by(49).map(move |t| (b, t)))
+                    .flat_map(|(b, t)| seq[(b * 1568 + t) * 768..(b * 1568 + t + 1) * 768].to_vec())
+                    .collect();
+                let twin = HostEngine::new(EncoderWeights::of_model(&m), Precision::F32);
+                let (cpu, _) = features(&twin, &c, false).unwrap();
+                let d_pool = common::max_abs_diff(&pooled, fp32).diff;
+                let d_seq = common::max_abs_diff(&rows, &vio["seq_rows"].data).diff;
+                let d_cpu = common::max_abs_diff(&pooled, &cpu).diff;
+                println!("parity engine_{p}_vitb2_pooled {d_pool:.3e}");
+                println!("parity engine_{p}_vitb2_seq {d_seq:.3e}");
+                println!("parity engine_{p}_vitb2_vs_cpu {d_cpu:.3e}");
+                eprintln!(
+                    "{p} ViT-B width: pooled {d_pool:.2e} keep_seq {d_seq:.2e} vs the peer's fp32 \
+                     (the peer's bf16 autocast: {gap:.2e}), {d_cpu:.2e} vs the host twin, \
+                     cosine {:.6}",
+                    cosine(&pooled, fp32)
+                );
+                let w = worst([d_pool, d_seq]);
+                // bf16: no further from the peer's fp32 than the peer's own bf16 autocast.
+                let limit = if p == Precision::Bf16 {
+                    1.05 * gap
+                } else {
+                    tol(p, gap)
+                };
+                if !(w <= limit) {
+                    failures.push(format!("{p} ViT-B width: {d_pool} {d_seq} > {limit}"));
+                }
+            }
+            println!("parity peer_bf16_autocast_vitb2 {gap:.3e}");
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
+
+        /// Each attention kernel the engine can pick, on the released width, against the host
+        /// twin in f32: cuDNN, the tensor-core kernels (bf16, tf32) and the CUDA-core ones.
+        #[test]
+        fn every_attention_kernel_matches_the_host_twin() {
+            let _one = lock();
+            let (m, clip) = vitb2_clips();
+            let c: Vec<&[f32]> = clip.chunks(clip.len() / 2).collect();
+            let twin = HostEngine::new(EncoderWeights::of_model(&m), Precision::F32);
+            let (want, _) = features(&twin, &c, true).unwrap();
+            let mut failures = Vec::new();
+            for (p, kind, limit) in [
+                (Precision::Bf16, "cudnn", 1e-1),
+                (Precision::Bf16, "mma", 1e-1),
+                (Precision::Bf16, "simt", 1e-1),
+                (Precision::Tf32, "mma", 5e-2),
+                (Precision::Tf32, "simt", 5e-2),
+                (Precision::F32, "simt", 1e-4),
+            ] {
+                // Read when the engine is built (the tests hold the device lock).
+                std::env::set_var("MARLIN_ATTENTION", kind);
+                let e = cuda(&m, p);
+                std::env::remove_var("MARLIN_ATTENTION");
+                let (got, _) = features(&e, &c, true).unwrap();
+                let d = common::max_abs_diff(&got, &want).diff;
+                let name = format!("{:?}", e.attention()).to_lowercase();
+                println!("parity attention_{p}_{name} {d:.3e}");
+                if !(d <= limit) {
+                    failures.push(format!("{p} {name}: {d} > {limit}"));
+                }
+            }
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
+
+        /// Batches of 1, 2 and 3 give each clip the same features, a graph's replay the same
+        /// as the eager first pass, and a batch too large for the GPU one line naming it.
+        #[test]
+        fn batches_replays_and_out_of_memory() {
+            let _one = lock();
+            let (m, clip) = vitb2_clips();
+            let per = clip.len() / 2;
+            let e = cuda(&m, Precision::Bf16);
+            let one: Vec<&[f32]> = vec![&clip[..per]];
+            let (first, _) = features(&e, &one, false).unwrap();
+            for _ in 0..3 {
+                let (again, _) = features(&e, &one, false).unwrap();
+                assert_eq!(first, again, "a replay differs from the first pass");
+            }
+            let three: Vec<&[f32]> = vec![&clip[per..], &clip[..per], &clip[per..]];
+            let (f3, _) = features(&e, &three, false).unwrap();
+            let d = common::max_abs_diff(&f3[768..1536], &first).diff;
+            println!("parity batch_invariance_bf16 {d:.3e}");
+            assert!(d <= 1e-2, "clip 0 alone vs in a batch of 3: {d}");
+            assert_eq!(&f3[..768], &f3[1536..], "one clip twice in a batch");
+            let huge: Vec<&[f32]> = vec![&clip[..per]; 100_000];
+            let err = e.submit(&huge, false).unwrap_err().to_string();
+            assert!(
+                err.contains("out of GPU memory at --batch-size 100000"),
+                "{err}"
+            );
+            // The engine still works after that.
+            let (after, _) = features(&e, &one, false).unwrap();
+            assert_eq!(after, first);
+        }
+    }
 }
 
 #[cfg(feature = "vulkan")]

@@ -9,6 +9,7 @@ mod cli_extract;
 mod cli_face;
 mod data_parallel;
 mod download;
+mod engine;
 mod extract_parity;
 mod face_detect;
 mod face_nets;

@@ -1,0 +1,387 @@
+//! The schedule's products on cuBLASLt: `D = A · Wᵀ + bias (+ D)` with the bias (and the
+//! residual, as C = D) in the epilogue, the algorithm chosen once per shape.
+//!
+//! cuBLASLt is column-major. A row-major matrix `R [r, c]` is the column-major `Rᵀ [c, r]`
+//! with leading dimension c, so the row-major `Y [m, n] = X [m, k] · W [n, k]ᵀ` is the
+//! column-major `Yᵀ [n, m] = W' · Xᵀ` where the weight buffer (row-major `[n, k]`, i.e. the
+//! column-major `[k, n]`) is transposed by the operation (`TRANSA = T`) and the activations
+//! (column-major `[k, m]`) are not: the "TN" layout, both operands K-major, which every
+//! tensor-core path takes (TF32 requires it on Hopper). The bias, a vector over D's rows (n),
+//! is what cuBLASLt's `BIAS` epilogue adds.
+
+use crate::engine::schedule::{act_dtype, compute_dtype, DType, Gemm};
+use crate::kernels::Precision;
+
+/// How cuBLASLt computes: f32 sums always; TF32 rounds f32 operands for the tensor cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compute {
+    /// `CUBLAS_COMPUTE_32F`: f32 operands stay f32 (never TF32); bf16 operands, f32 sums.
+    F32,
+    /// `CUBLAS_COMPUTE_32F_FAST_TF32`.
+    Tf32,
+}
+
+/// One matrix as cuBLASLt sees it: column-major `rows x cols`, leading dimension `ld`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub dtype: DType,
+    pub rows: u64,
+    pub cols: u64,
+    pub ld: i64,
+}
+
+/// Everything cuBLASLt is told about one product of the schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemmDesc {
+    pub compute: Compute,
+    /// The weight: column-major `[k, n]` (row-major `[n, k]`), transposed by the operation.
+    pub a: Layout,
+    pub trans_a: bool,
+    /// The activations: column-major `[k, m]`.
+    pub b: Layout,
+    pub trans_b: bool,
+    /// C (= D when accumulating) and D: column-major `[n, m]`.
+    pub c: Layout,
+    pub d: Layout,
+    /// The `BIAS` epilogue (bias of D's type, length n).
+    pub bias: bool,
+    /// 1 to add onto D (the residual stream), 0 to overwrite.
+    pub beta: f32,
+}
+
+/// The cuBLASLt description of `g` in `precision`.
+pub fn describe(g: &Gemm, precision: Precision) -> GemmDesc {
+    let w = compute_dtype(precision);
+    let a_type = act_dtype(g.a, precision);
+    let d_type = act_dtype(g.d, precision);
+    let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
+    let d = Layout {
+        dtype: d_type,
+        rows: n,
+        cols: m,
+        ld: n as i64,
+    };
+    GemmDesc {
+        compute: match precision {
+            Precision::Tf32 => Compute::Tf32,
+            _ => Compute::F32,
+        },
+        a: Layout {
+            dtype: w,
+            rows: k,
+            cols: n,
+            ld: k as i64,
+        },
+        trans_a: true,
+        b: Layout {
+            dtype: a_type,
+            rows: k,
+            cols: m,
+            ld: k as i64,
+        },
+        trans_b: false,
+        c: d,
+        d,
+        bias: g.bias,
+        beta: if g.accumulate { 1.0 } else { 0.0 },
+    }
+}
+
+/// The element of row-major `[rows, cols]` at (r, c) as column-major layout `l` addresses it
+/// (the transposed view): `c + r * ld`. For tests of the layouts.
+pub fn offset(l: &Layout, row_major: (u64, u64)) -> u64 {
+    let (r, c) = row_major;
+    c + r * l.ld as u64
+}
+
+#[cfg(feature = "cuda-engine")]
+pub use run::{LtGemm, LtHandle};
+
+#[cfg(feature = "cuda-engine")]
+mod run {
+    use super::*;
+    use cudarc::cublaslt::{result, sys};
+    use std::ffi::c_void;
+
+    /// `cublasOperation_t` (cublas_api.h; cudarc's cuBLASLt bindings lack it).
+    const CUBLAS_OP_N: i32 = 0;
+    const CUBLAS_OP_T: i32 = 1;
+
+    fn data_type(t: DType) -> sys::cudaDataType {
+        match t {
+            DType::F32 => sys::cudaDataType::CUDA_R_32F,
+            DType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+
+    fn err(call: &str, e: result::CublasError) -> String {
+        format!("cuBLASLt {call}: {e}")
+    }
+
+    /// A cuBLASLt handle (destroyed on drop).
+    pub struct LtHandle(pub sys::cublasLtHandle_t);
+
+    // SAFETY: a cuBLASLt handle may be used from any thread, one call at a time (the engine
+    // holds it behind its lock).
+    unsafe impl Send for LtHandle {}
+
+    impl LtHandle {
+        /// Open cuBLASLt (found by `libs`) and create a handle.
+        pub fn new() -> Result<Self, String> {
+            let _ = super::super::libs::preload(&super::super::libs::CUBLASLT);
+            // SAFETY: only asks whether cudarc's loader can open the library.
+            if !unsafe { sys::is_culib_present() } {
+                return Err(super::super::libs::missing(&super::super::libs::CUBLASLT));
+            }
+            result::create_handle()
+                .map(Self)
+                .map_err(|e| err("cublasLtCreate", e))
+        }
+
+        /// cuBLASLt's version (e.g. 120903).
+        pub fn version(&self) -> usize {
+            // SAFETY: a plain query of the loaded library.
+            unsafe { sys::cublasLtGetVersion() }
+        }
+    }
+
+    impl Drop for LtHandle {
+        fn drop(&mut self) {
+            // SAFETY: created by cublasLtCreate, destroyed once.
+            unsafe {
+                let _ = result::destroy_handle(self.0);
+            }
+        }
+    }
+
+    /// One product with its descriptors and chosen algorithm.
+    pub struct LtGemm {
+        desc: sys::cublasLtMatmulDesc_t,
+        layouts: [sys::cublasLtMatrixLayout_t; 4],
+        algo: sys::cublasLtMatmulAlgo_t,
+        pub workspace: usize,
+        beta: f32,
+    }
+
+    // SAFETY: the descriptors are plain host objects, used one call at a time behind the
+    // engine's lock.
+    unsafe impl Send for LtGemm {}
+
+    impl Drop for LtGemm {
+        fn drop(&mut self) {
+            // SAFETY: each descriptor was created once by `new` and is destroyed once here.
+            unsafe {
+                let _ = result::destroy_matmul_desc(self.desc);
+                for l in self.layouts {
+                    let _ = result::destroy_matrix_layout(l);
+                }
+            }
+        }
+    }
+
+    impl LtGemm {
+        /// The descriptors of `g` and the heuristic's best algorithm within `max_workspace`
+        /// bytes; `bias` is the device pointer of the bias (D's type, length n).
+        pub fn new(
+            h: &LtHandle,
+            g: &GemmDesc,
+            bias: Option<u64>,
+            max_workspace: usize,
+        ) -> Result<Self, String> {
+            let (compute, scale) = match g.compute {
+                Compute::F32 => (
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cudaDataType::CUDA_R_32F,
+                ),
+                Compute::Tf32 => (
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                    sys::cudaDataType::CUDA_R_32F,
+                ),
+            };
+            let desc = result::create_matmul_desc(compute, scale)
+                .map_err(|e| err("cublasLtMatmulDescCreate", e))?;
+            let mut me = Self {
+                desc,
+                layouts: [std::ptr::null_mut(); 4],
+                // SAFETY: a plain-data struct that the heuristic overwrites before any use.
+                algo: unsafe { std::mem::zeroed() },
+                workspace: 0,
+                beta: g.beta,
+            };
+            for (i, l) in [g.a, g.b, g.c, g.d].iter().enumerate() {
+                me.layouts[i] =
+                    result::create_matrix_layout(data_type(l.dtype), l.rows, l.cols, l.ld)
+                        .map_err(|e| err("cublasLtMatrixLayoutCreate", e))?;
+            }
+            let set = |attr: sys::cublasLtMatmulDescAttributes_t, v: *const c_void, n: usize| {
+                // SAFETY: `desc` is live; `v` points to `n` readable bytes of the attribute's type.
+                unsafe { result::set_matmul_desc_attribute(desc, attr, v, n) }
+                    .map_err(|e| err("cublasLtMatmulDescSetAttribute", e))
+            };
+            let ta = if g.trans_a { CUBLAS_OP_T } else { CUBLAS_OP_N };
+            let tb = if g.trans_b { CUBLAS_OP_T } else { CUBLAS_OP_N };
+            set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &ta as *const i32 as *const c_void,
+                4,
+            )?;
+            set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                &tb as *const i32 as *const c_void,
+                4,
+            )?;
+            if let (true, Some(ptr)) = (g.bias, bias) {
+                let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                set(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    &epi as *const _ as *const c_void,
+                    std::mem::size_of_val(&epi),
+                )?;
+                let p = ptr as *const c_void;
+                set(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &p as *const *const c_void as *const c_void,
+                    std::mem::size_of::<*const c_void>(),
+                )?;
+            }
+            let pref = result::create_matmul_pref()
+                .map_err(|e| err("cublasLtMatmulPreferenceCreate", e))?;
+            let ws = max_workspace as u64;
+            // SAFETY: `pref` is live; the attribute is a u64.
+            let r = unsafe {
+                result::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const c_void,
+                    8,
+                )
+            };
+            // SAFETY: every descriptor is live.
+            let heur = r.and_then(|_| unsafe {
+                result::get_matmul_algo_heuristic(
+                    h.0,
+                    desc,
+                    me.layouts[0],
+                    me.layouts[1],
+                    me.layouts[2],
+                    me.layouts[3],
+                    pref,
+                )
+            });
+            // SAFETY: created above, destroyed once.
+            unsafe {
+                let _ = result::destroy_matmul_pref(pref);
+            }
+            let heur = heur.map_err(|e| {
+                err(
+                    "cublasLtMatmulAlgoGetHeuristic (no algorithm for this shape)",
+                    e,
+                )
+            })?;
+            me.algo = heur.algo;
+            me.workspace = heur.workspaceSize;
+            Ok(me)
+        }
+
+        /// Queue the product on `stream`.
+        ///
+        /// # Safety
+        /// The pointers are device buffers of the described layouts (C = D when accumulating),
+        /// the workspace holds `self.workspace` bytes, and all stay valid until the stream's
+        /// work completes.
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn run(
+            &self,
+            h: &LtHandle,
+            a: u64,
+            b: u64,
+            d: u64,
+            workspace: u64,
+            stream: cudarc::driver::sys::CUstream,
+        ) -> Result<(), String> {
+            let alpha = 1f32;
+            let beta = self.beta;
+            result::matmul(
+                h.0,
+                self.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                a as *const c_void,
+                self.layouts[0],
+                b as *const c_void,
+                self.layouts[1],
+                d as *const c_void,
+                self.layouts[2],
+                d as *mut c_void,
+                self.layouts[3],
+                &self.algo,
+                workspace as *mut c_void,
+                self.workspace,
+                stream as sys::cudaStream_t,
+            )
+            .map_err(|e| err("cublasLtMatmul", e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::schedule::{Act, Linear};
+
+    fn qkv(m: usize) -> Gemm {
+        Gemm {
+            a: Act::H,
+            w: Linear::Qkv(0),
+            d: Act::Qkv,
+            accumulate: false,
+            m,
+            n: 2304,
+            k: 768,
+            bias: true,
+        }
+    }
+
+    #[test]
+    fn products_are_tn_with_k_major_operands() {
+        let g = describe(&qkv(100352), Precision::Bf16);
+        assert!(g.trans_a && !g.trans_b);
+        assert_eq!((g.a.rows, g.a.cols, g.a.ld), (768, 2304, 768));
+        assert_eq!((g.b.rows, g.b.cols, g.b.ld), (768, 100352, 768));
+        assert_eq!((g.d.rows, g.d.cols, g.d.ld), (2304, 100352, 2304));
+        assert_eq!(
+            (g.a.dtype, g.b.dtype, g.d.dtype),
+            (DType::Bf16, DType::Bf16, DType::Bf16)
+        );
+        assert_eq!((g.beta, g.bias, g.compute), (0.0, true, Compute::F32));
+        // Row-major D[r, c] is the column-major element (c, r): offset c + r * ld.
+        assert_eq!(offset(&g.d, (3, 5)), 5 + 3 * 2304);
+    }
+
+    #[test]
+    fn residual_products_accumulate_into_the_f32_stream() {
+        let proj = Gemm {
+            a: Act::Att,
+            w: Linear::Proj(0),
+            d: Act::X,
+            accumulate: true,
+            m: 64,
+            n: 768,
+            k: 768,
+            bias: true,
+        };
+        let g = describe(&proj, Precision::Bf16);
+        assert_eq!(
+            (g.d.dtype, g.c.dtype, g.beta),
+            (DType::F32, DType::F32, 1.0)
+        );
+        assert_eq!(g.b.dtype, DType::Bf16);
+        let t = describe(&proj, Precision::Tf32);
+        assert_eq!(
+            (t.compute, t.a.dtype, t.b.dtype),
+            (Compute::Tf32, DType::F32, DType::F32)
+        );
+        let f = describe(&proj, Precision::F32);
+        assert_eq!(f.compute, Compute::F32);
+    }
+}
