@@ -7,12 +7,22 @@
 #
 # Sections (all by default, in this order; each command has a time limit so one hang cannot
 # eat the rest):
+#   engine    the CUDA engine (issue 40), sized for one call of at most 8 minutes
+#             (BUDGET_S=470): each kernel alone against numpy (bench/cuda_kernels.py, CuPy);
+#             the engine's features against the peer's fixtures in fp32/tf32/bf16 and each
+#             attention kernel against the host twin (`suite gpu::cuda::engine`); ViT-B
+#             extract_features at batch 64, ours and the peer's modes in alternating rounds
+#             (ROUNDS, default 2) with NVML's peak memory for both (bench/gpu_peak.py); the first
+#             `marlin extract` of one 10-second video with a cold and a warm kernel cache
+#             beside the peer's first extract_video; a per-step profile; ViT-L if time is left.
+#             Writes $OUT/gpu-<date>-<gpu>.json (bench/gpu_results.py) for bench/results/.
 #   parity    `suite gpu::` (features of the tiny fixtures and of the released width against
 #             the peer's fixtures and the CPU backend, keep_seq and pooled, fp32/tf32/bf16; one
 #             pretraining step against the peer's), the face parser's label map on CUDA vs the
 #             CPU, and the out-of-memory message at an impossible batch size (8192)
-#   features  ViT-B extract_features, batch 64: ours in fp32/tf32/bf16, the peer in fp32, TF32,
-#             bf16 autocast and bf16 autocast with F.scaled_dot_product_attention; peak memory
+#   features  ViT-B extract_features, batch 64, burn's CUDA path (MARLIN_ENGINE=burn): ours in
+#             fp32/tf32/bf16, the peer in fp32, TF32, bf16 autocast and bf16 autocast with
+#             F.scaled_dot_product_attention; peak memory
 #   train     the pretraining step (critic + generator), batch 16 and 64, ours and the peer's
 #             in each precision; peak memory
 #   e2e       `marlin extract` of E2E_VIDEOS (500) ten-second 224x224 videos (frame folders)
@@ -20,8 +30,8 @@
 #             outputs compared; `--crop-face` on 720p videos (ours: the peer's crop_face needs
 #             FaceXZoo from the network)
 #   large     ViT-L extract_features, batch 64, both sides
-#   profile   one ViT-B block part by part (ms and TFLOP/s of each product), each precision
-#   unfused   parity and speed with burn's unfused attention instead of its flash kernel
+#   profile   the engine's forward step by step (ms and TFLOP/s of each step kind), each precision
+#   unfused   burn's path: parity and speed with its unfused attention instead of its flash kernel
 #   step      the pretraining-step parity test alone, with whatever time is left
 #   ddp       data-parallel pretraining at world size 1 under torchrun's variables: NCCL's id
 #             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5)
@@ -64,12 +74,16 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
   [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 [ -d .gpu/samples ] && export MARLIN_SAMPLES=$PWD/.gpu/samples
+# The engine compiles its kernels from this checkout's .cu files (a kernel fix needs no Rust
+# rebuild) into a cache that lasts the machine's session.
+export MARLIN_CUDA_SOURCES=$PWD/src/kernels/cuda
+export MARLIN_KERNEL_CACHE=$work/kernel-cache
 # Libraries the binary opens that the GPU machine may lack (Gloo, for CPU data-parallel runs).
 [ -d .gpu/lib ] && export LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # PEER=0 leaves out marlin-pytorch's runs (they were taken in an earlier call); SUITE_SKIP names
 # parity tests to leave out (`--skip` filters of the test binary, space-separated).
 peer() { [ "${PEER:-1}" = 1 ]; }
-sections=${*:-parity ddp features train e2e large unfused step profile}
+sections=${*:-engine parity ddp features train e2e large unfused step profile}
 # BUDGET_S: seconds for the whole call; each command gets what is left of it (at most its own
 # limit), and a command with under 20 s left is skipped with a line, so the log always ends.
 deadline=$(( $(date +%s) + ${BUDGET_S:-86400} ))
@@ -96,6 +110,59 @@ echo "== machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --fo
 echo "== marlin-rs $(git rev-parse --short HEAD 2>/dev/null); torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 echo "== libraries: nvrtc $(ldconfig -p 2>/dev/null | grep -c libnvrtc) in ldconfig, LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}; ffmpeg: $(command -v ffmpeg || echo none)"
 
+if has engine; then
+  echo "== engine: each kernel alone against numpy (bench/cuda_kernels.py: CuPy, fresh random inputs)"
+  run 150 "$PY" bench/cuda_kernels.py
+  echo "== engine: features against the peer's fixtures in each precision; each attention kernel against the host twin"
+  run 200 "$work/suite" gpu::cuda::engine --test-threads 1 --nocapture
+  echo "== engine: ViT-B extract_features, batch 64, ours and the peer's in alternating rounds (clips/s; NVML peak above the idle GPU)"
+  for round in $(seq "${ROUNDS:-2}"); do
+    for p in bf16 tf32 fp32; do
+      echo "@@ extract_vitb_b64 ours $p"
+      run 90 "$PY" bench/gpu_peak.py -- "$BIN" bench --device cuda --batch-size 64 --iters 10 --precision "$p"
+      if peer; then
+        echo "@@ extract_vitb_b64 peer $p"
+        run 120 "$PY" bench/gpu_peak.py -- "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 10 --precision "$p"
+      fi
+    done
+    if peer; then
+      echo "@@ extract_vitb_b64 peer bf16_sdpa"
+      run 120 "$PY" bench/gpu_peak.py -- "$PY" bench/peer_features.py --device cuda --batch-size 64 --iters 10 --precision bf16 --sdpa
+    fi
+  done
+  echo "== engine: the first extract of one 10-second video (300 frames, a frame folder): cold kernel cache, warm, and the peer's"
+  one=$work/one10s
+  [ -d "$one" ] || run 120 "$PY" bench/make_frame_videos.py "$one" --videos 1 --frames 300
+  [ -f "$work/w.pt" ] || run 120 "$PY" bench/peer_extract.py --save-weights "$work/w.pt"
+  rm -rf "$work/kcache-first" "$work/first-ours" "$work/first-peer"
+  for state in cold warm; do
+    echo "@@ first ours $state"
+    run 120 env MARLIN_KERNEL_CACHE="$work/kcache-first" "$BIN" extract "$one/v0000" --out "$work/first-ours" \
+      --weights "$work/w.pt" --device cuda --precision bf16 --batch-size 16 --overwrite --quiet
+  done
+  if peer; then
+    echo "@@ first peer -"
+    run 180 "$PY" bench/peer_extract_folders.py --weights "$work/w.pt" --root "$one" --out "$work/first-peer" \
+      --device cuda --precision bf16
+  fi
+  echo "== engine: one forward step by step (device time per step kind), batch 64"
+  for p in bf16 tf32; do
+    run 90 "$BIN" bench --device cuda --batch-size 64 --iters 1 --profile --precision "$p"
+  done
+  echo "== engine: ViT-L extract_features, batch 64 (one round)"
+  for p in bf16 tf32; do
+    echo "@@ extract_vitl_b64 ours $p"
+    run 120 "$PY" bench/gpu_peak.py -- "$BIN" bench --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 5 --precision "$p"
+  done
+  if peer; then
+    for m in "bf16 --sdpa" tf32; do
+      echo "@@ extract_vitl_b64 peer ${m/ --sdpa/_sdpa}"
+      run 150 "$PY" bench/gpu_peak.py -- "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 5 --precision $m
+    done
+  fi
+  "$PY" bench/gpu_results.py "$OUT/gpu.log" --out "$OUT"
+fi
+
 if has parity; then
   echo "== parity: CUDA against the peer's fixtures and the CPU backend"
   skip=()
@@ -112,9 +179,9 @@ if has parity; then
 fi
 
 if has features; then
-  echo "== features: ViT-B extract_features, batch 64 (clips/s)"
+  echo "== features: ViT-B extract_features, batch 64 (clips/s), burn's CUDA path (MARLIN_ENGINE=burn; the engine: section engine)"
   for p in fp32 tf32 bf16; do
-    run 240 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
+    run 240 env MARLIN_ENGINE=burn "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
   done
   if peer; then
     for p in fp32 tf32 bf16; do
@@ -225,7 +292,7 @@ if has unfused; then
   echo "== unfused: burn's unfused attention instead of its flash kernel (parity, then speed)"
   run 300 env MARLIN_FLASH_ATTENTION=0 "$work/suite" gpu::cuda::features --test-threads 1 --nocapture
   for p in tf32 bf16; do
-    run 240 env MARLIN_FLASH_ATTENTION=0 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
+    run 240 env MARLIN_ENGINE=burn MARLIN_FLASH_ATTENTION=0 "$BIN" bench --device cuda --batch-size 64 --iters 5 --precision "$p"
   done
 fi
 
