@@ -53,7 +53,8 @@ PY=${PY:-python3}
 work=${WORK:-/tmp/marlin-gpu}
 mkdir -p "$work"
 for b in marlin suite; do
-  gunzip -c ".gpu/$b.gz" > "$work/$b" && chmod +x "$work/$b"
+  if [ -f ".gpu/$b.xz" ]; then xz -dc ".gpu/$b.xz" > "$work/$b"; else gunzip -c ".gpu/$b.gz" > "$work/$b"; fi
+  chmod +x "$work/$b"
 done
 BIN=$work/marlin
 export PYTHONPATH=$PWD/.gpu/pydeps${PYTHONPATH:+:$PYTHONPATH}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Prepares what bench/gpu.sh needs on a GPU machine, on any Linux machine (no GPU or CUDA
 # needed to build: burn loads the driver and NVRTC at run time):
-#   .gpu/marlin.gz     the stripped `--features cuda` binary, gzipped (77 MB -> 22 MB)
-#   .gpu/suite.gz      the integration tests built with `--features cuda` (the `gpu::` parity
-#                      tests against the committed peer fixtures), stripped and gzipped
+#   .gpu/marlin.xz     the stripped `--features cuda` binary, xz-compressed (61 MB -> 14 MB: the
+#                      working tree and .gpu travel together under the device's 64 MiB limit)
+#   .gpu/suite.xz      the integration tests built with `--features cuda` (the `gpu::` parity
+#                      tests against the committed peer fixtures), stripped and compressed
 #   .gpu/pydeps/       marlin_pytorch and einops, unpacked from their wheels (pure Python), for
 #                      a machine with torch but no package registry; bench/gpu.sh puts them on
 #                      PYTHONPATH
@@ -25,9 +26,10 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "suite" and m.get("executable"):
         print(m["executable"])')
+rm -f .gpu/*.gz
 for pair in "$CARGO_TARGET_DIR/release/marlin:marlin" "$suite:suite"; do
   src=${pair%%:*} name=${pair##*:}
-  cp "$src" ".gpu/$name" && strip ".gpu/$name" && gzip -f ".gpu/$name"
+  cp "$src" ".gpu/$name" && strip ".gpu/$name" && xz -9 -T2 -f ".gpu/$name"
 done
 # The paths the test binary was built with (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_marlin):
 # bench/gpu.sh links them to the checkout there.
@@ -50,4 +52,4 @@ for w in "$wheels"/*.whl; do
   python3 -m zipfile -e "$w" .gpu/pydeps/
 done
 rm -rf "$wheels"
-du -sh .gpu/*.gz .gpu/pydeps
+du -sh .gpu/*.xz .gpu/pydeps .gpu

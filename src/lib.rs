@@ -37,6 +37,7 @@
 pub mod backend;
 pub mod device_error;
 pub mod dist;
+pub mod doctor;
 pub mod engine;
 pub mod extract;
 pub mod face;

@@ -123,6 +123,11 @@ def parse_face(
     4/5 eyes, 6 nose, 7 upper lip, 8 inner mouth, 9 lower lip, 10 hair), "crop": uint8
     [size, size, 3], "box": [x1, y1, x2, y2]}. `parser`: "mesh" or "template"."""
 
+def info() -> Dict[str, Any]:
+    """What this machine offers marlin (as `marlin doctor --json`): "devices_built", "cpu",
+    "h264_in_process", "ffmpeg", "cuda_driver", "gpus", "cuda_libraries" (cuBLASLt, cuDNN, NVRTC:
+    where found, version, or what to install), "vulkan", "kernel_cache"."""
+
 def set_precision(precision: str) -> str:
     """The precision of models loaded after this call without a `precision=` of their own
     (a loaded model keeps its own): CPU matrix products in "f32" (default) or "bf16" (f32

@@ -753,6 +753,15 @@ fn set_precision(py: Python<'_>, precision: &str) -> PyResult<String> {
     .to_string())
 }
 
+/// What this machine offers marlin (as `marlin doctor --json`): the devices built, the CPU's
+/// instructions, FFmpeg, in-process H.264, the CUDA driver and GPUs, where cuBLASLt, cuDNN and
+/// NVRTC were found (or what to install), Vulkan adapters.
+#[pyfunction]
+fn info(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    let text = serde_json::to_string(&marlin::doctor::report()).map_err(runtime)?;
+    Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+}
+
 /// Names of the released and registered configs.
 #[pyfunction]
 fn model_names() -> PyResult<Vec<String>> {
@@ -914,6 +923,7 @@ fn _marlin_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(register_model_from_yaml, m)?)?;
     m.add_function(wrap_pyfunction!(model_names, m)?)?;
     m.add_function(wrap_pyfunction!(set_precision, m)?)?;
+    m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(crop_video, m)?)?;
     m.add_function(wrap_pyfunction!(parse_face, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -166,18 +166,22 @@ impl MultiDeviceTask for Job {
     }
 }
 
-/// Check once that FFmpeg is there, so a fresh machine gets one clear line, not one per file.
-fn check_ffmpeg() -> Result<(), String> {
-    for tool in ["ffprobe", "ffmpeg"] {
-        if let Err(e) = std::process::Command::new(tool)
-            .arg("-version")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-        {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                return Err(VideoError::NoFfmpeg(tool).to_string());
+/// Without FFmpeg, check the first videos to read up front (their headers only), so a
+/// dataset that needs it gets one clear line, not one per file. H.264 in MP4/MOV needs none.
+fn check_ffmpeg(videos: &[&Path]) -> Result<(), String> {
+    if marlin::video::ffmpeg_available() {
+        return Ok(());
+    }
+    if marlin::video::DecoderChoice::from_env() == marlin::video::DecoderChoice::Ffmpeg {
+        return Err(VideoError::NoFfmpeg("ffmpeg").to_string());
+    }
+    for v in videos.iter().take(32) {
+        if let Some(why) = marlin::video::needs_ffmpeg(v) {
+            return Err(VideoError::NeedsFfmpeg {
+                path: v.display().to_string(),
+                why,
             }
+            .to_string());
         }
     }
     Ok(())
@@ -228,12 +232,14 @@ pub fn run(args: ExtractArgs) -> Result<i32, String> {
         .filter(|it| args.overwrite || !it.out.exists())
         .count();
     // FFmpeg only matters for the videos that will be read.
-    if found
+    let videos: Vec<&Path> = found
         .items
         .iter()
-        .any(|it| matches!(it.input, Input::Video(_)) && (args.overwrite || !it.out.exists()))
-    {
-        check_ffmpeg()?;
+        .filter(|it| matches!(it.input, Input::Video(_)) && (args.overwrite || !it.out.exists()))
+        .map(|it| it.input.path())
+        .collect();
+    if !videos.is_empty() {
+        check_ffmpeg(&videos)?;
     }
     let mut summary = NpySummary {
         skipped: total - todo,

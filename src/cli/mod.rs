@@ -83,6 +83,13 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// What this machine offers marlin: devices built, CPU instructions, FFmpeg, the CUDA
+    /// driver and GPUs, and where cuBLASLt, cuDNN and NVRTC were found (or what to install).
+    Doctor {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The weights cache ($MARLIN_HOME, else the platform cache dir).
     Cache {
         #[command(subcommand)]
@@ -175,6 +182,20 @@ pub fn main() -> i32 {
             .map_err(|e| e.to_string()),
         Command::Info { file, config } => info(&file, config.as_deref()).map(|_| 0),
         Command::Cache { action } => cache(action).map(|_| 0),
+        Command::Doctor { json } => {
+            let r = marlin::doctor::report();
+            if json {
+                serde_json::to_string_pretty(&r)
+                    .map(|t| {
+                        outln!("{t}");
+                        0
+                    })
+                    .map_err(|e| e.to_string())
+            } else {
+                out!("{r}");
+                Ok(0)
+            }
+        }
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,8 @@
 //! folders through the `image` crate.
 
 pub mod clip;
+#[cfg(feature = "h264")]
+pub mod h264;
 pub mod windows;
 pub mod writer;
 
@@ -25,6 +27,8 @@ pub enum VideoError {
     Empty(String),
     #[error("FFmpeg is not installed ({0} not found on PATH): install it (Debian/Ubuntu: `apt-get install ffmpeg`, macOS: `brew install ffmpeg`)")]
     NoFfmpeg(&'static str),
+    #[error("{path}: {why}: reading it needs FFmpeg, which is not installed (H.264 in MP4/MOV does not); install it (Debian/Ubuntu: `apt-get install ffmpeg`, macOS: `brew install ffmpeg`)")]
+    NeedsFfmpeg { path: String, why: String },
     #[error("{path}: not a video FFmpeg can read ({msg})")]
     Unreadable { path: String, msg: String },
     #[error("{path}: {msg}")]
@@ -87,8 +91,19 @@ fn check_file(path: &Path) -> Result<(), VideoError> {
     }
 }
 
-/// Probe a video file with ffprobe.
+/// What a video file holds: from its own header for H.264 in MP4/MOV (no process started, no
+/// FFmpeg needed), else from ffprobe.
 pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
+    check_file(path)?;
+    #[cfg(feature = "h264")]
+    if let Ok(Some(v)) = h264::probe_mp4(path) {
+        return Ok(v.to_info());
+    }
+    ffprobe_info(path)
+}
+
+/// [`probe`] through ffprobe, whatever the file.
+pub fn ffprobe_info(path: &Path) -> Result<VideoInfo, VideoError> {
     check_file(path)?;
     let p = path.display().to_string();
     let out = ffprobe(&p, &["-show_streams", "-of", "json"])?;
@@ -176,6 +191,12 @@ fn count_packets(path: &Path) -> Result<usize, VideoError> {
             path: p,
             msg: "cannot count its frames".into(),
         })
+}
+
+/// Whether this build decodes H.264 in MP4/MOV in-process (the `h264` feature, on by default):
+/// those videos need no FFmpeg.
+pub fn h264_in_process() -> bool {
+    cfg!(feature = "h264")
 }
 
 /// A source of frames in order.
@@ -465,13 +486,161 @@ pub fn open_input(input: &Input, size: Option<(usize, usize)>) -> Result<Opened,
     Ok(match input {
         // One picture is a one-frame input, read without FFmpeg.
         Input::Video(p) if is_image(p) => images(vec![p.clone()], size)?,
-        Input::Video(p) => {
-            let info = probe(p)?;
-            let r = FfmpegReader::open(p, &info, size)?;
-            (Box::new(r), info.frames, (info.width, info.height))
-        }
+        Input::Video(p) => open_video(p, size)?,
         Input::Frames(d) => images(list_frames(d)?, size)?,
     })
+}
+
+/// Which decoder reads H.264 in MP4/MOV (`MARLIN_DECODER`): both give the same frames, byte
+/// for byte, on every test video (src/video/h264.rs); the choice is speed and what is
+/// installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderChoice {
+    /// OpenH264 in-process where FFmpeg is missing or the frames are face-crop sized (up to
+    /// 320x320, where it outruns the pipe: BENCHMARKS.md); FFmpeg for larger ones.
+    Auto,
+    /// In-process whenever the file allows (`MARLIN_DECODER=openh264`).
+    InProcess,
+    /// FFmpeg for every video (`MARLIN_DECODER=ffmpeg`).
+    Ffmpeg,
+}
+
+impl DecoderChoice {
+    pub fn from_env() -> Self {
+        match std::env::var("MARLIN_DECODER").as_deref() {
+            Ok("ffmpeg") => Self::Ffmpeg,
+            Ok("openh264") => Self::InProcess,
+            _ => Self::Auto,
+        }
+    }
+}
+
+/// Whether `ffmpeg` and `ffprobe` are on PATH (looked up once).
+pub fn ffmpeg_available() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let on_path = |tool: &str| {
+            std::env::var_os("PATH").is_some_and(|paths| {
+                std::env::split_paths(&paths).any(|d| {
+                    let f = d.join(tool);
+                    f.is_file()
+                        && std::fs::metadata(&f).is_ok_and(|m| {
+                            #[cfg(unix)]
+                            {
+                                use std::os::unix::fs::PermissionsExt;
+                                m.permissions().mode() & 0o111 != 0
+                            }
+                            #[cfg(not(unix))]
+                            {
+                                let _ = m;
+                                true
+                            }
+                        })
+                })
+            })
+        };
+        let exe = std::env::consts::EXE_SUFFIX;
+        on_path(&format!("ffmpeg{exe}")) && on_path(&format!("ffprobe{exe}"))
+    })
+}
+
+/// Why a video needs FFmpeg (another codec or container), or `None` when it is read
+/// in-process. Reads only the container's header.
+pub fn needs_ffmpeg(path: &Path) -> Option<String> {
+    #[cfg(feature = "h264")]
+    {
+        match h264::inspect_mp4(path) {
+            Ok(h264::Mp4Probe::H264(_)) => None,
+            Ok(h264::Mp4Probe::NotMp4) => Some("not an MP4/MOV file".into()),
+            Ok(h264::Mp4Probe::OtherCodec(c)) => Some(format!("its video is {c}, not H.264")),
+            Ok(h264::Mp4Probe::Unsupported(why)) => Some(format!("H.264 with {why}")),
+            // A broken file fails on its own, with its own line.
+            Err(_) => None,
+        }
+    }
+    #[cfg(not(feature = "h264"))]
+    {
+        let _ = path;
+        Some("this build decodes every video with FFmpeg".into())
+    }
+}
+
+/// A video file's reader: OpenH264 in-process for H.264 in MP4/MOV as [`DecoderChoice`] says,
+/// FFmpeg for everything else (and for H.264 streams OpenH264 cannot start on, where FFmpeg is
+/// installed).
+fn open_video(p: &Path, size: Option<(usize, usize)>) -> Result<Opened, VideoError> {
+    #[cfg(feature = "h264")]
+    {
+        let choice = DecoderChoice::from_env();
+        let ffmpeg = ffmpeg_available();
+        if choice != DecoderChoice::Ffmpeg {
+            check_file(p)?;
+            match h264::inspect_mp4(p)? {
+                h264::Mp4Probe::H264(v) => {
+                    let small = v.width * v.height <= 320 * 320;
+                    if choice == DecoderChoice::InProcess || small || !ffmpeg {
+                        let exact = size.is_none_or(h264::supports_size);
+                        let opened = if exact || !ffmpeg {
+                            Some(h264::H264Reader::open(p, &v, size.filter(|_| exact)))
+                        } else {
+                            None
+                        };
+                        match opened {
+                            Some(Ok(r)) => {
+                                let r: Box<dyn FrameReader> = match (exact, size) {
+                                    (false, Some((w, h))) => Box::new(Resized {
+                                        inner: Box::new(r),
+                                        size: (w, h),
+                                    }),
+                                    _ => Box::new(r),
+                                };
+                                return Ok((r, v.frames, (v.width, v.height)));
+                            }
+                            Some(Err(e)) if !ffmpeg => return Err(e),
+                            // FFmpeg decodes what OpenH264 cannot.
+                            _ => {}
+                        }
+                    }
+                }
+                other if !ffmpeg => {
+                    let why = match other {
+                        h264::Mp4Probe::NotMp4 => "not an MP4/MOV file".to_string(),
+                        h264::Mp4Probe::OtherCodec(c) => format!("its video is {c}, not H.264"),
+                        h264::Mp4Probe::Unsupported(why) => format!("H.264 with {why}"),
+                        h264::Mp4Probe::H264(_) => String::new(),
+                    };
+                    return Err(VideoError::NeedsFfmpeg {
+                        path: p.display().to_string(),
+                        why,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    let info = probe(p)?;
+    let r = FfmpegReader::open(p, &info, size)?;
+    Ok((Box::new(r), info.frames, (info.width, info.height)))
+}
+
+/// Frames of another reader resized to `size` (the image crate's triangle filter): for sizes
+/// the in-process decoder does not scale itself where FFmpeg is missing.
+struct Resized {
+    inner: Box<dyn FrameReader>,
+    size: (usize, usize),
+}
+
+impl FrameReader for Resized {
+    fn next_frame(&mut self) -> Result<Option<Frame>, VideoError> {
+        Ok(self
+            .inner
+            .next_frame()?
+            .map(|f| resize_frame(&f, self.size.0, self.size.1)))
+    }
+
+    fn skip_frame(&mut self) -> Result<bool, VideoError> {
+        self.inner.skip_frame()
+    }
 }
 
 /// An open input: its reader, frame count and source frame size `(w, h)`.

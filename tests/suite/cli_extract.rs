@@ -202,21 +202,23 @@ fn missing_ffmpeg_and_offline_weights_get_one_clear_error() {
     let v = fixtures().join("h264_20.mp4");
     let empty_path = t.path().join("bin");
     std::fs::create_dir(&empty_path).unwrap();
+    // MPEG-4 Part 2 needs FFmpeg: one line naming the file, the codec and what to install.
+    let mpeg4 = fixtures().join("mpeg4_20.mp4");
     let mut c = Command::new(env!("CARGO_BIN_EXE_marlin"));
-    c.args([
-        "extract",
-        v.to_str().unwrap(),
-        "--out",
-        t.path().join("o").to_str().unwrap(),
-    ])
+    c.args(extract_args(
+        &[mpeg4.to_str().unwrap()],
+        &t.path().join("o"),
+    ))
     .env("PATH", &empty_path);
     let o = c.output().unwrap();
     let err = stderr(&o);
     assert!(!o.status.success());
     assert!(
-        err.contains("FFmpeg is not installed") && err.contains("apt-get install ffmpeg"),
+        err.contains("mpeg4_20.mp4: its video is mp4v, not H.264: reading it needs FFmpeg")
+            && err.contains("apt-get install ffmpeg"),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
 
     let home = t.path().join("cache");
     let o = marlin(
@@ -250,14 +252,64 @@ fn missing_ffmpeg_and_offline_weights_get_one_clear_error() {
     );
 }
 
+/// H.264 in MP4 is decoded in-process: with FFmpeg (and cargo) off PATH, `extract` of the
+/// H.264 fixtures gives the same features as FFmpeg's pipe (the frames are byte for byte
+/// FFmpeg's: vendor/README.md), keep_seq included, and the same window counts.
+#[test]
+fn h264_videos_extract_without_ffmpeg_as_with_it() {
+    let t = tempfile::tempdir().unwrap();
+    let empty_path = t.path().join("bin");
+    std::fs::create_dir(&empty_path).unwrap();
+    let videos: Vec<String> = ["h264_10.mp4", "h264_33.mp4", "h264_143.mp4"]
+        .iter()
+        .map(|v| fixtures().join(v).display().to_string())
+        .collect();
+    let mut worst = 0f32;
+    for seq in [false, true] {
+        let (a, b) = (
+            t.path().join(format!("in-{seq}")),
+            t.path().join(format!("ff-{seq}")),
+        );
+        let mut extra: Vec<&str> = videos.iter().map(String::as_str).collect();
+        if seq {
+            extra.push("--keep-seq");
+        }
+        let mut c = Command::new(env!("CARGO_BIN_EXE_marlin"));
+        c.args(extract_args(&extra, &a)).env("PATH", &empty_path);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = marlin(
+            &extract_args(&extra, &b)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            &[("MARLIN_DECODER", "ffmpeg")],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        for v in ["h264_10", "h264_33", "h264_143"] {
+            let (x, y) = (
+                read(&a.join(format!("{v}.npy"))),
+                read(&b.join(format!("{v}.npy"))),
+            );
+            assert_eq!(x.shape(), y.shape(), "{v}: window count");
+            let (x, y): (Vec<f32>, Vec<f32>) =
+                (x.iter().copied().collect(), y.iter().copied().collect());
+            worst = worst.max(max_abs_diff(&x, &y).diff);
+        }
+    }
+    eprintln!("in-process H.264 vs FFmpeg's pipe: features max abs diff {worst:.2e}");
+    assert!(worst <= 1e-4, "{worst}");
+}
+
 #[test]
 fn ctrl_c_leaves_only_whole_outputs_and_a_rerun_finishes() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("videos");
     std::fs::create_dir(&src).unwrap();
-    // Each input costs at least an ffprobe and an ffmpeg process, so the 39 inputs after the
-    // first take far longer than the few milliseconds between the first output and the signal,
-    // whatever the machine's speed: the run is always interrupted part-way.
+    // Each input costs the decoding of 143 frames (tens of milliseconds in-process, an ffprobe
+    // and an ffmpeg process through FFmpeg), so the 39 inputs after the first take far longer
+    // than the few milliseconds between the first output and the signal, whatever the
+    // machine's speed: the run is always interrupted part-way.
     const N: usize = 40;
     for i in 0..N {
         std::fs::copy(

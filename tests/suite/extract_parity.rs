@@ -110,3 +110,65 @@ fn decoded_frames_are_bit_identical_to_pyav_and_opencv() {
         );
     }
 }
+
+/// The in-process H.264 decoder (OpenH264, `src/video/h264.rs`) gives FFmpeg's rgb24 frames
+/// byte for byte on every H.264 fixture and the bundled sample (B-frames, CABAC, High
+/// profile: libx264's defaults), at the decoded size and resized as FFmpeg's
+/// `scale=W:H:flags=bilinear` (to 112x112 and, for the sample, 96x160), with the same frame
+/// counts; the MPEG-4 fixtures are left to FFmpeg.
+#[test]
+fn in_process_h264_frames_are_ffmpegs_byte_for_byte() {
+    use marlin::video::h264::{probe_mp4, H264Reader};
+    use marlin::video::{ffprobe_info, FfmpegReader, FrameReader};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "mp4"))
+        .collect();
+    files.sort();
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4"));
+    let mut checked = 0;
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let Some(v) = probe_mp4(path).unwrap() else {
+            assert!(name.starts_with("mpeg4"), "{name}: not taken in-process");
+            continue;
+        };
+        let info = ffprobe_info(path).unwrap();
+        assert_eq!(
+            (v.width, v.height, v.frames, v.rotation),
+            (info.width, info.height, info.frames, info.rotation),
+            "{name}: header"
+        );
+        for size in [None, Some((112, 112)), Some((96, 160))] {
+            let mut a = H264Reader::open(path, &v, size).unwrap();
+            let mut b = FfmpegReader::open(path, &info, size).unwrap();
+            let (mut n, mut worst) = (0, 0u8);
+            loop {
+                match (a.next_frame().unwrap(), b.next_frame().unwrap()) {
+                    (Some(x), Some(y)) => {
+                        assert_eq!((x.width, x.height), (y.width, y.height), "{name}");
+                        let d = x
+                            .data
+                            .iter()
+                            .zip(&y.data)
+                            .map(|(p, q)| p.abs_diff(*q))
+                            .max();
+                        worst = worst.max(d.unwrap_or(0));
+                        n += 1;
+                    }
+                    (None, None) => break,
+                    (x, y) => panic!(
+                        "{name} {size:?}: frame counts differ after {n} ({} vs {})",
+                        x.is_some(),
+                        y.is_some()
+                    ),
+                }
+            }
+            eprintln!("{name} {size:?}: {n} frames, largest pixel difference {worst}");
+            assert_eq!(worst, 0, "{name} {size:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3 * 8, "{checked} decodes compared");
+}
