@@ -17,6 +17,8 @@ out=${1:-dist}
 venv=${WHEEL_VENV:-target-wheel/venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check maturin ziglang auditwheel
+# maturin finds zig through the Python on PATH (ziglang's `python -m ziglang`).
+export PATH="$(cd "$venv" && pwd)/bin:$PATH"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-wheel}
 export MARLIN_NO_GLOO=1
 # Without nasm OpenH264 builds its C paths (the same pixels, 10-60% slower to decode).
