@@ -3,7 +3,7 @@
 # (critic + generator, random clips and 90% masks) at a global batch of 2 on the machine's
 # cores, as one process at batch 2 with all threads, and as 2 ranks (torchrun's variables, one
 # machine) at batch 1 with half the threads each, gradients all-reduced (ours: Gloo through
-# src/dist; the peer: torch DDP over Gloo via torchrun). Medians of 3 alternating rounds.
+# src/distributed; the peer: torch DDP over Gloo via torchrun). Medians of 3 alternating rounds.
 #
 #   PEER_PY=/opt/venv/peer/bin/python bench/ddp_cpu.sh [threads]
 # (MARLIN_BIN=path/to/marlin uses that build instead of building the default one.)

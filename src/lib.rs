@@ -36,7 +36,7 @@
 
 pub mod backend;
 pub mod device_error;
-pub mod dist;
+pub mod distributed;
 pub mod doctor;
 pub mod engine;
 pub mod extract;

@@ -100,7 +100,7 @@ struct Bench {
     /// The CPU's measured FMA peak (`--peak` on the CPU).
     peak: Option<marlin::kernels::peak::Peak>,
     /// The ranks of a data-parallel launch (`--train`).
-    group: Option<std::sync::Arc<marlin::dist::Group>>,
+    group: Option<std::sync::Arc<marlin::distributed::Group>>,
 }
 
 fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
@@ -431,7 +431,7 @@ fn cuda_engine_bench(
 fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     cfg: &MarlinConfig,
     a: &BenchArgs,
-    group: Option<std::sync::Arc<marlin::dist::Group>>,
+    group: Option<std::sync::Arc<marlin::distributed::Group>>,
     device: &B::Device,
 ) {
     use marlin::masking::{make_mask, Grid, RngDraws, Strategy};

@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::ProgressBar;
 use marlin::backend::{BackendTask, DeviceSpec};
-use marlin::dist::{DistOptions, Group};
+use marlin::distributed::{DistOptions, Group};
 use marlin::face::parser::{ParserKind, Parsing};
 use marlin::model::MarlinConfig;
 use marlin::train::prepare::{prepare_dataset, PrepareOptions, PrepareSummary};
@@ -76,7 +76,7 @@ impl DistArgs {
         let opts = DistOptions {
             timeout: std::time::Duration::from_secs(self.dist_timeout.max(1)),
         };
-        marlin::dist::join(device, &opts).map_err(|e| e.to_string())
+        marlin::distributed::join(device, &opts).map_err(|e| e.to_string())
     }
 }
 

@@ -1,5 +1,5 @@
-// The C ABI over Gloo (Debian's libgloo-dev) that src/dist/gloo.rs calls: a full mesh of TCP
-// pairs between the ranks, met through the rank-0 key-value store of src/dist/store.rs (a Gloo
+// The C ABI over Gloo (Debian's libgloo-dev) that src/distributed/gloo.rs calls: a full mesh of TCP
+// pairs between the ranks, met through the rank-0 key-value store of src/distributed/store.rs (a Gloo
 // Store whose set/get/wait call back into Rust), and the three collectives training needs.
 // Every entry point catches C++ exceptions and returns their message: nothing unwinds into Rust.
 

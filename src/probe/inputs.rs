@@ -20,7 +20,7 @@ pub enum ProbeError {
     NoEpoch,
     /// Another rank of a multi-process run is gone, or the ranks disagree.
     #[error(transparent)]
-    Dist(#[from] crate::dist::DistError),
+    Dist(#[from] crate::distributed::DistError),
 }
 
 /// A message naming the file (and row): an input that cannot be used.

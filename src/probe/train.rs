@@ -9,7 +9,7 @@ use super::data::{Dataset, Sample};
 pub use super::features::{load_features, reduce_clips};
 pub use super::inputs::{ClipSpec, Inputs, ProbeError};
 use super::metrics::{evaluate, Metrics, TaskKind};
-use crate::dist::{all_reduce_gradients, weights_digest, Group};
+use crate::distributed::{all_reduce_gradients, weights_digest, Group};
 use crate::model::load::to_scalar;
 use crate::video::clip::ClipData;
 use burn::module::AutodiffModule;
@@ -35,7 +35,7 @@ pub struct TrainOptions {
     /// Stop once the learning rate is below this.
     pub stop_lr: f64,
     pub seed: u64,
-    /// The ranks of a data-parallel run (see [`crate::dist`]): `batch_size` is per rank, rank
+    /// The ranks of a data-parallel run (see [`crate::distributed`]): `batch_size` is per rank, rank
     /// r trains on positions r, r + world, ... of each global batch; rank 0 alone calls the
     /// epoch hook (writes the run folder).
     pub group: Option<Arc<Group>>,

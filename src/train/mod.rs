@@ -28,7 +28,7 @@ pub enum TrainError {
     Device(#[from] crate::device_error::DeviceError),
     /// Another rank of a multi-process run is gone, or the ranks disagree.
     #[error(transparent)]
-    Dist(#[from] crate::dist::DistError),
+    Dist(#[from] crate::distributed::DistError),
     /// Too many steps in a row had a loss that is not a number: the run stops, the last
     /// checkpoint is intact.
     #[error(
@@ -63,7 +63,7 @@ pub mod run;
 pub mod samples;
 pub mod schedule;
 
-use crate::dist::{all_reduce_gradients, Group};
+use crate::distributed::{all_reduce_gradients, Group};
 use crate::model::discriminator::Discriminator;
 use crate::model::load::to_scalar;
 use crate::model::{Marlin, MarlinConfig, MaskIndices};

@@ -14,7 +14,7 @@ use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split
 use super::samples::{enlarge_small, sample_image, save_png, SAMPLE_MIN_SIDE};
 use super::schedule::lr_at;
 use super::{LossConfig, Pretrainer, StepLosses, TrainError};
-use crate::dist::{weights_digest, Group};
+use crate::distributed::{weights_digest, Group};
 use crate::model::config::LearningRateConfig;
 use crate::model::weights::StateDict;
 use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
@@ -35,7 +35,7 @@ pub struct RunOptions {
     pub steps_per_epoch: Option<usize>,
     /// Validation clips per epoch (all when None).
     pub val_clips: Option<usize>,
-    /// The ranks of a data-parallel run (see [`crate::dist`]): `batch_size` is per rank, the
+    /// The ranks of a data-parallel run (see [`crate::distributed`]): `batch_size` is per rank, the
     /// global batch `world x batch_size`; rank r trains on positions r, r + world, ... of each
     /// global batch, so the run trains on the samples (and learning rates) of one process at
     /// the global batch. Rank 0 alone writes the run folder.

@@ -147,9 +147,17 @@ fn weights_diff(a: &Path, b: &Path) -> f32 {
         a.display(),
         b.display()
     );
-    wa.iter()
-        .map(|(k, v)| common::max_abs_diff(&wb[k].data, &v.data).diff)
-        .fold(0.0, f32::max)
+    // Checked helpers: a NaN or infinite weight in either file fails the test (a plain
+    // `fold(0.0, f32::max)` skips NaN and would score it 0).
+    let per_tensor: Vec<f32> = wa
+        .iter()
+        .map(|(k, v)| {
+            common::try_max_abs_diff(&wb[k].data, &v.data)
+                .unwrap_or_else(|e| panic!("{k} in {} and {}: {e}", a.display(), b.display()))
+                .diff
+        })
+        .collect();
+    common::max_abs(&per_tensor)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
