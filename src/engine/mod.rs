@@ -10,7 +10,9 @@
 //! features) goes through it when it is there.
 
 pub mod host;
+pub mod host_train;
 pub mod schedule;
+pub mod train;
 pub mod weights;
 
 use crate::device_error::DeviceError;

@@ -1099,6 +1099,47 @@ pub(crate) fn matmul_with(
     }
 }
 
+/// `dst[m, n] (+)= op(a) · op(b)`, row-major, on the rayon pool: `a` is `[m, k]` (`[k, m]` read
+/// transposed with `ta`), `b` is `[k, n]` (`[n, k]` read transposed with `tb`). The training
+/// engine's products: a Linear's forward (`x · Wᵀ`), its input gradient (`dy · W`) and its
+/// weight gradient (`dyᵀ · x`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_t(
+    dst: &mut [f32],
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    [m, k, n]: [usize; 3],
+    acc: bool,
+) {
+    assert!(dst.len() == m * n && a.len() == m * k && b.len() == k * n);
+    let a = match ta {
+        false => Strided::new(a.as_ptr(), k as isize, 1),
+        true => Strided::new(a.as_ptr(), 1, m as isize),
+    };
+    let b = match tb {
+        false => Strided::new(b.as_ptr(), n as isize, 1),
+        true => Strided::new(b.as_ptr(), 1, k as isize),
+    };
+    // SAFETY: the sizes are checked above and the strides address exactly those matrices;
+    // dst is a distinct &mut slice, so it aliases neither input.
+    unsafe {
+        mm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            n as isize,
+            acc,
+            a,
+            b,
+            1.0,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
 /// Tubelets of a row-major clip `x` `[b, c, t, h, w]` as tokens `[b, n, c*tubelet*patch*patch]`
 /// (tokens in (t, h, w) order, values in (c, pt, ph, pw) order: the model's patchify), one
 /// (clip, time step) per parallel task, `patch` values per copy.

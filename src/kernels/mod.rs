@@ -203,6 +203,7 @@ pub fn set_flash_attention(on: bool) {
 
 pub mod cpu;
 pub mod cpu_autodiff;
+pub mod cpu_train;
 
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::Autodiff;

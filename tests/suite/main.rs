@@ -25,3 +25,4 @@ mod pretrain_step;
 mod probe_metrics;
 mod probe_train;
 mod scale;
+mod train_engine;

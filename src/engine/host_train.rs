@@ -1,0 +1,329 @@
+//! The training schedule's ops on the host ([`super::train::TrainOps`]): the CPU backend's
+//! products (`gemm` with transposed operands), attention with its log-sum-exps and its
+//! blocked backward, and the kernels of [`crate::kernels::cpu_train`]. The twin of the CUDA
+//! ops: the same steps and buffers, checked against the peer's step in the tests.
+
+use super::train::{Gather, Gemm, Layout, TrainOps, I, T};
+use crate::kernels::cpu;
+use crate::kernels::cpu_train::{self, AdamW};
+use rayon::prelude::*;
+use std::convert::Infallible;
+
+/// Host buffers of a [`Layout`].
+#[derive(Debug, Default)]
+pub struct HostTrainOps {
+    floats: Vec<Vec<f32>>,
+    indices: Vec<Vec<u32>>,
+}
+
+impl HostTrainOps {
+    fn s(&self, t: T) -> &[f32] {
+        &self.floats[t.buf][t.off..t.off + t.len]
+    }
+
+    /// Buffer `buf` taken out (to write into it while reading the others), put back by
+    /// [`HostTrainOps::put`]. A schedule never reads the buffer an op writes, except where
+    /// the op says so (in-place gradients).
+    fn take(&mut self, buf: usize) -> Vec<f32> {
+        std::mem::take(&mut self.floats[buf])
+    }
+
+    fn put(&mut self, buf: usize, v: Vec<f32>) {
+        self.floats[buf] = v;
+    }
+
+    /// Run `f` on the slice `out` and the rest of the buffers.
+    fn write(&mut self, out: T, f: impl FnOnce(&Self, &mut [f32])) {
+        let mut v = self.take(out.buf);
+        f(self, &mut v[out.off..out.off + out.len]);
+        self.put(out.buf, v);
+    }
+}
+
+fn row_of(r: &super::train::Rows, b: usize, j: usize) -> usize {
+    b * r.per_batch + r.start + j
+}
+
+impl TrainOps for HostTrainOps {
+    type Error = Infallible;
+
+    fn prepare(&mut self, layout: &Layout) -> Result<(), Infallible> {
+        self.floats = layout.floats.iter().map(|(_, n)| vec![0.0; *n]).collect();
+        self.indices = layout.indices.iter().map(|(_, n)| vec![0; *n]).collect();
+        Ok(())
+    }
+
+    fn upload(&mut self, t: T, values: &[f32]) -> Result<(), Infallible> {
+        self.floats[t.buf][t.off..t.off + t.len].copy_from_slice(&values[..t.len]);
+        Ok(())
+    }
+
+    fn upload_index(&mut self, i: I, values: &[u32]) -> Result<(), Infallible> {
+        self.indices[i.buf][..i.len].copy_from_slice(&values[..i.len]);
+        Ok(())
+    }
+
+    fn read(&mut self, t: T) -> Result<Vec<f32>, Infallible> {
+        Ok(self.s(t).to_vec())
+    }
+
+    fn fill(&mut self, t: T, value: f32) -> Result<(), Infallible> {
+        self.floats[t.buf][t.off..t.off + t.len]
+            .par_iter_mut()
+            .for_each(|v| *v = value);
+        Ok(())
+    }
+
+    fn copy(&mut self, src: T, dst: T) -> Result<(), Infallible> {
+        if src.buf == dst.buf {
+            self.floats[src.buf].copy_within(src.off..src.off + src.len, dst.off);
+        } else {
+            self.write(dst, |me, d| d.copy_from_slice(me.s(src)));
+        }
+        Ok(())
+    }
+
+    fn patchify(
+        &mut self,
+        clips: T,
+        dims: [usize; 5],
+        tubelet: usize,
+        patch: usize,
+        out: T,
+    ) -> Result<(), Infallible> {
+        let tokens = cpu::patchify(self.s(clips), dims, tubelet, patch);
+        self.upload(out, &tokens)
+    }
+
+    fn gather(&mut self, g: &Gather) -> Result<(), Infallible> {
+        let idx = g.idx.map(|i| self.indices[i.buf].clone());
+        let w = g.width;
+        let (src, dst) = (g.src, g.dst);
+        self.write(dst.t, |me, d| {
+            let s = me.s(src.t);
+            for b in 0..g.batch {
+                for j in 0..g.count {
+                    let from = idx.as_ref().map_or(j, |ix| ix[b * g.count + j] as usize);
+                    let (si, di) = (row_of(&src, b, from) * w, row_of(&dst, b, j) * w);
+                    let (sr, dr) = (&s[si..si + w], &mut d[di..di + w]);
+                    if g.accumulate {
+                        dr.iter_mut().zip(sr).for_each(|(d, s)| *d += s);
+                    } else {
+                        dr.copy_from_slice(sr);
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn scatter_add(&mut self, g: &Gather) -> Result<(), Infallible> {
+        let idx = g.idx.map(|i| self.indices[i.buf].clone());
+        let w = g.width;
+        let (src, dst) = (g.src, g.dst);
+        self.write(src.t, |me, s| {
+            let d = me.s(dst.t);
+            for b in 0..g.batch {
+                for j in 0..g.count {
+                    let to = idx.as_ref().map_or(j, |ix| ix[b * g.count + j] as usize);
+                    let (si, di) = (row_of(&src, b, to) * w, row_of(&dst, b, j) * w);
+                    s[si..si + w]
+                        .iter_mut()
+                        .zip(&d[di..di + w])
+                        .for_each(|(s, d)| *s += d);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn gemm(&mut self, g: &Gemm) -> Result<(), Infallible> {
+        let g = *g;
+        self.write(g.d, |me, d| {
+            let mut acc = g.accumulate;
+            if let Some(b) = g.bias {
+                let b = me.s(b);
+                match acc {
+                    true => cpu::add_rows(d, b),
+                    false => d.par_chunks_mut(g.n).for_each(|r| r.copy_from_slice(b)),
+                }
+                acc = true;
+            }
+            cpu::matmul_t(d, me.s(g.a), g.ta, me.s(g.b), g.tb, [g.m, g.k, g.n], acc);
+        });
+        Ok(())
+    }
+
+    fn col_sum(&mut self, src: T, width: usize, col0: usize, dst: T) -> Result<(), Infallible> {
+        self.write(dst, |me, d| cpu_train::col_sum(me.s(src), width, col0, d));
+        Ok(())
+    }
+
+    fn layer_norm(
+        &mut self,
+        x: T,
+        gamma: T,
+        beta: T,
+        eps: f32,
+        d: usize,
+        out: T,
+        stats: T,
+    ) -> Result<(), Infallible> {
+        let mut st = self.take(stats.buf);
+        self.write(out, |me, o| {
+            cpu_train::layer_norm_stats(
+                me.s(x),
+                (me.s(gamma), me.s(beta)),
+                eps,
+                d,
+                o,
+                &mut st[stats.off..stats.off + stats.len],
+            )
+        });
+        self.put(stats.buf, st);
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &mut self,
+        x: T,
+        stats: T,
+        gamma: T,
+        dout: T,
+        d: usize,
+        dx: T,
+        dgamma: T,
+        dbeta: T,
+    ) -> Result<(), Infallible> {
+        // dgamma and dbeta are slices of one gradient buffer: taken together.
+        let mut grads = self.take(dgamma.buf);
+        let (mut dg, mut db) = (vec![0f32; dgamma.len], vec![0f32; dbeta.len]);
+        self.write(dx, |me, dxs| {
+            cpu_train::layer_norm_backward(
+                me.s(x),
+                me.s(stats),
+                me.s(gamma),
+                me.s(dout),
+                d,
+                dxs,
+                &mut dg,
+                &mut db,
+            )
+        });
+        grads[dgamma.off..dgamma.off + dgamma.len]
+            .iter_mut()
+            .zip(&dg)
+            .for_each(|(o, v)| *o += v);
+        self.put(dgamma.buf, grads);
+        self.floats[dbeta.buf][dbeta.off..dbeta.off + dbeta.len]
+            .iter_mut()
+            .zip(&db)
+            .for_each(|(o, v)| *o += v);
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        qkv: T,
+        [b, n, h, hd]: [usize; 4],
+        scale: f32,
+        out: T,
+        lse: T,
+    ) -> Result<(), Infallible> {
+        let mut l = self.take(lse.buf);
+        let o = cpu::attention_lse(
+            self.s(qkv),
+            b,
+            n,
+            h,
+            hd,
+            scale,
+            Some(&mut l[lse.off..lse.off + lse.len]),
+        );
+        self.put(lse.buf, l);
+        self.upload(out, &o)
+    }
+
+    fn attention_backward(
+        &mut self,
+        qkv: T,
+        out: T,
+        dout: T,
+        lse: T,
+        [b, n, h, hd]: [usize; 4],
+        scale: f32,
+        dqkv: T,
+    ) -> Result<(), Infallible> {
+        let g = cpu::attention_backward(
+            self.s(qkv),
+            self.s(out),
+            self.s(dout),
+            self.s(lse),
+            b,
+            n,
+            h,
+            hd,
+            scale,
+        );
+        self.upload(dqkv, &g)
+    }
+
+    fn gelu(&mut self, x: T, out: T) -> Result<(), Infallible> {
+        self.copy(x, out)?;
+        let o = out;
+        cpu::gelu_in_place(&mut self.floats[o.buf][o.off..o.off + o.len]);
+        Ok(())
+    }
+
+    fn gelu_backward(&mut self, x: T, grad: T) -> Result<(), Infallible> {
+        self.write(grad, |me, g| cpu::gelu_backward_in_place(me.s(x), g));
+        Ok(())
+    }
+
+    fn leaky_relu(&mut self, x: T, slope: f32, out: T) -> Result<(), Infallible> {
+        self.write(out, |me, o| cpu_train::leaky_relu(me.s(x), slope, o));
+        Ok(())
+    }
+
+    fn leaky_relu_backward(&mut self, x: T, slope: f32, grad: T) -> Result<(), Infallible> {
+        self.write(grad, |me, g| {
+            cpu_train::leaky_relu_backward(me.s(x), slope, g)
+        });
+        Ok(())
+    }
+
+    fn mse(&mut self, pred: T, target: T, dpred: Option<T>, loss: T) -> Result<(), Infallible> {
+        let v = match dpred {
+            Some(dp) => {
+                let mut v = 0.0;
+                self.write(dp, |me, d| {
+                    v = cpu_train::mse(me.s(pred), me.s(target), Some(d));
+                });
+                v
+            }
+            None => cpu_train::mse(self.s(pred), self.s(target), None),
+        };
+        self.upload(loss.at(0, 1), &[v as f32])
+    }
+
+    fn mean(&mut self, x: T, loss: T) -> Result<(), Infallible> {
+        let v = cpu_train::mean(self.s(x));
+        self.upload(loss.at(0, 1), &[v as f32])
+    }
+
+    fn adamw(&mut self, p: T, g: T, m: T, v: T, h: &AdamW) -> Result<(), Infallible> {
+        let (mut mb, mut vb) = (self.take(m.buf), self.take(v.buf));
+        self.write(p, |me, ps| {
+            cpu_train::adamw(
+                ps,
+                me.s(g),
+                &mut mb[m.off..m.off + m.len],
+                &mut vb[v.off..v.off + v.len],
+                h,
+            )
+        });
+        self.put(m.buf, mb);
+        self.put(v.buf, vb);
+        Ok(())
+    }
+}

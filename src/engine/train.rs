@@ -1,0 +1,1548 @@
+//! The pretraining step (critic update, then generator update, as [`crate::train::Pretrainer`])
+//! written once as a hand-scheduled forward and backward over a small ops interface
+//! ([`TrainOps`]), run by the host kernels ([`super::host_train`], checked against the peer's
+//! step in every test run) and, next, by the CUDA engine's ops.
+//!
+//! ```text
+//! Clips ─patchify─► Tokens [B·N, P] ─gather visible─► Tv [B·nv, P]      ─gather masked─► Target
+//! X = Tv·Wpeᵀ + b + pos[visible]                     [B·nv, D]
+//! encoder blocks (tape kept)  ─LN─► E ─·Wedᵀ─► Y    [B·nv, Dd]
+//! Z = (Y + dpos[visible] ‖ mask_token + dpos[masked]) per clip   [B·(nv+nm), Dd]
+//! decoder blocks ─last nm rows─► LN ─·Wheadᵀ + b─► Pred [B·nm, P]
+//! rec = mean((Pred - Target)²); critic C(p) = LeakyReLU(p·W1ᵀ + b1)·W2ᵀ + b2
+//! critic update:    d_loss = mean C(Pred) - mean C(Target)   (Pred without gradient)
+//! generator update: g_loss = rec - adv_weight·mean C(Pred)
+//! ```
+//!
+//! Parameters live in flat buffers per optimiser (generator, critic) in the peer's names and
+//! layouts (a Linear's weight `[out, in]`), so an update is one fused AdamW over one buffer and
+//! gradients are contiguous for bucketed all-reduces. Every gradient accumulates into a
+//! zeroed buffer. The positional tables are constants (no gradient, no update).
+
+use super::host_train::HostTrainOps;
+use crate::kernels::cpu_train::AdamW;
+use crate::model::host::{HostTensor, StateDict};
+use crate::model::MaskIndices;
+use crate::train::{LossConfig, StepLosses};
+use crate::MarlinConfig;
+use std::collections::HashMap;
+
+/// Why the training engine cannot take a model (it stays on burn's path).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainEngineError {
+    #[error("the training engine needs `{0}` in the model's weights")]
+    Missing(String),
+    #[error("`{key}` is {got:?}, the config implies {want:?}")]
+    Shape {
+        key: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    #[error("the training engine does not cover {0} yet: burn's path trains it")]
+    Unsupported(&'static str),
+    #[error("a batch of {got} clips with {vis} visible tokens, the engine was built for {want} with {want_vis}")]
+    Batch {
+        got: usize,
+        vis: usize,
+        want: usize,
+        want_vis: usize,
+    },
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A slice of one of the ops' float buffers: `len` values from `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct T {
+    pub buf: usize,
+    pub off: usize,
+    pub len: usize,
+}
+
+impl T {
+    /// `len` values from `off` within this slice.
+    pub fn at(self, off: usize, len: usize) -> T {
+        debug_assert!(off + len <= self.len);
+        T {
+            buf: self.buf,
+            off: self.off + off,
+            len,
+        }
+    }
+
+    /// The same slice of another buffer laid out alike (a parameter's gradient or moment).
+    pub fn of(self, buf: usize) -> T {
+        T { buf, ..self }
+    }
+}
+
+/// An index buffer (token indices, u32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct I {
+    pub buf: usize,
+    pub len: usize,
+}
+
+/// The buffers a schedule needs: float and index buffers by name and size.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layout {
+    pub floats: Vec<(String, usize)>,
+    pub indices: Vec<(String, usize)>,
+}
+
+impl Layout {
+    pub fn float(&mut self, name: impl Into<String>, len: usize) -> T {
+        self.floats.push((name.into(), len));
+        T {
+            buf: self.floats.len() - 1,
+            off: 0,
+            len,
+        }
+    }
+
+    pub fn index(&mut self, name: impl Into<String>, len: usize) -> I {
+        self.indices.push((name.into(), len));
+        I {
+            buf: self.indices.len() - 1,
+            len,
+        }
+    }
+
+    /// Values of all float buffers.
+    pub fn float_values(&self) -> usize {
+        self.floats.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Rows of a `[batch, per_batch, width]` buffer: from row `start` of each batch (`per_batch`
+/// 0: one block of rows shared by every batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rows {
+    pub t: T,
+    pub per_batch: usize,
+    pub start: usize,
+}
+
+/// `dst row (b, j) (+)= src row (b, idx[b, j])` for j < count (idx: the identity without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gather {
+    pub src: Rows,
+    pub idx: Option<I>,
+    pub dst: Rows,
+    pub batch: usize,
+    pub count: usize,
+    pub width: usize,
+    pub accumulate: bool,
+}
+
+/// `d [m, n] (+)= op(a) · op(b) (+ bias)`: `a` `[m, k]` (stored `[k, m]` with `ta`), `b`
+/// `[k, n]` (stored `[n, k]` with `tb`), all row-major.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    pub d: T,
+    pub a: T,
+    pub ta: bool,
+    pub b: T,
+    pub tb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub bias: Option<T>,
+    pub accumulate: bool,
+}
+
+/// What runs the training schedule. Steps run in order; an implementation may queue them.
+pub trait TrainOps {
+    type Error: std::fmt::Display;
+    /// Allocate every buffer of `layout` (values undefined until written).
+    fn prepare(&mut self, layout: &Layout) -> Result<(), Self::Error>;
+    fn upload(&mut self, t: T, values: &[f32]) -> Result<(), Self::Error>;
+    fn upload_index(&mut self, i: I, values: &[u32]) -> Result<(), Self::Error>;
+    fn read(&mut self, t: T) -> Result<Vec<f32>, Self::Error>;
+    fn fill(&mut self, t: T, value: f32) -> Result<(), Self::Error>;
+    fn copy(&mut self, src: T, dst: T) -> Result<(), Self::Error>;
+    /// `out` = tubelets of `clips` `[B, 3, T, H, W]` as `[B·N, P]`.
+    fn patchify(
+        &mut self,
+        clips: T,
+        dims: [usize; 5],
+        tubelet: usize,
+        patch: usize,
+        out: T,
+    ) -> Result<(), Self::Error>;
+    fn gather(&mut self, g: &Gather) -> Result<(), Self::Error>;
+    /// The gather's backward: `src row (b, idx[b, j]) += dst row (b, j)` (the handles are the
+    /// gradients of the gather's source and destination).
+    fn scatter_add(&mut self, g: &Gather) -> Result<(), Self::Error>;
+    fn gemm(&mut self, g: &Gemm) -> Result<(), Self::Error>;
+    /// `dst[c] += Σ_r src[r, col0 + c]` for `dst.len` columns (`src` rows of `width`).
+    fn col_sum(&mut self, src: T, width: usize, col0: usize, dst: T) -> Result<(), Self::Error>;
+    /// `out = LN(x)` over rows of `d`, each row's mean and 1/σ into `stats` `[rows, 2]`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(
+        &mut self,
+        x: T,
+        gamma: T,
+        beta: T,
+        eps: f32,
+        d: usize,
+        out: T,
+        stats: T,
+    ) -> Result<(), Self::Error>;
+    /// `dx += ∂`, `dgamma += ∂`, `dbeta += ∂` of LN from `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &mut self,
+        x: T,
+        stats: T,
+        gamma: T,
+        dout: T,
+        d: usize,
+        dx: T,
+        dgamma: T,
+        dbeta: T,
+    ) -> Result<(), Self::Error>;
+    /// `out [B·n, h·hd]` = attention of `qkv` `[B·n, 3·h·hd]`, row log-sum-exps into `lse`
+    /// `[B, h, n]`.
+    fn attention(
+        &mut self,
+        qkv: T,
+        dims: [usize; 4],
+        scale: f32,
+        out: T,
+        lse: T,
+    ) -> Result<(), Self::Error>;
+    /// `dqkv` (overwritten) from the forward's `qkv`, `out`, `lse` and `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &mut self,
+        qkv: T,
+        out: T,
+        dout: T,
+        lse: T,
+        dims: [usize; 4],
+        scale: f32,
+        dqkv: T,
+    ) -> Result<(), Self::Error>;
+    /// `out = GELU(x)` (exact, erf).
+    fn gelu(&mut self, x: T, out: T) -> Result<(), Self::Error>;
+    /// `grad *= GELU'(x)`.
+    fn gelu_backward(&mut self, x: T, grad: T) -> Result<(), Self::Error>;
+    fn leaky_relu(&mut self, x: T, slope: f32, out: T) -> Result<(), Self::Error>;
+    fn leaky_relu_backward(&mut self, x: T, slope: f32, grad: T) -> Result<(), Self::Error>;
+    /// `loss[0] = mean((pred - target)²)`; with `dpred`, `dpred = 2(pred - target)/len`.
+    fn mse(&mut self, pred: T, target: T, dpred: Option<T>, loss: T) -> Result<(), Self::Error>;
+    /// `loss[0] = mean(x)`.
+    fn mean(&mut self, x: T, loss: T) -> Result<(), Self::Error>;
+    /// One AdamW update of parameters `p` from gradients `g` with moments `m`, `v`.
+    fn adamw(&mut self, p: T, g: T, m: T, v: T, h: &AdamW) -> Result<(), Self::Error>;
+}
+
+/// The parameters of one optimiser in one flat buffer: key → slice, in a fixed order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParamTable {
+    pub entries: Vec<(String, Vec<usize>, T)>,
+    index: HashMap<String, usize>,
+    pub len: usize,
+}
+
+impl ParamTable {
+    /// `keys` of `sd` laid out one after the other in buffer `buf` (the values in that order).
+    fn build(
+        sd: &StateDict,
+        keys: &[String],
+        buf: usize,
+    ) -> Result<(Self, Vec<f32>), TrainEngineError> {
+        let mut t = ParamTable::default();
+        let mut values = Vec::new();
+        for k in keys {
+            let h = sd
+                .tensors
+                .get(k)
+                .ok_or_else(|| TrainEngineError::Missing(k.clone()))?;
+            let slice = T {
+                buf,
+                off: values.len(),
+                len: h.data.len(),
+            };
+            values.extend_from_slice(&h.data);
+            t.index.insert(k.clone(), t.entries.len());
+            t.entries.push((k.clone(), h.shape.clone(), slice));
+        }
+        t.len = values.len();
+        Ok((t, values))
+    }
+
+    /// The slice of `key` (its gradient or moments: [`T::of`] another buffer).
+    pub fn get(&self, key: &str) -> Result<T, TrainEngineError> {
+        self.index
+            .get(key)
+            .map(|&i| self.entries[i].2)
+            .ok_or_else(|| TrainEngineError::Missing(key.into()))
+    }
+
+    /// The whole buffer.
+    pub fn all(&self) -> T {
+        T {
+            buf: self.entries.first().map_or(0, |e| e.2.buf),
+            off: 0,
+            len: self.len,
+        }
+    }
+}
+
+/// The parameters of one transformer block (slices of the parameter buffer).
+#[derive(Debug, Clone, Copy)]
+struct BlockParams {
+    norm1: (T, T),
+    qkv: T,
+    /// (q_bias, v_bias).
+    qv_bias: Option<(T, T)>,
+    proj: (T, T),
+    norm2: (T, T),
+    fc1: (T, T),
+    fc2: (T, T),
+}
+
+/// One stack of blocks (the encoder's or the decoder's) with its activations.
+#[derive(Debug, Clone)]
+struct Stack {
+    dim: usize,
+    heads: usize,
+    hidden: usize,
+    scale: f32,
+    /// Rows per clip.
+    tokens: usize,
+    blocks: Vec<BlockParams>,
+    tapes: Vec<Tape>,
+    /// The last block's output.
+    out: T,
+    /// Backward scratch: the residual stream's gradient and per-op gradients.
+    dx: T,
+    dh: T,
+    datt: T,
+    dqkv: T,
+    dhid: T,
+    /// The qkv bias (q_bias, 0, v_bias) of each block, assembled before the forward.
+    qkv_bias: Vec<T>,
+}
+
+/// What one block's forward keeps for its backward.
+#[derive(Debug, Clone, Copy)]
+struct Tape {
+    x_in: T,
+    h1: T,
+    st1: T,
+    qkv: T,
+    att: T,
+    lse: T,
+    x_mid: T,
+    h2: T,
+    st2: T,
+    pre: T,
+    act: T,
+}
+
+/// Buffer numbers of the parameters, their gradients and moments.
+const GEN: [usize; 4] = [0, 1, 2, 3];
+const CRITIC: [usize; 4] = [4, 5, 6, 7];
+const CONST: usize = 8;
+
+/// The sizes of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepShape {
+    pub batch: usize,
+    pub visible: usize,
+    pub masked: usize,
+}
+
+/// The pretraining step on [`TrainOps`]: buffers, parameters and optimiser state, built once
+/// per batch shape.
+#[derive(Debug, Clone)]
+pub struct PretrainStep {
+    pub shape: StepShape,
+    pub layout: Layout,
+    cfg_losses: LossConfig,
+    betas: (f32, f32),
+    eps: f32,
+    weight_decay: f32,
+    ln_eps: f32,
+    clip: [usize; 5],
+    tubelet: usize,
+    patch: usize,
+    tokens: usize,
+    patch_dim: usize,
+    gen: ParamTable,
+    critic: ParamTable,
+    consts: ParamTable,
+    gen_values: Vec<f32>,
+    critic_values: Vec<f32>,
+    const_values: Vec<f32>,
+    enc: Stack,
+    dec: Stack,
+    // activations outside the blocks
+    clips: T,
+    tokens_all: T,
+    tv: T,
+    target: T,
+    e: T,
+    e_st: T,
+    y: T,
+    zm: T,
+    hd: T,
+    hd_st: T,
+    pred: T,
+    dpred: T,
+    /// Critic activations on the prediction and the target: pre-activation, activation, score.
+    c_fake: (T, T, T),
+    c_real: (T, T, T),
+    /// The critic's score gradient, hidden gradient.
+    ds: T,
+    dch: T,
+    // backward scratch outside the blocks
+    dhd: T,
+    dzm: T,
+    dy: T,
+    de: T,
+    /// Loss slots: mean C(fake), mean C(real), rec, mean C(pred) in the generator update.
+    loss: T,
+    visible: I,
+    masked: I,
+    zeros: I,
+    steps_gen: u32,
+    steps_critic: u32,
+}
+
+fn block_keys(prefix: &str, i: usize, qkv_bias: bool) -> Vec<String> {
+    let p = format!("{prefix}.blocks.{i}");
+    let mut v = vec![
+        format!("{p}.norm1.weight"),
+        format!("{p}.norm1.bias"),
+        format!("{p}.attn.qkv.weight"),
+    ];
+    if qkv_bias {
+        v.extend([format!("{p}.attn.q_bias"), format!("{p}.attn.v_bias")]);
+    }
+    v.extend([
+        format!("{p}.attn.proj.weight"),
+        format!("{p}.attn.proj.bias"),
+        format!("{p}.norm2.weight"),
+        format!("{p}.norm2.bias"),
+        format!("{p}.mlp.layers.0.linear.weight"),
+        format!("{p}.mlp.layers.0.linear.bias"),
+        format!("{p}.mlp.layers.1.linear.weight"),
+        format!("{p}.mlp.layers.1.linear.bias"),
+    ]);
+    v
+}
+
+fn block_params(
+    t: &ParamTable,
+    prefix: &str,
+    i: usize,
+    qkv_bias: bool,
+) -> Result<BlockParams, TrainEngineError> {
+    let p = format!("{prefix}.blocks.{i}");
+    let g = |s: &str| t.get(&format!("{p}.{s}"));
+    Ok(BlockParams {
+        norm1: (g("norm1.weight")?, g("norm1.bias")?),
+        qkv: g("attn.qkv.weight")?,
+        qv_bias: match qkv_bias {
+            true => Some((g("attn.q_bias")?, g("attn.v_bias")?)),
+            false => None,
+        },
+        proj: (g("attn.proj.weight")?, g("attn.proj.bias")?),
+        norm2: (g("norm2.weight")?, g("norm2.bias")?),
+        fc1: (
+            g("mlp.layers.0.linear.weight")?,
+            g("mlp.layers.0.linear.bias")?,
+        ),
+        fc2: (
+            g("mlp.layers.1.linear.weight")?,
+            g("mlp.layers.1.linear.bias")?,
+        ),
+    })
+}
+
+impl Stack {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        layout: &mut Layout,
+        name: &str,
+        table: &ParamTable,
+        cfg: &crate::model::config::StackConfig,
+        hidden: usize,
+        scale: f32,
+        qkv_bias: bool,
+        batch: usize,
+        tokens: usize,
+    ) -> Result<Self, TrainEngineError> {
+        let (d, h) = (cfg.embed_dim, cfg.num_heads);
+        let rows = batch * tokens;
+        let mut blocks = Vec::new();
+        let mut tapes = Vec::new();
+        let mut qkv_biases = Vec::new();
+        for i in 0..cfg.depth {
+            blocks.push(block_params(table, name, i, qkv_bias)?);
+            let f =
+                |l: &mut Layout, what: &str, len: usize| l.float(format!("{name}.{i}.{what}"), len);
+            tapes.push(Tape {
+                x_in: f(layout, "x_in", rows * d),
+                h1: f(layout, "h1", rows * d),
+                st1: f(layout, "st1", rows * 2),
+                qkv: f(layout, "qkv", rows * 3 * d),
+                att: f(layout, "att", rows * d),
+                lse: f(layout, "lse", batch * h * tokens),
+                x_mid: f(layout, "x_mid", rows * d),
+                h2: f(layout, "h2", rows * d),
+                st2: f(layout, "st2", rows * 2),
+                pre: f(layout, "pre", rows * hidden),
+                act: f(layout, "act", rows * hidden),
+            });
+            if qkv_bias {
+                qkv_biases.push(f(layout, "qkv_bias", 3 * d));
+            }
+        }
+        let f = |l: &mut Layout, what: &str, len: usize| l.float(format!("{name}.{what}"), len);
+        Ok(Stack {
+            dim: d,
+            heads: h,
+            hidden,
+            scale,
+            tokens,
+            blocks,
+            tapes,
+            out: f(layout, "out", rows * d),
+            dx: f(layout, "dx", rows * d),
+            dh: f(layout, "dh", rows * d),
+            datt: f(layout, "datt", rows * d),
+            dqkv: f(layout, "dqkv", rows * 3 * d),
+            dhid: f(layout, "dhid", rows * hidden),
+            qkv_bias: qkv_biases,
+        })
+    }
+
+    /// The input of the first block (written by the caller before [`Stack::forward`]).
+    fn input(&self) -> T {
+        self.tapes.first().map_or(self.out, |t| t.x_in)
+    }
+
+    fn forward<O: TrainOps>(&self, ops: &mut O, batch: usize, ln_eps: f32) -> Result<(), O::Error> {
+        let (d, hid) = (self.dim, self.hidden);
+        let rows = batch * self.tokens;
+        let dims = [batch, self.tokens, self.heads, d / self.heads];
+        for (i, (p, t)) in self.blocks.iter().zip(&self.tapes).enumerate() {
+            let next = self.tapes.get(i + 1).map_or(self.out, |n| n.x_in);
+            ops.layer_norm(t.x_in, p.norm1.0, p.norm1.1, ln_eps, d, t.h1, t.st1)?;
+            let bias = match p.qv_bias {
+                Some((q, v)) => {
+                    let b = self.qkv_bias[i];
+                    ops.copy(q, b.at(0, d))?;
+                    ops.fill(b.at(d, d), 0.0)?;
+                    ops.copy(v, b.at(2 * d, d))?;
+                    Some(b)
+                }
+                None => None,
+            };
+            ops.gemm(&linear(t.qkv, t.h1, p.qkv, bias, rows, 3 * d, d, false))?;
+            ops.attention(t.qkv, dims, self.scale, t.att, t.lse)?;
+            ops.copy(t.x_in, t.x_mid)?;
+            ops.gemm(&linear(
+                t.x_mid,
+                t.att,
+                p.proj.0,
+                Some(p.proj.1),
+                rows,
+                d,
+                d,
+                true,
+            ))?;
+            ops.layer_norm(t.x_mid, p.norm2.0, p.norm2.1, ln_eps, d, t.h2, t.st2)?;
+            ops.gemm(&linear(
+                t.pre,
+                t.h2,
+                p.fc1.0,
+                Some(p.fc1.1),
+                rows,
+                hid,
+                d,
+                false,
+            ))?;
+            ops.gelu(t.pre, t.act)?;
+            ops.copy(t.x_mid, next)?;
+            ops.gemm(&linear(
+                next,
+                t.act,
+                p.fc2.0,
+                Some(p.fc2.1),
+                rows,
+                d,
+                hid,
+                true,
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// From `self.dx` (the gradient of the stack's output) to the gradient of its input (left
+    /// in `self.dx`), the weights' gradients accumulated into buffer `grads`.
+    fn backward<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        batch: usize,
+        grads: usize,
+    ) -> Result<(), O::Error> {
+        let (d, hid) = (self.dim, self.hidden);
+        let rows = batch * self.tokens;
+        let dims = [batch, self.tokens, self.heads, d / self.heads];
+        let g = |t: T| t.of(grads);
+        for (p, t) in self.blocks.iter().zip(&self.tapes).rev() {
+            // x_out = x_mid + fc2(GELU(fc1(LN2(x_mid)))): dx flows on, and into the MLP.
+            linear_backward(ops, self.dx, t.act, p.fc2, self.dhid, rows, d, hid, grads)?;
+            ops.gelu_backward(t.pre, self.dhid)?;
+            linear_backward(ops, self.dhid, t.h2, p.fc1, self.dh, rows, hid, d, grads)?;
+            ops.layer_norm_backward(
+                t.x_mid,
+                t.st2,
+                p.norm2.0,
+                self.dh,
+                d,
+                self.dx,
+                g(p.norm2.0),
+                g(p.norm2.1),
+            )?;
+            // x_mid = x_in + proj(attention(qkv(LN1(x_in)))).
+            linear_backward(ops, self.dx, t.att, p.proj, self.datt, rows, d, d, grads)?;
+            ops.attention_backward(t.qkv, t.att, self.datt, t.lse, dims, self.scale, self.dqkv)?;
+            // The qkv product's weight and input gradients; q_bias and v_bias from the q and v
+            // columns (k has no bias).
+            ops.gemm(&Gemm {
+                d: g(p.qkv),
+                a: self.dqkv,
+                ta: true,
+                b: t.h1,
+                tb: false,
+                m: 3 * d,
+                n: d,
+                k: rows,
+                bias: None,
+                accumulate: true,
+            })?;
+            if let Some((q, v)) = p.qv_bias {
+                ops.col_sum(self.dqkv, 3 * d, 0, g(q))?;
+                ops.col_sum(self.dqkv, 3 * d, 2 * d, g(v))?;
+            }
+            ops.gemm(&Gemm {
+                d: self.dh,
+                a: self.dqkv,
+                ta: false,
+                b: p.qkv,
+                tb: false,
+                m: rows,
+                n: d,
+                k: 3 * d,
+                bias: None,
+                accumulate: false,
+            })?;
+            ops.layer_norm_backward(
+                t.x_in,
+                t.st1,
+                p.norm1.0,
+                self.dh,
+                d,
+                self.dx,
+                g(p.norm1.0),
+                g(p.norm1.1),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `d [rows, n] (+)= a [rows, k] · Wᵀ + bias` for a Linear's weight `w` `[n, k]`.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    d: T,
+    a: T,
+    w: T,
+    bias: Option<T>,
+    rows: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) -> Gemm {
+    Gemm {
+        d,
+        a,
+        ta: false,
+        b: w,
+        tb: true,
+        m: rows,
+        n,
+        k,
+        bias,
+        accumulate,
+    }
+}
+
+/// A Linear's backward from `dy` `[rows, n]`: `dw += dyᵀ·a`, `db += Σ dy` (gradients in buffer
+/// `grads`), and `da = dy · W` `[rows, k]` (overwritten).
+#[allow(clippy::too_many_arguments)]
+fn linear_backward<O: TrainOps>(
+    ops: &mut O,
+    dy: T,
+    a: T,
+    (w, b): (T, T),
+    da: T,
+    rows: usize,
+    n: usize,
+    k: usize,
+    grads: usize,
+) -> Result<(), O::Error> {
+    ops.gemm(&Gemm {
+        d: w.of(grads),
+        a: dy,
+        ta: true,
+        b: a,
+        tb: false,
+        m: n,
+        n: k,
+        k: rows,
+        bias: None,
+        accumulate: true,
+    })?;
+    ops.col_sum(dy, n, 0, b.of(grads))?;
+    ops.gemm(&Gemm {
+        d: da,
+        a: dy,
+        ta: false,
+        b: w,
+        tb: false,
+        m: rows,
+        n: k,
+        k: n,
+        bias: None,
+        accumulate: false,
+    })
+}
+
+fn shape_check(sd: &StateDict, key: &str, want: &[usize]) -> Result<(), TrainEngineError> {
+    let h: &HostTensor = sd
+        .tensors
+        .get(key)
+        .ok_or_else(|| TrainEngineError::Missing(key.into()))?;
+    if h.data.len() != want.iter().product::<usize>() {
+        return Err(TrainEngineError::Shape {
+            key: key.into(),
+            got: h.shape.clone(),
+            want: want.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+impl PretrainStep {
+    /// The step for `cfg`'s model with the weights of `sd` (the peer's names: the generator
+    /// and the critic), batches of `shape`, and `losses`. Layer scale, the gradient penalty and
+    /// a projection bias stay on burn's path (an error here).
+    pub fn new(
+        cfg: &MarlinConfig,
+        sd: &StateDict,
+        shape: StepShape,
+        losses: LossConfig,
+    ) -> Result<Self, TrainEngineError> {
+        if cfg.init_values > 0.0 {
+            return Err(TrainEngineError::Unsupported(
+                "layer scale (init_values > 0)",
+            ));
+        }
+        if losses.gp_weight > 0.0 {
+            return Err(TrainEngineError::Unsupported(
+                "the gradient penalty (gp_weight > 0)",
+            ));
+        }
+        if sd.tensors.contains_key("enc_dec_proj.bias") {
+            return Err(TrainEngineError::Unsupported("a bias in enc_dec_proj"));
+        }
+        let (de, dd) = (cfg.encoder.embed_dim, cfg.decoder.embed_dim);
+        let (n, p) = (cfg.num_patches(), cfg.patch_dim());
+        let StepShape {
+            batch,
+            visible: nv,
+            masked: nm,
+        } = shape;
+        if nv + nm != n {
+            return Err(TrainEngineError::Batch {
+                got: batch,
+                vis: nv,
+                want: batch,
+                want_vis: n - nm,
+            });
+        }
+        let (he, hdec) = (cfg.mlp_hidden(de), cfg.mlp_hidden(dd));
+        shape_check(sd, "encoder.patch_embedding.projection.weight", &[de, p])?;
+        shape_check(sd, "enc_dec_proj.weight", &[dd, de])?;
+        shape_check(sd, "decoder.head.weight", &[p, dd])?;
+        shape_check(sd, "decoder.mask_token", &[dd])?;
+        let critic_w = sd
+            .tensors
+            .get("discriminator.layers.0.linear.weight")
+            .ok_or_else(|| {
+                TrainEngineError::Missing("discriminator.layers.0.linear.weight".into())
+            })?;
+        let hc = critic_w.data.len() / p;
+        shape_check(sd, "discriminator.layers.1.linear.weight", &[1, hc])?;
+
+        let mut gen_keys = vec![
+            "encoder.patch_embedding.projection.weight".to_string(),
+            "encoder.patch_embedding.projection.bias".into(),
+        ];
+        for i in 0..cfg.encoder.depth {
+            gen_keys.extend(block_keys("encoder", i, cfg.qkv_bias));
+        }
+        gen_keys.extend([
+            "encoder.norm.weight".into(),
+            "encoder.norm.bias".into(),
+            "enc_dec_proj.weight".into(),
+            "decoder.mask_token".into(),
+        ]);
+        for i in 0..cfg.decoder.depth {
+            gen_keys.extend(block_keys("decoder", i, cfg.qkv_bias));
+        }
+        gen_keys.extend([
+            "decoder.norm.weight".into(),
+            "decoder.norm.bias".into(),
+            "decoder.head.weight".into(),
+            "decoder.head.bias".into(),
+        ]);
+        let critic_keys: Vec<String> = [
+            "discriminator.layers.0.linear.weight",
+            "discriminator.layers.0.linear.bias",
+            "discriminator.layers.1.linear.weight",
+            "discriminator.layers.1.linear.bias",
+        ]
+        .map(String::from)
+        .to_vec();
+        let const_keys: Vec<String> = ["encoder.pos_embedding.emb", "decoder.pos_embedding.emb"]
+            .map(String::from)
+            .to_vec();
+        let (gen, gen_values) = ParamTable::build(sd, &gen_keys, GEN[0])?;
+        let (critic, critic_values) = ParamTable::build(sd, &critic_keys, CRITIC[0])?;
+        let (consts, const_values) = ParamTable::build(sd, &const_keys, CONST)?;
+        shape_check(sd, "encoder.pos_embedding.emb", &[n, de])?;
+        shape_check(sd, "decoder.pos_embedding.emb", &[n, dd])?;
+
+        let mut layout = Layout::default();
+        for (name, len) in [
+            ("gen", gen.len),
+            ("gen.grad", gen.len),
+            ("gen.m", gen.len),
+            ("gen.v", gen.len),
+            ("critic", critic.len),
+            ("critic.grad", critic.len),
+            ("critic.m", critic.len),
+            ("critic.v", critic.len),
+            ("const", consts.len),
+        ] {
+            layout.float(name, len);
+        }
+        let scale = |d: usize, h: usize| cfg.qk_scale.unwrap_or(((d / h) as f64).powf(-0.5)) as f32;
+        let enc = Stack::new(
+            &mut layout,
+            "encoder",
+            &gen,
+            &cfg.encoder,
+            he,
+            scale(de, cfg.encoder.num_heads),
+            cfg.qkv_bias,
+            batch,
+            nv,
+        )?;
+        let dec = Stack::new(
+            &mut layout,
+            "decoder",
+            &gen,
+            &cfg.decoder,
+            hdec,
+            scale(dd, cfg.decoder.num_heads),
+            cfg.qkv_bias,
+            batch,
+            n,
+        )?;
+        let (rv, rm) = (batch * nv, batch * nm);
+        let mut f = |name: &str, len: usize| layout.float(name, len);
+        let clip = [batch, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
+        let clips = f("clips", clip.iter().product());
+        let tokens_all = f("tokens", batch * n * p);
+        let tv = f("tv", rv * p);
+        let target = f("target", rm * p);
+        let e = f("e", rv * de);
+        let e_st = f("e_st", rv * 2);
+        let y = f("y", rv * dd);
+        let zm = f("zm", rm * dd);
+        let hd = f("hd", rm * dd);
+        let hd_st = f("hd_st", rm * 2);
+        let pred = f("pred", rm * p);
+        let dpred = f("dpred", rm * p);
+        let c_fake = (
+            f("c_fake.h", rm * hc),
+            f("c_fake.a", rm * hc),
+            f("c_fake.s", rm),
+        );
+        let c_real = (
+            f("c_real.h", rm * hc),
+            f("c_real.a", rm * hc),
+            f("c_real.s", rm),
+        );
+        let ds = f("ds", rm);
+        let dch = f("dch", rm * hc);
+        let dhd = f("dhd", rm * dd);
+        let dzm = f("dzm", rm * dd);
+        let dy = f("dy", rv * dd);
+        let de_ = f("de", rv * de);
+        let loss = f("loss", 4);
+        let visible = layout.index("visible", rv);
+        let masked = layout.index("masked", rm);
+        let zeros = layout.index("zeros", rm);
+        let (betas, eps) = cfg
+            .optimizer
+            .as_ref()
+            .map(|o| (o.betas, o.eps))
+            .unwrap_or(([0.9, 0.95], 1e-8));
+        Ok(Self {
+            shape,
+            layout,
+            cfg_losses: losses,
+            betas: (betas[0] as f32, betas[1] as f32),
+            eps: eps as f32,
+            weight_decay: cfg.weight_decay as f32,
+            ln_eps: crate::model::load::LN_EPS as f32,
+            clip,
+            tubelet: cfg.tubelet_size,
+            patch: cfg.patch_size,
+            tokens: n,
+            patch_dim: p,
+            gen,
+            critic,
+            consts,
+            gen_values,
+            critic_values,
+            const_values,
+            enc,
+            dec,
+            clips,
+            tokens_all,
+            tv,
+            target,
+            e,
+            e_st,
+            y,
+            zm,
+            hd,
+            hd_st,
+            pred,
+            dpred,
+            c_fake,
+            c_real,
+            ds,
+            dch,
+            dhd,
+            dzm,
+            dy,
+            de: de_,
+            loss,
+            visible,
+            masked,
+            zeros,
+            steps_gen: 0,
+            steps_critic: 0,
+        })
+    }
+
+    /// Allocate `ops`' buffers, upload the weights and zero the optimiser state.
+    pub fn load<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        ops.prepare(&self.layout)?;
+        ops.upload(self.gen.all(), &self.gen_values)?;
+        ops.upload(self.critic.all(), &self.critic_values)?;
+        ops.upload(self.consts.all(), &self.const_values)?;
+        for b in [GEN[2], GEN[3]] {
+            ops.fill(self.gen.all().of(b), 0.0)?;
+        }
+        for b in [CRITIC[2], CRITIC[3]] {
+            ops.fill(self.critic.all().of(b), 0.0)?;
+        }
+        ops.upload_index(self.zeros, &vec![0; self.zeros.len])
+    }
+
+    fn p(&self, key: &str) -> T {
+        // Every key asked for here was checked when the step was built.
+        self.gen
+            .get(key)
+            .or_else(|_| self.critic.get(key))
+            .or_else(|_| self.consts.get(key))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The generator's forward from the clips and mask indices in the ops' buffers to `pred`
+    /// (and `target`), keeping every activation its backward needs.
+    fn generator_forward<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let StepShape {
+            batch,
+            visible: nv,
+            masked: nm,
+        } = self.shape;
+        let (n, p) = (self.tokens, self.patch_dim);
+        let (de, dd) = (self.enc.dim, self.dec.dim);
+        let (rv, rm) = (batch * nv, batch * nm);
+        ops.patchify(
+            self.clips,
+            self.clip,
+            self.tubelet,
+            self.patch,
+            self.tokens_all,
+        )?;
+        let rows = |t: T, per_batch: usize, start: usize| Rows {
+            t,
+            per_batch,
+            start,
+        };
+        let gather =
+            |src: Rows, idx: Option<I>, dst: Rows, count: usize, width: usize, accumulate: bool| {
+                Gather {
+                    src,
+                    idx,
+                    dst,
+                    batch,
+                    count,
+                    width,
+                    accumulate,
+                }
+            };
+        ops.gather(&gather(
+            rows(self.tokens_all, n, 0),
+            Some(self.visible),
+            rows(self.tv, nv, 0),
+            nv,
+            p,
+            false,
+        ))?;
+        ops.gather(&gather(
+            rows(self.tokens_all, n, 0),
+            Some(self.masked),
+            rows(self.target, nm, 0),
+            nm,
+            p,
+            false,
+        ))?;
+        // The tubelet embedding of the visible tubelets, plus their positions.
+        let x = self.enc.input();
+        ops.gemm(&linear(
+            x,
+            self.tv,
+            self.p("encoder.patch_embedding.projection.weight"),
+            Some(self.p("encoder.patch_embedding.projection.bias")),
+            rv,
+            de,
+            p,
+            false,
+        ))?;
+        let pos = self.p("encoder.pos_embedding.emb");
+        ops.gather(&gather(
+            rows(pos, 0, 0),
+            Some(self.visible),
+            rows(x, nv, 0),
+            nv,
+            de,
+            true,
+        ))?;
+        self.enc.forward(ops, batch, self.ln_eps)?;
+        ops.layer_norm(
+            self.enc.out,
+            self.p("encoder.norm.weight"),
+            self.p("encoder.norm.bias"),
+            self.ln_eps,
+            de,
+            self.e,
+            self.e_st,
+        )?;
+        ops.gemm(&linear(
+            self.y,
+            self.e,
+            self.p("enc_dec_proj.weight"),
+            None,
+            rv,
+            dd,
+            de,
+            false,
+        ))?;
+        // The decoder's input: projected visible tokens, then mask tokens, each with positions.
+        let z = self.dec.input();
+        let dpos = self.p("decoder.pos_embedding.emb");
+        ops.gather(&gather(
+            rows(self.y, nv, 0),
+            None,
+            rows(z, n, 0),
+            nv,
+            dd,
+            false,
+        ))?;
+        ops.gather(&gather(
+            rows(dpos, 0, 0),
+            Some(self.visible),
+            rows(z, n, 0),
+            nv,
+            dd,
+            true,
+        ))?;
+        let mask_token = self.p("decoder.mask_token");
+        ops.gather(&gather(
+            rows(mask_token, 0, 0),
+            Some(self.zeros),
+            rows(z, n, nv),
+            nm,
+            dd,
+            false,
+        ))?;
+        ops.gather(&gather(
+            rows(dpos, 0, 0),
+            Some(self.masked),
+            rows(z, n, nv),
+            nm,
+            dd,
+            true,
+        ))?;
+        self.dec.forward(ops, batch, self.ln_eps)?;
+        ops.gather(&gather(
+            rows(self.dec.out, n, nv),
+            None,
+            rows(self.zm, nm, 0),
+            nm,
+            dd,
+            false,
+        ))?;
+        ops.layer_norm(
+            self.zm,
+            self.p("decoder.norm.weight"),
+            self.p("decoder.norm.bias"),
+            self.ln_eps,
+            dd,
+            self.hd,
+            self.hd_st,
+        )?;
+        ops.gemm(&linear(
+            self.pred,
+            self.hd,
+            self.p("decoder.head.weight"),
+            Some(self.p("decoder.head.bias")),
+            rm,
+            p,
+            dd,
+            false,
+        ))
+    }
+
+    /// The critic's scores of `x` `[B·nm, P]` into `(h, a, s)`.
+    fn critic_forward<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        x: T,
+        (h, a, s): (T, T, T),
+    ) -> Result<(), O::Error> {
+        let rm = self.shape.batch * self.shape.masked;
+        let hc = h.len / rm.max(1);
+        ops.gemm(&linear(
+            h,
+            x,
+            self.p("discriminator.layers.0.linear.weight"),
+            Some(self.p("discriminator.layers.0.linear.bias")),
+            rm,
+            hc,
+            self.patch_dim,
+            false,
+        ))?;
+        ops.leaky_relu(h, 0.01, a)?;
+        ops.gemm(&linear(
+            s,
+            a,
+            self.p("discriminator.layers.1.linear.weight"),
+            Some(self.p("discriminator.layers.1.linear.bias")),
+            rm,
+            1,
+            hc,
+            false,
+        ))
+    }
+
+    /// From `self.ds` (d loss / d score), back through the critic of `x`: the critic's weight
+    /// gradients (`weights`) and, with `dx`, `dx += ∂/∂x`.
+    fn critic_backward<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        x: T,
+        (h, a, _): (T, T, T),
+        weights: bool,
+        dx: Option<T>,
+    ) -> Result<(), O::Error> {
+        let rm = self.shape.batch * self.shape.masked;
+        let hc = h.len / rm.max(1);
+        let w1 = self.p("discriminator.layers.0.linear.weight");
+        let w2 = self.p("discriminator.layers.1.linear.weight");
+        let g = CRITIC[1];
+        if weights {
+            ops.gemm(&Gemm {
+                d: w2.of(g),
+                a: self.ds,
+                ta: true,
+                b: a,
+                tb: false,
+                m: 1,
+                n: hc,
+                k: rm,
+                bias: None,
+                accumulate: true,
+            })?;
+            ops.col_sum(
+                self.ds,
+                1,
+                0,
+                self.p("discriminator.layers.1.linear.bias").of(g),
+            )?;
+        }
+        // d hidden = ds · W2 [rm, 1]·[1, hc], through LeakyReLU.
+        ops.gemm(&Gemm {
+            d: self.dch,
+            a: self.ds,
+            ta: false,
+            b: w2,
+            tb: false,
+            m: rm,
+            n: hc,
+            k: 1,
+            bias: None,
+            accumulate: false,
+        })?;
+        ops.leaky_relu_backward(h, 0.01, self.dch)?;
+        if weights {
+            ops.gemm(&Gemm {
+                d: w1.of(g),
+                a: self.dch,
+                ta: true,
+                b: x,
+                tb: false,
+                m: hc,
+                n: self.patch_dim,
+                k: rm,
+                bias: None,
+                accumulate: true,
+            })?;
+            ops.col_sum(
+                self.dch,
+                hc,
+                0,
+                self.p("discriminator.layers.0.linear.bias").of(g),
+            )?;
+        }
+        if let Some(dx) = dx {
+            ops.gemm(&Gemm {
+                d: dx,
+                a: self.dch,
+                ta: false,
+                b: w1,
+                tb: false,
+                m: rm,
+                n: self.patch_dim,
+                k: hc,
+                bias: None,
+                accumulate: true,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The generator's backward from `self.dpred` to every generator gradient.
+    fn generator_backward<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let StepShape {
+            batch,
+            visible: nv,
+            masked: nm,
+        } = self.shape;
+        let (n, p) = (self.tokens, self.patch_dim);
+        let (de, dd) = (self.enc.dim, self.dec.dim);
+        let (rv, rm) = (batch * nv, batch * nm);
+        let g = GEN[1];
+        let head = (self.p("decoder.head.weight"), self.p("decoder.head.bias"));
+        linear_backward(ops, self.dpred, self.hd, head, self.dhd, rm, p, dd, g)?;
+        ops.fill(self.dzm, 0.0)?;
+        let (nw, nb) = (self.p("decoder.norm.weight"), self.p("decoder.norm.bias"));
+        ops.layer_norm_backward(
+            self.zm,
+            self.hd_st,
+            nw,
+            self.dhd,
+            dd,
+            self.dzm,
+            nw.of(g),
+            nb.of(g),
+        )?;
+        // Only the masked rows reach the head: the decoder's output gradient is zero elsewhere.
+        let rows = |t: T, per_batch: usize, start: usize| Rows {
+            t,
+            per_batch,
+            start,
+        };
+        let gather = |src: Rows, idx: Option<I>, dst: Rows, count: usize, width: usize| Gather {
+            src,
+            idx,
+            dst,
+            batch,
+            count,
+            width,
+            accumulate: true,
+        };
+        ops.fill(self.dec.dx, 0.0)?;
+        ops.scatter_add(&gather(
+            rows(self.dec.dx, n, nv),
+            None,
+            rows(self.dzm, nm, 0),
+            nm,
+            dd,
+        ))?;
+        self.dec.backward(ops, batch, g)?;
+        // The decoder's input: visible rows to the projection, masked rows to the mask token.
+        ops.fill(self.dy, 0.0)?;
+        ops.scatter_add(&gather(
+            rows(self.dy, nv, 0),
+            None,
+            rows(self.dec.dx, n, 0),
+            nv,
+            dd,
+        ))?;
+        let mask_token = self.p("decoder.mask_token").of(g);
+        ops.scatter_add(&gather(
+            rows(mask_token, 0, 0),
+            Some(self.zeros),
+            rows(self.dec.dx, n, nv),
+            nm,
+            dd,
+        ))?;
+        let proj = self.p("enc_dec_proj.weight");
+        ops.gemm(&Gemm {
+            d: proj.of(g),
+            a: self.dy,
+            ta: true,
+            b: self.e,
+            tb: false,
+            m: dd,
+            n: de,
+            k: rv,
+            bias: None,
+            accumulate: true,
+        })?;
+        ops.gemm(&Gemm {
+            d: self.de,
+            a: self.dy,
+            ta: false,
+            b: proj,
+            tb: false,
+            m: rv,
+            n: de,
+            k: dd,
+            bias: None,
+            accumulate: false,
+        })?;
+        ops.fill(self.enc.dx, 0.0)?;
+        let (nw, nb) = (self.p("encoder.norm.weight"), self.p("encoder.norm.bias"));
+        ops.layer_norm_backward(
+            self.enc.out,
+            self.e_st,
+            nw,
+            self.de,
+            de,
+            self.enc.dx,
+            nw.of(g),
+            nb.of(g),
+        )?;
+        self.enc.backward(ops, batch, g)?;
+        // The tubelet embedding (the positions are constants).
+        let w = self.p("encoder.patch_embedding.projection.weight");
+        let b = self.p("encoder.patch_embedding.projection.bias");
+        ops.gemm(&Gemm {
+            d: w.of(g),
+            a: self.enc.dx,
+            ta: true,
+            b: self.tv,
+            tb: false,
+            m: de,
+            n: p,
+            k: rv,
+            bias: None,
+            accumulate: true,
+        })?;
+        ops.col_sum(self.enc.dx, de, 0, b.of(g))
+    }
+
+    fn adam(&self, lr: f64, step: u32) -> AdamW {
+        AdamW {
+            lr: lr as f32,
+            beta1: self.betas.0,
+            beta2: self.betas.1,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step,
+        }
+    }
+
+    /// Upload a batch: clips `[B, 3, T, H, W]` and its mask indices.
+    pub fn upload_batch<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        clips: &[f32],
+        idx: &MaskIndices,
+    ) -> Result<(), TrainEngineError> {
+        let StepShape {
+            batch,
+            visible,
+            masked,
+        } = self.shape;
+        let (nv, nm) = (
+            idx.visible.len() / idx.batch.max(1),
+            idx.masked.len() / idx.batch.max(1),
+        );
+        if idx.batch != batch || nv != visible || nm != masked || clips.len() != self.clips.len {
+            return Err(TrainEngineError::Batch {
+                got: idx.batch,
+                vis: nv,
+                want: batch,
+                want_vis: visible,
+            });
+        }
+        let dev = |e: O::Error| TrainEngineError::Device(e.to_string());
+        let u32s = |v: &[i64]| v.iter().map(|&i| i as u32).collect::<Vec<u32>>();
+        ops.upload(self.clips, clips).map_err(dev)?;
+        ops.upload_index(self.visible, &u32s(&idx.visible))
+            .map_err(dev)?;
+        ops.upload_index(self.masked, &u32s(&idx.masked))
+            .map_err(dev)
+    }
+
+    /// The gradients of the critic loss (`critic.grad`), from the generator's prediction of
+    /// the uploaded batch; the loss slots 0 and 1 hold mean C(fake) and mean C(real).
+    pub fn critic_gradients<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let rm = self.shape.batch * self.shape.masked;
+        self.generator_forward(ops)?;
+        ops.fill(self.critic.all().of(CRITIC[1]), 0.0)?;
+        self.critic_forward(ops, self.pred, self.c_fake)?;
+        self.critic_forward(ops, self.target, self.c_real)?;
+        ops.mean(self.c_fake.2, self.loss.at(0, 1))?;
+        ops.mean(self.c_real.2, self.loss.at(1, 1))?;
+        ops.fill(self.ds, 1.0 / rm as f32)?;
+        self.critic_backward(ops, self.pred, self.c_fake, true, None)?;
+        ops.fill(self.ds, -1.0 / rm as f32)?;
+        self.critic_backward(ops, self.target, self.c_real, true, None)
+    }
+
+    /// The gradients of the generator loss (`gen.grad`) with the current critic; loss slots 2
+    /// and 3 hold the reconstruction MSE and mean C(pred).
+    pub fn generator_gradients<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let rm = self.shape.batch * self.shape.masked;
+        self.generator_forward(ops)?;
+        ops.fill(self.gen.all().of(GEN[1]), 0.0)?;
+        ops.mse(self.pred, self.target, Some(self.dpred), self.loss.at(2, 1))?;
+        if self.cfg_losses.adv_loss {
+            self.critic_forward(ops, self.pred, self.c_fake)?;
+            ops.mean(self.c_fake.2, self.loss.at(3, 1))?;
+            ops.fill(self.ds, -(self.cfg_losses.adv_weight as f32) / rm as f32)?;
+            self.critic_backward(ops, self.pred, self.c_fake, false, Some(self.dpred))?;
+        }
+        self.generator_backward(ops)
+    }
+
+    /// One training step on the uploaded batch at learning rate `lr`: `d_steps` critic
+    /// updates, then `g_steps` generator updates, as [`crate::train::Pretrainer::step`]. A
+    /// non-finite loss skips its update.
+    pub fn step<O: TrainOps>(&mut self, ops: &mut O, lr: f64) -> Result<StepLosses, O::Error> {
+        let mut out = StepLosses::default();
+        let l = self.cfg_losses;
+        if l.adv_loss {
+            for _ in 0..l.d_steps {
+                self.critic_gradients(ops)?;
+                let v = ops.read(self.loss.at(0, 2))?;
+                out.d_loss = v[0] as f64 - v[1] as f64;
+                if !out.d_loss.is_finite() {
+                    out.skipped = true;
+                    continue;
+                }
+                self.steps_critic += 1;
+                let c = self.critic.all();
+                let h = self.adam(lr, self.steps_critic);
+                ops.adamw(c, c.of(CRITIC[1]), c.of(CRITIC[2]), c.of(CRITIC[3]), &h)?;
+            }
+        }
+        for _ in 0..l.g_steps {
+            self.generator_gradients(ops)?;
+            let v = ops.read(self.loss.at(2, 2))?;
+            out.rec = v[0] as f64;
+            out.adv = if l.adv_loss {
+                -(v[1] as f64) * l.adv_weight
+            } else {
+                0.0
+            };
+            out.g_loss = out.rec + out.adv;
+            if !out.g_loss.is_finite() {
+                out.skipped = true;
+                continue;
+            }
+            self.steps_gen += 1;
+            let g = self.gen.all();
+            let h = self.adam(lr, self.steps_gen);
+            ops.adamw(g, g.of(GEN[1]), g.of(GEN[2]), g.of(GEN[3]), &h)?;
+        }
+        Ok(out)
+    }
+
+    /// The current weights (generator and critic, with the positional tables) in the peer's
+    /// names and shapes.
+    pub fn state_dict<O: TrainOps>(&self, ops: &mut O) -> Result<StateDict, O::Error> {
+        self.tables(ops, [GEN[0], CRITIC[0], CONST])
+    }
+
+    /// The last gradients (generator and critic) in the peer's names and shapes.
+    pub fn gradients<O: TrainOps>(&self, ops: &mut O) -> Result<StateDict, O::Error> {
+        self.tables(ops, [GEN[1], CRITIC[1], usize::MAX])
+    }
+
+    fn tables<O: TrainOps>(&self, ops: &mut O, bufs: [usize; 3]) -> Result<StateDict, O::Error> {
+        let mut sd = StateDict::new("the training engine");
+        for (table, buf) in [&self.gen, &self.critic, &self.consts]
+            .into_iter()
+            .zip(bufs)
+        {
+            if buf == usize::MAX {
+                continue;
+            }
+            let all = ops.read(table.all().of(buf))?;
+            for (k, shape, t) in &table.entries {
+                sd.tensors.insert(
+                    k.clone(),
+                    HostTensor::new(shape.clone(), all[t.off..t.off + t.len].to_vec()),
+                );
+            }
+        }
+        Ok(sd)
+    }
+}
+
+/// [`PretrainStep`] on the host ops: the CPU twin of the GPU's step.
+pub fn host_step(
+    cfg: &MarlinConfig,
+    sd: &StateDict,
+    shape: StepShape,
+    losses: LossConfig,
+) -> Result<(PretrainStep, HostTrainOps), TrainEngineError> {
+    let step = PretrainStep::new(cfg, sd, shape, losses)?;
+    let mut ops = HostTrainOps::default();
+    match step.load(&mut ops) {
+        Ok(()) => Ok((step, ops)),
+        Err(e) => match e {},
+    }
+}

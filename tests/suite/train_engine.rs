@@ -1,0 +1,229 @@
+//! The training engine's pretraining step (`engine::train`, the schedule the CUDA step runs)
+//! on its host twin: one step equals the peer's step (tools/make_train_fixtures.py), the
+//! reconstruction gradients equal the peer's tensor by tensor, and the adversarial step's
+//! gradients (critic and generator) equal burn's autodiff on the same batch.
+
+use crate::common;
+use crate::pretrain_step::{fx, loss_pairs, tiny_a_batch_on, weight_diffs};
+use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::backend::AutodiffBackend;
+use marlin::backend::CpuAutodiff;
+use marlin::engine::train::{host_step, PretrainStep, StepShape, TrainEngineError};
+use marlin::model::load::to_f32_vec;
+use marlin::model::weights::read_safetensors_file;
+use marlin::model::MaskIndices;
+use marlin::train::LossConfig;
+use marlin::{Marlin, MarlinConfig};
+
+const ADV: LossConfig = LossConfig {
+    adv_loss: true,
+    adv_weight: 0.01,
+    gp_weight: 0.0,
+    d_steps: 1,
+    g_steps: 1,
+};
+
+fn shape(idx: &MaskIndices) -> StepShape {
+    StepShape {
+        batch: idx.batch,
+        visible: idx.visible.len() / idx.batch,
+        masked: idx.masked.len() / idx.batch,
+    }
+}
+
+/// The tiny_a model's weights, its batch as host values, its config and mask.
+fn tiny_a() -> (
+    Marlin<CpuAutodiff>,
+    burn::tensor::Tensor<CpuAutodiff, 5>,
+    Vec<f32>,
+    MaskIndices,
+) {
+    let (model, clip, idx) = tiny_a_batch_on::<CpuAutodiff>(&Default::default());
+    let values = to_f32_vec(clip.clone());
+    (model, clip, values, idx)
+}
+
+fn engine(
+    model: &Marlin<CpuAutodiff>,
+    clip: &[f32],
+    idx: &MaskIndices,
+    losses: LossConfig,
+) -> (PretrainStep, marlin::engine::host_train::HostTrainOps) {
+    let cfg: &MarlinConfig = &model.config;
+    let (step, mut ops) = host_step(cfg, &model.to_state_dict(), shape(idx), losses).unwrap();
+    step.upload_batch(&mut ops, clip, idx).unwrap();
+    (step, ops)
+}
+
+#[test]
+fn one_engine_step_equals_pytorchs_step() {
+    let (model, _, clip, idx) = tiny_a();
+    let (mut step, mut ops) = engine(&model, &clip, &idx, ADV);
+    let got = step.step(&mut ops, 1.5e-4).unwrap();
+    let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+    for (name, ours, peer) in loss_pairs(&got, &want) {
+        eprintln!("{name}: engine {ours:.6}, PyTorch {peer:.6}");
+        assert!((ours - peer).abs() <= 1e-4, "{name}: {ours} vs {peer}");
+    }
+    let sd = step.state_dict(&mut ops).unwrap();
+    let diffs = weight_diffs(&sd, &want);
+    let worst = diffs.iter().map(|(_, d)| *d).collect::<Vec<f32>>();
+    for (key, d) in &diffs {
+        assert!(*d <= 1e-4, "{key}: updated weights differ by {d}");
+    }
+    eprintln!(
+        "{} parameters after the engine's step: max abs diff {:.2e}",
+        diffs.len(),
+        common::max_abs(&worst)
+    );
+    assert!(diffs.len() > 40, "compared {} tensors", diffs.len());
+}
+
+/// The reconstruction loss's gradients (no critic) against the peer's, tensor by tensor: within
+/// 1e-4 of the larger of the tensor's max |grad| and 1e-2.
+#[test]
+fn engine_reconstruction_gradients_equal_pytorchs() {
+    let (model, _, clip, idx) = tiny_a();
+    let rec_only = LossConfig {
+        adv_loss: false,
+        ..ADV
+    };
+    let (step, mut ops) = engine(&model, &clip, &idx, rec_only);
+    step.generator_gradients(&mut ops).unwrap();
+    let grads = step.gradients(&mut ops).unwrap();
+    let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+    let mut n = 0;
+    for (k, g) in &want {
+        let Some(key) = k.strip_prefix("grad.") else {
+            continue;
+        };
+        let ours = grads
+            .tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("no gradient for {key}"));
+        let scale = common::max_abs(&g.data);
+        let d = common::max_abs_diff(&ours.data, &g.data);
+        eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {:.2e}", d.diff);
+        assert!(
+            d.diff <= 1e-4 * scale.max(1e-2),
+            "{key}: {d} (max |grad| {scale})"
+        );
+        n += 1;
+    }
+    assert!(n > 40, "compared {n} gradients");
+}
+
+/// burn's gradients of `loss` for every parameter of `model`, read back as the change an SGD
+/// step with lr 1 makes, in the peer's names.
+fn burn_gradients<B: AutodiffBackend>(
+    model: Marlin<B>,
+    loss: burn::tensor::Tensor<B, 1>,
+) -> marlin::model::StateDict {
+    let before = model.to_state_dict();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut sgd = SgdConfig::new().init::<B, Marlin<B>>();
+    let after = sgd.step(1.0, model, grads).to_state_dict();
+    let mut out = marlin::model::StateDict::new("burn");
+    for (k, b) in &before.tensors {
+        let a = &after.tensors[k];
+        let g = b.data.iter().zip(&a.data).map(|(b, a)| b - a).collect();
+        out.tensors.insert(
+            k.clone(),
+            marlin::model::weights::HostTensor::new(b.shape.clone(), g),
+        );
+    }
+    out
+}
+
+fn compare(
+    what: &str,
+    ours: &marlin::model::StateDict,
+    burn: &marlin::model::StateDict,
+    prefix: &[&str],
+) -> usize {
+    let mut n = 0;
+    for (k, g) in &burn.tensors {
+        if !prefix.iter().any(|p| k.starts_with(p)) || k.contains("pos_embedding") {
+            continue;
+        }
+        let o = ours
+            .tensors
+            .get(k)
+            .unwrap_or_else(|| panic!("{what}: no gradient for {k}"));
+        let scale = common::max_abs(&g.data);
+        let d = common::max_abs_diff(&o.data, &g.data);
+        assert!(
+            d.diff <= 1e-4 * scale.max(1e-2),
+            "{what} {k}: {d} (max |grad| {scale})"
+        );
+        n += 1;
+    }
+    n
+}
+
+/// The critic loss's gradients and the generator loss's (MSE + 0.01 × adversarial) equal
+/// burn's autodiff of the same losses on the same batch.
+#[test]
+fn engine_adversarial_gradients_equal_burns_autodiff() {
+    let (model, clip_t, clip, idx) = tiny_a();
+    let (step, mut ops) = engine(&model, &clip, &idx, ADV);
+
+    // The critic: mean C(pred) - mean C(real), the prediction without gradient.
+    step.critic_gradients(&mut ops).unwrap();
+    let ours = step.gradients(&mut ops).unwrap();
+    let mut m = model.clone();
+    let critic = m.discriminator.take().unwrap();
+    let real = m.target(clip_t.clone(), &idx);
+    let pred = m.forward_indices(clip_t.clone(), &idx).unwrap().detach();
+    let d_loss = critic.forward(pred).mean() - critic.forward(real.clone()).mean();
+    let mut m = model.clone();
+    m.discriminator = Some(critic);
+    let burn_d = burn_gradients(m, d_loss);
+    let nd = compare("critic", &ours, &burn_d, &["discriminator."]);
+
+    // The generator: MSE + 0.01 · -mean C(pred), through the critic into the decoder.
+    step.generator_gradients(&mut ops).unwrap();
+    let ours = step.gradients(&mut ops).unwrap();
+    let pred = model.forward_indices(clip_t.clone(), &idx).unwrap();
+    let diff = pred.clone() - real;
+    let critic = model.discriminator.as_ref().unwrap();
+    let g_loss = (diff.clone() * diff).mean() - critic.forward(pred).mean().mul_scalar(0.01);
+    let burn_g = burn_gradients(model.clone(), g_loss);
+    let ng = compare(
+        "generator",
+        &ours,
+        &burn_g,
+        &["encoder.", "decoder.", "enc_dec_proj."],
+    );
+    eprintln!("{nd} critic and {ng} generator gradients equal burn's");
+    assert!(
+        nd == 4 && ng > 40,
+        "compared {nd} critic, {ng} generator tensors"
+    );
+}
+
+#[test]
+fn the_engine_names_what_it_does_not_cover() {
+    let (model, _, _, idx) = tiny_a();
+    let mut cfg = model.config.clone();
+    let sd = model.to_state_dict();
+    let gp = LossConfig {
+        gp_weight: 10.0,
+        ..ADV
+    };
+    let e = PretrainStep::new(&cfg, &sd, shape(&idx), gp).unwrap_err();
+    assert_eq!(
+        e,
+        TrainEngineError::Unsupported("the gradient penalty (gp_weight > 0)")
+    );
+    cfg.init_values = 0.1;
+    let e = PretrainStep::new(&cfg, &sd, shape(&idx), ADV).unwrap_err();
+    assert!(e.to_string().contains("layer scale"), "{e}");
+    let mut sd2 = sd.clone();
+    sd2.tensors.remove("decoder.mask_token");
+    let e = PretrainStep::new(&model.config, &sd2, shape(&idx), ADV).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the training engine needs `decoder.mask_token` in the model's weights"
+    );
+}
