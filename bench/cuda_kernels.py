@@ -55,6 +55,11 @@ ENCODER_KERNELS = [
 ]
 SIMT_KERNELS = ["attention_simt_f32", "attention_simt_bf16"]
 MMA_KERNELS = ["attention_mma_bf16", "attention_mma_tf32"]
+TRAIN_KERNELS = [
+    "fill_f32", "gather_rows_f32", "scatter_add_rows_f32", "col_sum_f32", "layer_norm_fwd_f32",
+    "layer_norm_bwd_f32", "gelu_fwd_f32", "gelu_bwd_f32", "leaky_relu_f32", "leaky_relu_bwd_f32",
+    "sq_diff_sum_f32", "sum_f32", "store_scaled_f32", "adamw_f32",
+]
 
 # file -> (kernels, compile-only architectures, compile-only head dims or None)
 FILES = {
@@ -62,6 +67,7 @@ FILES = {
     "attention_simt.cu": (SIMT_KERNELS, ["sm_70", "sm_80", "sm_90a"],
                           [1, 4, 7, 8, 16, 32, 64, 80, 128, 256]),
     "attention_mma.cu": (MMA_KERNELS, ["sm_80", "sm_90a"], [16, 32, 64, 80, 128]),
+    "train.cu": (TRAIN_KERNELS, ["sm_70", "sm_80", "sm_90a"], None),
 }
 
 # NVRTC 12.x prints this for sm_70/sm_72 whatever the source; it is not a warning about the code.
@@ -825,6 +831,151 @@ def gpu_mode(nvrtc, srcdir, only, quick, iters):
             rel = np.linalg.norm(got - want) / np.linalg.norm(want)
             print(f"  time {name:<30} {'ViT-B':<38} {ms * 1e3:9.1f} us  "
                   f"{flops / ms / 1e9:8.1f} TFLOP/s  (its rel err {rel:.2e}, for reference)")
+
+    # ---- training ops (train.cu), f32, against numpy in float64 -----------------------------
+    tr_sel = [k for k in TRAIN_KERNELS if wanted(k, only)]
+    if tr_sel:
+        need_modules([("train.cu", None)])
+        print("\ntraining ops")
+    TR = "train.cu"
+
+    def tr_run(kname, grid, block, args, shared=0):
+        fn = kernel(TR, kname)
+        if fn is None:
+            skip(kname, "-", "no module")
+            return False
+        try:
+            fn(grid, block, args, shared_mem=shared)
+            cp.cuda.runtime.deviceSynchronize()
+            return True
+        except Exception as e:
+            skip(kname, "-", f"{type(e).__name__}: {e}")
+            return False
+
+    def tr_check(kname, case, got, ref, tol=TOL_F32):
+        record(kname, case, np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64),
+               tol)
+
+    if tr_sel:
+        b, n, w, cnt = 3, 40, 24, 17
+        src = rng.standard_normal((b * n, w)).astype(np.float32)
+        idx = np.stack([rng.permutation(n)[:cnt] for _ in range(b)]).astype(np.uint32)
+        want = np.stack([src[bi * n + idx[bi]] for bi in range(b)]).reshape(b * cnt, w)
+        d_src, d_idx = cp.asarray(src), cp.asarray(idx)
+        if "gather_rows_f32" in tr_sel:
+            d_dst = cp.full((b * cnt, w), np.nan, np.float32)
+            if tr_run("gather_rows_f32", (b * cnt,), (128,),
+                      (d_src, i64(n), i64(0), d_idx, d_dst, i64(cnt), i64(0), i32(b), i32(cnt),
+                       i32(w), i32(0))):
+                tr_check("gather_rows_f32", f"b{b} n{n} count{cnt} w{w}", cp.asnumpy(d_dst), want)
+        if "scatter_add_rows_f32" in tr_sel:
+            shared_rows = np.zeros((1, w), np.float32)   # every row into one shared row
+            d_sh = cp.asarray(shared_rows)
+            zeros = cp.zeros((b, cnt), cp.uint32)
+            g = rng.standard_normal((b * cnt, w)).astype(np.float32)
+            if tr_run("scatter_add_rows_f32", (b * cnt,), (128,),
+                      (d_sh, i64(0), i64(0), zeros, cp.asarray(g), i64(cnt), i64(0), i32(b),
+                       i32(cnt), i32(w), i32(1))):
+                tr_check("scatter_add_rows_f32", "shared row", cp.asnumpy(d_sh)[0], g.sum(0), 1e-5)
+        if "col_sum_f32" in tr_sel:
+            rows, width, col0, cols = 1000, 50, 7, 30
+            x = rng.standard_normal((rows, width)).astype(np.float32)
+            dst = np.ones(cols, np.float32)
+            d_dst = cp.asarray(dst)
+            if tr_run("col_sum_f32", ((cols + 255) // 256, 64), (256,),
+                      (cp.asarray(x), i64(rows), i32(width), i32(col0), i32(cols), d_dst)):
+                tr_check("col_sum_f32", f"rows{rows} cols{col0}+{cols}", cp.asnumpy(d_dst),
+                         1.0 + x[:, col0:col0 + cols].astype(np.float64).sum(0))
+        for rows, d in [(37, 32), (37, 384), (20, 1100)]:
+            x, gm, bt = ln_inputs(rows, d)
+            x64 = x.astype(np.float64)
+            mean = x64.mean(1, keepdims=True)
+            rstd = 1.0 / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + eps)
+            xh = (x64 - mean) * rstd
+            if "layer_norm_fwd_f32" in tr_sel:
+                y = cp.full(x.shape, np.nan, np.float32)
+                st = cp.full((rows, 2), np.nan, np.float32)
+                if tr_run("layer_norm_fwd_f32", ((rows + 7) // 8,), (256,),
+                          (cp.asarray(x), cp.asarray(gm), cp.asarray(bt), y, st, i64(rows),
+                           i32(d), f32(eps))):
+                    tr_check("layer_norm_fwd_f32", f"rows{rows} d{d}", cp.asnumpy(y),
+                             xh * gm + bt)
+                    tr_check("layer_norm_fwd_f32", f"rows{rows} d{d} stats",
+                             cp.asnumpy(st), np.concatenate([mean, rstd], 1), 1e-5)
+            if "layer_norm_bwd_f32" in tr_sel:
+                dy = rng.standard_normal((rows, d)).astype(np.float32)
+                g = dy.astype(np.float64) * gm
+                dx_ref = 1.0 + rstd * (g - g.mean(1, keepdims=True)
+                                       - xh * (g * xh).mean(1, keepdims=True))
+                st = np.concatenate([mean, rstd], 1).astype(np.float32)
+                d_dx = cp.ones((rows, d), cp.float32)
+                d_dg, d_db = cp.zeros(d, cp.float32), cp.zeros(d, cp.float32)
+                if tr_run("layer_norm_bwd_f32", ((rows + 7) // 8,), (256,),
+                          (cp.asarray(x), cp.asarray(st), cp.asarray(gm), cp.asarray(dy), d_dx,
+                           d_dg, d_db, i64(rows), i32(d)), shared=8 * d):
+                    tr_check("layer_norm_bwd_f32", f"rows{rows} d{d} dx", cp.asnumpy(d_dx),
+                             dx_ref)
+                    tr_check("layer_norm_bwd_f32", f"rows{rows} d{d} dgamma", cp.asnumpy(d_dg),
+                             (dy * xh).sum(0))
+                    tr_check("layer_norm_bwd_f32", f"rows{rows} d{d} dbeta", cp.asnumpy(d_db),
+                             dy.astype(np.float64).sum(0))
+        x = (rng.standard_normal(10007) * 3).astype(np.float32)
+        x[:5] = [0.0, -0.0, 1e-30, -1e-30, 40.0]
+        x64 = x.astype(np.float64)
+        erf = np.vectorize(math.erf)
+        cdf = 0.5 * (1 + erf(x64 / math.sqrt(2)))
+        pdf = np.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+        g = rng.standard_normal(x.size).astype(np.float32)
+        nn = i64(x.size)
+        grid1 = ((x.size + 255) // 256,)
+        for kname, args_of, ref in [
+            ("gelu_fwd_f32", lambda o: (cp.asarray(x), o, nn), x64 * cdf),
+            ("gelu_bwd_f32", None, g * (cdf + x64 * pdf)),
+            ("leaky_relu_f32", lambda o: (cp.asarray(x), o, nn, f32(0.01)),
+             np.where(x64 > 0, x64, 0.01 * x64)),
+            ("leaky_relu_bwd_f32", None, g * np.where(x64 > 0, 1.0, 0.01)),
+        ]:
+            if kname not in tr_sel:
+                continue
+            if args_of is None:
+                o = cp.asarray(g)
+                args = (cp.asarray(x), o, nn) + ((f32(0.01),) if "leaky" in kname else ())
+            else:
+                o = cp.full(x.size, np.nan, np.float32)
+                args = args_of(o)
+            if tr_run(kname, grid1, (256,), args):
+                tr_check(kname, f"n{x.size}", cp.asnumpy(o), ref)
+        p_, t_ = rng.standard_normal(5000).astype(np.float32), rng.standard_normal(5000).astype(np.float32)
+        if "sq_diff_sum_f32" in tr_sel:
+            acc = cp.zeros(1, cp.float64)
+            dp = cp.full(p_.size, np.nan, np.float32)
+            if tr_run("sq_diff_sum_f32", (7,), (256,),
+                      (cp.asarray(p_), cp.asarray(t_), dp, i64(p_.size), f32(2.0 / p_.size), acc)):
+                diff = p_.astype(np.float64) - t_
+                tr_check("sq_diff_sum_f32", "sum", cp.asnumpy(acc), [np.sum(diff * diff)], 1e-9)
+                tr_check("sq_diff_sum_f32", "dpred", cp.asnumpy(dp), 2.0 / p_.size * diff)
+        if "sum_f32" in tr_sel and "store_scaled_f32" in tr_sel:
+            acc = cp.zeros(1, cp.float64)
+            out = cp.full(1, np.nan, np.float32)
+            if tr_run("sum_f32", (5,), (256,), (cp.asarray(p_), i64(p_.size), acc)) and \
+                    tr_run("store_scaled_f32", (1,), (1,), (acc, out, np.float64(1.0 / p_.size))):
+                tr_check("store_scaled_f32", "mean", cp.asnumpy(out), [p_.astype(np.float64).mean()])
+        if "adamw_f32" in tr_sel:
+            pn, gr = rng.standard_normal(3000).astype(np.float32), rng.standard_normal(3000).astype(np.float32)
+            m0 = (0.1 * rng.standard_normal(3000)).astype(np.float32)
+            v0 = np.abs(0.1 * rng.standard_normal(3000)).astype(np.float32)
+            lr, b1, b2, ep, wd, t = 1e-3, 0.9, 0.95, 1e-8, 0.05, 3
+            c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+            m1 = b1 * m0.astype(np.float64) + (1 - b1) * gr
+            v1 = b2 * v0.astype(np.float64) + (1 - b2) * gr.astype(np.float64) ** 2
+            p1 = pn * (1 - lr * wd) - lr * (m1 / c1) / (np.sqrt(v1 / c2) + ep)
+            d_p, d_m, d_v = cp.asarray(pn), cp.asarray(m0), cp.asarray(v0)
+            if tr_run("adamw_f32", (12,), (256,),
+                      (d_p, cp.asarray(gr), d_m, d_v, i64(pn.size), f32(lr), f32(b1), f32(b2),
+                       f32(ep), f32(wd), f32(c1), f32(c2))):
+                tr_check("adamw_f32", "p", cp.asnumpy(d_p), p1)
+                tr_check("adamw_f32", "m, v", np.concatenate([cp.asnumpy(d_m), cp.asnumpy(d_v)]),
+                         np.concatenate([m1, v1]))
 
     # ---- summary ---------------------------------------------------------------------------
     print("\n" + "=" * 100)

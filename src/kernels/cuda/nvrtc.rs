@@ -37,7 +37,16 @@ pub const ATTENTION_MMA: Source = Source {
     min_arch: 80,
 };
 
-pub const SOURCES: [Source; 3] = [ENCODER, ATTENTION_SIMT, ATTENTION_MMA];
+/// The training engine's small ops (LayerNorm with statistics and its backward, gathers and
+/// their scatters, bias gradients, GELU/LeakyReLU backward, losses, AdamW), f32.
+pub const TRAIN: Source = Source {
+    file: "train.cu",
+    text: include_str!("train.cu"),
+    per_head_dim: false,
+    min_arch: 70,
+};
+
+pub const SOURCES: [Source; 4] = [ENCODER, ATTENTION_SIMT, ATTENTION_MMA, TRAIN];
 
 /// The environment variable naming a folder of `.cu` files to use instead of the embedded ones.
 pub const SOURCES_ENV: &str = "MARLIN_CUDA_SOURCES";

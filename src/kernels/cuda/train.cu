@@ -1,0 +1,250 @@
+// Kernels of the training engine's CUDA ops (src/engine/train.rs: the pretraining step's forward
+// and backward), f32. The products are cuBLASLt's and attention is cuDNN's (or the engine's
+// attention files); these are the small ops between them, each the twin of a host kernel in
+// src/kernels/cpu_train.rs or src/engine/host_train.rs.
+//
+// Compiled at run time by NVRTC with `--gpu-architecture=sm_XY --std=c++17` (no fast math). No
+// header, sm_70 and newer (atomicAdd on double needs sm_60). All flat indices are 64-bit.
+//
+// Kernels and launch configurations (the Rust side launches exactly these):
+//   fill_f32 (x, n, value)                                 256 threads, any 1-D grid (grid-stride)
+//   gather_rows_f32 (src, src_per_batch, src_start, idx, dst, dst_per_batch, dst_start,
+//                    batch, count, width, accumulate)
+//       dst row (b*dst_per_batch + dst_start + j) (+)= src row (b*src_per_batch + src_start +
+//       (idx ? idx[b*count + j] : j)); src_per_batch 0: one block of rows shared by all batches.
+//       One block per destination row: grid = batch*count, 128 threads.
+//   scatter_add_rows_f32 (same arguments)
+//       the gather's backward: src row (...) += dst row (...), by atomicAdd (rows of a shared
+//       source collect every batch's). Launch as gather_rows_f32.
+//   col_sum_f32 (src, rows, width, col0, cols, dst)
+//       dst[c] += sum over r of src[r*width + col0 + c]. grid = (ceil(cols/256), splits), 256
+//       threads; block y sums rows y, y+splits, ... of its columns, then one atomicAdd per column.
+//   layer_norm_fwd_f32 (x, gamma, beta, y, stats, rows, d, eps)
+//       y = LayerNorm(x) per row (biased variance, eps inside the sqrt, two passes), stats[r] =
+//       (mean, 1/sigma). One warp per row, 256 threads (8 rows), grid = ceil(rows/8).
+//   layer_norm_bwd_f32 (x, stats, gamma, dy, dx, dgamma, dbeta, rows, d)
+//       dx += rstd*(dy*gamma - mean(dy*gamma) - xhat*mean(dy*gamma*xhat)); dgamma += sum dy*xhat,
+//       dbeta += sum dy over the rows. One warp per row, 256 threads (8 rows), grid =
+//       ceil(rows/8), dynamic shared memory 2*d floats (the block's partial dgamma, dbeta, added
+//       with one atomicAdd per column and block).
+//   gelu_fwd_f32 (x, y, n) / gelu_bwd_f32 (x, g, n)
+//       y = exact GELU(x); g *= Phi(x) + x*phi(x). 256 threads, any grid (grid-stride).
+//   leaky_relu_f32 (x, y, n, slope) / leaky_relu_bwd_f32 (x, g, n, slope)
+//       y = x > 0 ? x : slope*x; g *= (x > 0 ? 1 : slope). 256 threads, any grid.
+//   sq_diff_sum_f32 (pred, target, dpred, n, grad_scale, acc)
+//       *acc (double) += sum (pred - target)^2; with dpred (not null), dpred = grad_scale *
+//       (pred - target). 256 threads, any grid; *acc zeroed by the caller.
+//   sum_f32 (x, n, acc)                                    *acc (double) += sum x; as above
+//   store_scaled_f32 (acc, out, scale)                     out[0] = (float)(*acc * scale); 1 thread
+//   adamw_f32 (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, c1, c2)
+//       m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; p = p*(1 - lr*wd) - lr*(m/c1)/(sqrt(v/c2) +
+//       eps), with c1 = 1 - b1^t, c2 = 1 - b2^t. 256 threads, any grid.
+
+namespace {
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024) into one atomicAdd.
+__device__ __forceinline__ void block_add_to(double v, double* acc) {
+    __shared__ double part[32];
+    v = warp_sum_d(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = (blockDim.x + 31) >> 5;
+        double s = lane < warps ? part[lane] : 0.0;
+        s = warp_sum_d(s);
+        if (lane == 0) atomicAdd(acc, s);
+    }
+}
+
+__device__ __forceinline__ long long src_row(long long b, long long per_batch, long long start,
+                                             long long j) {
+    return b * per_batch + start + j;
+}
+
+}  // namespace
+
+extern "C" __global__ void fill_f32(float* x, long long n, float value) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] = value;
+}
+
+extern "C" __global__ void gather_rows_f32(const float* src, long long src_per_batch,
+                                           long long src_start, const unsigned int* idx,
+                                           float* dst, long long dst_per_batch,
+                                           long long dst_start, int batch, int count, int width,
+                                           int accumulate) {
+    const long long row = blockIdx.x;  // b * count + j
+    if (row >= (long long)batch * count) return;
+    const long long b = row / count, j = row % count;
+    const long long from = idx ? (long long)idx[row] : j;
+    const float* s = src + src_row(b, src_per_batch, src_start, from) * width;
+    float* d = dst + src_row(b, dst_per_batch, dst_start, j) * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) d[c] = accumulate ? d[c] + s[c] : s[c];
+}
+
+extern "C" __global__ void scatter_add_rows_f32(float* src, long long src_per_batch,
+                                                long long src_start, const unsigned int* idx,
+                                                const float* dst, long long dst_per_batch,
+                                                long long dst_start, int batch, int count,
+                                                int width, int accumulate) {
+    (void)accumulate;
+    const long long row = blockIdx.x;
+    if (row >= (long long)batch * count) return;
+    const long long b = row / count, j = row % count;
+    const long long to = idx ? (long long)idx[row] : j;
+    float* s = src + src_row(b, src_per_batch, src_start, to) * width;
+    const float* d = dst + src_row(b, dst_per_batch, dst_start, j) * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) atomicAdd(s + c, d[c]);
+}
+
+extern "C" __global__ void col_sum_f32(const float* src, long long rows, int width, int col0,
+                                       int cols, float* dst) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = 0.f;
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) s += src[r * width + col0 + c];
+    atomicAdd(dst + c, s);
+}
+
+extern "C" __global__ void layer_norm_fwd_f32(const float* x, const float* gamma,
+                                              const float* beta, float* y, float* stats,
+                                              long long rows, int d, float eps) {
+    const long long r = blockIdx.x * 8LL + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const float* xr = x + r * d;
+    float s = 0.f;
+    for (int i = lane; i < d; i += 32) s += xr[i];
+    const float mean = warp_sum(s) / d;
+    float q = 0.f;
+    for (int i = lane; i < d; i += 32) {
+        const float t = xr[i] - mean;
+        q += t * t;
+    }
+    const float rstd = 1.f / sqrtf(warp_sum(q) / d + eps);
+    float* yr = y + r * d;
+    for (int i = lane; i < d; i += 32) yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+    if (lane == 0) {
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+    }
+}
+
+extern "C" __global__ void layer_norm_bwd_f32(const float* x, const float* stats,
+                                              const float* gamma, const float* dy, float* dx,
+                                              float* dgamma, float* dbeta, long long rows, int d) {
+    extern __shared__ float part[];  // [2, d]: this block's dgamma, dbeta
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) part[i] = 0.f;
+    __syncthreads();
+    const long long r = blockIdx.x * 8LL + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r < rows) {
+        const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        const float* xr = x + r * d;
+        const float* gr = dy + r * d;
+        float s1 = 0.f, s2 = 0.f;
+        for (int i = lane; i < d; i += 32) {
+            const float xh = (xr[i] - mean) * rstd;
+            const float g = gr[i] * gamma[i];
+            s1 += g;
+            s2 += g * xh;
+            atomicAdd(part + i, gr[i] * xh);  // shared-memory atomics: 8 rows per block
+            atomicAdd(part + d + i, gr[i]);
+        }
+        const float m1 = warp_sum(s1) / d, m2 = warp_sum(s2) / d;
+        float* dr = dx + r * d;
+        for (int i = lane; i < d; i += 32) {
+            const float xh = (xr[i] - mean) * rstd;
+            dr[i] += rstd * (gr[i] * gamma[i] - m1 - xh * m2);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        atomicAdd(dgamma + i, part[i]);
+        atomicAdd(dbeta + i, part[d + i]);
+    }
+}
+
+extern "C" __global__ void gelu_fwd_f32(const float* x, float* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        y[i] = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    }
+}
+
+extern "C" __global__ void gelu_bwd_f32(const float* x, float* g, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+        const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+        g[i] *= cdf + v * pdf;
+    }
+}
+
+extern "C" __global__ void leaky_relu_f32(const float* x, float* y, long long n, float slope) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        y[i] = v > 0.f ? v : v * slope;
+    }
+}
+
+extern "C" __global__ void leaky_relu_bwd_f32(const float* x, float* g, long long n,
+                                              float slope) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        if (!(x[i] > 0.f)) g[i] *= slope;
+}
+
+extern "C" __global__ void sq_diff_sum_f32(const float* pred, const float* target, float* dpred,
+                                           long long n, float grad_scale, double* acc) {
+    double s = 0.0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float t = pred[i] - target[i];
+        s += (double)t * t;
+        if (dpred) dpred[i] = grad_scale * t;
+    }
+    block_add_to(s, acc);
+}
+
+extern "C" __global__ void sum_f32(const float* x, long long n, double* acc) {
+    double s = 0.0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        s += x[i];
+    block_add_to(s, acc);
+}
+
+extern "C" __global__ void store_scaled_f32(const double* acc, float* out, double scale) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) out[0] = (float)(acc[0] * scale);
+}
+
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n,
+                                     float lr, float beta1, float beta2, float eps,
+                                     float weight_decay, float c1, float c2) {
+    const float decay = 1.f - lr * weight_decay;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+    }
+}
