@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Time pretraining steps instead (critic + generator step, random 90% masks, AdamW).
     #[arg(long)]
     pub train: bool,
+    /// With --train on the CPU: time the training engine's step (the schedule the CUDA step
+    /// runs, on its host ops) instead of burn's autodiff step.
+    #[arg(long, requires = "train")]
+    pub train_engine: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Matrix products in fp32, tf32 (GPU tensor cores) or bf16 (f32 sums; CPUs with AVX-512
@@ -478,6 +482,40 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
             b * world
         ),
         None => outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device),
+    }
+    if a.train_engine {
+        if group.is_some() || a.device.is_gpu() {
+            fail("--train-engine runs on the CPU in one process (the CUDA step is not built yet)");
+        }
+        let sd = pt.model().to_state_dict();
+        let shape = marlin::engine::train::StepShape {
+            batch: b,
+            visible: idx.visible.len() / b,
+            masked: idx.masked.len() / b,
+        };
+        let (mut step, mut ops) =
+            match marlin::engine::train::host_step(cfg, &sd, shape, LossConfig::from_config(cfg)) {
+                Ok(s) => s,
+                Err(e) => fail(e),
+            };
+        if let Err(e) = step.upload_batch(&mut ops, &marlin::model::load::to_f32_vec(clip), &idx) {
+            fail(e);
+        }
+        outln!(
+            "the training engine on its host ops: {:.2} GB of buffers",
+            step.layout.float_values() as f64 * 4e-9
+        );
+        let elapsed = timed_runs(b, a.iters, || match step.step(&mut ops, 1e-4) {
+            Ok(_) => {}
+            Err(e) => match e {},
+        });
+        report_memory(watch);
+        let per_step = elapsed / a.iters.max(1) as f64;
+        outln!(
+            "seconds per step: {per_step:.3}  (samples/s {:.2})",
+            b as f64 / per_step
+        );
+        return;
     }
     // The collectives' cost after the untimed first step.
     let mut after_warmup = None;

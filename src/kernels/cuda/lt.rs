@@ -87,6 +87,42 @@ pub fn describe(g: &Gemm, precision: Precision) -> GemmDesc {
     }
 }
 
+/// The cuBLASLt description of a training product ([`crate::engine::train::Gemm`]), every
+/// operand f32: row-major `D [m, n] (+)= op(A) · op(B) (+ bias)` is the column-major
+/// `Dᵀ [n, m] = op(B)ᵀ · op(A)ᵀ`, so cuBLASLt's first operand is the B buffer and its second
+/// the A buffer. A row-major buffer read as column-major is its transpose, so an operand the
+/// row-major product does not transpose needs no transpose here (and the reverse): the
+/// forward `x · Wᵀ` is TN as in [`describe`], the input gradient `dy · W` is NN, the weight
+/// gradient `dyᵀ · x` is NT.
+pub fn describe_train(g: &crate::engine::train::Gemm, precision: Precision) -> GemmDesc {
+    let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
+    let f = |rows: u64, cols: u64| Layout {
+        dtype: DType::F32,
+        rows,
+        cols,
+        ld: rows as i64,
+    };
+    let d = f(n, m);
+    GemmDesc {
+        compute: match precision {
+            Precision::Tf32 => Compute::Tf32,
+            _ => Compute::F32,
+        },
+        // B: row-major [k, n] is column-major [n, k] (= op(B)ᵀ as it is); row-major [n, k]
+        // (tb) is column-major [k, n], transposed by the operation.
+        a: if g.tb { f(k, n) } else { f(n, k) },
+        trans_a: g.tb,
+        // A: row-major [m, k] is column-major [k, m] (= op(A)ᵀ); row-major [k, m] (ta) is
+        // column-major [m, k], transposed.
+        b: if g.ta { f(m, k) } else { f(k, m) },
+        trans_b: g.ta,
+        c: d,
+        d,
+        bias: g.bias.is_some(),
+        beta: if g.accumulate { 1.0 } else { 0.0 },
+    }
+}
+
 /// The element of row-major `[rows, cols]` at (r, c) as column-major layout `l` addresses it
 /// (the transposed view): `c + r * ld`. For tests of the layouts.
 pub fn offset(l: &Layout, row_major: (u64, u64)) -> u64 {
@@ -356,6 +392,114 @@ mod tests {
         assert_eq!((g.beta, g.bias, g.compute), (0.0, true, Compute::F32));
         // Row-major D[r, c] is the column-major element (c, r): offset c + r * ld.
         assert_eq!(offset(&g.d, (3, 5)), 5 + 3 * 2304);
+    }
+
+    /// cuBLASLt's column-major product as `desc` describes it, computed naively: `D = op(A')
+    /// · op(B') + bias (+ beta D)` with A' = `a`, B' = `b`.
+    #[allow(clippy::needless_range_loop)] // (i, j, p) index three matrices, as the formula reads
+    fn column_major(desc: &GemmDesc, a: &[f32], b: &[f32], bias: &[f32], d: &mut [f32]) {
+        let (rows, cols) = (desc.d.rows as usize, desc.d.cols as usize);
+        let inner = if desc.trans_a {
+            desc.a.rows
+        } else {
+            desc.a.cols
+        } as usize;
+        let at = |l: &Layout, t: bool, i: usize, p: usize, x: &[f32]| {
+            let ld = l.ld as usize;
+            if t {
+                x[p + i * ld]
+            } else {
+                x[i + p * ld]
+            }
+        };
+        for j in 0..cols {
+            for i in 0..rows {
+                let mut s = 0f32;
+                for p in 0..inner {
+                    s += at(&desc.a, desc.trans_a, i, p, a) * at(&desc.b, desc.trans_b, p, j, b);
+                }
+                if desc.bias {
+                    s += bias[i];
+                }
+                let o = i + j * desc.d.ld as usize;
+                d[o] = s + desc.beta * d[o];
+            }
+        }
+    }
+
+    /// Every transpose combination of the training products, described for cuBLASLt and
+    /// computed as cuBLASLt would, equals the host's row-major product.
+    #[test]
+    fn training_products_equal_the_hosts_in_every_transpose() {
+        use crate::engine::train::{Gemm as TGemm, T};
+        let (m, n, k) = (5, 7, 3);
+        let vals = |len: usize, s: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * s) % 17) as f32 / 4.0 - 2.0)
+                .collect()
+        };
+        let t = |len: usize| T {
+            buf: 0,
+            off: 0,
+            len,
+        };
+        for (ta, tb, acc, bias) in [
+            (false, true, false, true),
+            (false, false, false, false),
+            (true, false, true, false),
+            (true, true, true, true),
+        ] {
+            let (a, b, bv) = (vals(m * k, 5), vals(k * n, 7), vals(n, 3));
+            let g = TGemm {
+                d: t(m * n),
+                a: t(m * k),
+                ta,
+                b: t(k * n),
+                tb,
+                m,
+                n,
+                k,
+                bias: bias.then(|| t(n)),
+                accumulate: acc,
+            };
+            let desc = describe_train(&g, Precision::F32);
+            let start = vals(m * n, 11);
+            let mut host = start.clone();
+            if bias {
+                for r in host.chunks_mut(n) {
+                    r.iter_mut()
+                        .zip(&bv)
+                        .for_each(|(v, b)| *v = if acc { *v + b } else { *b });
+                }
+            }
+            crate::kernels::cpu::matmul_t(&mut host, &a, ta, &b, tb, [m, k, n], acc || bias);
+            // D row-major [m, n] is column-major [n, m]: the same buffer.
+            let mut lt = start.clone();
+            column_major(&desc, &b, &a, &bv, &mut lt);
+            for (i, (h, l)) in host.iter().zip(&lt).enumerate() {
+                assert!(
+                    (h - l).abs() < 1e-4,
+                    "ta {ta} tb {tb}: element {i}: {h} vs {l}"
+                );
+            }
+        }
+        // The forward product is TN as the inference engine's.
+        let fwd = describe_train(
+            &TGemm {
+                d: t(6),
+                a: t(6),
+                ta: false,
+                b: t(9),
+                tb: true,
+                m: 2,
+                n: 3,
+                k: 3,
+                bias: None,
+                accumulate: false,
+            },
+            Precision::Tf32,
+        );
+        assert!(fwd.trans_a && !fwd.trans_b && fwd.compute == Compute::Tf32);
     }
 
     #[test]
