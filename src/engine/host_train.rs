@@ -3,7 +3,7 @@
 //! blocked backward, and the kernels of [`crate::kernels::cpu_train`]. The twin of the CUDA
 //! ops: the same steps and buffers, checked against the peer's step in the tests.
 
-use super::train::{Gather, Gemm, Layout, TrainOps, I, T};
+use super::train::{Gather, Gemm, Layout, Rows, TrainOps, I, T};
 use crate::kernels::cpu;
 use crate::kernels::cpu_train::{self, AdamW};
 use rayon::prelude::*;
@@ -32,16 +32,25 @@ impl HostTrainOps {
         self.floats[buf] = v;
     }
 
+    /// `f(source offset, destination offset)` of every row pair of `g`, batch by batch (a
+    /// scatter into rows shared by every batch adds them in this fixed order).
+    fn row_pairs(&self, g: &Gather, mut f: impl FnMut(usize, usize)) {
+        let idx = g.idx.map(|i| &self.indices[i.buf][..]);
+        let row = |r: &Rows, b: usize, j: usize| (b * r.per_batch + r.start + j) * g.width;
+        for b in 0..g.batch {
+            for j in 0..g.count {
+                let from = idx.map_or(j, |ix| ix[b * g.count + j] as usize);
+                f(row(&g.src, b, from), row(&g.dst, b, j));
+            }
+        }
+    }
+
     /// Run `f` on the slice `out` and the rest of the buffers.
     fn write(&mut self, out: T, f: impl FnOnce(&Self, &mut [f32])) {
         let mut v = self.take(out.buf);
         f(self, &mut v[out.off..out.off + out.len]);
         self.put(out.buf, v);
     }
-}
-
-fn row_of(r: &super::train::Rows, b: usize, j: usize) -> usize {
-    b * r.per_batch + r.start + j
 }
 
 impl TrainOps for HostTrainOps {
@@ -96,43 +105,31 @@ impl TrainOps for HostTrainOps {
     }
 
     fn gather(&mut self, g: &Gather) -> Result<(), Infallible> {
-        let idx = g.idx.map(|i| self.indices[i.buf].clone());
-        let w = g.width;
         let (src, dst) = (g.src, g.dst);
         self.write(dst.t, |me, d| {
             let s = me.s(src.t);
-            for b in 0..g.batch {
-                for j in 0..g.count {
-                    let from = idx.as_ref().map_or(j, |ix| ix[b * g.count + j] as usize);
-                    let (si, di) = (row_of(&src, b, from) * w, row_of(&dst, b, j) * w);
-                    let (sr, dr) = (&s[si..si + w], &mut d[di..di + w]);
-                    if g.accumulate {
-                        dr.iter_mut().zip(sr).for_each(|(d, s)| *d += s);
-                    } else {
-                        dr.copy_from_slice(sr);
-                    }
+            me.row_pairs(g, |si, di| {
+                let (sr, dr) = (&s[si..si + g.width], &mut d[di..di + g.width]);
+                if g.accumulate {
+                    dr.iter_mut().zip(sr).for_each(|(d, s)| *d += s);
+                } else {
+                    dr.copy_from_slice(sr);
                 }
-            }
+            });
         });
         Ok(())
     }
 
     fn scatter_add(&mut self, g: &Gather) -> Result<(), Infallible> {
-        let idx = g.idx.map(|i| self.indices[i.buf].clone());
-        let w = g.width;
         let (src, dst) = (g.src, g.dst);
         self.write(src.t, |me, s| {
             let d = me.s(dst.t);
-            for b in 0..g.batch {
-                for j in 0..g.count {
-                    let to = idx.as_ref().map_or(j, |ix| ix[b * g.count + j] as usize);
-                    let (si, di) = (row_of(&src, b, to) * w, row_of(&dst, b, j) * w);
-                    s[si..si + w]
-                        .iter_mut()
-                        .zip(&d[di..di + w])
-                        .for_each(|(s, d)| *s += d);
-                }
-            }
+            me.row_pairs(g, |si, di| {
+                s[si..si + g.width]
+                    .iter_mut()
+                    .zip(&d[di..di + g.width])
+                    .for_each(|(s, d)| *s += d);
+            });
         });
         Ok(())
     }
@@ -195,9 +192,9 @@ impl TrainOps for HostTrainOps {
         dgamma: T,
         dbeta: T,
     ) -> Result<(), Infallible> {
-        // dgamma and dbeta are slices of one gradient buffer: taken together.
+        // dgamma and dbeta are disjoint slices of one gradient buffer: taken out together.
         let mut grads = self.take(dgamma.buf);
-        let (mut dg, mut db) = (vec![0f32; dgamma.len], vec![0f32; dbeta.len]);
+        let (dg, db) = disjoint_mut(&mut grads, dgamma, dbeta);
         self.write(dx, |me, dxs| {
             cpu_train::layer_norm_backward(
                 me.s(x),
@@ -206,19 +203,11 @@ impl TrainOps for HostTrainOps {
                 me.s(dout),
                 d,
                 dxs,
-                &mut dg,
-                &mut db,
+                dg,
+                db,
             )
         });
-        grads[dgamma.off..dgamma.off + dgamma.len]
-            .iter_mut()
-            .zip(&dg)
-            .for_each(|(o, v)| *o += v);
         self.put(dgamma.buf, grads);
-        self.floats[dbeta.buf][dbeta.off..dbeta.off + dbeta.len]
-            .iter_mut()
-            .zip(&db)
-            .for_each(|(o, v)| *o += v);
         Ok(())
     }
 
@@ -325,5 +314,20 @@ impl TrainOps for HostTrainOps {
         self.put(m.buf, mb);
         self.put(v.buf, vb);
         Ok(())
+    }
+}
+
+/// The slices `a` and `b` of one buffer, both writable (they must not overlap).
+fn disjoint_mut(v: &mut [f32], a: T, b: T) -> (&mut [f32], &mut [f32]) {
+    assert!(
+        a.off + a.len <= b.off || b.off + b.len <= a.off,
+        "overlapping slices"
+    );
+    if a.off < b.off {
+        let (lo, hi) = v.split_at_mut(b.off);
+        (&mut lo[a.off..a.off + a.len], &mut hi[..b.len])
+    } else {
+        let (lo, hi) = v.split_at_mut(a.off);
+        (&mut hi[..a.len], &mut lo[b.off..b.off + b.len])
     }
 }

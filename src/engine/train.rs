@@ -616,34 +616,18 @@ impl Stack {
             ops.attention_backward(t.qkv, t.att, self.datt, t.lse, dims, self.scale, self.dqkv)?;
             // The qkv product's weight and input gradients; q_bias and v_bias from the q and v
             // columns (k has no bias).
-            ops.gemm(&Gemm {
-                d: g(p.qkv),
-                a: self.dqkv,
-                ta: true,
-                b: t.h1,
-                tb: false,
-                m: 3 * d,
-                n: d,
-                k: rows,
-                bias: None,
-                accumulate: true,
-            })?;
+            ops.gemm(&weight_grad(g(p.qkv), self.dqkv, t.h1, [3 * d, d, rows]))?;
             if let Some((q, v)) = p.qv_bias {
                 ops.col_sum(self.dqkv, 3 * d, 0, g(q))?;
                 ops.col_sum(self.dqkv, 3 * d, 2 * d, g(v))?;
             }
-            ops.gemm(&Gemm {
-                d: self.dh,
-                a: self.dqkv,
-                ta: false,
-                b: p.qkv,
-                tb: false,
-                m: rows,
-                n: d,
-                k: 3 * d,
-                bias: None,
-                accumulate: false,
-            })?;
+            ops.gemm(&input_grad(
+                self.dh,
+                self.dqkv,
+                p.qkv,
+                [rows, 3 * d, d],
+                false,
+            ))?;
             ops.layer_norm_backward(
                 t.x_in,
                 t.st1,
@@ -685,6 +669,40 @@ fn linear(
     }
 }
 
+/// A Linear's weight gradient `dw [out, inp] += dyᵀ · x` from `dy [rows, out]` and its input
+/// `x [rows, inp]`.
+fn weight_grad(dw: T, dy: T, x: T, [out, inp, rows]: [usize; 3]) -> Gemm {
+    Gemm {
+        d: dw,
+        a: dy,
+        ta: true,
+        b: x,
+        tb: false,
+        m: out,
+        n: inp,
+        k: rows,
+        bias: None,
+        accumulate: true,
+    }
+}
+
+/// A Linear's input gradient `dx [rows, inp] (+)= dy · w` from `dy [rows, out]` and its weight
+/// `w [out, inp]`.
+fn input_grad(dx: T, dy: T, w: T, [rows, out, inp]: [usize; 3], accumulate: bool) -> Gemm {
+    Gemm {
+        d: dx,
+        a: dy,
+        ta: false,
+        b: w,
+        tb: false,
+        m: rows,
+        n: inp,
+        k: out,
+        bias: None,
+        accumulate,
+    }
+}
+
 /// A Linear's backward from `dy` `[rows, n]`: `dw += dyᵀ·a`, `db += Σ dy` (gradients in buffer
 /// `grads`), and `da = dy · W` `[rows, k]` (overwritten).
 #[allow(clippy::too_many_arguments)]
@@ -699,31 +717,9 @@ fn linear_backward<O: TrainOps>(
     k: usize,
     grads: usize,
 ) -> Result<(), O::Error> {
-    ops.gemm(&Gemm {
-        d: w.of(grads),
-        a: dy,
-        ta: true,
-        b: a,
-        tb: false,
-        m: n,
-        n: k,
-        k: rows,
-        bias: None,
-        accumulate: true,
-    })?;
+    ops.gemm(&weight_grad(w.of(grads), dy, a, [n, k, rows]))?;
     ops.col_sum(dy, n, 0, b.of(grads))?;
-    ops.gemm(&Gemm {
-        d: da,
-        a: dy,
-        ta: false,
-        b: w,
-        tb: false,
-        m: rows,
-        n: k,
-        k: n,
-        bias: None,
-        accumulate: false,
-    })
+    ops.gemm(&input_grad(da, dy, w, [rows, n, k], false))
 }
 
 fn shape_check(sd: &StateDict, key: &str, want: &[usize]) -> Result<(), TrainEngineError> {
@@ -846,7 +842,8 @@ impl PretrainStep {
         ] {
             layout.float(name, len);
         }
-        let scale = |d: usize, h: usize| cfg.qk_scale.unwrap_or(((d / h) as f64).powf(-0.5)) as f32;
+        let scale =
+            |d: usize, h: usize| crate::model::block::attention_scale(cfg.qk_scale, d, h) as f32;
         let enc = Stack::new(
             &mut layout,
             "encoder",
@@ -904,11 +901,7 @@ impl PretrainStep {
         let visible = layout.index("visible", rv);
         let masked = layout.index("masked", rm);
         let zeros = layout.index("zeros", rm);
-        let (betas, eps) = cfg
-            .optimizer
-            .as_ref()
-            .map(|o| (o.betas, o.eps))
-            .unwrap_or(([0.9, 0.95], 1e-8));
+        let (betas, eps) = crate::train::adam_betas_eps(cfg);
         Ok(Self {
             shape,
             layout,
@@ -1189,18 +1182,7 @@ impl PretrainStep {
         let w2 = self.p("discriminator.layers.1.linear.weight");
         let g = CRITIC[1];
         if weights {
-            ops.gemm(&Gemm {
-                d: w2.of(g),
-                a: self.ds,
-                ta: true,
-                b: a,
-                tb: false,
-                m: 1,
-                n: hc,
-                k: rm,
-                bias: None,
-                accumulate: true,
-            })?;
+            ops.gemm(&weight_grad(w2.of(g), self.ds, a, [1, hc, rm]))?;
             ops.col_sum(
                 self.ds,
                 1,
@@ -1209,32 +1191,15 @@ impl PretrainStep {
             )?;
         }
         // d hidden = ds · W2 [rm, 1]·[1, hc], through LeakyReLU.
-        ops.gemm(&Gemm {
-            d: self.dch,
-            a: self.ds,
-            ta: false,
-            b: w2,
-            tb: false,
-            m: rm,
-            n: hc,
-            k: 1,
-            bias: None,
-            accumulate: false,
-        })?;
+        ops.gemm(&input_grad(self.dch, self.ds, w2, [rm, 1, hc], false))?;
         ops.leaky_relu_backward(h, 0.01, self.dch)?;
         if weights {
-            ops.gemm(&Gemm {
-                d: w1.of(g),
-                a: self.dch,
-                ta: true,
-                b: x,
-                tb: false,
-                m: hc,
-                n: self.patch_dim,
-                k: rm,
-                bias: None,
-                accumulate: true,
-            })?;
+            ops.gemm(&weight_grad(
+                w1.of(g),
+                self.dch,
+                x,
+                [hc, self.patch_dim, rm],
+            ))?;
             ops.col_sum(
                 self.dch,
                 hc,
@@ -1243,18 +1208,13 @@ impl PretrainStep {
             )?;
         }
         if let Some(dx) = dx {
-            ops.gemm(&Gemm {
-                d: dx,
-                a: self.dch,
-                ta: false,
-                b: w1,
-                tb: false,
-                m: rm,
-                n: self.patch_dim,
-                k: hc,
-                bias: None,
-                accumulate: true,
-            })?;
+            ops.gemm(&input_grad(
+                dx,
+                self.dch,
+                w1,
+                [rm, hc, self.patch_dim],
+                true,
+            ))?;
         }
         Ok(())
     }
@@ -1326,30 +1286,8 @@ impl PretrainStep {
             dd,
         ))?;
         let proj = self.p("enc_dec_proj.weight");
-        ops.gemm(&Gemm {
-            d: proj.of(g),
-            a: self.dy,
-            ta: true,
-            b: self.e,
-            tb: false,
-            m: dd,
-            n: de,
-            k: rv,
-            bias: None,
-            accumulate: true,
-        })?;
-        ops.gemm(&Gemm {
-            d: self.de,
-            a: self.dy,
-            ta: false,
-            b: proj,
-            tb: false,
-            m: rv,
-            n: de,
-            k: dd,
-            bias: None,
-            accumulate: false,
-        })?;
+        ops.gemm(&weight_grad(proj.of(g), self.dy, self.e, [dd, de, rv]))?;
+        ops.gemm(&input_grad(self.de, self.dy, proj, [rv, dd, de], false))?;
         ops.fill(self.enc.dx, 0.0)?;
         let (nw, nb) = (self.p("encoder.norm.weight"), self.p("encoder.norm.bias"));
         ops.layer_norm_backward(
@@ -1366,18 +1304,7 @@ impl PretrainStep {
         // The tubelet embedding (the positions are constants).
         let w = self.p("encoder.patch_embedding.projection.weight");
         let b = self.p("encoder.patch_embedding.projection.bias");
-        ops.gemm(&Gemm {
-            d: w.of(g),
-            a: self.enc.dx,
-            ta: true,
-            b: self.tv,
-            tb: false,
-            m: de,
-            n: p,
-            k: rv,
-            bias: None,
-            accumulate: true,
-        })?;
+        ops.gemm(&weight_grad(w.of(g), self.enc.dx, self.tv, [de, p, rv]))?;
         ops.col_sum(self.enc.dx, de, 0, b.of(g))
     }
 

@@ -36,7 +36,7 @@ impl<B: Backend> Attention<B> {
             v_bias: bias(),
             proj: super::load::linear(dim, dim, true, device),
             num_heads,
-            scale: qk_scale.unwrap_or(((dim / num_heads) as f64).powf(-0.5)),
+            scale: attention_scale(qk_scale, dim, num_heads),
         }
     }
 
@@ -56,6 +56,11 @@ impl<B: Backend> Attention<B> {
         let out = k.attention(qkv, h, self.scale as f32);
         linear(k, &self.proj, out)
     }
+}
+
+/// The scale of q·k: the config's qk_scale, or head_dim^-0.5.
+pub fn attention_scale(qk_scale: Option<f64>, dim: usize, num_heads: usize) -> f64 {
+    qk_scale.unwrap_or(((dim / num_heads) as f64).powf(-0.5))
 }
 
 /// A Linear's forward through the backend's kernels (its product in their precision).

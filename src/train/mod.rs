@@ -119,13 +119,17 @@ impl LossConfig {
     }
 }
 
-/// AdamW as the config describes it (betas, eps, weight decay; defaults (0.9, 0.95), 1e-8, 0).
-pub fn adamw(cfg: &MarlinConfig) -> AdamWConfig {
-    let (betas, eps) = cfg
-        .optimizer
+/// The config's AdamW betas and eps (defaults (0.9, 0.95) and 1e-8).
+pub fn adam_betas_eps(cfg: &MarlinConfig) -> ([f64; 2], f64) {
+    cfg.optimizer
         .as_ref()
         .map(|o| (o.betas, o.eps))
-        .unwrap_or(([0.9, 0.95], 1e-8));
+        .unwrap_or(([0.9, 0.95], 1e-8))
+}
+
+/// AdamW as the config describes it (betas, eps, weight decay; defaults (0.9, 0.95), 1e-8, 0).
+pub fn adamw(cfg: &MarlinConfig) -> AdamWConfig {
+    let (betas, eps) = adam_betas_eps(cfg);
     AdamWConfig::new()
         .with_beta_1(betas[0] as f32)
         .with_beta_2(betas[1] as f32)

@@ -92,25 +92,39 @@ fn engine_reconstruction_gradients_equal_pytorchs() {
     step.generator_gradients(&mut ops).unwrap();
     let grads = step.gradients(&mut ops).unwrap();
     let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+    let peer = want
+        .iter()
+        .filter_map(|(k, g)| Some((k.strip_prefix("grad.")?, g)));
+    let n = assert_gradients("PyTorch", &grads, peer);
+    assert!(n > 40, "compared {n} gradients");
+}
+
+/// Each reference gradient against ours: within 1e-4 of the larger of its max |grad| and 1e-2
+/// (NaN fails). Returns how many it compared.
+fn assert_gradients<'a>(
+    what: &str,
+    ours: &marlin::model::StateDict,
+    reference: impl Iterator<Item = (&'a str, &'a marlin::model::weights::HostTensor)>,
+) -> usize {
     let mut n = 0;
-    for (k, g) in &want {
-        let Some(key) = k.strip_prefix("grad.") else {
-            continue;
-        };
-        let ours = grads
+    for (key, g) in reference {
+        let o = ours
             .tensors
             .get(key)
-            .unwrap_or_else(|| panic!("no gradient for {key}"));
+            .unwrap_or_else(|| panic!("{what}: no gradient for {key}"));
         let scale = common::max_abs(&g.data);
-        let d = common::max_abs_diff(&ours.data, &g.data);
-        eprintln!("{key}: max |grad| {scale:.3e}, max abs diff {:.2e}", d.diff);
+        let d = common::max_abs_diff(&o.data, &g.data);
+        eprintln!(
+            "{what} {key}: max |grad| {scale:.3e}, max abs diff {:.2e}",
+            d.diff
+        );
         assert!(
             d.diff <= 1e-4 * scale.max(1e-2),
-            "{key}: {d} (max |grad| {scale})"
+            "{what} {key}: {d} (max |grad| {scale})"
         );
         n += 1;
     }
-    assert!(n > 40, "compared {n} gradients");
+    n
 }
 
 /// burn's gradients of `loss` for every parameter of `model`, read back as the change an SGD
@@ -135,30 +149,19 @@ fn burn_gradients<B: AutodiffBackend>(
     out
 }
 
+/// [`assert_gradients`] against burn's gradients of the parameters under `prefix` (the
+/// positional tables are constants).
 fn compare(
     what: &str,
     ours: &marlin::model::StateDict,
     burn: &marlin::model::StateDict,
     prefix: &[&str],
 ) -> usize {
-    let mut n = 0;
-    for (k, g) in &burn.tensors {
-        if !prefix.iter().any(|p| k.starts_with(p)) || k.contains("pos_embedding") {
-            continue;
-        }
-        let o = ours
-            .tensors
-            .get(k)
-            .unwrap_or_else(|| panic!("{what}: no gradient for {k}"));
-        let scale = common::max_abs(&g.data);
-        let d = common::max_abs_diff(&o.data, &g.data);
-        assert!(
-            d.diff <= 1e-4 * scale.max(1e-2),
-            "{what} {k}: {d} (max |grad| {scale})"
-        );
-        n += 1;
-    }
-    n
+    let reference = burn
+        .tensors
+        .iter()
+        .filter(|(k, _)| prefix.iter().any(|p| k.starts_with(p)) && !k.contains("pos_embedding"));
+    assert_gradients(what, ours, reference.map(|(k, g)| (k.as_str(), g)))
 }
 
 /// The critic loss's gradients and the generator loss's (MSE + 0.01 × adversarial) equal
