@@ -58,8 +58,8 @@ MMA_KERNELS = ["attention_mma_bf16", "attention_mma_tf32"]
 TRAIN_KERNELS = [
     "fill_f32", "gather_rows_f32", "scatter_add_rows_f32", "col_sum_f32", "layer_norm_fwd_f32",
     "layer_norm_bwd_f32", "gelu_fwd_f32", "gelu_bwd_f32", "leaky_relu_f32", "leaky_relu_bwd_f32",
-    "sq_diff_sum_f32", "sum_f32", "store_scaled_f32", "adamw_f32",
-]
+    "sq_diff_sum_f32", "sum_f32", "store_scaled_f32", "adamw_f32", "attention_delta_f32",
+] + [f"attention_{k}_f32_hd{w}" for w in (32, 64, 128) for k in ("fwd", "bwd_dq", "bwd_dkv")]
 
 # file -> (kernels, compile-only architectures, compile-only head dims or None)
 FILES = {
@@ -976,6 +976,57 @@ def gpu_mode(nvrtc, srcdir, only, quick, iters):
                 tr_check("adamw_f32", "p", cp.asnumpy(d_p), p1)
                 tr_check("adamw_f32", "m, v", np.concatenate([cp.asnumpy(d_m), cp.asnumpy(d_v)]),
                          np.concatenate([m1, v1]))
+
+    # ---- the training engine's f32 attention and its backward (train.cu) --------------------
+    def attention_train_ref(qkv, b, n, h, hd, scale, dout):
+        x = qkv.astype(np.float64).reshape(b, n, 3, h, hd)
+        q, k, v = (x[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [b, h, n, hd]
+        sc = scale * q @ k.transpose(0, 1, 3, 2)
+        mx = sc.max(-1, keepdims=True)
+        e = np.exp(sc - mx)
+        l = e.sum(-1, keepdims=True)
+        pr = e / l
+        o = pr @ v
+        lse = (mx + np.log(l))[..., 0]
+        do = dout.astype(np.float64).reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+        delta = (do * o).sum(-1)
+        ds = pr * (do @ v.transpose(0, 1, 3, 2) - delta[..., None])
+        dq, dk = scale * ds @ k, scale * ds.transpose(0, 1, 3, 2) @ q
+        dv = pr.transpose(0, 1, 3, 2) @ do
+        dqkv = np.stack([dq, dk, dv], 2).transpose(0, 3, 2, 1, 4).reshape(b * n, 3 * h * hd)
+        return o.transpose(0, 2, 1, 3).reshape(b * n, h * hd), lse, delta, dqkv
+
+    for (b, n, h, hd, w) in [(2, 50, 3, 24, 32), (2, 197, 2, 64, 64), (1, 70, 1, 100, 128)]:
+        names = [f"attention_{k}_f32_hd{w}" for k in ("fwd", "bwd_dq", "bwd_dkv")]
+        if not any(k in tr_sel for k in names + ["attention_delta_f32"]):
+            continue
+        case = f"b{b} n{n} h{h} hd{hd}"
+        scale = hd ** -0.5
+        qkv = rng.standard_normal((b * n, 3 * h * hd)).astype(np.float32)
+        dout = rng.standard_normal((b * n, h * hd)).astype(np.float32)
+        o_ref, lse_ref, delta_ref, dqkv_ref = attention_train_ref(qkv, b, n, h, hd, scale, dout)
+        d_qkv, d_dout = cp.asarray(qkv), cp.asarray(dout)
+        if names[0] in tr_sel:
+            o = cp.full((b * n, h * hd), np.nan, np.float32)
+            lse = cp.full((b, h, n), np.nan, np.float32)
+            if tr_run(names[0], ((n + 127) // 128, b * h), (128,),
+                      (d_qkv, o, lse, i32(n), i32(h), i32(hd), f32(scale))):
+                tr_check(names[0], case + " out", cp.asnumpy(o), o_ref)
+                tr_check(names[0], case + " lse", cp.asnumpy(lse), lse_ref)
+        d_out = cp.asarray(o_ref.astype(np.float32))
+        d_lse = cp.asarray(lse_ref.astype(np.float32))
+        delta = cp.full((b, h, n), np.nan, np.float32)
+        if "attention_delta_f32" in tr_sel and \
+                tr_run("attention_delta_f32", ((b * n * h + 255) // 256,), (256,),
+                       (d_out, d_dout, delta, i64(b * n), i32(n), i32(h), i32(hd))):
+            tr_check("attention_delta_f32", case, cp.asnumpy(delta), delta_ref)
+        d_delta = cp.asarray(delta_ref.astype(np.float32))
+        dqkv = cp.full((b * n, 3 * h * hd), np.nan, np.float32)
+        ran = [tr_run(k, ((n + 63) // 64, b * h), (64,),
+                      (d_qkv, d_dout, d_lse, d_delta, dqkv, i32(n), i32(h), i32(hd), f32(scale)))
+               for k in names[1:] if k in tr_sel]
+        if len(ran) == 2 and all(ran):
+            tr_check(names[1] + "+dkv", case + " dqkv", cp.asnumpy(dqkv), dqkv_ref)
 
     # ---- summary ---------------------------------------------------------------------------
     print("\n" + "=" * 100)

@@ -16,6 +16,13 @@
 #             `marlin extract` of one 10-second video with a cold and a warm kernel cache
 #             beside the peer's first extract_video; a per-step profile; ViT-L if time is left.
 #             Writes $OUT/gpu-<date>-<gpu>.json (bench/gpu_results.py) for bench/results/.
+#   pretrain  the training engine's step on CUDA (issue 41), sized for one call of at most 8
+#             minutes (BUDGET_S=470): its parity against the peer's step and the host twin in
+#             fp32 and tf32 (`suite gpu::cuda::train_engine`; the kernels alone are in the
+#             engine section's harness), then ViT-B pretraining steps at batch 16 and 64, ours
+#             (the engine, tf32 and fp32) and the peer's (bf16 autocast, tf32) in alternating
+#             rounds (TRAIN_ROUNDS, default 1) with NVML's peaks. Writes "pretrain_vitb" into
+#             $OUT/gpu-<date>-<gpu>.json.
 #   parity    `suite gpu::` (features of the tiny fixtures and of the released width against
 #             the peer's fixtures and the CPU backend, keep_seq and pooled, fp32/tf32/bf16; one
 #             pretraining step against the peer's), the face parser's label map on CUDA vs the
@@ -84,7 +91,7 @@ export MARLIN_KERNEL_CACHE=$work/kernel-cache
 # PEER=0 leaves out marlin-pytorch's runs (they were taken in an earlier call); SUITE_SKIP names
 # parity tests to leave out (`--skip` filters of the test binary, space-separated).
 peer() { [ "${PEER:-1}" = 1 ]; }
-sections=${*:-engine parity ddp features train e2e large unfused step profile}
+sections=${*:-engine pretrain parity ddp features train e2e large unfused step profile}
 # BUDGET_S: seconds for the whole call; each command gets what is left of it (at most its own
 # limit), and a command with under 20 s left is skipped with a line, so the log always ends.
 deadline=$(( $(date +%s) + ${BUDGET_S:-86400} ))
@@ -161,6 +168,27 @@ if has engine; then
       run 150 "$PY" bench/gpu_peak.py -- "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 5 --precision $m
     done
   fi
+  "$PY" bench/gpu_results.py "$OUT/gpu.log" --out "$OUT"
+fi
+
+if has pretrain; then
+  echo "== pretrain: the training engine's step on the GPU against the peer's step and the host twin"
+  run 150 "$work/suite" gpu::cuda::train_engine --test-threads 1 --nocapture
+  echo "== pretrain: ViT-B pretraining step, ours (the engine) and the peer's in alternating rounds (samples/s; NVML peak above the idle GPU)"
+  for round in $(seq "${TRAIN_ROUNDS:-1}"); do
+    for b in ${TRAIN_BATCHES:-16 64}; do
+      for p in tf32 fp32; do
+        echo "@@ pretrain_vitb_b$b ours $p"
+        run 120 "$PY" bench/gpu_peak.py -- "$BIN" bench --train --train-engine --device cuda --batch-size "$b" --iters 5 --precision "$p"
+      done
+      if peer; then
+        for p in bf16 tf32; do
+          echo "@@ pretrain_vitb_b$b peer $p"
+          run 150 "$PY" bench/gpu_peak.py -- "$PY" bench/peer_pretrain_step.py --device cuda --batch "$b" --iters 5 --precision "$p"
+        done
+      fi
+    done
+  done
   "$PY" bench/gpu_results.py "$OUT/gpu.log" --out "$OUT"
 fi
 

@@ -4,12 +4,14 @@
   {"gpu", "date", "commit",
    "extract_vitb_b64": {"ours": {MODE: {"clips_per_s", "peak_mib", "rounds"}}, "peer": {...}},
    "first_extract_s": {"ours_cold", "ours_warm", "peer"},
+   "pretrain_vitb": {"b16": {"ours": {MODE: {"samples_per_s", "peak_mib", "rounds"}}, "peer": {...}},
+                     "b64": {...}},
    "parity": {NAME: max_abs_diff}}
 
 MODE is fp32, tf32, bf16 (the peer also bf16_sdpa); clips_per_s is the median over the
 alternating rounds, peak_mib the largest NVML peak. gpu.sh marks what each run is with a line
-`@@ <what> <who> <mode>` before it; the runs print `clips/s N`, `nvml peak: N MiB` and
-`(exit RC, MS ms)`; parity checks print `parity NAME VALUE`.
+`@@ <what> <who> <mode>` before it; the runs print `clips/s N` (training steps `samples/s N`),
+`nvml peak: N MiB` and `(exit RC, MS ms)`; parity checks print `parity NAME VALUE`.
 
   python3 bench/gpu_results.py gpu.log [--out DIR]"""
 import json
@@ -21,7 +23,8 @@ import sys
 
 def parse(lines):
     out = {"gpu": None, "date": None, "commit": None, "extract_vitb_b64": {"ours": {}, "peer": {}},
-           "extract_vitl_b64": {"ours": {}, "peer": {}}, "first_extract_s": {}, "parity": {}}
+           "extract_vitl_b64": {"ours": {}, "peer": {}}, "first_extract_s": {}, "parity": {},
+           "pretrain_vitb": {}}
     tag = None
     rates = {}
     for line in lines:
@@ -54,14 +57,29 @@ def parse(lines):
             if m:
                 d = out[what][who].setdefault(mode, {})
                 d["peak_mib"] = max(d.get("peak_mib", 0.0), float(m.group(1)))
+        elif what.startswith("pretrain_vitb_"):
+            batch = what[len("pretrain_vitb_"):]
+            slot = out["pretrain_vitb"].setdefault(batch, {"ours": {}, "peer": {}})[who]
+            m = re.search(r"samples/s ([0-9.]+)", line)
+            if m and "seconds per step" in line:
+                rates.setdefault((what, who, mode), []).append(float(m.group(1)))
+            m = re.search(r"nvml peak: ([0-9.]+) MiB", line)
+            if m:
+                d = slot.setdefault(mode, {})
+                d["peak_mib"] = max(d.get("peak_mib", 0.0), float(m.group(1)))
         elif what == "first":
             m = re.match(r"\(exit (\d+), (\d+) ms\)", line)
             if m:
                 out["first_extract_s"][f"{who}" if mode == "-" else f"{who}_{mode}"] = (
                     int(m.group(2)) / 1e3 if m.group(1) == "0" else None)
     for (what, who, mode), v in rates.items():
-        d = out[what][who].setdefault(mode, {})
-        d["clips_per_s"] = round(statistics.median(v), 2)
+        if what.startswith("pretrain_vitb_"):
+            batch = what[len("pretrain_vitb_"):]
+            d = out["pretrain_vitb"][batch][who].setdefault(mode, {})
+            d["samples_per_s"] = round(statistics.median(v), 2)
+        else:
+            d = out[what][who].setdefault(mode, {})
+            d["clips_per_s"] = round(statistics.median(v), 2)
         d["rounds"] = v
     return out
 

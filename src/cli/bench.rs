@@ -32,8 +32,8 @@ pub struct BenchArgs {
     /// Time pretraining steps instead (critic + generator step, random 90% masks, AdamW).
     #[arg(long)]
     pub train: bool,
-    /// With --train on the CPU: time the training engine's step (the schedule the CUDA step
-    /// runs, on its host ops) instead of burn's autodiff step.
+    /// With --train: time the training engine's step (on the CPU its host ops, on CUDA its
+    /// cuBLASLt/NVRTC ops in fp32 or tf32) instead of burn's autodiff step.
     #[arg(long, requires = "train")]
     pub train_engine: bool,
     #[arg(long, default_value = "cpu")]
@@ -483,44 +483,37 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         ),
         None => outln!("{} pretraining step on {}: batch {b}", cfg.name(), a.device),
     }
+    // The training engine's step (`--train-engine`), or burn's.
+    let mut engine = None;
     if a.train_engine {
-        if group.is_some() || a.device.is_gpu() {
-            fail("--train-engine runs on the CPU in one process (the CUDA step is not built yet)");
-        }
-        let sd = pt.model().to_state_dict();
-        let shape = marlin::engine::train::StepShape {
-            batch: b,
-            visible: idx.visible.len() / b,
-            masked: idx.masked.len() / b,
+        use marlin::train::engine::{engine_step, EngineDevice};
+        let dev = match a.device {
+            marlin::backend::DeviceSpec::Cpu => EngineDevice::Cpu,
+            marlin::backend::DeviceSpec::Cuda(ordinal) => EngineDevice::Cuda {
+                ordinal,
+                precision: a
+                    .precision
+                    .unwrap_or(marlin::kernels::Precision::default_for(true)),
+            },
+            _ => fail("--train-engine runs on the CPU or on CUDA"),
         };
-        let (mut step, mut ops) =
-            match marlin::engine::train::host_step(cfg, &sd, shape, LossConfig::from_config(cfg)) {
-                Ok(s) => s,
-                Err(e) => fail(e),
-            };
-        if let Err(e) = step.upload_batch(&mut ops, &marlin::model::load::to_f32_vec(clip), &idx) {
-            fail(e);
-        }
-        outln!(
-            "the training engine on its host ops: {:.2} GB of buffers",
-            step.layout.float_values() as f64 * 4e-9
-        );
-        let elapsed = timed_runs(b, a.iters, || match step.step(&mut ops, 1e-4) {
-            Ok(_) => {}
-            Err(e) => match e {},
-        });
-        report_memory(watch);
-        let per_step = elapsed / a.iters.max(1) as f64;
-        outln!(
-            "seconds per step: {per_step:.3}  (samples/s {:.2})",
-            b as f64 / per_step
-        );
-        return;
+        let sd = pt.model().to_state_dict();
+        let mut et = match engine_step(cfg, sd, None, LossConfig::from_config(cfg), dev) {
+            Ok(et) => et,
+            Err(e) => fail(e),
+        };
+        et.set_group(group.clone());
+        outln!("the training engine's step on {dev:?}");
+        engine = Some((et, marlin::model::load::to_f32_vec(clip.clone())));
     }
     // The collectives' cost after the untimed first step.
     let mut after_warmup = None;
     let elapsed = timed_runs(b, a.iters, || {
-        if let Err(e) = pt.step(clip.clone(), &idx, 1e-4, 0) {
+        let done = match &mut engine {
+            Some((et, clips)) => et.step(clips, &idx, 1e-4).map(|_| ()),
+            None => pt.step(clip.clone(), &idx, 1e-4, 0).map(|_| ()),
+        };
+        if let Err(e) = done {
             // A rank that is gone ends the benchmark (no step could follow).
             fail(e);
         }

@@ -10,7 +10,7 @@ use marlin::distributed::{DistOptions, Group};
 use marlin::face::parser::{ParserKind, Parsing};
 use marlin::model::MarlinConfig;
 use marlin::train::prepare::{prepare_dataset, PrepareOptions, PrepareSummary};
-use marlin::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions};
+use marlin::train::run::{initial_model, pretrain, EpochRow, Progress, RunOptions, StepPath};
 use marlin::train::StepLosses;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +55,11 @@ pub struct PretrainArgs {
     /// tf32 on a GPU.
     #[arg(long)]
     pub precision: Option<marlin::kernels::Precision>,
+    /// The training step: auto (the training engine's hand-scheduled step on the CPU in fp32,
+    /// about 2x burn's there, where it covers the model; burn's autodiff step otherwise),
+    /// engine, or burn. A resumed run keeps the step that wrote its checkpoint.
+    #[arg(long, default_value = "auto", value_parser = super::names::<StepPath>(&StepPath::NAMES))]
+    pub step: StepPath,
     #[command(flatten)]
     pub dist: DistArgs,
     #[arg(long, short)]
@@ -99,8 +104,8 @@ impl Progress for Bar {
         if !self.quiet {
             self.bar.suspend(|| {
                 eprintln!(
-                    "epoch {}: lr {:.2e}  train rec {:.4}  val rec {:.4}  val critic {:.4}  {:.1} clips/s  {:.0} s",
-                    r.epoch, r.lr, r.train.rec, r.val.rec, r.val.d_loss, r.samples_per_s, r.seconds
+                    "epoch {}: lr {:.2e}  train rec {:.4}  val rec {:.4}  val critic {:.4}  {:.1} clips/s  {:.0} s ({:.1} s waiting for data)",
+                    r.epoch, r.lr, r.train.rec, r.val.rec, r.val.d_loss, r.samples_per_s, r.seconds, r.data_wait_s
                 )
             });
         }
@@ -111,10 +116,16 @@ impl Progress for Bar {
     fn warning(&mut self, message: &str) {
         self.bar.suspend(|| eprintln!("warning: {message}"));
     }
+    fn note(&mut self, message: &str) {
+        if !self.quiet {
+            self.bar.suspend(|| eprintln!("note: {message}"));
+        }
+    }
 }
 
 struct Job {
     args: PretrainArgs,
+    engine_device: marlin::train::engine::EngineDevice,
     cfg: MarlinConfig,
     stop: Arc<AtomicBool>,
     group: Option<Arc<Group>>,
@@ -146,6 +157,8 @@ impl BackendTask for Job {
             steps_per_epoch: a.steps_per_epoch,
             val_clips: a.val_clips,
             group: self.group.clone(),
+            step: a.step,
+            engine_device: self.engine_device,
         };
         let s = pretrain::<Autodiff<B>>(
             &self.cfg,
@@ -216,10 +229,12 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
     let mut args = args;
     // Rank 0 alone reports.
     args.quiet |= group.as_ref().is_some_and(|g| !g.is_main());
-    let (_, note) = marlin::backend::set_precision(args.precision, device);
+    let (precision, note) = marlin::backend::set_precision(args.precision, device);
     if let (Some(n), false) = (note, args.quiet) {
         eprintln!("note: {n}");
     }
+    let (step, engine_device) = args.step.resolve(device, precision)?;
+    args.step = step;
     if let (Some(g), false) = (&group, args.quiet) {
         eprintln!(
             "{} ranks ({}): global batch {} ({} per rank)",
@@ -235,6 +250,7 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
         device,
         Job {
             args,
+            engine_device,
             cfg,
             stop,
             group,

@@ -52,7 +52,7 @@ pub enum TrainEngineError {
 }
 
 /// A slice of one of the ops' float buffers: `len` values from `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct T {
     pub buf: usize,
     pub off: usize,
@@ -77,7 +77,7 @@ impl T {
 }
 
 /// An index buffer (token indices, u32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct I {
     pub buf: usize,
     pub len: usize,
@@ -137,7 +137,7 @@ pub struct Gather {
 
 /// `d [m, n] (+)= op(a) · op(b) (+ bias)`: `a` `[m, k]` (stored `[k, m]` with `ta`), `b`
 /// `[k, n]` (stored `[n, k]` with `tb`), all row-major.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Gemm {
     pub d: T,
     pub a: T,
@@ -348,8 +348,23 @@ const GEN: [usize; 4] = [0, 1, 2, 3];
 const CRITIC: [usize; 4] = [4, 5, 6, 7];
 const CONST: usize = 8;
 
+/// AdamW's state of both optimisers: first and second moments of every parameter (in its
+/// name and shape, as PyTorch's `exp_avg`/`exp_avg_sq`) and the updates made (generator,
+/// critic), which set the bias corrections.
+#[derive(Debug, Clone)]
+pub struct OptimizerState {
+    pub exp_avg: StateDict,
+    pub exp_avg_sq: StateDict,
+    pub updates: [u32; 2],
+}
+
+/// What a data-parallel run does with an update's gradients (the optimiser's whole gradient
+/// buffer) and its loss values before the update (see [`PretrainStep::step_with`]).
+pub type Reduce<'a, O> =
+    dyn FnMut(&mut O, T, &mut [f32]) -> Result<(), <O as TrainOps>::Error> + 'a;
+
 /// The sizes of a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StepShape {
     pub batch: usize,
     pub visible: usize,
@@ -738,15 +753,13 @@ fn shape_check(sd: &StateDict, key: &str, want: &[usize]) -> Result<(), TrainEng
 }
 
 impl PretrainStep {
-    /// The step for `cfg`'s model with the weights of `sd` (the peer's names: the generator
-    /// and the critic), batches of `shape`, and `losses`. Layer scale, the gradient penalty and
-    /// a projection bias stay on burn's path (an error here).
-    pub fn new(
+    /// Whether the engine covers `cfg`'s model with the weights of `sd` and `losses`: layer
+    /// scale, the gradient penalty and a projection bias stay on burn's path (an error here).
+    pub fn supports(
         cfg: &MarlinConfig,
         sd: &StateDict,
-        shape: StepShape,
         losses: LossConfig,
-    ) -> Result<Self, TrainEngineError> {
+    ) -> Result<(), TrainEngineError> {
         if cfg.init_values > 0.0 {
             return Err(TrainEngineError::Unsupported(
                 "layer scale (init_values > 0)",
@@ -760,6 +773,19 @@ impl PretrainStep {
         if sd.tensors.contains_key("enc_dec_proj.bias") {
             return Err(TrainEngineError::Unsupported("a bias in enc_dec_proj"));
         }
+        Ok(())
+    }
+
+    /// The step for `cfg`'s model with the weights of `sd` (the peer's names: the generator
+    /// and the critic), batches of `shape`, and `losses`. Layer scale, the gradient penalty and
+    /// a projection bias stay on burn's path (an error here).
+    pub fn new(
+        cfg: &MarlinConfig,
+        sd: &StateDict,
+        shape: StepShape,
+        losses: LossConfig,
+    ) -> Result<Self, TrainEngineError> {
+        Self::supports(cfg, sd, losses)?;
         let (de, dd) = (cfg.encoder.embed_dim, cfg.decoder.embed_dim);
         let (n, p) = (cfg.num_patches(), cfg.patch_dim());
         let StepShape {
@@ -1388,26 +1414,42 @@ impl PretrainStep {
     /// updates, then `g_steps` generator updates, as [`crate::train::Pretrainer::step`]. A
     /// non-finite loss skips its update.
     pub fn step<O: TrainOps>(&mut self, ops: &mut O, lr: f64) -> Result<StepLosses, O::Error> {
+        let mut keep = |_: &mut O, _: T, _: &mut [f32]| Ok(());
+        self.step_with(ops, lr, &mut keep)
+    }
+
+    /// [`Self::step`] with `reduce` called on each update's gradients (the whole buffer of
+    /// the optimiser) and its loss values before the update: a data-parallel run averages
+    /// both across its ranks there, so every rank makes the same update (or skips it).
+    pub fn step_with<O: TrainOps>(
+        &mut self,
+        ops: &mut O,
+        lr: f64,
+        reduce: &mut Reduce<'_, O>,
+    ) -> Result<StepLosses, O::Error> {
         let mut out = StepLosses::default();
         let l = self.cfg_losses;
         if l.adv_loss {
             for _ in 0..l.d_steps {
                 self.critic_gradients(ops)?;
-                let v = ops.read(self.loss.at(0, 2))?;
+                let mut v = ops.read(self.loss.at(0, 2))?;
+                let c = self.critic.all();
+                reduce(ops, c.of(CRITIC[1]), &mut v)?;
                 out.d_loss = v[0] as f64 - v[1] as f64;
                 if !out.d_loss.is_finite() {
                     out.skipped = true;
                     continue;
                 }
                 self.steps_critic += 1;
-                let c = self.critic.all();
                 let h = self.adam(lr, self.steps_critic);
                 ops.adamw(c, c.of(CRITIC[1]), c.of(CRITIC[2]), c.of(CRITIC[3]), &h)?;
             }
         }
         for _ in 0..l.g_steps {
             self.generator_gradients(ops)?;
-            let v = ops.read(self.loss.at(2, 2))?;
+            let mut v = ops.read(self.loss.at(2, 2))?;
+            let g = self.gen.all();
+            reduce(ops, g.of(GEN[1]), &mut v)?;
             out.rec = v[0] as f64;
             out.adv = if l.adv_loss {
                 -(v[1] as f64) * l.adv_weight
@@ -1420,11 +1462,51 @@ impl PretrainStep {
                 continue;
             }
             self.steps_gen += 1;
-            let g = self.gen.all();
             let h = self.adam(lr, self.steps_gen);
             ops.adamw(g, g.of(GEN[1]), g.of(GEN[2]), g.of(GEN[3]), &h)?;
         }
         Ok(out)
+    }
+
+    /// The optimisers' state: AdamW's moments in the parameters' names and shapes, and the
+    /// updates made.
+    pub fn optimizer_state<O: TrainOps>(&self, ops: &mut O) -> Result<OptimizerState, O::Error> {
+        Ok(OptimizerState {
+            exp_avg: self.tables(ops, [GEN[2], CRITIC[2], usize::MAX])?,
+            exp_avg_sq: self.tables(ops, [GEN[3], CRITIC[3], usize::MAX])?,
+            updates: [self.steps_gen, self.steps_critic],
+        })
+    }
+
+    /// Continue from `state` (after [`Self::load`]): every parameter's moments must be there,
+    /// in its shape.
+    pub fn load_optimizer_state<O: TrainOps>(
+        &mut self,
+        ops: &mut O,
+        state: &OptimizerState,
+    ) -> Result<(), TrainEngineError> {
+        let dev = |e: O::Error| TrainEngineError::Device(e.to_string());
+        let tables = [(&self.gen, GEN), (&self.critic, CRITIC)];
+        for (table, bufs) in tables {
+            for (k, shape, t) in &table.entries {
+                for (sd, buf) in [(&state.exp_avg, bufs[2]), (&state.exp_avg_sq, bufs[3])] {
+                    let h = sd
+                        .tensors
+                        .get(k)
+                        .ok_or_else(|| TrainEngineError::Missing(format!("{k} (its moments)")))?;
+                    if h.shape != *shape {
+                        return Err(TrainEngineError::Shape {
+                            key: k.clone(),
+                            got: h.shape.clone(),
+                            want: shape.clone(),
+                        });
+                    }
+                    ops.upload(t.of(buf), &h.data).map_err(dev)?;
+                }
+            }
+        }
+        [self.steps_gen, self.steps_critic] = state.updates;
+        Ok(())
     }
 
     /// The current weights (generator and critic, with the positional tables) in the peer's

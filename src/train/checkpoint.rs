@@ -4,7 +4,8 @@
 //! written atomically.
 
 use super::{CriticRecord, GenRecord, LossConfig, Pretrainer, TrainError};
-use crate::model::weights::{read_safetensors_file, StateDict};
+use crate::engine::train::OptimizerState;
+use crate::model::weights::{read_safetensors_file, HostTensor, StateDict};
 use crate::model::{Marlin, MarlinConfig, Part};
 use crate::util::write_atomic;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -26,6 +27,19 @@ pub struct RunState {
     /// Parameter order of the generator and the critic, to re-key the optimiser state.
     pub generator_ids: Vec<String>,
     pub critic_ids: Vec<String>,
+    /// Written by the training engine: its updates made (generator, critic); its optimiser
+    /// state is in `train.exp_avg.*` / `train.exp_avg_sq.*` (burn's path: None, its records
+    /// in `train.optimizer_*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_updates: Option<[u32; 2]>,
+}
+
+/// The optimisers' state a checkpoint holds, by the path that wrote it.
+pub(super) enum SavedOptimizer {
+    /// burn's records (generator, critic).
+    Burn(Vec<u8>, Vec<u8>),
+    /// The training engine's moments.
+    Engine(OptimizerState),
 }
 
 struct Ids(Vec<ParamId>);
@@ -66,8 +80,7 @@ where
         .collect())
 }
 
-/// The reference's learning rates when the config has none.
-/// Write the checkpoint (atomically) and the weights-only model file.
+/// Write the checkpoint (atomically) of burn's path and the weights-only model file.
 pub(super) fn save_checkpoint<B: AutodiffBackend>(
     out: &Path,
     pt: &Pretrainer<B>,
@@ -82,31 +95,74 @@ pub(super) fn save_checkpoint<B: AutodiffBackend>(
     let db = rec
         .record(d, ())
         .map_err(|e| format!("optimiser state: {e:?}"))?;
+    let mut state = state.clone();
+    state.engine_updates = None;
+    write_checkpoint(out, &sd, SavedOptimizer::Burn(gb, db), &state)
+}
+
+/// Write the checkpoint of the training engine: weights `sd`, its optimisers' state.
+pub(super) fn save_engine_checkpoint(
+    out: &Path,
+    sd: &StateDict,
+    optimizer: OptimizerState,
+    state: &RunState,
+) -> Result<(), TrainError> {
+    let mut state = state.clone();
+    state.engine_updates = Some(optimizer.updates);
+    state.generator_ids.clear();
+    state.critic_ids.clear();
+    write_checkpoint(out, sd, SavedOptimizer::Engine(optimizer), &state)
+}
+
+fn f32_entry(k: String, t: &HostTensor) -> (String, Vec<u8>, Vec<usize>, safetensors::Dtype) {
+    (
+        k,
+        t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        t.shape.clone(),
+        safetensors::Dtype::F32,
+    )
+}
+
+fn write_checkpoint(
+    out: &Path,
+    sd: &StateDict,
+    optimizer: SavedOptimizer,
+    state: &RunState,
+) -> Result<(), TrainError> {
     let mut bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = sd
         .tensors
         .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.shape.clone(),
-                safetensors::Dtype::F32,
-            )
-        })
+        .map(|(k, t)| f32_entry(k.clone(), t))
         .collect();
-    let (gl, dl) = (gb.len(), db.len());
-    bytes.push((
-        "train.optimizer_generator".into(),
-        gb,
-        vec![gl],
-        safetensors::Dtype::U8,
-    ));
-    bytes.push((
-        "train.optimizer_critic".into(),
-        db,
-        vec![dl],
-        safetensors::Dtype::U8,
-    ));
+    match optimizer {
+        SavedOptimizer::Burn(gb, db) => {
+            let (gl, dl) = (gb.len(), db.len());
+            bytes.push((
+                "train.optimizer_generator".into(),
+                gb,
+                vec![gl],
+                safetensors::Dtype::U8,
+            ));
+            bytes.push((
+                "train.optimizer_critic".into(),
+                db,
+                vec![dl],
+                safetensors::Dtype::U8,
+            ));
+        }
+        SavedOptimizer::Engine(o) => {
+            for (prefix, m) in [
+                ("train.exp_avg.", &o.exp_avg),
+                ("train.exp_avg_sq.", &o.exp_avg_sq),
+            ] {
+                bytes.extend(
+                    m.tensors
+                        .iter()
+                        .map(|(k, t)| f32_entry(format!("{prefix}{k}"), t)),
+                );
+            }
+        }
+    }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(k, b, s, dt)| {
@@ -128,13 +184,10 @@ pub(super) fn save_checkpoint<B: AutodiffBackend>(
     Ok(sd.save_safetensors(&m, None)?)
 }
 
-/// Resume from `out/checkpoint.safetensors`: model, optimisers, run state.
-pub(super) fn load_checkpoint<B: AutodiffBackend>(
+/// The weights, optimisers' state and run state of `out/checkpoint.safetensors`.
+pub(super) fn read_checkpoint(
     out: &Path,
-    cfg: &MarlinConfig,
-    losses: LossConfig,
-    device: &B::Device,
-) -> Result<(Pretrainer<B>, RunState), TrainError> {
+) -> Result<(StateDict, SavedOptimizer, RunState), TrainError> {
     let p = out.join("checkpoint.safetensors");
     let raw = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&raw)
@@ -145,26 +198,57 @@ pub(super) fn load_checkpoint<B: AutodiffBackend>(
         .and_then(|m| m.get("marlin_run_state"))
         .ok_or_else(|| format!("{}: not a marlin pretraining checkpoint", p.display()))
         .and_then(|s| serde_json::from_str(s).map_err(|e| format!("{}: {e}", p.display())))?;
-    let st =
-        safetensors::SafeTensors::deserialize(&raw).map_err(|e| format!("{}: {e}", p.display()))?;
-    let bytes_of = |k: &str| -> Result<Vec<u8>, TrainError> {
-        st.tensor(k)
-            .map(|v| v.data().to_vec())
-            .map_err(|e| TrainError::Run(format!("{}: {k}: {e}", p.display())))
-    };
-    let (gb, db) = (
-        bytes_of("train.optimizer_generator")?,
-        bytes_of("train.optimizer_critic")?,
-    );
     let mut tensors = read_safetensors_file(&p).map_err(|e| e.to_string())?;
+    let saved = match state.engine_updates {
+        Some(updates) => {
+            let take = |prefix: &str| StateDict {
+                tensors: tensors
+                    .iter()
+                    .filter_map(|(k, t)| k.strip_prefix(prefix).map(|k| (k.to_string(), t.clone())))
+                    .collect(),
+                source: p.display().to_string(),
+            };
+            let (m, v) = (take("train.exp_avg."), take("train.exp_avg_sq."));
+            SavedOptimizer::Engine(OptimizerState {
+                exp_avg: m,
+                exp_avg_sq: v,
+                updates,
+            })
+        }
+        None => {
+            let st = safetensors::SafeTensors::deserialize(&raw)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let bytes_of = |k: &str| -> Result<Vec<u8>, TrainError> {
+                st.tensor(k)
+                    .map(|v| v.data().to_vec())
+                    .map_err(|e| TrainError::Run(format!("{}: {k}: {e}", p.display())))
+            };
+            SavedOptimizer::Burn(
+                bytes_of("train.optimizer_generator")?,
+                bytes_of("train.optimizer_critic")?,
+            )
+        }
+    };
     tensors.retain(|k, _| !k.starts_with("train."));
     let sd = StateDict {
         tensors,
         source: p.display().to_string(),
     };
+    Ok((sd, saved, state))
+}
+
+/// burn's pretrainer (model and optimisers) from the weights and records of a checkpoint.
+pub(super) fn burn_pretrainer<B: AutodiffBackend>(
+    sd: &StateDict,
+    records: (Vec<u8>, Vec<u8>),
+    state: &RunState,
+    cfg: &MarlinConfig,
+    losses: LossConfig,
+    device: &B::Device,
+) -> Result<Pretrainer<B>, TrainError> {
     let (model, _) = Marlin::<B>::from_state_dict(
         cfg,
-        &sd,
+        sd,
         &[Part::Encoder, Part::Decoder, Part::Discriminator],
         device,
     )
@@ -172,13 +256,13 @@ pub(super) fn load_checkpoint<B: AutodiffBackend>(
     let mut pt = Pretrainer::new(model, losses)?;
     let rec = BinBytesRecorder::<FullPrecisionSettings>::default();
     let g: GenRecord<B> = rec
-        .load(gb, device)
+        .load(records.0, device)
         .map_err(|e| format!("optimiser state: {e:?}"))?;
     let d: CriticRecord<B> = rec
-        .load(db, device)
+        .load(records.1, device)
         .map_err(|e| format!("optimiser state: {e:?}"))?;
     let g = remap(g, &state.generator_ids, &param_ids(pt.generator()))?;
     let d = remap(d, &state.critic_ids, &param_ids(pt.critic_module()))?;
     pt.load_optimizer_records(g, d);
-    Ok((pt, state))
+    Ok(pt)
 }

@@ -57,6 +57,7 @@ impl From<&str> for TrainError {
 
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
 pub mod prepare;
 pub mod reconstruct;
 pub mod run;

@@ -9,13 +9,18 @@
 //! `samples/epoch_NNNN.png`.
 
 pub use super::checkpoint::RunState;
-use super::checkpoint::{load_checkpoint, param_ids, save_checkpoint};
+use super::checkpoint::{
+    burn_pretrainer, param_ids, read_checkpoint, save_checkpoint, save_engine_checkpoint,
+    SavedOptimizer,
+};
 use super::data::{clip_rng, epoch_order, read_batch, ClipSettings, Sample, Split};
+use super::engine::{engine_step, EngineDevice, EngineRefusal, EngineStep};
 use super::samples::{enlarge_small, sample_image, save_png, SAMPLE_MIN_SIDE};
 use super::schedule::lr_at;
 use super::{LossConfig, Pretrainer, StepLosses, TrainError};
 use crate::distributed::{weights_digest, Group};
 use crate::model::config::LearningRateConfig;
+use crate::model::discriminator::Discriminator;
 use crate::model::weights::StateDict;
 use crate::model::{Marlin, MarlinConfig, MaskIndices, Part};
 use crate::util::write_atomic;
@@ -40,6 +45,75 @@ pub struct RunOptions {
     /// global batch, so the run trains on the samples (and learning rates) of one process at
     /// the global batch. Rank 0 alone writes the run folder.
     pub group: Option<Arc<Group>>,
+    /// Which implementation of the step trains.
+    pub step: StepPath,
+    /// Where the training engine's step runs (with [`StepPath::Engine`] or `Auto`).
+    pub engine_device: EngineDevice,
+}
+
+/// Which implementation of the training step a run uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StepPath {
+    /// burn's autodiff step on the run's backend (every model and device).
+    #[default]
+    Burn,
+    /// The training engine's hand-scheduled step on the CPU's kernels (fp32); a model it does
+    /// not cover is an error.
+    Engine,
+    /// The engine where it covers the model, burn's step otherwise (with a note); a resumed
+    /// run keeps the step that wrote its checkpoint.
+    Auto,
+}
+
+impl StepPath {
+    pub const NAMES: [&'static str; 3] = ["auto", "engine", "burn"];
+
+    /// The step for a run on `device` at `precision`, and where the engine's step runs.
+    /// `Auto` picks the engine on the CPU in fp32 (measured: about 2x burn's step there);
+    /// `Engine` also runs on CUDA in fp32 or tf32 (its bf16 is not written yet) and is an
+    /// error elsewhere.
+    pub fn resolve(
+        self,
+        device: crate::backend::DeviceSpec,
+        precision: crate::kernels::Precision,
+    ) -> Result<(Self, EngineDevice), String> {
+        use crate::backend::DeviceSpec;
+        use crate::kernels::Precision;
+        let engine = match (device, precision) {
+            (DeviceSpec::Cpu, Precision::F32) => Some(EngineDevice::Cpu),
+            (DeviceSpec::Cuda(ordinal), Precision::F32 | Precision::Tf32) => {
+                Some(EngineDevice::Cuda { ordinal, precision })
+            }
+            _ => None,
+        };
+        match (self, engine) {
+            (Self::Engine, None) => Err(format!(
+                "--step engine trains on the CPU in fp32 or on CUDA in fp32/tf32 (this run: \
+                 --device {device}, {precision:?}); use --step burn or auto there"
+            )),
+            (Self::Engine, Some(e)) => Ok((Self::Engine, e)),
+            (Self::Auto, Some(EngineDevice::Cpu)) => Ok((Self::Auto, EngineDevice::Cpu)),
+            (Self::Auto, _) | (Self::Burn, _) => Ok((Self::Burn, EngineDevice::Cpu)),
+        }
+    }
+}
+
+impl std::str::FromStr for StepPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "engine" => Ok(Self::Engine),
+            "burn" => Ok(Self::Burn),
+            _ => Err(format!("unknown step '{s}' (auto, engine or burn)")),
+        }
+    }
+}
+
+/// The step of a run: burn's autodiff or the training engine.
+enum Trainer<B: AutodiffBackend> {
+    Burn(Box<Pretrainer<B>>),
+    Engine(Box<dyn EngineStep>),
 }
 
 /// Progress reports and Ctrl-C.
@@ -56,7 +130,12 @@ pub trait Progress {
     fn stop(&self) -> bool;
     /// Something the user must know about a step (a non-finite loss was skipped).
     fn warning(&mut self, _message: &str) {}
+    /// Something worth knowing about the run (which step trains it).
+    fn note(&mut self, _message: &str) {}
 }
+
+/// Share of an epoch's training time spent waiting for data above which a run says so.
+pub const DATA_WAIT_WARN: f64 = 0.2;
 
 /// Steps in a row with a non-finite loss after which a run stops.
 pub const MAX_NON_FINITE_STEPS: usize = 5;
@@ -70,9 +149,11 @@ pub struct EpochRow {
     pub val: StepLosses,
     pub samples_per_s: f64,
     pub seconds: f64,
+    /// Seconds of the epoch's training steps spent waiting for the loader's next batch.
+    pub data_wait_s: f64,
 }
 
-const CSV_HEADER: &str = "epoch,lr,train_d_loss,train_rec,train_adv,train_g_loss,val_d_loss,val_rec,val_adv,val_g_loss,samples_per_s,seconds,train_gp";
+const CSV_HEADER: &str = "epoch,lr,train_d_loss,train_rec,train_adv,train_g_loss,val_d_loss,val_rec,val_adv,val_g_loss,samples_per_s,seconds,train_gp,data_wait_s";
 
 /// Salt of the gradient penalty's draws in `clip_rng` (apart from the clips' own draws).
 const GP_SALT: u64 = 0x6770;
@@ -82,14 +163,15 @@ impl EpochRow {
         let l =
             |s: &StepLosses| format!("{:.6},{:.6},{:.6},{:.6}", s.d_loss, s.rec, s.adv, s.g_loss);
         format!(
-            "{},{:e},{},{},{:.2},{:.1},{:.6}",
+            "{},{:e},{},{},{:.2},{:.1},{:.6},{:.2}",
             self.epoch,
             self.lr,
             l(&self.train),
             l(&self.val),
             self.samples_per_s,
             self.seconds,
-            self.train.gp
+            self.train.gp,
+            self.data_wait_s
         )
     }
 }
@@ -103,14 +185,8 @@ fn lr_config(cfg: &MarlinConfig) -> LearningRateConfig {
     })
 }
 
-/// A batch of samples -> clip tensor and mask indices.
-fn batch_tensors<B: Backend>(
-    samples: &[Sample],
-    s: &ClipSettings,
-    device: &B::Device,
-) -> Result<(Tensor<B, 5>, MaskIndices), TrainError> {
-    let b = samples.len();
-    let (t, h) = (s.clip_frames, s.img_size);
+/// A batch of samples -> clips `[B, 3, T, H, W]` (flat) and mask indices.
+fn batch_host(samples: &[Sample]) -> Result<(Vec<f32>, MaskIndices), TrainError> {
     let flat: Vec<f32> = samples
         .iter()
         .flat_map(|x| x.clip.iter().copied())
@@ -119,11 +195,67 @@ fn batch_tensors<B: Backend>(
         .iter()
         .flat_map(|x| x.visible.iter().copied())
         .collect();
-    let clip = Tensor::from_data(TensorData::new(flat, [b, 3, t, h, h]), device);
-    Ok((
-        clip,
-        MaskIndices::from_bools(&vis, b).map_err(|e| e.to_string())?,
-    ))
+    let idx = MaskIndices::from_bools(&vis, samples.len()).map_err(|e| e.to_string())?;
+    Ok((flat, idx))
+}
+
+/// A batch of samples -> clip tensor and mask indices.
+fn batch_tensors<B: Backend>(
+    samples: &[Sample],
+    s: &ClipSettings,
+    device: &B::Device,
+) -> Result<(Tensor<B, 5>, MaskIndices), TrainError> {
+    let (t, h) = (s.clip_frames, s.img_size);
+    let (flat, idx) = batch_host(samples)?;
+    let clip = Tensor::from_data(TensorData::new(flat, [samples.len(), 3, t, h, h]), device);
+    Ok((clip, idx))
+}
+
+/// FNV-1a of the values of a state dict, key by key (the ranks compare starting weights).
+fn state_digest(sd: &StateDict) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut n = 0usize;
+    for t in sd.tensors.values() {
+        for v in &t.data {
+            for b in v.to_bits().to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        }
+        n += t.data.len();
+    }
+    format!("{h:016x} over {n} values")
+}
+
+/// The generator and critic (inference backend) of the current weights.
+type Inner<B> = (
+    Marlin<<B as AutodiffBackend>::InnerBackend>,
+    Discriminator<<B as AutodiffBackend>::InnerBackend>,
+);
+
+impl<B: AutodiffBackend> Trainer<B> {
+    fn inner(&mut self, cfg: &MarlinConfig, device: &B::Device) -> Result<Inner<B>, TrainError> {
+        match self {
+            Trainer::Burn(pt) => Ok((
+                burn::module::AutodiffModule::valid(pt.generator()),
+                burn::module::AutodiffModule::valid(pt.critic_module()),
+            )),
+            Trainer::Engine(et) => {
+                let (sd, _) = et.state()?;
+                let (mut m, _) = Marlin::<B::InnerBackend>::from_state_dict(
+                    cfg,
+                    &sd,
+                    &[Part::Encoder, Part::Decoder, Part::Discriminator],
+                    device,
+                )
+                .map_err(|e| e.to_string())?;
+                let c = m
+                    .discriminator
+                    .take()
+                    .ok_or("the training engine's weights have no critic")?;
+                Ok((m, c))
+            }
+        }
+    }
 }
 
 fn add(a: &mut StepLosses, b: &StepLosses, w: f64) {
@@ -183,13 +315,65 @@ pub fn pretrain<B: AutodiffBackend>(
         }
     }
     let ckpt = out.join("checkpoint.safetensors");
-    let (pt, mut state, resumed_from) = if resume && ckpt.is_file() {
-        let (pt, state) = load_checkpoint::<B>(out, cfg, losses, device)?;
+    let engine_refused = |e: EngineRefusal| match e {
+        EngineRefusal::Device(d) => TrainError::Device(d),
+        EngineRefusal::Model(m) => TrainError::Run(format!("training engine: {m}")),
+    };
+    let (mut trainer, mut state, resumed_from) = if resume && ckpt.is_file() {
+        let (sd, saved, state) = read_checkpoint(out)?;
         let e = state.epoch;
-        (pt, state, Some(e))
+        let trainer = match (saved, opts.step) {
+            (SavedOptimizer::Burn(g, d), StepPath::Burn | StepPath::Auto) => {
+                Trainer::Burn(Box::new(burn_pretrainer::<B>(
+                    &sd,
+                    (g, d),
+                    &state,
+                    cfg,
+                    losses,
+                    device,
+                )?))
+            }
+            (SavedOptimizer::Engine(o), StepPath::Engine | StepPath::Auto) => Trainer::Engine(
+                engine_step(cfg, sd, Some(o), losses, opts.engine_device)
+                    .map_err(engine_refused)?,
+            ),
+            (SavedOptimizer::Burn(..), StepPath::Engine) => {
+                return Err(format!(
+                    "{}: this run was trained by burn's step; resume it with --step burn (or auto)",
+                    ckpt.display()
+                )
+                .into())
+            }
+            (SavedOptimizer::Engine(_), StepPath::Burn) => {
+                return Err(format!(
+                    "{}: this run was trained by the training engine's step; resume it with \
+                     --step engine (or auto on the CPU)",
+                    ckpt.display()
+                )
+                .into())
+            }
+        };
+        (trainer, state, Some(e))
     } else {
         let model = model.ok_or("no model to start from")?;
-        let pt = Pretrainer::new(model, losses)?;
+        let engine = match opts.step {
+            StepPath::Burn => None,
+            StepPath::Engine | StepPath::Auto => {
+                let sd = model.to_state_dict();
+                match engine_step(cfg, sd, None, losses, opts.engine_device) {
+                    Ok(t) => Some(t),
+                    Err(e @ EngineRefusal::Model(_)) if opts.step == StepPath::Auto => {
+                        progress.note(&format!("{e}"));
+                        None
+                    }
+                    Err(e) => return Err(engine_refused(e)),
+                }
+            }
+        };
+        let trainer = match engine {
+            Some(t) => Trainer::Engine(t),
+            None => Trainer::Burn(Box::new(Pretrainer::new(model, losses)?)),
+        };
         let state = RunState {
             epoch: 0,
             step: 0,
@@ -198,9 +382,15 @@ pub fn pretrain<B: AutodiffBackend>(
             batch_size: opts.batch_size.max(1) * world,
             ..Default::default()
         };
-        (pt, state, None)
+        (trainer, state, None)
     };
-    let mut pt = pt.with_group(opts.group.clone());
+    trainer = match trainer {
+        Trainer::Burn(pt) => Trainer::Burn(Box::new(pt.with_group(opts.group.clone()))),
+        Trainer::Engine(mut et) => {
+            et.set_group(opts.group.clone());
+            Trainer::Engine(et)
+        }
+    };
     // A resumed run keeps its own schedule, seed and global batch (`batch_size` in the run
     // state), whatever the number of ranks now.
     let (epochs, global, seed) = if resumed_from.is_some() {
@@ -232,14 +422,15 @@ pub fn pretrain<B: AutodiffBackend>(
                 state.epoch
             ),
         )?;
-        g.agree(
-            "starting weights",
-            &format!(
-                "generator {}, critic {}",
+        let digest = match &mut trainer {
+            Trainer::Burn(pt) => format!(
+                "burn's step: generator {}, critic {}",
                 weights_digest(pt.generator()),
                 weights_digest(pt.critic_module())
             ),
-        )?;
+            Trainer::Engine(et) => format!("the training engine: {}", state_digest(&et.state()?.0)),
+        };
+        g.agree("starting weights", &digest)?;
     }
     // Metrics of the epochs already done (a resumed run keeps them, drops any later line).
     let csv_path = out.join("metrics.csv");
@@ -300,6 +491,7 @@ pub fn pretrain<B: AutodiffBackend>(
         let (train_ref, settings_ref) = (&train, &settings);
         let mut sum = StepLosses::default();
         let mut seen = 0usize;
+        let mut data_wait = std::time::Duration::ZERO;
         let result: Result<(), TrainError> = std::thread::scope(|scope| {
             // The receiver lives in this closure: when the trainer leaves early (an error, a
             // rank gone), it is dropped before the scope joins the loader, whose next send then
@@ -315,7 +507,13 @@ pub fn pretrain<B: AutodiffBackend>(
                     }
                 }
             });
-            for (i, batch) in rx.iter().enumerate() {
+            let mut batches_in = rx.iter().enumerate();
+            loop {
+                let asked = Instant::now();
+                let Some((i, batch)) = batches_in.next() else {
+                    break;
+                };
+                data_wait += asked.elapsed();
                 // Every rank stops at the same step (Ctrl-C may reach only some of them).
                 let stop = match group {
                     Some(g) => {
@@ -330,11 +528,20 @@ pub fn pretrain<B: AutodiffBackend>(
                     break;
                 }
                 let samples = batch?;
-                let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
-                let gp_seed = rand::RngExt::random::<u64>(&mut clip_rng(seed, epoch, i, GP_SALT));
-                let l = crate::device_error::guard(samples.len(), || {
-                    pt.step(clip, &idx, lr, gp_seed)
-                })??;
+                let l = match &mut trainer {
+                    Trainer::Burn(pt) => {
+                        let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
+                        let gp_seed =
+                            rand::RngExt::random::<u64>(&mut clip_rng(seed, epoch, i, GP_SALT));
+                        crate::device_error::guard(samples.len(), || {
+                            pt.step(clip, &idx, lr, gp_seed)
+                        })??
+                    }
+                    Trainer::Engine(et) => {
+                        let (clips, idx) = batch_host(&samples)?;
+                        et.step(&clips, &idx, lr)?
+                    }
+                };
                 state.step += 1;
                 if l.skipped {
                     bad_in_a_row += 1;
@@ -372,18 +579,28 @@ pub fn pretrain<B: AutodiffBackend>(
             add(&mut m, &sum, 1.0 / seen.max(1) as f64);
             m
         };
-        let samples_per_s = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let train_s = t0.elapsed().as_secs_f64();
+        let samples_per_s = seen as f64 / train_s.max(1e-9);
+        let data_wait_s = data_wait.as_secs_f64();
+        if data_wait_s > DATA_WAIT_WARN * train_s && data_wait_s > 1.0 && main {
+            progress.warning(&format!(
+                "epoch {epoch}: the step waited {data_wait_s:.1} s of {train_s:.1} s for data \
+                 ({:.0}%): decoding and cropping the clips is the bottleneck (faster storage, \
+                 more CPU cores, or fewer other jobs on them)",
+                100.0 * data_wait_s / train_s
+            ));
+        }
         // Validation: the same clips and masks every epoch; rank r takes chunks r, r + world...
         let mut vsum = StepLosses::default();
         let val_idx: Vec<usize> = (0..val_n).collect();
         let mut first: Option<(Sample, Vec<f32>)> = None;
+        let (g, c) = trainer.inner(cfg, device)?;
         for chunk in val_idx.chunks(bs.max(1)).skip(rank).step_by(world) {
             let samples = read_batch(&val, chunk, &settings, seed, 0, 2)?;
-            let (clip, idx) = batch_tensors::<B>(&samples, &settings, device)?;
-            let l = pt.validate(clip.clone(), &idx)?;
+            let (clip, idx) = batch_tensors::<B::InnerBackend>(&samples, &settings, device)?;
+            let l = super::evaluate(&g, &c, clip, &idx, &losses)?;
             add(&mut vsum, &l, chunk.len() as f64);
             if first.is_none() && main {
-                let g = burn::module::AutodiffModule::valid(pt.generator());
                 let one = samples.into_iter().next();
                 if let Some(s) = one {
                     let (c1, i1) = batch_tensors::<B::InnerBackend>(
@@ -412,6 +629,7 @@ pub fn pretrain<B: AutodiffBackend>(
             val: val_mean,
             samples_per_s,
             seconds: t0.elapsed().as_secs_f64(),
+            data_wait_s,
         };
         if !main {
             rows.push(row);
@@ -427,15 +645,24 @@ pub fn pretrain<B: AutodiffBackend>(
                 &out.join("samples").join(format!("epoch_{epoch:04}.png")),
             )?;
         }
-        state.generator_ids = param_ids(pt.generator())
-            .into_iter()
-            .map(|i| i.serialize())
-            .collect();
-        state.critic_ids = param_ids(pt.critic_module())
-            .into_iter()
-            .map(|i| i.serialize())
-            .collect();
-        save_checkpoint(out, &pt, &state)?;
+        match &mut trainer {
+            Trainer::Burn(pt) => {
+                state.generator_ids = param_ids(pt.generator())
+                    .into_iter()
+                    .map(|i| i.serialize())
+                    .collect();
+                state.critic_ids = param_ids(pt.critic_module())
+                    .into_iter()
+                    .map(|i| i.serialize())
+                    .collect();
+                save_checkpoint(out, pt, &state)?;
+            }
+            Trainer::Engine(et) => {
+                let (sd, opt) = et.state()?;
+                let opt = opt.unwrap_or_else(|| zero_moments(&sd));
+                save_engine_checkpoint(out, &sd, opt, &state)?;
+            }
+        }
         csv_lines.push(row.csv());
         let text = format!("{CSV_HEADER}\n{}\n", csv_lines.join("\n"));
         write_atomic(&csv_path, text.as_bytes())
@@ -497,4 +724,17 @@ pub fn initial_model<B: Backend>(
         m.enc_dec_proj = fresh.enc_dec_proj;
     }
     Ok(m)
+}
+
+/// AdamW's state before any update.
+fn zero_moments(sd: &StateDict) -> crate::engine::train::OptimizerState {
+    let mut z = sd.clone();
+    for t in z.tensors.values_mut() {
+        t.data.iter_mut().for_each(|v| *v = 0.0);
+    }
+    crate::engine::train::OptimizerState {
+        exp_avg: z.clone(),
+        exp_avg_sq: z,
+        updates: [0, 0],
+    }
 }

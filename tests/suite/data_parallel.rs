@@ -199,7 +199,7 @@ fn two_ranks_pretrain_like_one_process_at_the_global_batch_and_resume_with_any_w
     assert_ok(&o);
     assert!(!rank1_out.exists(), "rank 1 wrote {}", rank1_out.display());
     let diff = weights_diff(&model(&whole), &model(&dp));
-    eprintln!("2 ranks x batch 1 vs 1 process x batch 2 after 6 steps: max |dw| {diff:.2e}");
+    eprintln!("2 ranks x batch 1 vs 1 process x batch 2 after 6 steps (the training engine): max |dw| {diff:.2e}");
     assert!(diff <= 1e-5, "2-rank weights differ by {diff}");
     // The metrics are the global batch's: the same training losses.
     let rows = |out: &Path| -> Vec<Vec<f64>> {
@@ -257,6 +257,34 @@ fn two_ranks_pretrain_like_one_process_at_the_global_batch_and_resume_with_any_w
         );
         assert_eq!(e.trim().lines().count(), 1, "rank {r}: {e}");
     }
+}
+
+/// burn's step (the GPUs' path) averages its gradients across ranks the same way.
+#[test]
+fn two_ranks_on_burns_step_pretrain_like_one_process_at_the_global_batch() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let data = d.join("data");
+    dataset(
+        &data,
+        &[("a/0", 0), ("a/1", 6), ("a/2", 12), ("a/3", 18)],
+        &[("b/0", 24)],
+    );
+    let cfg = tiny_config(d);
+    let burn = |args: Vec<String>| with(args, &["--step", "burn"]);
+    let (whole, dp) = (d.join("whole"), d.join("dp"));
+    single(&burn(pretrain_args(&cfg, &data, &whole, 2, 2)));
+    assert_ok(&two_ranks(|_| burn(pretrain_args(&cfg, &data, &dp, 2, 1))));
+    assert!(
+        !common::safetensors_header(&dp.join("checkpoint.safetensors")).contains("engine_updates"),
+        "burn's step wrote the checkpoint"
+    );
+    let diff = weights_diff(
+        &whole.join("model.safetensors"),
+        &dp.join("model.safetensors"),
+    );
+    eprintln!("burn's step, 2 ranks x batch 1 vs 1 process x batch 2: max |dw| {diff:.2e}");
+    assert!(diff <= 1e-5, "2-rank weights differ by {diff}");
 }
 
 #[test]

@@ -755,6 +755,103 @@ mod cuda {
             assert_eq!(after, first);
         }
     }
+
+    /// The training engine's step on the GPU (cuBLASLt products, train.cu's kernels and f32
+    /// attention) against the peer's step and the host twin, in fp32 and tf32. Prints
+    /// `parity NAME VALUE` lines for bench/gpu_results.py.
+    mod train_engine {
+        use super::super::*;
+        use crate::pretrain_step::{fx, loss_pairs, tiny_a_batch_on, weight_diffs};
+        use marlin::backend::CpuAutodiff;
+        use marlin::engine::train::{host_step, PretrainStep, StepShape};
+        use marlin::kernels::cuda::CudaTrainOps;
+        use marlin::model::load::to_f32_vec;
+        use marlin::train::LossConfig;
+
+        const ADV: LossConfig = LossConfig {
+            adv_loss: true,
+            adv_weight: 0.01,
+            gp_weight: 0.0,
+            d_steps: 1,
+            g_steps: 1,
+        };
+
+        #[test]
+        fn the_training_engines_step_matches_the_peer_and_the_host() {
+            let _one = lock();
+            let (model, clip, idx) = tiny_a_batch_on::<CpuAutodiff>(&Default::default());
+            let clip = to_f32_vec(clip);
+            let cfg = model.config.clone();
+            let sd = model.to_state_dict();
+            let b = idx.batch;
+            let shape = StepShape {
+                batch: b,
+                visible: idx.visible.len() / b,
+                masked: idx.masked.len() / b,
+            };
+            let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+            // The host twin's gradients of one generator update, to compare tensor by tensor.
+            let (hstep, mut hops) = host_step(&cfg, &sd, shape, ADV).unwrap();
+            hstep.upload_batch(&mut hops, &clip, &idx).unwrap();
+            hstep.generator_gradients(&mut hops).unwrap();
+            let host_grads = hstep.gradients(&mut hops).unwrap();
+            let mut failures = Vec::new();
+            for p in [Precision::F32, Precision::Tf32] {
+                let tol = if p == Precision::F32 { 1e-4 } else { 1e-2 };
+                let mut ops = CudaTrainOps::new(0, p).unwrap_or_else(|e| panic!("{p}: {e}"));
+                eprintln!("{ops:?}");
+                // Gradients first (no update), then a whole step from the same weights.
+                let mut step = PretrainStep::new(&cfg, &sd, shape, ADV).unwrap();
+                step.load(&mut ops).unwrap();
+                step.upload_batch(&mut ops, &clip, &idx).unwrap();
+                step.generator_gradients(&mut ops).unwrap();
+                let grads = step.gradients(&mut ops).unwrap();
+                let mut worst_grad = 0f32;
+                for (k, h) in &host_grads.tensors {
+                    let g = &grads.tensors[k];
+                    let scale = common::max_abs(&h.data).max(1e-2);
+                    let d = common::max_abs_diff(&g.data, &h.data).diff / scale;
+                    // NaN sticks (f32::max would drop it).
+                    worst_grad = if d.is_nan() || worst_grad.is_nan() {
+                        f32::NAN
+                    } else {
+                        worst_grad.max(d)
+                    };
+                }
+                println!("parity train_engine_grads_{p} {worst_grad:.3e}");
+                if !(worst_grad <= tol) {
+                    failures.push(format!("{p}: gradients vs the host twin {worst_grad}"));
+                }
+                let mut step = PretrainStep::new(&cfg, &sd, shape, ADV).unwrap();
+                step.load(&mut ops).unwrap();
+                step.upload_batch(&mut ops, &clip, &idx).unwrap();
+                let got = step.step(&mut ops, 1.5e-4).unwrap();
+                let mut worst_loss = 0f64;
+                for (name, ours, peer) in loss_pairs(&got, &want) {
+                    eprintln!("{p} {name}: engine {ours:.6}, PyTorch {peer:.6}");
+                    let d = (ours - peer).abs();
+                    worst_loss = if d.is_nan() || worst_loss.is_nan() {
+                        f64::NAN
+                    } else {
+                        worst_loss.max(d)
+                    };
+                }
+                let after = step.state_dict(&mut ops).unwrap();
+                let diffs = weight_diffs(&after, &want);
+                let worst_w = diffs.iter().map(|(_, d)| *d).collect::<Vec<f32>>();
+                let worst_w = common::max_abs(&worst_w);
+                println!("parity train_engine_step_loss_{p} {worst_loss:.3e}");
+                println!("parity train_engine_step_weights_{p} {worst_w:.3e}");
+                if !(worst_loss <= tol as f64 && worst_w <= tol && diffs.len() > 40) {
+                    failures.push(format!(
+                        "{p}: losses {worst_loss}, weights {worst_w} over {} tensors",
+                        diffs.len()
+                    ));
+                }
+            }
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
+    }
 }
 
 #[cfg(feature = "vulkan")]

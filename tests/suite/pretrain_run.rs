@@ -197,6 +197,11 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
         worst = worst.max(common::max_abs_diff(&wb[k].data, &v.data).diff);
     }
     assert!(worst <= 1e-6, "resumed weights differ by {worst}");
+    // The CPU's default step is the training engine's: its checkpoint says so.
+    assert!(
+        common::safetensors_header(&cut.join("checkpoint.safetensors")).contains("engine_updates"),
+        "the training engine wrote the checkpoint"
+    );
     let leftovers: Vec<String> = std::fs::read_dir(&cut)
         .unwrap()
         .flatten()
@@ -220,6 +225,86 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The training engine's step and burn's autodiff step train alike over a few epochs: losses and
+/// weights within 1e-4 (4.7e-6 seen; their single steps equal the peer's, `train_engine`); a
+/// run keeps the step that wrote its checkpoint.
+#[test]
+fn the_training_engine_and_burns_step_train_alike() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let data = d.join("data");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
+    dataset(
+        &data,
+        &sample,
+        &[("a/0", 0), ("a/1", 8), ("a/2", 16)],
+        &[("b/0", 24)],
+        20,
+    );
+    let cfg = tiny_config(d, "fasking");
+    let epochs = 3;
+    let run = |step: &str, out: &Path, extra: &[&str]| {
+        let mut args = pretrain_args(&cfg, &data, out, epochs);
+        args.extend(["--step", step].iter().chain(extra).map(|s| s.to_string()));
+        marlin(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    let (eng, bur) = (d.join("engine"), d.join("burn"));
+    for (step, out) in [("engine", &eng), ("burn", &bur)] {
+        let o = run(step, out, &[]);
+        assert!(o.status.success(), "{step}: {}", stderr(&o));
+    }
+    let values = |out: &Path| -> Vec<Vec<f64>> {
+        metric_rows(out)
+            .iter()
+            .map(|l| l.split(',').take(10).map(|v| v.parse().unwrap()).collect())
+            .collect()
+    };
+    let (a, b) = (values(&eng), values(&bur));
+    assert_eq!(a.len(), epochs);
+    for (x, y) in a.iter().zip(&b) {
+        for (u, v) in x.iter().zip(y) {
+            assert!(
+                (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                "engine {x:?}\nburn   {y:?}"
+            );
+        }
+    }
+    let (wa, wb) = (
+        read_safetensors_file(&eng.join("model.safetensors")).unwrap(),
+        read_safetensors_file(&bur.join("model.safetensors")).unwrap(),
+    );
+    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+    let mut worst = 0f32;
+    for (k, v) in &wa {
+        worst = worst.max(common::max_abs_diff(&wb[k].data, &v.data).diff);
+    }
+    eprintln!("{epochs} epochs, engine vs burn: max |dw| {worst:.2e}");
+    assert!(worst <= 1e-4, "weights differ by {worst}");
+
+    // A run resumes on the step that wrote it; the other one says what to do.
+    let o = run("burn", &eng, &["--resume"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("trained by the training engine")
+            && stderr(&o).contains("--step engine"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("engine", &bur, &["--resume"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--step burn"), "{}", stderr(&o));
+    // A model the engine does not cover: `auto` trains it on burn's step, `engine` says why.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("gp_weight: 0.0", "gp_weight: 10.0")).unwrap();
+    let o = run("engine", &d.join("gp"), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not cover the gradient penalty"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// R^2 of the reconstruction panel against the ground truth over the masked pixels of a
@@ -387,9 +472,16 @@ fn prepare_writes_the_reference_layout_and_fasking_pretrains_on_it() {
     let rows = pretrain(&cfg, &data, &out, 2);
     assert_eq!(rows.len(), 2);
     let header = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    assert!(header.starts_with("epoch,") && header.lines().next().unwrap().ends_with(",train_gp"));
+    assert!(
+        header.starts_with("epoch,")
+            && header
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with(",train_gp,data_wait_s")
+    );
     for r in &rows {
-        let gp: f64 = r.rsplit(',').next().unwrap().parse().unwrap();
+        let gp: f64 = r.rsplit(',').nth(1).unwrap().parse().unwrap();
         assert!(gp > 0.0 && gp.is_finite(), "{r}");
     }
 }

@@ -16,20 +16,20 @@ use std::ffi::c_void;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Device memory, freed on drop (the engine's context is current whenever one drops).
-struct DevBuf {
-    ptr: u64,
-    bytes: usize,
+pub(super) struct DevBuf {
+    pub(super) ptr: u64,
+    pub(super) bytes: usize,
 }
 
 impl DevBuf {
-    fn new(bytes: usize) -> Result<Self, DriverError> {
+    pub(super) fn new(bytes: usize) -> Result<Self, DriverError> {
         // SAFETY: a plain allocation in the current context (bound by the caller); the
         // memory is written before it is read (every step writes its outputs).
         let ptr = unsafe { result::malloc_sync(bytes.max(256))? };
         Ok(Self { ptr, bytes })
     }
 
-    fn upload<T: Copy>(values: &[T]) -> Result<Self, DriverError> {
+    pub(super) fn upload<T: Copy>(values: &[T]) -> Result<Self, DriverError> {
         let b = Self::new(std::mem::size_of_val(values))?;
         // SAFETY: `b` holds exactly the bytes of `values`.
         unsafe { result::memcpy_htod_sync(b.ptr, values)? };
@@ -108,13 +108,13 @@ impl Drop for Event {
 }
 
 /// A compiled module and its kernels.
-struct Module(sys::CUmodule);
+pub(super) struct Module(sys::CUmodule);
 
 // SAFETY: a loaded module is usable from any thread of its context.
 unsafe impl Send for Module {}
 
 impl Module {
-    fn load(image: &[u8]) -> Result<Self, DriverError> {
+    pub(super) fn load(image: &[u8]) -> Result<Self, DriverError> {
         let mut bytes = image.to_vec();
         // PTX must end with a NUL; a cubin is read by its own headers.
         bytes.push(0);
@@ -122,7 +122,7 @@ impl Module {
         unsafe { result::module::load_data(bytes.as_ptr() as *const c_void).map(Self) }
     }
 
-    fn function(&self, name: &str) -> Result<sys::CUfunction, String> {
+    pub(super) fn function(&self, name: &str) -> Result<sys::CUfunction, String> {
         let c = std::ffi::CString::new(name).map_err(|_| format!("bad kernel name {name}"))?;
         // SAFETY: the module is loaded; the name is NUL-terminated.
         unsafe { result::module::get_function(self.0, c) }
@@ -236,7 +236,7 @@ impl std::fmt::Debug for CudaEngine {
 /// cuBLASLt's and cuDNN's workspace (cuBLASLt asks for up to 32 MiB on Hopper).
 const WORKSPACE: usize = 64 << 20;
 
-fn device_error(e: DriverError, batch: usize) -> DeviceError {
+pub(super) fn device_error(e: DriverError, batch: usize) -> DeviceError {
     if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
         DeviceError::OutOfMemory { batch_size: batch }
     } else {

@@ -22,6 +22,10 @@ pub mod sdpa;
 mod engine;
 #[cfg(feature = "cuda-engine")]
 pub use engine::{CudaEngine, OpTime};
+#[cfg(feature = "cuda-engine")]
+mod train_ops;
+#[cfg(feature = "cuda-engine")]
+pub use train_ops::CudaTrainOps;
 
 /// How attention runs on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,6 +39,22 @@
 //   adamw_f32 (p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, c1, c2)
 //       m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; p = p*(1 - lr*wd) - lr*(m/c1)/(sqrt(v/c2) +
 //       eps), with c1 = 1 - b1^t, c2 = 1 - b2^t. 256 threads, any grid.
+//
+// Attention in f32 (the parity path; bf16 trains on cuDNN's SDPA): qkv [B*n, 3*h*hd] rows of
+// (q | k | v), each h heads of hd; out [B*n, h*hd]; lse [B, h, n] the log-sum-exps of the scaled
+// scores. HD in the names is the register width (32, 64 or 128), any hd <= HD.
+//   attention_fwd_f32_hdHD (qkv, out, lse, n, h, hd, scale)
+//       one thread per query, online softmax over key tiles of 32 in shared memory. grid =
+//       (ceil(n/128), B*h), 128 threads.
+//   attention_delta_f32 (out, dout, delta, rows, h, hd)
+//       delta[(b*h + j)*n + i] = sum_d out*dout of row b*n+i, head j; rows = B*n. One thread per
+//       (row, head): grid = ceil(rows*h/256), 256 threads.
+//   attention_bwd_dq_f32_hdHD (qkv, dout, lse, delta, dqkv, n, h, hd, scale)
+//       dq = scale * sum_j P_ij (dP_ij - delta_i) k_j into dqkv's q columns (overwritten); one
+//       thread per query, key tiles in shared memory. grid = (ceil(n/64), B*h), 64 threads.
+//   attention_bwd_dkv_f32_hdHD (qkv, dout, lse, delta, dqkv, n, h, hd, scale)
+//       dv = sum_i P_ij dO_i, dk = scale * sum_i P_ij (dP_ij - delta_i) q_i into dqkv's k and v
+//       columns (overwritten); one thread per key, query tiles in shared memory. Launch as dq.
 
 namespace {
 
@@ -248,3 +264,215 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         p[i] = p[i] * decay - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Attention (f32)
+// ------------------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int TILE = 32;
+
+// Rows of (b, head) in qkv: row i's q, k or v (part 0, 1, 2) of this head.
+__device__ __forceinline__ const float* qkv_at(const float* qkv, long long b, int n, int h,
+                                               int hd, int head, int part, long long i) {
+    return qkv + (b * n + i) * (3LL * h * hd) + (long long)part * h * hd + (long long)head * hd;
+}
+
+template <int HD>
+__device__ __forceinline__ void load_tile(float (*dst)[HD], const float* qkv, long long b, int n,
+                                          int h, int hd, int head, int part, int j0) {
+    for (int e = threadIdx.x; e < TILE * HD; e += blockDim.x) {
+        const int jj = e / HD, d = e % HD, j = j0 + jj;
+        dst[jj][d] = (j < n && d < hd) ? qkv_at(qkv, b, n, h, hd, head, part, j)[d] : 0.f;
+    }
+}
+
+template <int HD>
+__device__ void attention_fwd(const float* qkv, float* out, float* lse, int n, int h, int hd,
+                              float scale) {
+    __shared__ float ks[TILE][HD];
+    __shared__ float vs[TILE][HD];
+    const long long bh = blockIdx.y, b = bh / h;
+    const int head = (int)(bh % h);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = i < n;
+    float q[HD], acc[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) {
+        q[d] = (active && d < hd) ? qkv_at(qkv, b, n, h, hd, head, 0, i)[d] * scale : 0.f;
+        acc[d] = 0.f;
+    }
+    float m = __int_as_float(0xff800000), l = 0.f;  // -inf
+    for (int j0 = 0; j0 < n; j0 += TILE) {
+        __syncthreads();
+        load_tile<HD>(ks, qkv, b, n, h, hd, head, 1, j0);
+        load_tile<HD>(vs, qkv, b, n, h, hd, head, 2, j0);
+        __syncthreads();
+        if (!active) continue;
+        const int cnt = min(TILE, n - j0);
+        for (int jj = 0; jj < cnt; ++jj) {
+            float s = 0.f;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) s += q[d] * ks[jj][d];
+            const float mn = fmaxf(m, s);
+            const float corr = expf(m - mn), p = expf(s - mn);
+            l = l * corr + p;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) acc[d] = acc[d] * corr + p * vs[jj][d];
+            m = mn;
+        }
+    }
+    if (!active) return;
+    float* o = out + (b * n + i) * (long long)h * hd + (long long)head * hd;
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int d = 0; d < HD; ++d)
+        if (d < hd) o[d] = acc[d] * inv;
+    lse[bh * n + i] = m + logf(l);
+}
+
+template <int HD>
+__device__ void attention_bwd_dq(const float* qkv, const float* dout, const float* lse,
+                                 const float* delta, float* dqkv, int n, int h, int hd,
+                                 float scale) {
+    __shared__ float ks[TILE][HD];
+    __shared__ float vs[TILE][HD];
+    const long long bh = blockIdx.y, b = bh / h;
+    const int head = (int)(bh % h);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = i < n;
+    const long long orow = (b * n + (active ? i : 0)) * (long long)h * hd + (long long)head * hd;
+    float q[HD], g[HD], dq[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) {
+        q[d] = (active && d < hd) ? qkv_at(qkv, b, n, h, hd, head, 0, i)[d] : 0.f;
+        g[d] = (active && d < hd) ? dout[orow + d] : 0.f;
+        dq[d] = 0.f;
+    }
+    const float li = active ? lse[bh * n + i] : 0.f;
+    const float di = active ? delta[bh * n + i] : 0.f;
+    for (int j0 = 0; j0 < n; j0 += TILE) {
+        __syncthreads();
+        load_tile<HD>(ks, qkv, b, n, h, hd, head, 1, j0);
+        load_tile<HD>(vs, qkv, b, n, h, hd, head, 2, j0);
+        __syncthreads();
+        if (!active) continue;
+        const int cnt = min(TILE, n - j0);
+        for (int jj = 0; jj < cnt; ++jj) {
+            float s = 0.f, dp = 0.f;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) {
+                s += q[d] * ks[jj][d];
+                dp += g[d] * vs[jj][d];
+            }
+            const float ds = expf(s * scale - li) * (dp - di);
+#pragma unroll
+            for (int d = 0; d < HD; ++d) dq[d] += ds * ks[jj][d];
+        }
+    }
+    if (!active) return;
+    float* o = dqkv + (b * n + i) * (3LL * h * hd) + (long long)head * hd;
+#pragma unroll
+    for (int d = 0; d < HD; ++d)
+        if (d < hd) o[d] = dq[d] * scale;
+}
+
+template <int HD>
+__device__ void attention_bwd_dkv(const float* qkv, const float* dout, const float* lse,
+                                  const float* delta, float* dqkv, int n, int h, int hd,
+                                  float scale) {
+    __shared__ float qs[TILE][HD];
+    __shared__ float gs[TILE][HD];
+    __shared__ float ls[TILE], ds_[TILE];
+    const long long bh = blockIdx.y, b = bh / h;
+    const int head = (int)(bh % h);
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = j < n;
+    float k[HD], v[HD], dk[HD], dv[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) {
+        k[d] = (active && d < hd) ? qkv_at(qkv, b, n, h, hd, head, 1, j)[d] : 0.f;
+        v[d] = (active && d < hd) ? qkv_at(qkv, b, n, h, hd, head, 2, j)[d] : 0.f;
+        dk[d] = 0.f;
+        dv[d] = 0.f;
+    }
+    for (int i0 = 0; i0 < n; i0 += TILE) {
+        __syncthreads();
+        load_tile<HD>(qs, qkv, b, n, h, hd, head, 0, i0);
+        for (int e = threadIdx.x; e < TILE * HD; e += blockDim.x) {
+            const int ii = e / HD, d = e % HD, i = i0 + ii;
+            gs[ii][d] = (i < n && d < hd)
+                            ? dout[(b * n + i) * (long long)h * hd + (long long)head * hd + d]
+                            : 0.f;
+        }
+        for (int ii = threadIdx.x; ii < TILE; ii += blockDim.x) {
+            const int i = i0 + ii;
+            ls[ii] = i < n ? lse[bh * n + i] : 0.f;
+            ds_[ii] = i < n ? delta[bh * n + i] : 0.f;
+        }
+        __syncthreads();
+        if (!active) continue;
+        const int cnt = min(TILE, n - i0);
+        for (int ii = 0; ii < cnt; ++ii) {
+            float s = 0.f, dp = 0.f;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) {
+                s += qs[ii][d] * k[d];
+                dp += gs[ii][d] * v[d];
+            }
+            const float p = expf(s * scale - ls[ii]);
+            const float dsc = p * (dp - ds_[ii]);
+#pragma unroll
+            for (int d = 0; d < HD; ++d) {
+                dv[d] += p * gs[ii][d];
+                dk[d] += dsc * qs[ii][d];
+            }
+        }
+    }
+    if (!active) return;
+    float* o = dqkv + (b * n + j) * (3LL * h * hd) + (long long)head * hd;
+#pragma unroll
+    for (int d = 0; d < HD; ++d) {
+        if (d < hd) {
+            o[(long long)h * hd + d] = dk[d] * scale;
+            o[2LL * h * hd + d] = dv[d];
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void attention_delta_f32(const float* out, const float* dout, float* delta,
+                                               long long rows, int n, int h, int hd) {
+    const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (t >= rows * h) return;
+    const long long row = t / h;
+    const int head = (int)(t % h);
+    const float* o = out + row * h * hd + (long long)head * hd;
+    const float* g = dout + row * h * hd + (long long)head * hd;
+    float s = 0.f;
+    for (int d = 0; d < hd; ++d) s += o[d] * g[d];
+    const long long b = row / n, i = row % n;
+    delta[(b * h + head) * n + i] = s;
+}
+
+#define ATTENTION_KERNELS(HD)                                                                    \
+    extern "C" __global__ void attention_fwd_f32_hd##HD(const float* qkv, float* out, float* lse, \
+                                                        int n, int h, int hd, float scale) {      \
+        attention_fwd<HD>(qkv, out, lse, n, h, hd, scale);                                        \
+    }                                                                                            \
+    extern "C" __global__ void attention_bwd_dq_f32_hd##HD(                                      \
+        const float* qkv, const float* dout, const float* lse, const float* delta, float* dqkv,  \
+        int n, int h, int hd, float scale) {                                                     \
+        attention_bwd_dq<HD>(qkv, dout, lse, delta, dqkv, n, h, hd, scale);                      \
+    }                                                                                            \
+    extern "C" __global__ void attention_bwd_dkv_f32_hd##HD(                                     \
+        const float* qkv, const float* dout, const float* lse, const float* delta, float* dqkv,  \
+        int n, int h, int hd, float scale) {                                                     \
+        attention_bwd_dkv<HD>(qkv, dout, lse, delta, dqkv, n, h, hd, scale);                     \
+    }
+
+ATTENTION_KERNELS(32)
+ATTENTION_KERNELS(64)
+ATTENTION_KERNELS(128)

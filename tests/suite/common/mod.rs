@@ -262,3 +262,10 @@ pub fn face_coords(f: &marlin::face::Face) -> Vec<f32> {
         .chain(f.landmarks.iter().flatten().copied())
         .collect()
 }
+
+/// The JSON header of a safetensors file (its tensors and metadata).
+pub fn safetensors_header(p: &Path) -> String {
+    let raw = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let n = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes of length")) as usize;
+    String::from_utf8_lossy(&raw[8..8 + n]).into_owned()
+}

@@ -1,0 +1,238 @@
+//! The pretraining step of a run on the training engine ([`crate::engine::train`]): the
+//! weights and both optimisers' state live in the engine's buffers between steps; a batch of
+//! another shape (a short last batch, another visible count) rebuilds the step's buffers from
+//! the current state. Data-parallel runs average each update's gradients and losses across
+//! the ranks before the update, as burn's path does.
+
+use super::{LossConfig, StepLosses, TrainError};
+use crate::distributed::Group;
+use crate::engine::train::{
+    OptimizerState, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
+};
+use crate::kernels::Precision;
+use crate::model::weights::StateDict;
+use crate::model::{MarlinConfig, MaskIndices};
+use std::sync::Arc;
+
+/// Where the training engine's step runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EngineDevice {
+    /// The host ops (fp32).
+    #[default]
+    Cpu,
+    /// The CUDA ops on GPU `ordinal`, products in fp32 or tf32.
+    Cuda {
+        ordinal: usize,
+        precision: Precision,
+    },
+}
+
+/// A training engine's step with its ops' type erased: what a run asks of it.
+pub trait EngineStep: Send {
+    /// One training step on clips `[B, 3, T, H, W]` (flat) with visibility `idx` at `lr`.
+    fn step(&mut self, clips: &[f32], idx: &MaskIndices, lr: f64)
+        -> Result<StepLosses, TrainError>;
+    /// The current weights (the peer's names) and the optimisers' state.
+    fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError>;
+    /// Average every update's gradients and losses across `group`.
+    fn set_group(&mut self, group: Option<Arc<Group>>);
+}
+
+impl<O: TrainOps + Send> EngineStep for EngineTrainer<O> {
+    fn step(
+        &mut self,
+        clips: &[f32],
+        idx: &MaskIndices,
+        lr: f64,
+    ) -> Result<StepLosses, TrainError> {
+        EngineTrainer::step(self, clips, idx, lr)
+    }
+    fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError> {
+        EngineTrainer::state(self)
+    }
+    fn set_group(&mut self, group: Option<Arc<Group>>) {
+        self.group = group;
+    }
+}
+
+/// Why a training engine could not be made: the model is one it does not cover (burn's step
+/// trains it), or the device failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineRefusal {
+    #[error(transparent)]
+    Model(#[from] TrainEngineError),
+    #[error(transparent)]
+    Device(#[from] crate::device_error::DeviceError),
+}
+
+/// The engine's step for `cfg`'s model with weights `sd` (the peer's names), resuming
+/// `optimizer`'s state, on `device`.
+pub fn engine_step(
+    cfg: &MarlinConfig,
+    sd: StateDict,
+    optimizer: Option<OptimizerState>,
+    losses: LossConfig,
+    device: EngineDevice,
+) -> Result<Box<dyn EngineStep>, EngineRefusal> {
+    PretrainStep::supports(cfg, &sd, losses)?;
+    match device {
+        EngineDevice::Cpu => {
+            let ops = crate::engine::host_train::HostTrainOps::default();
+            Ok(Box::new(EngineTrainer::new(
+                cfg, sd, optimizer, losses, ops,
+            )?))
+        }
+        #[cfg(feature = "cuda-engine")]
+        EngineDevice::Cuda { ordinal, precision } => {
+            let ops = crate::kernels::cuda::CudaTrainOps::new(ordinal, precision)?;
+            Ok(Box::new(EngineTrainer::new(
+                cfg, sd, optimizer, losses, ops,
+            )?))
+        }
+        #[cfg(not(feature = "cuda-engine"))]
+        EngineDevice::Cuda { .. } => Err(crate::device_error::DeviceError::Other(
+            "this build has no CUDA engine (cargo feature cuda-engine)".into(),
+        )
+        .into()),
+    }
+}
+
+/// Where the weights and optimiser state are between steps.
+enum State {
+    /// Before the first batch: the weights (and the optimisers' state of a resumed run).
+    Host(StateDict, Option<OptimizerState>),
+    /// In the ops' buffers of a step built for one batch shape.
+    Built(Box<PretrainStep>),
+}
+
+/// The engine's side of a pretraining run: a step on the ops `O` (the CPU twin today).
+pub struct EngineTrainer<O: TrainOps> {
+    cfg: MarlinConfig,
+    losses: LossConfig,
+    ops: O,
+    state: State,
+    group: Option<Arc<Group>>,
+}
+
+fn dev<E: std::fmt::Display>(e: E) -> TrainError {
+    TrainError::Run(format!("training engine: {e}"))
+}
+
+fn engine_error(e: TrainEngineError) -> TrainError {
+    TrainError::Run(format!("training engine: {e}"))
+}
+
+impl<O: TrainOps> EngineTrainer<O> {
+    /// A trainer from the generator's and critic's weights `sd` (the peer's names) and, when
+    /// resuming, the optimisers' state. Fails with the engine's reason when it does not cover
+    /// the model (burn's path trains it).
+    pub fn new(
+        cfg: &MarlinConfig,
+        sd: StateDict,
+        optimizer: Option<OptimizerState>,
+        losses: LossConfig,
+        ops: O,
+    ) -> Result<Self, TrainEngineError> {
+        PretrainStep::supports(cfg, &sd, losses)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            losses,
+            ops,
+            state: State::Host(sd, optimizer),
+            group: None,
+        })
+    }
+
+    /// Average every update's gradients and losses across `group`.
+    pub fn with_group(mut self, group: Option<Arc<Group>>) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The step for batches of `shape`, built (from the current state) when the last one was
+    /// for another shape.
+    fn step_for(&mut self, shape: StepShape) -> Result<&mut PretrainStep, TrainError> {
+        let rebuild = !matches!(&self.state, State::Built(s) if s.shape == shape);
+        if rebuild {
+            let (sd, opt) = match &self.state {
+                State::Host(sd, opt) => (sd.clone(), opt.clone()),
+                State::Built(s) => (
+                    s.state_dict(&mut self.ops).map_err(dev)?,
+                    Some(s.optimizer_state(&mut self.ops).map_err(dev)?),
+                ),
+            };
+            let mut step =
+                PretrainStep::new(&self.cfg, &sd, shape, self.losses).map_err(engine_error)?;
+            step.load(&mut self.ops).map_err(dev)?;
+            if let Some(o) = &opt {
+                step.load_optimizer_state(&mut self.ops, o)
+                    .map_err(engine_error)?;
+            }
+            self.state = State::Built(Box::new(step));
+        }
+        match &mut self.state {
+            State::Built(s) => Ok(s),
+            // Built just above when it was not.
+            State::Host(..) => unreachable!("the step was built above"),
+        }
+    }
+
+    /// One training step on clips `[B, 3, T, H, W]` (flat) with visibility `idx` at learning
+    /// rate `lr`.
+    pub fn step(
+        &mut self,
+        clips: &[f32],
+        idx: &MaskIndices,
+        lr: f64,
+    ) -> Result<StepLosses, TrainError> {
+        let b = idx.batch.max(1);
+        let shape = StepShape {
+            batch: idx.batch,
+            visible: idx.visible.len() / b,
+            masked: idx.masked.len() / b,
+        };
+        let group = self.group.clone();
+        self.step_for(shape)?;
+        let State::Built(step) = &mut self.state else {
+            unreachable!("step_for built the step")
+        };
+        step.upload_batch(&mut self.ops, clips, idx)
+            .map_err(engine_error)?;
+        let Some(g) = group else {
+            return step.step(&mut self.ops, lr).map_err(dev);
+        };
+        // The ranks' gradients and losses, averaged before each update.
+        let mut failure: Option<TrainError> = None;
+        let mut reduce = |ops: &mut O, grads: T, losses: &mut [f32]| -> Result<(), O::Error> {
+            if failure.is_some() {
+                return Ok(());
+            }
+            let mut flat = ops.read(grads)?;
+            flat.extend_from_slice(losses);
+            if let Err(e) = g.all_reduce_mean(&mut flat, "the gradients") {
+                failure = Some(e.into());
+                return Ok(());
+            }
+            let n = grads.len;
+            losses.copy_from_slice(&flat[n..]);
+            ops.upload(grads, &flat[..n])
+        };
+        let out = step.step_with(&mut self.ops, lr, &mut reduce).map_err(dev);
+        match failure {
+            Some(e) => Err(e),
+            None => out,
+        }
+    }
+
+    /// The current weights (generator and critic, in the peer's names) and the optimisers'
+    /// state, for validation and checkpoints.
+    pub fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError> {
+        match &self.state {
+            State::Host(sd, opt) => Ok((sd.clone(), opt.clone())),
+            State::Built(s) => Ok((
+                s.state_dict(&mut self.ops).map_err(dev)?,
+                Some(s.optimizer_state(&mut self.ops).map_err(dev)?),
+            )),
+        }
+    }
+}
