@@ -300,6 +300,11 @@ impl TrainOps for HostTrainOps {
         self.upload(loss.at(0, 1), &[v as f32])
     }
 
+    fn on_host(&mut self, t: T, f: &mut dyn FnMut(&mut [f32])) -> Result<(), Infallible> {
+        f(&mut self.floats[t.buf][t.off..t.off + t.len]);
+        Ok(())
+    }
+
     fn adamw(&mut self, p: T, g: T, m: T, v: T, h: &AdamW) -> Result<(), Infallible> {
         let (mut mb, mut vb) = (self.take(m.buf), self.take(v.buf));
         self.write(p, |me, ps| {

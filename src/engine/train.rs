@@ -236,6 +236,13 @@ pub trait TrainOps {
     fn mean(&mut self, x: T, loss: T) -> Result<(), Self::Error>;
     /// One AdamW update of parameters `p` from gradients `g` with moments `m`, `v`.
     fn adamw(&mut self, p: T, g: T, m: T, v: T, h: &AdamW) -> Result<(), Self::Error>;
+    /// `f` on the values of `t` in host memory, kept (a data-parallel run's all-reduce of the
+    /// gradients). By default a read and an upload; the host ops lend the buffer itself.
+    fn on_host(&mut self, t: T, f: &mut dyn FnMut(&mut [f32])) -> Result<(), Self::Error> {
+        let mut v = self.read(t)?;
+        f(&mut v);
+        self.upload(t, &v)
+    }
 }
 
 /// The parameters of one optimiser in one flat buffer: key → slice, in a fixed order.

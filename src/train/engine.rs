@@ -198,24 +198,24 @@ impl<O: TrainOps> EngineTrainer<O> {
         };
         step.upload_batch(&mut self.ops, clips, idx)
             .map_err(engine_error)?;
-        let Some(g) = group else {
+        let Some(grp) = group else {
             return step.step(&mut self.ops, lr).map_err(dev);
         };
-        // The ranks' gradients and losses, averaged before each update.
+        // The ranks' gradients (in place where the ops' buffers are host memory), then the
+        // losses, averaged before each update.
         let mut failure: Option<TrainError> = None;
         let mut reduce = |ops: &mut O, grads: T, losses: &mut [f32]| -> Result<(), O::Error> {
             if failure.is_some() {
                 return Ok(());
             }
-            let mut flat = ops.read(grads)?;
-            flat.extend_from_slice(losses);
-            if let Err(e) = g.all_reduce_mean(&mut flat, "the gradients") {
+            let mut res = Ok(());
+            ops.on_host(grads, &mut |vals: &mut [f32]| {
+                res = grp.all_reduce_mean(vals, "the gradients");
+            })?;
+            if let Err(e) = res.and_then(|()| grp.all_reduce_mean(losses, "the losses")) {
                 failure = Some(e.into());
-                return Ok(());
             }
-            let n = grads.len;
-            losses.copy_from_slice(&flat[n..]);
-            ops.upload(grads, &flat[..n])
+            Ok(())
         };
         let out = step.step_with(&mut self.ops, lr, &mut reduce).map_err(dev);
         match failure {

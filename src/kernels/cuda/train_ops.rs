@@ -289,6 +289,8 @@ impl TrainOps for CudaTrainOps {
     type Error = DeviceError;
 
     fn prepare(&mut self, layout: &Layout) -> Result<(), DeviceError> {
+        // The step may be built on another thread than the one that opened the GPU.
+        self.ctx.bind_to_thread().map_err(drv)?;
         self.synchronize()?;
         // The descriptors hold bias pointers into the old buffers.
         self.gemms.clear();
@@ -319,6 +321,9 @@ impl TrainOps for CudaTrainOps {
     }
 
     fn read(&mut self, t: T) -> Result<Vec<f32>, DeviceError> {
+        // Once per update: keeps this thread on the engine's context (burn's CUDA backend may
+        // have made another current for validation).
+        self.ctx.bind_to_thread().map_err(drv)?;
         self.synchronize()?;
         let mut v = vec![0f32; t.len];
         // SAFETY: the slice lies inside its buffer; the stream is idle.
