@@ -801,7 +801,7 @@ mod cuda {
                 let mut ops = CudaTrainOps::new(0, p).unwrap_or_else(|e| panic!("{p}: {e}"));
                 eprintln!("{ops:?}");
                 // Gradients first (no update), then a whole step from the same weights.
-                let mut step = PretrainStep::new(&cfg, &sd, shape, ADV).unwrap();
+                let step = PretrainStep::new(&cfg, &sd, shape, ADV).unwrap();
                 step.load(&mut ops).unwrap();
                 step.upload_batch(&mut ops, &clip, &idx).unwrap();
                 step.generator_gradients(&mut ops).unwrap();
