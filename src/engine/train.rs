@@ -154,6 +154,8 @@ pub struct Gemm {
 /// What runs the training schedule. Steps run in order; an implementation may queue them.
 pub trait TrainOps {
     type Error: std::fmt::Display;
+    /// The clips per batch of the step about to be built (device errors name it).
+    fn set_batch(&mut self, _batch: usize) {}
     /// Allocate every buffer of `layout` (values undefined until written).
     fn prepare(&mut self, layout: &Layout) -> Result<(), Self::Error>;
     fn upload(&mut self, t: T, values: &[f32]) -> Result<(), Self::Error>;
@@ -987,6 +989,7 @@ impl PretrainStep {
 
     /// Allocate `ops`' buffers, upload the weights and zero the optimiser state.
     pub fn load<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        ops.set_batch(self.shape.batch);
         ops.prepare(&self.layout)?;
         ops.upload(self.gen.all(), &self.gen_values)?;
         ops.upload(self.critic.all(), &self.critic_values)?;

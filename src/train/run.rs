@@ -738,3 +738,66 @@ fn zero_moments(sd: &StateDict) -> crate::engine::train::OptimizerState {
         updates: [0, 0],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DeviceSpec;
+    use crate::kernels::Precision;
+
+    #[test]
+    fn auto_takes_the_engine_only_where_it_was_measured() {
+        let cpu = EngineDevice::Cpu;
+        let r = |s: StepPath, d, p| s.resolve(d, p);
+        assert_eq!(
+            r(StepPath::Auto, DeviceSpec::Cpu, Precision::F32),
+            Ok((StepPath::Auto, cpu))
+        );
+        // bf16 on the CPU, any CUDA or Vulkan run: burn's step.
+        for (d, p) in [
+            (DeviceSpec::Cpu, Precision::Bf16),
+            (DeviceSpec::Cuda(0), Precision::Tf32),
+            (DeviceSpec::Cuda(0), Precision::F32),
+            (DeviceSpec::Vulkan(0), Precision::F32),
+        ] {
+            assert_eq!(
+                r(StepPath::Auto, d, p),
+                Ok((StepPath::Burn, cpu)),
+                "{d} {p:?}"
+            );
+            assert_eq!(
+                r(StepPath::Burn, d, p),
+                Ok((StepPath::Burn, cpu)),
+                "{d} {p:?}"
+            );
+        }
+        // Asked for, the engine runs on CUDA in fp32 and tf32, on the GPU named.
+        assert_eq!(
+            r(StepPath::Engine, DeviceSpec::Cuda(1), Precision::Tf32),
+            Ok((
+                StepPath::Engine,
+                EngineDevice::Cuda {
+                    ordinal: 1,
+                    precision: Precision::Tf32
+                }
+            ))
+        );
+        for (d, p) in [
+            (DeviceSpec::Cuda(0), Precision::Bf16),
+            (DeviceSpec::Vulkan(0), Precision::F32),
+            (DeviceSpec::Cpu, Precision::Bf16),
+        ] {
+            let e = r(StepPath::Engine, d, p).unwrap_err();
+            assert!(
+                e.starts_with("--step engine trains on the CPU in fp32 or on CUDA in fp32/tf32")
+                    && e.contains("use --step burn or auto"),
+                "{e}"
+            );
+        }
+        assert_eq!("engine".parse::<StepPath>(), Ok(StepPath::Engine));
+        assert!("fast"
+            .parse::<StepPath>()
+            .unwrap_err()
+            .contains("auto, engine or burn"));
+    }
+}

@@ -103,6 +103,8 @@ pub struct CudaTrainOps {
     lt: LtHandle,
     precision: Precision,
     name: String,
+    /// Clips per batch of the step built last (out-of-memory errors name it).
+    batch: usize,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
 }
@@ -177,6 +179,7 @@ impl CudaTrainOps {
             lt,
             precision,
             name,
+            batch: 0,
             stream,
             ctx,
         })
@@ -196,10 +199,16 @@ impl CudaTrainOps {
             .sum()
     }
 
+    /// Driver errors as device errors; out of memory names the step's batch size.
+    fn fail(&self) -> impl Fn(DriverError) -> DeviceError {
+        let batch = self.batch;
+        move |e| device_error(e, batch)
+    }
+
     /// Wait for the queued work.
     pub fn synchronize(&self) -> Result<(), DeviceError> {
         // SAFETY: the stream is live.
-        unsafe { result::stream::synchronize(self.stream.cu_stream()) }.map_err(drv)
+        unsafe { result::stream::synchronize(self.stream.cu_stream()) }.map_err(self.fail())
     }
 
     fn ptr(&self, t: T) -> u64 {
@@ -226,7 +235,7 @@ impl CudaTrainOps {
         // (pointers to values of the kernel's parameter types, alive for this call); the
         // device pointers among them address buffers of the layout's sizes.
         unsafe { result::launch_kernel(f, grid, (block, 1, 1), shared, self.st(), args) }
-            .map_err(drv)
+            .map_err(self.fail())
     }
 
     fn elementwise(
@@ -277,7 +286,7 @@ impl CudaTrainOps {
         f: impl FnOnce(u64) -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
         // SAFETY: `acc` holds 8 bytes; the memset is ordered on the stream.
-        unsafe { result::memset_d8_async(self.acc.ptr, 0, 8, self.st()) }.map_err(drv)?;
+        unsafe { result::memset_d8_async(self.acc.ptr, 0, 8, self.st()) }.map_err(self.fail())?;
         f(self.acc.ptr)?;
         let (acc, out) = (self.acc.ptr, self.ptr(loss));
         let mut a = args![acc, out, scale];
@@ -288,19 +297,23 @@ impl CudaTrainOps {
 impl TrainOps for CudaTrainOps {
     type Error = DeviceError;
 
+    fn set_batch(&mut self, batch: usize) {
+        self.batch = batch;
+    }
+
     fn prepare(&mut self, layout: &Layout) -> Result<(), DeviceError> {
         // The step may be built on another thread than the one that opened the GPU.
-        self.ctx.bind_to_thread().map_err(drv)?;
+        self.ctx.bind_to_thread().map_err(self.fail())?;
         self.synchronize()?;
         // The descriptors hold bias pointers into the old buffers.
         self.gemms.clear();
         self.floats.clear();
         self.indices.clear();
         for (_, n) in &layout.floats {
-            self.floats.push(DevBuf::new(4 * n).map_err(drv)?);
+            self.floats.push(DevBuf::new(4 * n).map_err(self.fail())?);
         }
         for (_, n) in &layout.indices {
-            self.indices.push(DevBuf::new(4 * n).map_err(drv)?);
+            self.indices.push(DevBuf::new(4 * n).map_err(self.fail())?);
         }
         Ok(())
     }
@@ -309,25 +322,25 @@ impl TrainOps for CudaTrainOps {
         // SAFETY: the slice lies inside its buffer; the copy is complete when the stream is
         // synchronised below, before `values` can go.
         unsafe { result::memcpy_htod_async(self.ptr(t), &values[..t.len], self.st()) }
-            .map_err(drv)?;
+            .map_err(self.fail())?;
         self.synchronize()
     }
 
     fn upload_index(&mut self, i: I, values: &[u32]) -> Result<(), DeviceError> {
         // SAFETY: as `upload`.
         unsafe { result::memcpy_htod_async(self.iptr(i), &values[..i.len], self.st()) }
-            .map_err(drv)?;
+            .map_err(self.fail())?;
         self.synchronize()
     }
 
     fn read(&mut self, t: T) -> Result<Vec<f32>, DeviceError> {
         // Once per update: keeps this thread on the engine's context (burn's CUDA backend may
         // have made another current for validation).
-        self.ctx.bind_to_thread().map_err(drv)?;
+        self.ctx.bind_to_thread().map_err(self.fail())?;
         self.synchronize()?;
         let mut v = vec![0f32; t.len];
         // SAFETY: the slice lies inside its buffer; the stream is idle.
-        unsafe { result::memcpy_dtoh_sync(&mut v, self.ptr(t)) }.map_err(drv)?;
+        unsafe { result::memcpy_dtoh_sync(&mut v, self.ptr(t)) }.map_err(self.fail())?;
         Ok(v)
     }
 
@@ -341,7 +354,7 @@ impl TrainOps for CudaTrainOps {
         // SAFETY: both slices lie inside their buffers and do not overlap (the schedule's
         // copies are between distinct tensors).
         unsafe { result::memcpy_dtod_async(self.ptr(dst), self.ptr(src), 4 * src.len, self.st()) }
-            .map_err(drv)
+            .map_err(self.fail())
     }
 
     fn patchify(
@@ -475,7 +488,7 @@ impl TrainOps for CudaTrainOps {
         let need = 4 * b * h * n;
         if self.delta.as_ref().is_none_or(|d| d.bytes < need) {
             self.synchronize()?;
-            self.delta = Some(DevBuf::new(need).map_err(drv)?);
+            self.delta = Some(DevBuf::new(need).map_err(self.fail())?);
         }
         let delta = self.delta.as_ref().map_or(0, |d| d.ptr);
         let (q, o, g, l, dq) = (
