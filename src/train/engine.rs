@@ -32,7 +32,9 @@ pub trait EngineStep: Send {
     /// One training step on clips `[B, 3, T, H, W]` (flat) with visibility `idx` at `lr`.
     fn step(&mut self, clips: &[f32], idx: &MaskIndices, lr: f64)
         -> Result<StepLosses, TrainError>;
-    /// The current weights (the peer's names) and the optimisers' state.
+    /// The current weights (the peer's names): validation, the sample picture.
+    fn weights(&mut self) -> Result<StateDict, TrainError>;
+    /// The current weights and the optimisers' state: checkpoints.
     fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError>;
     /// Average every update's gradients and losses across `group`.
     fn set_group(&mut self, group: Option<Arc<Group>>);
@@ -46,6 +48,9 @@ impl<O: TrainOps + Send> EngineStep for EngineTrainer<O> {
         lr: f64,
     ) -> Result<StepLosses, TrainError> {
         EngineTrainer::step(self, clips, idx, lr)
+    }
+    fn weights(&mut self) -> Result<StateDict, TrainError> {
+        EngineTrainer::weights(self)
     }
     fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError> {
         EngineTrainer::state(self)
@@ -143,24 +148,12 @@ impl<O: TrainOps> EngineTrainer<O> {
         })
     }
 
-    /// Average every update's gradients and losses across `group`.
-    pub fn with_group(mut self, group: Option<Arc<Group>>) -> Self {
-        self.group = group;
-        self
-    }
-
     /// The step for batches of `shape`, built (from the current state) when the last one was
     /// for another shape.
     fn step_for(&mut self, shape: StepShape) -> Result<&mut PretrainStep, TrainError> {
         let rebuild = !matches!(&self.state, State::Built(s) if s.shape == shape);
         if rebuild {
-            let (sd, opt) = match &self.state {
-                State::Host(sd, opt) => (sd.clone(), opt.clone()),
-                State::Built(s) => (
-                    s.state_dict(&mut self.ops).map_err(dev)?,
-                    Some(s.optimizer_state(&mut self.ops).map_err(dev)?),
-                ),
-            };
+            let (sd, opt) = self.state()?;
             let mut step =
                 PretrainStep::new(&self.cfg, &sd, shape, self.losses).map_err(engine_error)?;
             step.load(&mut self.ops).map_err(dev)?;
@@ -224,8 +217,15 @@ impl<O: TrainOps> EngineTrainer<O> {
         }
     }
 
-    /// The current weights (generator and critic, in the peer's names) and the optimisers'
-    /// state, for validation and checkpoints.
+    /// The current weights (generator and critic, in the peer's names).
+    pub fn weights(&mut self) -> Result<StateDict, TrainError> {
+        match &self.state {
+            State::Host(sd, _) => Ok(sd.clone()),
+            State::Built(s) => s.state_dict(&mut self.ops).map_err(dev),
+        }
+    }
+
+    /// The current weights and the optimisers' state, for checkpoints and a rebuild.
     pub fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError> {
         match &self.state {
             State::Host(sd, opt) => Ok((sd.clone(), opt.clone())),

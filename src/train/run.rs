@@ -240,7 +240,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 burn::module::AutodiffModule::valid(pt.critic_module()),
             )),
             Trainer::Engine(et) => {
-                let (sd, _) = et.state()?;
+                let sd = et.weights()?;
                 let (mut m, _) = Marlin::<B::InnerBackend>::from_state_dict(
                     cfg,
                     &sd,
@@ -428,7 +428,7 @@ pub fn pretrain<B: AutodiffBackend>(
                 weights_digest(pt.generator()),
                 weights_digest(pt.critic_module())
             ),
-            Trainer::Engine(et) => format!("the training engine: {}", state_digest(&et.state()?.0)),
+            Trainer::Engine(et) => format!("the training engine: {}", state_digest(&et.weights()?)),
         };
         g.agree("starting weights", &digest)?;
     }

@@ -762,19 +762,11 @@ mod cuda {
     mod train_engine {
         use super::super::*;
         use crate::pretrain_step::{fx, loss_pairs, tiny_a_batch_on, weight_diffs};
+        use crate::train_engine::ADV;
         use marlin::backend::CpuAutodiff;
         use marlin::engine::train::{host_step, PretrainStep, StepShape};
         use marlin::kernels::cuda::CudaTrainOps;
         use marlin::model::load::to_f32_vec;
-        use marlin::train::LossConfig;
-
-        const ADV: LossConfig = LossConfig {
-            adv_loss: true,
-            adv_weight: 0.01,
-            gp_weight: 0.0,
-            d_steps: 1,
-            g_steps: 1,
-        };
 
         #[test]
         fn the_training_engines_step_matches_the_peer_and_the_host() {

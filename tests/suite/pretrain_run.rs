@@ -101,10 +101,9 @@ fn metric_rows(out: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
-    let t = tempfile::tempdir().unwrap();
-    let d = t.path();
+/// Three training clips and one validation clip of 20 frames from the bundled sample video in
+/// `d/data`; the data root and the video.
+fn sample_dataset(d: &Path) -> (PathBuf, PathBuf) {
     let data = d.join("data");
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
     dataset(
@@ -114,6 +113,33 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
         &[("b/0", 24)],
         20,
     );
+    (data, sample)
+}
+
+/// The largest difference between the `model.safetensors` of two runs (NaN-checked), which
+/// must hold the same tensors.
+fn weights_diff(a: &Path, b: &Path) -> f32 {
+    let (wa, wb) = (
+        read_safetensors_file(&a.join("model.safetensors")).unwrap(),
+        read_safetensors_file(&b.join("model.safetensors")).unwrap(),
+    );
+    assert_eq!(
+        wa.keys().collect::<Vec<_>>(),
+        wb.keys().collect::<Vec<_>>(),
+        "the same tensors"
+    );
+    let mut worst = 0f32;
+    for (k, v) in &wa {
+        worst = worst.max(common::max_abs_diff(&wb[k].data, &v.data).diff);
+    }
+    worst
+}
+
+#[test]
+fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let (data, sample) = sample_dataset(d);
     let cfg = tiny_config(d, "random");
     let epochs = 120;
 
@@ -183,19 +209,7 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(losses(x), losses(y));
     }
-    let (wa, wb) = (
-        read_safetensors_file(&whole.join("model.safetensors")).unwrap(),
-        read_safetensors_file(&cut.join("model.safetensors")).unwrap(),
-    );
-    assert_eq!(
-        wa.keys().collect::<Vec<_>>(),
-        wb.keys().collect::<Vec<_>>(),
-        "the same tensors"
-    );
-    let mut worst = 0f32;
-    for (k, v) in &wa {
-        worst = worst.max(common::max_abs_diff(&wb[k].data, &v.data).diff);
-    }
+    let worst = weights_diff(&whole, &cut);
     assert!(worst <= 1e-6, "resumed weights differ by {worst}");
     // The CPU's default step is the training engine's: its checkpoint says so.
     assert!(
@@ -234,15 +248,7 @@ fn kill_9_then_resume_ends_like_an_uninterrupted_run() {
 fn the_training_engine_and_burns_step_train_alike() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    let data = d.join("data");
-    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample_face.mp4");
-    dataset(
-        &data,
-        &sample,
-        &[("a/0", 0), ("a/1", 8), ("a/2", 16)],
-        &[("b/0", 24)],
-        20,
-    );
+    let (data, _) = sample_dataset(d);
     let cfg = tiny_config(d, "fasking");
     let epochs = 3;
     let run = |step: &str, out: &Path, extra: &[&str]| {
@@ -271,15 +277,7 @@ fn the_training_engine_and_burns_step_train_alike() {
             );
         }
     }
-    let (wa, wb) = (
-        read_safetensors_file(&eng.join("model.safetensors")).unwrap(),
-        read_safetensors_file(&bur.join("model.safetensors")).unwrap(),
-    );
-    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
-    let mut worst = 0f32;
-    for (k, v) in &wa {
-        worst = worst.max(common::max_abs_diff(&wb[k].data, &v.data).diff);
-    }
+    let worst = weights_diff(&eng, &bur);
     eprintln!("{epochs} epochs, engine vs burn: max |dw| {worst:.2e}");
     assert!(worst <= 1e-4, "weights differ by {worst}");
 

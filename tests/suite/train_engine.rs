@@ -15,7 +15,8 @@ use marlin::model::MaskIndices;
 use marlin::train::LossConfig;
 use marlin::{Marlin, MarlinConfig};
 
-const ADV: LossConfig = LossConfig {
+/// The released configs' losses (critic on, adv_weight 0.01, no penalty), as the step fixture.
+pub(crate) const ADV: LossConfig = LossConfig {
     adv_loss: true,
     adv_weight: 0.01,
     gp_weight: 0.0,
