@@ -23,6 +23,11 @@
 #             (the engine, tf32 and fp32) and the peer's (bf16 autocast, tf32) in alternating
 #             rounds (TRAIN_ROUNDS, default 1) with NVML's peaks. Writes "pretrain_vitb" into
 #             $OUT/gpu-<date>-<gpu>.json.
+#   finetune  ViT-B fine-tuning steps (the encoder on whole clips, a 40-label head, BCE, Adam)
+#             at batch 8 and 32 (FINETUNE_BATCHES), ours (the engine, tf32 and fp32) and the
+#             peer's (bf16 autocast, tf32), with NVML's peaks; its parity against the host twin
+#             runs in the pretrain section's test (`gpu::cuda::train_engine`). About 4 minutes.
+#             Writes "finetune_vitb" into $OUT/gpu-<date>-<gpu>.json.
 #   parity    `suite gpu::` (features of the tiny fixtures and of the released width against
 #             the peer's fixtures and the CPU backend, keep_seq and pooled, fp32/tf32/bf16; one
 #             pretraining step against the peer's), the face parser's label map on CUDA vs the
@@ -91,7 +96,7 @@ export MARLIN_KERNEL_CACHE=$work/kernel-cache
 # PEER=0 leaves out marlin-pytorch's runs (they were taken in an earlier call); SUITE_SKIP names
 # parity tests to leave out (`--skip` filters of the test binary, space-separated).
 peer() { [ "${PEER:-1}" = 1 ]; }
-sections=${*:-engine pretrain parity ddp features train e2e large unfused step profile}
+sections=${*:-engine pretrain finetune parity ddp features train e2e large unfused step profile}
 # BUDGET_S: seconds for the whole call; each command gets what is left of it (at most its own
 # limit), and a command with under 20 s left is skipped with a line, so the log always ends.
 deadline=$(( $(date +%s) + ${BUDGET_S:-86400} ))
@@ -188,6 +193,23 @@ if has pretrain; then
         done
       fi
     done
+  done
+  "$PY" bench/gpu_results.py "$OUT/gpu.log" --out "$OUT"
+fi
+
+if has finetune; then
+  echo "== finetune: ViT-B fine-tuning step, ours (the engine) and the peer's (samples/s; NVML peak above the idle GPU)"
+  for b in ${FINETUNE_BATCHES:-8 32}; do
+    for p in tf32 fp32; do
+      echo "@@ finetune_vitb_b$b ours $p"
+      run 120 "$PY" bench/gpu_peak.py -- "$BIN" bench --finetune --train-engine --device cuda --batch-size "$b" --iters 5 --precision "$p"
+    done
+    if peer; then
+      for p in bf16 tf32; do
+        echo "@@ finetune_vitb_b$b peer $p"
+        run 150 "$PY" bench/gpu_peak.py -- "$PY" bench/peer_finetune_step.py --device cuda --batch "$b" --iters 5 --precision "$p"
+      done
+    fi
   done
   "$PY" bench/gpu_results.py "$OUT/gpu.log" --out "$OUT"
 fi

@@ -6,6 +6,7 @@
    "first_extract_s": {"ours_cold", "ours_warm", "peer"},
    "pretrain_vitb": {"b16": {"ours": {MODE: {"samples_per_s", "peak_mib", "rounds"}}, "peer": {...}},
                      "b64": {...}},
+   "finetune_vitb": {"b8": {...}, "b32": {...}} (as pretrain_vitb),
    "parity": {NAME: max_abs_diff}}
 
 MODE is fp32, tf32, bf16 (the peer also bf16_sdpa); clips_per_s is the median over the
@@ -21,10 +22,18 @@ import statistics
 import sys
 
 
+def step_key(what):
+    """("pretrain_vitb", "b16") of a training step's tag `pretrain_vitb_b16`; None otherwise."""
+    for key in ("pretrain_vitb", "finetune_vitb"):
+        if what.startswith(key + "_"):
+            return key, what[len(key) + 1:]
+    return None
+
+
 def parse(lines):
     out = {"gpu": None, "date": None, "commit": None, "extract_vitb_b64": {"ours": {}, "peer": {}},
            "extract_vitl_b64": {"ours": {}, "peer": {}}, "first_extract_s": {}, "parity": {},
-           "pretrain_vitb": {}}
+           "pretrain_vitb": {}, "finetune_vitb": {}}
     tag = None
     rates = {}
     for line in lines:
@@ -57,9 +66,9 @@ def parse(lines):
             if m:
                 d = out[what][who].setdefault(mode, {})
                 d["peak_mib"] = max(d.get("peak_mib", 0.0), float(m.group(1)))
-        elif what.startswith("pretrain_vitb_"):
-            batch = what[len("pretrain_vitb_"):]
-            slot = out["pretrain_vitb"].setdefault(batch, {"ours": {}, "peer": {}})[who]
+        elif step_key(what):
+            key, batch = step_key(what)
+            slot = out[key].setdefault(batch, {"ours": {}, "peer": {}})[who]
             m = re.search(r"samples/s ([0-9.]+)", line)
             if m and "seconds per step" in line:
                 rates.setdefault((what, who, mode), []).append(float(m.group(1)))
@@ -73,9 +82,9 @@ def parse(lines):
                 out["first_extract_s"][f"{who}" if mode == "-" else f"{who}_{mode}"] = (
                     int(m.group(2)) / 1e3 if m.group(1) == "0" else None)
     for (what, who, mode), v in rates.items():
-        if what.startswith("pretrain_vitb_"):
-            batch = what[len("pretrain_vitb_"):]
-            d = out["pretrain_vitb"][batch][who].setdefault(mode, {})
+        if step_key(what):
+            key, batch = step_key(what)
+            d = out[key][batch][who].setdefault(mode, {})
             d["samples_per_s"] = round(statistics.median(v), 2)
         else:
             d = out[what][who].setdefault(mode, {})

@@ -32,9 +32,13 @@ pub struct BenchArgs {
     /// Time pretraining steps instead (critic + generator step, random 90% masks, AdamW).
     #[arg(long)]
     pub train: bool,
-    /// With --train: time the training engine's step (on the CPU its host ops, on CUDA its
-    /// cuBLASLt/NVRTC ops in fp32 or tf32) instead of burn's autodiff step.
-    #[arg(long, requires = "train")]
+    /// Time fine-tuning steps instead: the encoder on whole clips, mean-pooled, under a
+    /// 40-label head (CelebV-HQ appearance), binary cross-entropy, Adam.
+    #[arg(long, conflicts_with = "train")]
+    pub finetune: bool,
+    /// With --train or --finetune: time the training engine's step (on the CPU its host ops,
+    /// on CUDA its cuBLASLt/NVRTC ops in fp32 or tf32) instead of burn's autodiff step.
+    #[arg(long)]
     pub train_engine: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
@@ -131,6 +135,9 @@ impl BackendTask for Bench {
             return train_bench::<burn::backend::Autodiff<B>>(
                 &self.cfg, &self.args, self.group, &device,
             );
+        }
+        if self.args.finetune {
+            return finetune_bench::<burn::backend::Autodiff<B>>(&self.cfg, &self.args, &device);
         }
         let (cfg, a) = (self.cfg, self.args);
         let watch = memory_watch(a.device);
@@ -486,17 +493,8 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     // The training engine's step (`--train-engine`), or burn's.
     let mut engine = None;
     if a.train_engine {
-        use marlin::train::engine::{engine_step, EngineDevice};
-        let dev = match a.device {
-            marlin::backend::DeviceSpec::Cpu => EngineDevice::Cpu,
-            marlin::backend::DeviceSpec::Cuda(ordinal) => EngineDevice::Cuda {
-                ordinal,
-                precision: a
-                    .precision
-                    .unwrap_or(marlin::kernels::Precision::default_for(true)),
-            },
-            _ => fail("--train-engine runs on the CPU or on CUDA"),
-        };
+        use marlin::train::engine::engine_step;
+        let dev = engine_device(a);
         let sd = pt.model().to_state_dict();
         let mut et = match engine_step(cfg, sd, None, LossConfig::from_config(cfg), dev) {
             Ok(et) => et,
@@ -539,7 +537,88 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     }
 }
 
+/// Where `--train-engine` runs: the host ops on the CPU, the CUDA ops on a CUDA GPU.
+fn engine_device(a: &BenchArgs) -> marlin::train::engine::EngineDevice {
+    use marlin::train::engine::EngineDevice;
+    match a.device {
+        DeviceSpec::Cpu => EngineDevice::Cpu,
+        DeviceSpec::Cuda(ordinal) => EngineDevice::Cuda {
+            ordinal,
+            precision: a
+                .precision
+                .unwrap_or(marlin::kernels::Precision::default_for(true)),
+        },
+        _ => fail("--train-engine runs on the CPU or on CUDA"),
+    }
+}
+
+/// Seconds per fine-tuning step (batch `--batch-size` clips, all tokens, a 40-label head,
+/// binary cross-entropy, Adam with the reference's betas).
+fn finetune_bench<B: burn::tensor::backend::AutodiffBackend>(
+    cfg: &MarlinConfig,
+    a: &BenchArgs,
+    device: &B::Device,
+) {
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    use marlin::probe::classifier::Classifier;
+    use marlin::probe::metrics::TaskKind;
+    const LABELS: usize = 40;
+    let b = a.batch_size.max(1);
+    let watch = memory_watch(a.device);
+    let model = Marlin::<B>::init(cfg, &[Part::Encoder], 0, device);
+    let d = cfg.encoder.embed_dim;
+    let shape = [b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
+    let clip = Tensor::<B, 5>::random(shape, Distribution::Uniform(0.0, 1.0), device);
+    let y: Vec<f32> = (0..b * LABELS).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let mut clf = Some(Classifier::new(Some(model.encoder), d, LABELS, 0, device));
+    outln!(
+        "{} fine-tuning step on {}: batch {b}, {LABELS} labels",
+        cfg.name(),
+        a.device
+    );
+    let mut engine = None;
+    if a.train_engine {
+        let dev = engine_device(a);
+        let sd = clf.as_ref().map(|c| c.to_state_dict("bench"));
+        let sd = sd.unwrap_or_else(|| fail("no classifier"));
+        let e = marlin::probe::engine::finetune_engine(cfg, sd, TaskKind::Multilabel, dev)
+            .unwrap_or_else(|e| fail(e));
+        outln!("the training engine's step on {dev:?}");
+        engine = Some((e, marlin::model::load::to_f32_vec(clip.clone())));
+        clf = None;
+    }
+    let mut optim = AdamConfig::new()
+        .with_beta_1(0.5)
+        .with_beta_2(0.9)
+        .with_epsilon(1e-8)
+        .init::<B, Classifier<B>>();
+    let elapsed = timed_runs(b, a.iters, || match (&mut engine, clf.take()) {
+        (Some((e, clips)), _) => {
+            if let Err(err) = e.step(clips, &y, 1e-4) {
+                fail(err);
+            }
+        }
+        (None, Some(m)) => {
+            let logits = m.forward_clips(clip.clone());
+            let l = marlin::probe::train::loss(logits, &y, TaskKind::Multilabel);
+            let grads = GradientsParams::from_grads(l.backward(), &m);
+            clf = Some(optim.step(1e-4, m, grads));
+        }
+        // The engine replaced the classifier, or burn's step put it back.
+        (None, None) => fail("no classifier to step"),
+    });
+    report_memory(watch);
+    let per_step = elapsed / a.iters.max(1) as f64;
+    outln!(
+        "seconds per step: {per_step:.3}  (samples/s {:.2})",
+        b as f64 / per_step
+    );
+}
+
 pub fn run(args: BenchArgs) -> Result<i32, String> {
+    if args.train_engine && !(args.train || args.finetune) {
+        return Err("--train-engine times --train or --finetune steps".into());
+    }
     let cfg = match &args.config {
         Some(p) => MarlinConfig::from_yaml_file(p).map_err(|e| e.to_string())?,
         None => MarlinConfig::from_name(&args.model).map_err(|e| e.to_string())?,

@@ -12,6 +12,7 @@ use marlin::probe::metrics::table;
 use marlin::probe::run::{FinetuneOptions, ProbeOptions, RunProgress, RunSummary};
 use marlin::probe::saved::SavedClassifier;
 use marlin::probe::train::{EpochLog, TrainOptions};
+use marlin::train::run::StepPath;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -83,6 +84,11 @@ pub struct FinetuneArgs {
     /// weights). Default: fp32 on the CPU, tf32 on a GPU.
     #[arg(long)]
     pub precision: Option<marlin::kernels::Precision>,
+    /// The training step: auto (the training engine's hand-scheduled step on the CPU in fp32,
+    /// where it covers the model; burn's autodiff step otherwise), engine (also on --device
+    /// cuda in fp32/tf32: its CUDA ops, not yet measured on a GPU), or burn.
+    #[arg(long, default_value = "auto", value_parser = super::names::<StepPath>(&StepPath::NAMES))]
+    pub step: StepPath,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +111,7 @@ pub struct PredictArgs {
 struct Bar {
     bar: ProgressBar,
     stop: Arc<AtomicBool>,
+    quiet: bool,
 }
 
 impl Bar {
@@ -116,7 +123,7 @@ impl Bar {
             max_epochs as u64,
             "{bar:30} epoch {pos}/{len} (at most)  {msg}  elapsed {elapsed}",
         );
-        Self { bar, stop }
+        Self { bar, stop, quiet }
     }
 }
 
@@ -137,6 +144,12 @@ impl RunProgress for Bar {
 
     fn stop(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    fn note(&mut self, message: &str) {
+        if !self.quiet {
+            self.bar.suspend(|| eprintln!("note: {message}"));
+        }
     }
 }
 
@@ -251,13 +264,15 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
     let (group, device) = args.dist.join(args.model.device.single()?)?;
     // Rank 0 alone reports.
     let quiet = t.quiet || group.as_ref().is_some_and(|g| !g.is_main());
-    if let (_, Some(n)) = marlin::backend::set_precision(args.precision, device) {
-        if !quiet {
-            eprintln!("note: {n}");
-        }
+    let (precision, note) = marlin::backend::set_precision(args.precision, device);
+    if let (Some(n), false) = (note, quiet) {
+        eprintln!("note: {n}");
     }
+    let (step, engine_device) = args.step.resolve(device, precision)?;
     let (cfg, weights) = args.model.resolve(false, !quiet)?;
     let mut opts = FinetuneOptions::new(cfg, weights, &t.out);
+    opts.step = step;
+    opts.engine_device = engine_device;
     opts.sample_rate = args.sample_rate;
     opts.train = train_options(t, opts.train);
     opts.train.group = group;

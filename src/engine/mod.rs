@@ -9,6 +9,7 @@
 //! ([`crate::Marlin::with_engine`]); extraction (`extract`, `bench`, Python, the probe's
 //! features) goes through it when it is there.
 
+pub mod finetune;
 pub mod host;
 pub mod host_train;
 pub mod schedule;

@@ -47,6 +47,8 @@ pub enum TrainEngineError {
         want: usize,
         want_vis: usize,
     },
+    #[error("a batch of {got} clips, the engine was built for {want}")]
+    BatchSize { got: usize, want: usize },
     #[error("{0}")]
     Device(String),
 }
@@ -257,7 +259,7 @@ pub struct ParamTable {
 
 impl ParamTable {
     /// `keys` of `sd` laid out one after the other in buffer `buf` (the values in that order).
-    fn build(
+    pub(super) fn build(
         sd: &StateDict,
         keys: &[String],
         buf: usize,
@@ -315,8 +317,8 @@ struct BlockParams {
 
 /// One stack of blocks (the encoder's or the decoder's) with its activations.
 #[derive(Debug, Clone)]
-struct Stack {
-    dim: usize,
+pub(super) struct Stack {
+    pub(super) dim: usize,
     heads: usize,
     hidden: usize,
     scale: f32,
@@ -325,9 +327,9 @@ struct Stack {
     blocks: Vec<BlockParams>,
     tapes: Vec<Tape>,
     /// The last block's output.
-    out: T,
+    pub(super) out: T,
     /// Backward scratch: the residual stream's gradient and per-op gradients.
-    dx: T,
+    pub(super) dx: T,
     dh: T,
     datt: T,
     dqkv: T,
@@ -437,7 +439,7 @@ pub struct PretrainStep {
     steps_critic: u32,
 }
 
-fn block_keys(prefix: &str, i: usize, qkv_bias: bool) -> Vec<String> {
+pub(super) fn block_keys(prefix: &str, i: usize, qkv_bias: bool) -> Vec<String> {
     let p = format!("{prefix}.blocks.{i}");
     let mut v = vec![
         format!("{p}.norm1.weight"),
@@ -490,7 +492,7 @@ fn block_params(
 
 impl Stack {
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(super) fn new(
         layout: &mut Layout,
         name: &str,
         table: &ParamTable,
@@ -547,11 +549,16 @@ impl Stack {
     }
 
     /// The input of the first block (written by the caller before [`Stack::forward`]).
-    fn input(&self) -> T {
+    pub(super) fn input(&self) -> T {
         self.tapes.first().map_or(self.out, |t| t.x_in)
     }
 
-    fn forward<O: TrainOps>(&self, ops: &mut O, batch: usize, ln_eps: f32) -> Result<(), O::Error> {
+    pub(super) fn forward<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        batch: usize,
+        ln_eps: f32,
+    ) -> Result<(), O::Error> {
         let (d, hid) = (self.dim, self.hidden);
         let rows = batch * self.tokens;
         let dims = [batch, self.tokens, self.heads, d / self.heads];
@@ -610,7 +617,7 @@ impl Stack {
 
     /// From `self.dx` (the gradient of the stack's output) to the gradient of its input (left
     /// in `self.dx`), the weights' gradients accumulated into buffer `grads`.
-    fn backward<O: TrainOps>(
+    pub(super) fn backward<O: TrainOps>(
         &self,
         ops: &mut O,
         batch: usize,
@@ -669,7 +676,7 @@ impl Stack {
 
 /// `d [rows, n] (+)= a [rows, k] · Wᵀ + bias` for a Linear's weight `w` `[n, k]`.
 #[allow(clippy::too_many_arguments)]
-fn linear(
+pub(super) fn linear(
     d: T,
     a: T,
     w: T,
@@ -695,7 +702,7 @@ fn linear(
 
 /// A Linear's weight gradient `dw [out, inp] += dyᵀ · x` from `dy [rows, out]` and its input
 /// `x [rows, inp]`.
-fn weight_grad(dw: T, dy: T, x: T, [out, inp, rows]: [usize; 3]) -> Gemm {
+pub(super) fn weight_grad(dw: T, dy: T, x: T, [out, inp, rows]: [usize; 3]) -> Gemm {
     Gemm {
         d: dw,
         a: dy,
@@ -712,7 +719,13 @@ fn weight_grad(dw: T, dy: T, x: T, [out, inp, rows]: [usize; 3]) -> Gemm {
 
 /// A Linear's input gradient `dx [rows, inp] (+)= dy · w` from `dy [rows, out]` and its weight
 /// `w [out, inp]`.
-fn input_grad(dx: T, dy: T, w: T, [rows, out, inp]: [usize; 3], accumulate: bool) -> Gemm {
+pub(super) fn input_grad(
+    dx: T,
+    dy: T,
+    w: T,
+    [rows, out, inp]: [usize; 3],
+    accumulate: bool,
+) -> Gemm {
     Gemm {
         d: dx,
         a: dy,
@@ -730,7 +743,7 @@ fn input_grad(dx: T, dy: T, w: T, [rows, out, inp]: [usize; 3], accumulate: bool
 /// A Linear's backward from `dy` `[rows, n]`: `dw += dyᵀ·a`, `db += Σ dy` (gradients in buffer
 /// `grads`), and `da = dy · W` `[rows, k]` (overwritten).
 #[allow(clippy::too_many_arguments)]
-fn linear_backward<O: TrainOps>(
+pub(super) fn linear_backward<O: TrainOps>(
     ops: &mut O,
     dy: T,
     a: T,
@@ -746,7 +759,11 @@ fn linear_backward<O: TrainOps>(
     ops.gemm(&input_grad(da, dy, w, [rows, n, k], false))
 }
 
-fn shape_check(sd: &StateDict, key: &str, want: &[usize]) -> Result<(), TrainEngineError> {
+pub(super) fn shape_check(
+    sd: &StateDict,
+    key: &str,
+    want: &[usize],
+) -> Result<(), TrainEngineError> {
     let h: &HostTensor = sd
         .tensors
         .get(key)

@@ -18,6 +18,9 @@ pub enum ProbeError {
     Report(String),
     #[error("no epoch finished")]
     NoEpoch,
+    /// The training engine's step failed (the device, or a batch it was not built for).
+    #[error("training engine: {0}")]
+    Engine(String),
     /// Another rank of a multi-process run is gone, or the ranks disagree.
     #[error(transparent)]
     Dist(#[from] crate::distributed::DistError),

@@ -3,6 +3,7 @@
 
 pub mod classifier;
 pub mod data;
+pub mod engine;
 pub mod features;
 pub mod inputs;
 pub mod metrics;

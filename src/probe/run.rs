@@ -17,11 +17,16 @@
 
 use super::classifier::Classifier;
 use super::data::{DataError, Dataset};
+use super::engine::finetune_engine;
 use super::features::load_features;
 use super::metrics::Metrics;
 use super::saved::ClassifierInfo;
-use super::train::{train, ClipSpec, EpochLog, Inputs, ProbeError, RunHooks, TrainOptions};
+use super::train::{
+    train_with, ClipSpec, EngineRun, EpochLog, Inputs, ProbeError, RunHooks, TrainOptions,
+};
 use crate::model::{Marlin, MarlinConfig, Part, WeightsError};
+use crate::train::engine::{EngineDevice, EngineRefusal};
+use crate::train::run::StepPath;
 use crate::util::write_atomic;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -78,6 +83,12 @@ pub struct FinetuneOptions {
     pub out: PathBuf,
     /// The reference's fine-tuning settings by default (batch 8, at most 20 epochs).
     pub train: TrainOptions,
+    /// Which step trains: burn's autodiff (the default here), the training engine's
+    /// (`Engine`), or the engine where it covers the model (`Auto`, with a note otherwise).
+    /// `StepPath::resolve` picks it for a device and precision as the CLI does.
+    pub step: StepPath,
+    /// Where the training engine's step runs.
+    pub engine_device: EngineDevice,
 }
 
 impl FinetuneOptions {
@@ -92,6 +103,8 @@ impl FinetuneOptions {
                 max_epochs: 20,
                 ..TrainOptions::default()
             },
+            step: StepPath::Burn,
+            engine_device: EngineDevice::Cpu,
         }
     }
 }
@@ -104,6 +117,8 @@ pub trait RunProgress {
     fn stop(&self) -> bool {
         false
     }
+    /// Something worth knowing about the run (which step trains it).
+    fn note(&mut self, _message: &str) {}
 }
 
 impl RunProgress for () {}
@@ -143,6 +158,7 @@ pub fn probe<B: Backend>(
     };
     run(
         model,
+        None,
         data,
         &inputs,
         &opts.train,
@@ -186,8 +202,26 @@ pub fn finetune<B: Backend>(
         sample_rate: Some(opts.sample_rate),
         ..new_info("finetune", data, d)
     };
+    let engine = match opts.step {
+        StepPath::Burn => None,
+        StepPath::Engine | StepPath::Auto => {
+            let sd = model.to_state_dict("finetune");
+            match finetune_engine(cfg, sd, data.kind, opts.engine_device) {
+                Ok(engine) => Some(EngineRun {
+                    engine,
+                    config: cfg.clone(),
+                }),
+                Err(e @ EngineRefusal::Model(_)) if opts.step == StepPath::Auto => {
+                    progress.note(&e.to_string());
+                    None
+                }
+                Err(e) => return Err(ProbeError::Engine(e.to_string()).into()),
+            }
+        }
+    };
     run(
         model,
+        engine,
         data,
         &inputs,
         &opts.train,
@@ -216,6 +250,7 @@ fn new_info(mode: &str, data: &Dataset, d: usize) -> ClassifierInfo {
 #[allow(clippy::too_many_arguments)]
 fn run<B: Backend>(
     model: Classifier<Autodiff<B>>,
+    engine: Option<EngineRun>,
     data: &Dataset,
     inputs: &Inputs,
     opts: &TrainOptions,
@@ -234,7 +269,7 @@ fn run<B: Backend>(
         csv: "epoch,lr,train_loss,val_loss,val_accuracy,val_auc,seconds\n".into(),
         progress,
     };
-    let r = train::<Autodiff<B>>(model, data, inputs, opts, &mut dir, device)?;
+    let r = train_with::<Autodiff<B>>(model, engine, data, inputs, opts, &mut dir, device)?;
     info.best_epoch = r.best_epoch;
     info.val_auc = r.val.auc();
     let summary = RunSummary {

@@ -6,11 +6,13 @@
 
 pub use super::classifier::{head_shape, probs, Classifier};
 use super::data::{Dataset, Sample};
+pub use super::engine::ClassifierEngine;
 pub use super::features::{load_features, reduce_clips};
 pub use super::inputs::{ClipSpec, Inputs, ProbeError};
 use super::metrics::{evaluate, Metrics, TaskKind};
 use crate::distributed::{all_reduce_gradients, weights_digest, Group};
 use crate::model::load::to_scalar;
+use crate::model::MarlinConfig;
 use crate::video::clip::ClipData;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -129,8 +131,9 @@ fn targets(samples: &[Sample], idx: &[usize]) -> Vec<f32> {
         .collect()
 }
 
-/// Loss (mean) of logits `[b, k]` against the targets of `kind`.
-fn loss<B: Backend>(logits: Tensor<B, 2>, y: &[f32], kind: TaskKind) -> Tensor<B, 1> {
+/// Loss (mean) of logits `[b, k]` against the targets of `kind` (a class index per row, or
+/// `b·k` 0/1 values): cross-entropy for multiclass, binary cross-entropy with logits otherwise.
+pub fn loss<B: Backend>(logits: Tensor<B, 2>, y: &[f32], kind: TaskKind) -> Tensor<B, 1> {
     let [b, k] = logits.dims();
     let device = logits.device();
     match kind {
@@ -187,23 +190,8 @@ impl Inputs {
                 )))
             }
             Inputs::Clips(spec) => {
-                // One seed per clip from the run's generator, so parallel decoding stays
-                // deterministic.
-                let seeds: Vec<Option<u64>> = match seeds {
-                    Some(s) => s.iter().copied().map(Some).collect(),
-                    None => vec![None; idx.len()],
-                };
-                let clips: Vec<ClipData> = idx
-                    .par_iter()
-                    .zip(seeds)
-                    .map(|(&i, s)| {
-                        let mut r = s.map(StdRng::seed_from_u64);
-                        spec.read(&samples[i].video, r.as_mut())
-                            .map_err(|e| format!("{}: {e}", samples[i].origin))
-                    })
-                    .collect::<Result<_, _>>()?;
+                let flat = read_clips(spec, samples, idx, seeds)?;
                 let (t, s) = (spec.clip_frames, spec.size);
-                let flat: Vec<f32> = clips.into_iter().flat_map(|c| c.data).collect();
                 let x = Tensor::<B, 5>::from_data(
                     TensorData::new(flat, [idx.len(), 3, t, s, s]),
                     device,
@@ -240,16 +228,70 @@ impl Inputs {
     }
 }
 
+/// The clips `[b, 3, T, S, S]` (flat) of `samples[idx]`, decoded in parallel; with `seeds`
+/// (one per clip from the run's generator), random windows that stay deterministic.
+fn read_clips(
+    spec: &ClipSpec,
+    samples: &[Sample],
+    idx: &[usize],
+    seeds: Option<&[u64]>,
+) -> Result<Vec<f32>, ProbeError> {
+    let seeds: Vec<Option<u64>> = match seeds {
+        Some(s) => s.iter().copied().map(Some).collect(),
+        None => vec![None; idx.len()],
+    };
+    let clips: Vec<ClipData> = idx
+        .par_iter()
+        .zip(seeds)
+        .map(|(&i, s)| {
+            let mut r = s.map(StdRng::seed_from_u64);
+            spec.read(&samples[i].video, r.as_mut())
+                .map_err(|e| format!("{}: {e}", samples[i].origin))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(clips.into_iter().flat_map(|c| c.data).collect())
+}
+
+/// Fine-tuning's step on the training engine ([`super::engine`]) and the config its weights
+/// are read back with (validation, checkpoints).
+pub struct EngineRun {
+    pub engine: Box<dyn ClassifierEngine>,
+    pub config: MarlinConfig,
+}
+
 /// Train `model` on `data`'s train split, validate each epoch, keep the best by validation AUC
 /// and evaluate it on the test split.
 pub fn train<B: AutodiffBackend>(
-    mut model: Classifier<B>,
+    model: Classifier<B>,
     data: &Dataset,
     inputs: &Inputs,
     opts: &TrainOptions,
     hooks: &mut dyn RunHooks<B::InnerBackend>,
     device: &B::Device,
 ) -> Result<RunResult<B::InnerBackend>, ProbeError> {
+    train_with(model, None, data, inputs, opts, hooks, device)
+}
+
+/// [`train`], with `engine` (fine-tuning on clips) taking the steps: it starts from `model`'s
+/// weights, and validation runs on `device`'s backend from the engine's weights.
+pub fn train_with<B: AutodiffBackend>(
+    mut model: Classifier<B>,
+    mut engine: Option<EngineRun>,
+    data: &Dataset,
+    inputs: &Inputs,
+    opts: &TrainOptions,
+    hooks: &mut dyn RunHooks<B::InnerBackend>,
+    device: &B::Device,
+) -> Result<RunResult<B::InnerBackend>, ProbeError> {
+    let spec = match (&engine, inputs) {
+        (None, _) => None,
+        (Some(_), Inputs::Clips(spec)) => Some(spec.clone()),
+        (Some(_), Inputs::Features { .. }) => {
+            return Err(ProbeError::Engine(
+                "the training engine fine-tunes on clips, not features".into(),
+            ))
+        }
+    };
     let mut optim = AdamConfig::new()
         .with_beta_1(0.5)
         .with_beta_2(0.9)
@@ -277,6 +319,9 @@ pub fn train<B: AutodiffBackend>(
             ),
         )?;
         g.agree("starting weights", &weights_digest(&model))?;
+    }
+    if let Some(e) = &mut engine {
+        e.engine.set_group(opts.group.clone());
     }
     let clips = matches!(inputs, Inputs::Clips(_));
     let mut epochs = Vec::new();
@@ -320,6 +365,16 @@ pub fn train<B: AutodiffBackend>(
                     .collect(),
                 false => Vec::new(),
             };
+            if let (Some(e), Some(spec)) = (&mut engine, &spec) {
+                let x = read_clips(spec, &data.train, &b, Some(&seeds))?;
+                let y = targets(&data.train, &b);
+                // A non-finite loss skipped its update; the epoch's loss shows it (NaN).
+                let value = e.engine.step(&x, &y, sched.lr)?.unwrap_or(f64::NAN);
+                sum += value * gb.len() as f64;
+                count += gb.len();
+                hooks.batch(bi + 1, batches.len());
+                continue;
+            }
             let logits = inputs.logits(
                 &model,
                 "train",
@@ -347,7 +402,13 @@ pub fn train<B: AutodiffBackend>(
             break;
         }
         let train_loss = sum / count.max(1) as f64;
-        let valid = model.valid();
+        let valid = match &mut engine {
+            Some(e) => {
+                Classifier::from_state_dict(&e.engine.weights()?, Some(&e.config), &eval_device)
+                    .map_err(|err| ProbeError::Engine(err.to_string()))?
+            }
+            None => model.valid(),
+        };
         let (val_loss, vm) = inputs.evaluate(&valid, data, "val", bs, &eval_device)?;
         let log = EpochLog {
             epoch,

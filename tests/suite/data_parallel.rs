@@ -453,6 +453,93 @@ fn two_ranks_finetune_like_one_process_at_the_global_batch() {
     assert!(moved > 1e-4, "{moved}");
 }
 
+/// `marlin finetune` on the training engine (`--step auto` on the CPU) trains as burn's step
+/// does: the same losses per epoch and the same best weights; a model the engine does not
+/// cover (layer scale) stays on burn's step with a note under auto, and is one line under
+/// `--step engine`.
+#[test]
+fn finetune_on_the_engine_equals_burns_step() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    red_squares(d);
+    let m = repo().join("tests/fixtures/model");
+    let args = |out: &Path, step: &str, model: &str, weights: &str| -> Vec<String> {
+        [
+            "finetune",
+            "--labels",
+            d.to_str().unwrap(),
+            "--config",
+            m.join(format!("{model}.yaml")).to_str().unwrap(),
+            "--weights",
+            m.join(weights).to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--lr",
+            "1e-3",
+            "--max-epochs",
+            "2",
+            "--batch-size",
+            "2",
+            "--step",
+            step,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (engine, burn) = (d.join("engine"), d.join("burn"));
+    single(&args(&engine, "auto", "tiny_a", "tiny_a.encoder.pt"));
+    single(&args(&burn, "burn", "tiny_a", "tiny_a.encoder.pt"));
+    let losses = |out: &Path| -> Vec<f64> {
+        std::fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (le, lb) = (losses(&engine), losses(&burn));
+    assert_eq!(le.len(), 2, "{le:?}");
+    for (e, b) in le.iter().zip(&lb) {
+        assert!(
+            (e - b).abs() <= 1e-4,
+            "train loss: engine {le:?}, burn {lb:?}"
+        );
+    }
+    let best = |out: &Path| out.join("best.safetensors");
+    let diff = weights_diff(&best(&engine), &best(&burn));
+    eprintln!("finetune, engine vs burn's step, 2 epochs x 2 steps: max |dw| {diff:.2e}");
+    assert!(
+        diff <= 1e-4,
+        "the engine's weights differ from burn's by {diff}"
+    );
+
+    let ls = |step: &str| {
+        Command::new(env!("CARGO_BIN_EXE_marlin"))
+            .args(args(
+                &d.join(format!("ls_{step}")),
+                step,
+                "tiny_ls",
+                "tiny_ls.full.pt",
+            ))
+            .output()
+            .unwrap()
+    };
+    let o = ls("auto");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("note: the training engine does not cover layer scale"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ls("engine");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("layer scale") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}
+
 /// The binary carries the Gloo shim and opens it when a CPU launch first needs it (the ranks
 /// above): the binary itself does not list libgloo, so it starts (and extracts) on a machine
 /// where Gloo is not installed. (It lists libstdc++, the C++ runtime OpenH264 needs: every

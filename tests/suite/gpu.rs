@@ -843,6 +843,75 @@ mod cuda {
             }
             assert!(failures.is_empty(), "{failures:#?}");
         }
+
+        /// The fine-tuning step on CUDA against its host twin (which equals burn's autodiff
+        /// fine-tuning in the CPU suite): logits, every gradient, the weights after two Adam
+        /// updates, in fp32 (1e-4) and tf32 (1e-2, relative to each tensor's scale).
+        #[test]
+        fn the_finetuning_step_matches_the_host() {
+            use crate::finetune_engine::{classifier, targets};
+            use marlin::engine::finetune::{FinetuneStep, HeadLoss};
+            let _one = lock();
+            let (model, clip_t, cfg) = classifier();
+            let b = clip_t.dims()[0];
+            let clip = to_f32_vec(clip_t);
+            let sd = model.to_state_dict("start");
+            let kind = HeadLoss::BinaryCrossEntropy;
+            let y = targets(kind, b);
+            let mut hops = marlin::engine::host_train::HostTrainOps::default();
+            let mut hstep = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
+            hstep.load(&mut hops).unwrap();
+            hstep.upload_clips(&mut hops, &clip).unwrap();
+            let hlogits = hstep.forward(&mut hops).unwrap();
+            let (_, dl) = kind.loss_and_grad(&hlogits, &y, hstep.classes);
+            hstep.backward(&mut hops, &dl).unwrap();
+            let hgrads = hstep.gradients(&mut hops).unwrap();
+            for _ in 0..2 {
+                hstep.step(&mut hops, &y, 1e-3).unwrap();
+            }
+            let hweights = hstep.state_dict(&mut hops).unwrap();
+            // The largest difference relative to each tensor's scale (NaN sticks).
+            let worst = |a: &marlin::model::StateDict, b: &marlin::model::StateDict| {
+                let mut w = 0f32;
+                for (k, h) in &b.tensors {
+                    let scale = common::max_abs(&h.data).max(1e-2);
+                    let d = common::max_abs_diff(&a.tensors[k].data, &h.data).diff / scale;
+                    w = if d.is_nan() || w.is_nan() {
+                        f32::NAN
+                    } else {
+                        w.max(d)
+                    };
+                }
+                w
+            };
+            let mut failures = Vec::new();
+            for p in [Precision::F32, Precision::Tf32] {
+                let tol = if p == Precision::F32 { 1e-4 } else { 1e-2 };
+                let mut ops = CudaTrainOps::new(0, p).unwrap_or_else(|e| panic!("{p}: {e}"));
+                let mut step = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
+                step.load(&mut ops).unwrap();
+                step.upload_clips(&mut ops, &clip).unwrap();
+                let logits = step.forward(&mut ops).unwrap();
+                let dlog = common::max_abs_diff(&logits, &hlogits).diff;
+                step.backward(&mut ops, &dl).unwrap();
+                let dg = worst(&step.gradients(&mut ops).unwrap(), &hgrads);
+                // The same two updates from the start (a fresh step: Adam's state at zero).
+                let mut step = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
+                step.load(&mut ops).unwrap();
+                step.upload_clips(&mut ops, &clip).unwrap();
+                for _ in 0..2 {
+                    step.step(&mut ops, &y, 1e-3).unwrap();
+                }
+                let dw = worst(&step.state_dict(&mut ops).unwrap(), &hweights);
+                println!("parity finetune_engine_logits_{p} {dlog:.3e}");
+                println!("parity finetune_engine_grads_{p} {dg:.3e}");
+                println!("parity finetune_engine_weights_{p} {dw:.3e}");
+                if !(dlog <= tol && dg <= tol && dw <= tol) {
+                    failures.push(format!("{p}: logits {dlog}, gradients {dg}, weights {dw}"));
+                }
+            }
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
     }
 }
 

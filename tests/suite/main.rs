@@ -16,6 +16,7 @@ mod face_nets;
 mod face_parse_eval;
 mod face_parser;
 mod face_samples;
+mod finetune_engine;
 #[cfg(any(feature = "cuda", feature = "vulkan"))]
 mod gpu;
 mod masking;

@@ -102,7 +102,7 @@ fn engine_reconstruction_gradients_equal_pytorchs() {
 
 /// Each reference gradient against ours: within 1e-4 of the larger of its max |grad| and 1e-2
 /// (NaN fails). Returns how many it compared.
-fn assert_gradients<'a>(
+pub(crate) fn assert_gradients<'a>(
     what: &str,
     ours: &marlin::model::StateDict,
     reference: impl Iterator<Item = (&'a str, &'a marlin::model::weights::HostTensor)>,

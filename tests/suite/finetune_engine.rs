@@ -1,0 +1,214 @@
+//! Fine-tuning on the training engine (`engine::finetune`, the schedule the CUDA ops run) on
+//! its host twin: the logits, the head's loss, every gradient and two Adam updates equal burn's
+//! autodiff fine-tuning step (the path `marlin finetune --step burn` takes, `probe::train`) on
+//! the same clips, for both of the head's losses.
+
+use crate::pretrain_step::tiny_a_batch_on;
+use crate::train_engine::assert_gradients;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Tensor, TensorData};
+use marlin::backend::CpuAutodiff;
+use marlin::engine::finetune::{FinetuneStep, HeadLoss};
+use marlin::engine::host_train::HostTrainOps;
+use marlin::engine::train::TrainEngineError;
+use marlin::model::load::to_f32_vec;
+use marlin::model::weights::HostTensor;
+use marlin::model::StateDict;
+use marlin::probe::classifier::Classifier;
+
+type B = CpuAutodiff;
+const K: usize = 3;
+
+/// The tiny_a encoder under a fresh 3-logit head, and its fixture clips.
+pub(crate) fn classifier() -> (Classifier<B>, Tensor<B, 5>, marlin::MarlinConfig) {
+    let dev = Default::default();
+    let (model, clip, _) = tiny_a_batch_on::<B>(&dev);
+    let cfg = model.config.clone();
+    let d = cfg.encoder.embed_dim;
+    (
+        Classifier::new(Some(model.encoder), d, K, 7, &dev),
+        clip,
+        cfg,
+    )
+}
+
+/// The targets of the test batch: class indices for cross-entropy, 0/1 per logit otherwise.
+pub(crate) fn targets(kind: HeadLoss, batch: usize) -> Vec<f32> {
+    match kind {
+        HeadLoss::CrossEntropy => (0..batch).map(|i| ((i * 2 + 1) % K) as f32).collect(),
+        HeadLoss::BinaryCrossEntropy => (0..batch * K)
+            .map(|i| ((i * 5) % 3 == 0) as u8 as f32)
+            .collect(),
+    }
+}
+
+/// The head's loss in burn, as `probe::train` computes it.
+fn burn_loss(logits: Tensor<B, 2>, y: &[f32], kind: HeadLoss) -> Tensor<B, 1> {
+    let [b, k] = logits.dims();
+    let dev = logits.device();
+    match kind {
+        HeadLoss::CrossEntropy => {
+            let mut onehot = vec![0f32; b * k];
+            for (i, &c) in y.iter().enumerate() {
+                onehot[i * k + c as usize] = 1.0;
+            }
+            let oh = Tensor::<B, 2>::from_data(TensorData::new(onehot, [b, k]), &dev);
+            (log_softmax(logits, 1) * oh)
+                .sum()
+                .neg()
+                .div_scalar(b as f32)
+        }
+        HeadLoss::BinaryCrossEntropy => {
+            let yt = Tensor::<B, 2>::from_data(TensorData::new(y.to_vec(), [b, k]), &dev);
+            let l = logits.clone().clamp_min(0.0) - logits.clone() * yt
+                + logits.abs().neg().exp().add_scalar(1.0).log();
+            l.mean()
+        }
+    }
+}
+
+/// burn's gradients of `loss` for every parameter, read back as the change an SGD step with
+/// lr 1 makes, in the checkpoint's names.
+fn burn_gradients(model: &Classifier<B>, loss: Tensor<B, 1>) -> StateDict {
+    let before = model.to_state_dict("burn");
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    let mut sgd = SgdConfig::new().init::<B, Classifier<B>>();
+    let after = sgd.step(1.0, model.clone(), grads).to_state_dict("burn");
+    let mut out = StateDict::new("burn");
+    for (k, b) in &before.tensors {
+        let a = &after.tensors[k];
+        let g = b.data.iter().zip(&a.data).map(|(b, a)| b - a).collect();
+        out.tensors
+            .insert(k.clone(), HostTensor::new(b.shape.clone(), g));
+    }
+    out
+}
+
+fn engine(
+    cfg: &marlin::MarlinConfig,
+    model: &Classifier<B>,
+    clip: &[f32],
+    batch: usize,
+    kind: HeadLoss,
+) -> (FinetuneStep, HostTrainOps) {
+    let step = FinetuneStep::new(cfg, &model.to_state_dict("start"), batch, kind).unwrap();
+    let mut ops = HostTrainOps::default();
+    step.load(&mut ops).unwrap();
+    step.upload_clips(&mut ops, clip).unwrap();
+    (step, ops)
+}
+
+#[test]
+fn engine_finetune_gradients_equal_burns_autodiff() {
+    let (model, clip_t, cfg) = classifier();
+    let clip = to_f32_vec(clip_t.clone());
+    let batch = clip_t.dims()[0];
+    for kind in [HeadLoss::BinaryCrossEntropy, HeadLoss::CrossEntropy] {
+        let y = targets(kind, batch);
+        let (step, mut ops) = engine(&cfg, &model, &clip, batch, kind);
+        let logits = step.forward(&mut ops).unwrap();
+        let burn_logits = model.forward_clips(clip_t.clone());
+        let d = crate::common::max_abs_diff(&logits, &to_f32_vec(burn_logits.clone()));
+        eprintln!("{kind:?}: logits {d}");
+        assert!(d.diff <= 1e-5, "{kind:?} logits: {d}");
+        let (loss, dlogits) = kind.loss_and_grad(&logits, &y, K);
+        let bl = burn_loss(burn_logits, &y, kind);
+        let want = to_f32_vec(bl.clone())[0] as f64;
+        eprintln!("{kind:?}: loss engine {loss:.7}, burn {want:.7}");
+        assert!(
+            (loss - want).abs() <= 1e-5,
+            "{kind:?} loss {loss} vs {want}"
+        );
+        step.backward(&mut ops, &dlogits).unwrap();
+        let ours = step.gradients(&mut ops).unwrap();
+        let burn = burn_gradients(&model, bl);
+        let reference = burn
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.contains("pos_embedding"))
+            .map(|(k, g)| (k.as_str(), g));
+        let n = assert_gradients(&format!("{kind:?}"), &ours, reference);
+        // The tubelet embedding 2, 2 blocks x 13 (q and v biases), the norm 2, the head 2.
+        assert_eq!(n, 2 + 2 * 13 + 2 + 2, "{kind:?}: compared {n} gradients");
+    }
+}
+
+#[test]
+fn engine_finetune_steps_equal_burns_adam() {
+    let (model, clip_t, cfg) = classifier();
+    let clip = to_f32_vec(clip_t.clone());
+    let batch = clip_t.dims()[0];
+    let kind = HeadLoss::BinaryCrossEntropy;
+    let y = targets(kind, batch);
+    let lr = 1e-3;
+    let (mut step, mut ops) = engine(&cfg, &model, &clip, batch, kind);
+    let mut optim = AdamConfig::new()
+        .with_beta_1(0.5)
+        .with_beta_2(0.9)
+        .with_epsilon(1e-8)
+        .init::<B, Classifier<B>>();
+    let start = model.to_state_dict("start");
+    let mut m = model;
+    for i in 1..=2 {
+        let ours = step.step(&mut ops, &y, lr).unwrap().expect("a finite loss");
+        let l = burn_loss(m.forward_clips(clip_t.clone()), &y, kind);
+        let want = to_f32_vec(l.clone())[0] as f64;
+        assert!(
+            (ours - want).abs() <= 1e-5,
+            "step {i}: loss {ours} vs {want}"
+        );
+        let grads = GradientsParams::from_grads(l.backward(), &m);
+        m = optim.step(lr, m, grads);
+        let a = step.state_dict(&mut ops).unwrap();
+        let b = m.valid().to_state_dict("burn");
+        let mut worst = 0f32;
+        for (k, t) in &b.tensors {
+            let d = crate::common::max_abs_diff(&a.tensors[k].data, &t.data).diff;
+            // Adam's first updates are about lr·g/(|g| + eps): where a gradient is within
+            // float error of eps (1e-8) the two sides move apart by a share of lr (1e-3);
+            // seen 9.4e-6.
+            assert!(d <= 1e-4, "step {i}: {k} differs by {d}");
+            worst = worst.max(d);
+        }
+        eprintln!(
+            "after {i} Adam updates: {} tensors, max abs diff {worst:.2e}",
+            b.tensors.len()
+        );
+    }
+    // The updates moved every weight of the head (Adam: about lr per update).
+    let now = step.state_dict(&mut ops).unwrap();
+    let moved = crate::common::max_abs_diff(
+        &now.tensors["fc.weight"].data,
+        &start.tensors["fc.weight"].data,
+    );
+    assert!(moved.diff >= lr as f32, "{moved}");
+    // The weights are a classifier checkpoint again.
+    let sd = step.state_dict(&mut ops).unwrap();
+    let back =
+        Classifier::<marlin::backend::Cpu>::from_state_dict(&sd, Some(&cfg), &Default::default());
+    assert!(back.is_ok(), "{:?}", back.err());
+}
+
+#[test]
+fn engine_finetune_refuses_layer_scale_and_other_batch_sizes() {
+    let (model, clip_t, mut cfg) = classifier();
+    let batch = clip_t.dims()[0];
+    let sd = model.to_state_dict("start");
+    let (step, mut ops) = engine(
+        &cfg,
+        &model,
+        &to_f32_vec(clip_t),
+        batch,
+        HeadLoss::CrossEntropy,
+    );
+    let e = step.upload_clips(&mut ops, &[0.0; 7]).unwrap_err();
+    assert!(
+        matches!(e, TrainEngineError::BatchSize { want, .. } if want == batch),
+        "{e}"
+    );
+    cfg.init_values = 0.1;
+    let e = FinetuneStep::new(&cfg, &sd, batch, HeadLoss::CrossEntropy).unwrap_err();
+    assert!(e.to_string().contains("layer scale"), "{e}");
+}
