@@ -151,6 +151,10 @@ impl RunProgress for Bar {
             self.bar.suspend(|| eprintln!("note: {message}"));
         }
     }
+
+    fn warning(&mut self, message: &str) {
+        self.bar.suspend(|| eprintln!("warning: {message}"));
+    }
 }
 
 /// Print how a run ended; the exit code (130 after Ctrl-C).

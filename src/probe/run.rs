@@ -119,6 +119,8 @@ pub trait RunProgress {
     }
     /// Something worth knowing about the run (which step trains it).
     fn note(&mut self, _message: &str) {}
+    /// Something the user must know (the steps wait for their clips).
+    fn warning(&mut self, _message: &str) {}
 }
 
 impl RunProgress for () {}
@@ -266,7 +268,7 @@ fn run<B: Backend>(
     let mut dir = RunDir {
         out,
         name: info.mode.clone(),
-        csv: "epoch,lr,train_loss,val_loss,val_accuracy,val_auc,seconds\n".into(),
+        csv: "epoch,lr,train_loss,val_loss,val_accuracy,val_auc,seconds,data_wait_s\n".into(),
         progress,
     };
     let r = train_with::<Autodiff<B>>(model, engine, data, inputs, opts, &mut dir, device)?;
@@ -311,14 +313,15 @@ impl<B: Backend> RunHooks<B> for RunDir<'_> {
     ) -> Result<(), ProbeError> {
         let report = |msg: String| ProbeError::Report(msg);
         self.csv += &format!(
-            "{},{:e},{:.6},{:.6},{:.6},{},{:.2}\n",
+            "{},{:e},{:.6},{:.6},{:.6},{},{:.2},{:.2}\n",
             log.epoch,
             log.lr,
             log.train_loss,
             log.val_loss,
             log.val_accuracy,
             log.val_auc.map(|v| format!("{v:.6}")).unwrap_or_default(),
-            log.seconds
+            log.seconds,
+            log.data_wait_s
         );
         let p = self.out.join("metrics.csv");
         write_atomic(&p, self.csv.as_bytes())
@@ -335,6 +338,10 @@ impl<B: Backend> RunHooks<B> for RunDir<'_> {
 
     fn stop(&self) -> bool {
         self.progress.stop()
+    }
+
+    fn warning(&mut self, message: &str) {
+        self.progress.warning(message);
     }
 }
 

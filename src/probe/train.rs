@@ -13,6 +13,7 @@ use super::metrics::{evaluate, Metrics, TaskKind};
 use crate::distributed::{all_reduce_gradients, weights_digest, Group};
 use crate::model::load::to_scalar;
 use crate::model::MarlinConfig;
+use crate::train::run::DATA_WAIT_WARN;
 use crate::video::clip::ClipData;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -104,6 +105,8 @@ pub struct EpochLog {
     pub val_accuracy: f64,
     pub val_auc: Option<f64>,
     pub seconds: f64,
+    /// Seconds the steps waited for their clips (fine-tuning; 0 on features).
+    pub data_wait_s: f64,
 }
 
 /// What a run did.
@@ -123,6 +126,8 @@ pub trait RunHooks<B: Backend> {
         -> Result<(), ProbeError>;
     fn stop(&self) -> bool;
     fn batch(&mut self, _done: usize, _total: usize) {}
+    /// Something the user must know (the steps wait for their clips).
+    fn warning(&mut self, _message: &str) {}
 }
 
 fn targets(samples: &[Sample], idx: &[usize]) -> Vec<f32> {
@@ -252,6 +257,48 @@ fn read_clips(
     Ok(clips.into_iter().flat_map(|c| c.data).collect())
 }
 
+/// An epoch's training clips decoded one batch ahead of the step on their own thread, in the
+/// plan's order. Dropping it stops the thread after the batch it is reading.
+struct ClipReader {
+    rx: Option<std::sync::mpsc::Receiver<Result<Vec<f32>, ProbeError>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ClipReader {
+    fn start(spec: ClipSpec, samples: Arc<Vec<Sample>>, plan: Vec<(Vec<usize>, Vec<u64>)>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::spawn(move || {
+            for (idx, seeds) in &plan {
+                let clips = read_clips(&spec, &samples, idx, Some(seeds));
+                if tx.send(clips).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx: Some(rx),
+            thread: Some(thread),
+        }
+    }
+
+    /// The next batch's clips (a video that cannot be read: its one-line error).
+    fn next(&mut self) -> Result<Vec<f32>, ProbeError> {
+        let stopped = || ProbeError::Input("the clip reader stopped before the epoch's end".into());
+        let rx = self.rx.as_ref().ok_or_else(stopped)?;
+        rx.recv().map_err(|_| stopped())?
+    }
+}
+
+impl Drop for ClipReader {
+    fn drop(&mut self) {
+        // The receiver first, so a reader blocked on a full channel wakes up and ends.
+        self.rx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Fine-tuning's step on the training engine ([`super::engine`]) and the config its weights
 /// are read back with (validation, checkpoints).
 pub struct EngineRun {
@@ -283,15 +330,16 @@ pub fn train_with<B: AutodiffBackend>(
     hooks: &mut dyn RunHooks<B::InnerBackend>,
     device: &B::Device,
 ) -> Result<RunResult<B::InnerBackend>, ProbeError> {
-    let spec = match (&engine, inputs) {
-        (None, _) => None,
-        (Some(_), Inputs::Clips(spec)) => Some(spec.clone()),
-        (Some(_), Inputs::Features { .. }) => {
-            return Err(ProbeError::Engine(
-                "the training engine fine-tunes on clips, not features".into(),
-            ))
-        }
+    let clip_spec = match inputs {
+        Inputs::Clips(spec) => Some(spec.clone()),
+        Inputs::Features { .. } => None,
     };
+    if engine.is_some() && clip_spec.is_none() {
+        return Err(ProbeError::Engine(
+            "the training engine fine-tunes on clips, not features".into(),
+        ));
+    }
+    let train_samples = Arc::new(data.train.clone());
     let mut optim = AdamConfig::new()
         .with_beta_1(0.5)
         .with_beta_2(0.9)
@@ -342,48 +390,62 @@ pub fn train_with<B: AutodiffBackend>(
         let batches: Vec<&[usize]> = idx.chunks(global).filter(|c| c.len() == global).collect();
         let (mut sum, mut count) = (0f64, 0usize);
         let mut stopped = false;
-        for (bi, gb) in batches.iter().enumerate() {
+        // This rank's positions of each batch and its clips' seeds, drawn for the global batch
+        // in order (so every rank draws alike, and the run repeats from its seed).
+        let plan: Vec<(Vec<usize>, Vec<u64>)> = batches
+            .iter()
+            .map(|gb| {
+                let all_seeds: Vec<u64> = match clips {
+                    true => gb.iter().map(|_| rng.random::<u64>()).collect(),
+                    false => Vec::new(),
+                };
+                let mine = |v: &[usize]| -> Vec<usize> {
+                    v.iter().copied().skip(rank).step_by(world).collect()
+                };
+                let seeds = all_seeds.into_iter().skip(rank).step_by(world).collect();
+                (mine(gb), seeds)
+            })
+            .collect();
+        // Clips are decoded one batch ahead of the step, on their own thread.
+        let mut reader = clip_spec
+            .as_ref()
+            .map(|spec| ClipReader::start(spec.clone(), train_samples.clone(), plan.clone()));
+        let mut data_wait = 0f64;
+        let t_train = Instant::now();
+        for (bi, (b, _)) in plan.iter().enumerate() {
             stopped = stop_all(group, hooks.stop())?;
             if stopped {
                 break;
             }
-            // The clips' seeds are drawn for the global batch, so every rank draws alike.
-            let all_seeds: Vec<u64> = match clips {
-                true => gb.iter().map(|_| rng.random::<u64>()).collect(),
-                false => Vec::new(),
+            let x = match &mut reader {
+                Some(r) => {
+                    let t = Instant::now();
+                    let x = r.next()?;
+                    data_wait += t.elapsed().as_secs_f64();
+                    Some(x)
+                }
+                None => None,
             };
-            let mine = |v: &[usize]| -> Vec<usize> {
-                v.iter().copied().skip(rank).step_by(world).collect()
-            };
-            let b = mine(gb);
-            let seeds: Vec<u64> = match clips {
-                true => all_seeds
-                    .iter()
-                    .copied()
-                    .skip(rank)
-                    .step_by(world)
-                    .collect(),
-                false => Vec::new(),
-            };
-            if let (Some(e), Some(spec)) = (&mut engine, &spec) {
-                let x = read_clips(spec, &data.train, &b, Some(&seeds))?;
-                let y = targets(&data.train, &b);
+            if let (Some(e), Some(x)) = (&mut engine, &x) {
+                let y = targets(&data.train, b);
                 // A non-finite loss skipped its update; the epoch's loss shows it (NaN).
-                let value = e.engine.step(&x, &y, sched.lr)?.unwrap_or(f64::NAN);
-                sum += value * gb.len() as f64;
-                count += gb.len();
+                let value = e.engine.step(x, &y, sched.lr)?.unwrap_or(f64::NAN);
+                sum += value * global as f64;
+                count += global;
                 hooks.batch(bi + 1, batches.len());
                 continue;
             }
-            let logits = inputs.logits(
-                &model,
-                "train",
-                &data.train,
-                &b,
-                clips.then_some(&seeds[..]),
-                device,
-            )?;
-            let l = loss(logits, &targets(&data.train, &b), data.kind);
+            let logits = match (x, &clip_spec) {
+                (Some(x), Some(spec)) => {
+                    let (t, s) = (spec.clip_frames, spec.size);
+                    model.forward_clips(Tensor::<B, 5>::from_data(
+                        TensorData::new(x, [b.len(), 3, t, s, s]),
+                        device,
+                    ))
+                }
+                _ => inputs.logits(&model, "train", &data.train, b, None, device)?,
+            };
+            let l = loss(logits, &targets(&data.train, b), data.kind);
             let mut value = to_scalar(l.clone().inner());
             let mut grads = GradientsParams::from_grads(l.backward(), &model);
             if let Some(g) = group {
@@ -392,10 +454,20 @@ pub fn train_with<B: AutodiffBackend>(
                     all_reduce_gradients(g, &model, grads, &mut extra, "the gradient all-reduce")?;
                 value = extra[0] as f64;
             }
-            sum += value * gb.len() as f64;
-            count += gb.len();
+            sum += value * global as f64;
+            count += global;
             model = optim.step(sched.lr, model, grads);
             hooks.batch(bi + 1, batches.len());
+        }
+        drop(reader);
+        let train_s = t_train.elapsed().as_secs_f64();
+        if data_wait > DATA_WAIT_WARN * train_s && data_wait > 1.0 && rank == 0 {
+            hooks.warning(&format!(
+                "epoch {epoch}: the steps waited {data_wait:.1} s of {train_s:.1} s for clips \
+                 ({:.0}%): decoding them is the bottleneck (faster storage, more CPU cores, or \
+                 fewer other jobs on them)",
+                100.0 * data_wait / train_s
+            ));
         }
         if stopped || stop_all(group, hooks.stop())? {
             stop = "interrupted".into();
@@ -418,6 +490,7 @@ pub fn train_with<B: AutodiffBackend>(
             val_accuracy: vm.accuracy,
             val_auc: vm.auc(),
             seconds: t0.elapsed().as_secs_f64(),
+            data_wait_s: data_wait,
         };
         // Judged by validation AUC, ties (common on small validation sets) broken by the
         // lower validation loss; where the AUC is undefined (one class in val), by the loss.

@@ -497,6 +497,13 @@ fn finetune_on_the_engine_equals_burns_step() {
             .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
             .collect()
     };
+    // The seconds the steps waited for their clips (decoded one batch ahead), per epoch.
+    let csv = std::fs::read_to_string(engine.join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("epoch,") && csv.lines().next().unwrap().ends_with(",data_wait_s"));
+    for row in csv.lines().skip(1) {
+        let wait: f64 = row.rsplit(',').next().unwrap().parse().unwrap();
+        assert!(wait >= 0.0, "{row}");
+    }
     let (le, lb) = (losses(&engine), losses(&burn));
     assert_eq!(le.len(), 2, "{le:?}");
     for (e, b) in le.iter().zip(&lb) {
