@@ -46,7 +46,8 @@
 #   unfused   burn's path: parity and speed with its unfused attention instead of its flash kernel
 #   step      the pretraining-step parity test alone, with whatever time is left
 #   ddp       data-parallel pretraining at world size 1 under torchrun's variables: NCCL's id
-#             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5)
+#             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5), on
+#             burn's step and on the training engine's
 # burn compiles its kernels with NVRTC and autotunes them on first use: every timing below
 # comes after an untimed first pass.
 #
@@ -320,11 +321,14 @@ PYEOF
   "$BIN" config tiny_smoke | sed 's/mask_strategy: fasking/mask_strategy: random/' > "$d/tiny.yaml"
   nccl=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
   echo "NCCL: ${nccl:-system}"
-  args=(pretrain --config "$d/tiny.yaml" --data "$d/data" --epochs 2 --batch-size 2 --device cuda --quiet)
-  run 300 "$BIN" "${args[@]}" --out "$d/plain"
+  # burn's step (--step auto on CUDA) and the training engine's CUDA step.
+  for step in auto engine; do
+  args=(pretrain --config "$d/tiny.yaml" --data "$d/data" --epochs 2 --batch-size 2 --device cuda --quiet --step "$step")
+  echo "@@ ddp $step -"
+  run 300 "$BIN" "${args[@]}" --out "$d/plain_$step"
   RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 MARLIN_NCCL_LIBRARY=$nccl \
-    run 300 "$BIN" "${args[@]}" --out "$d/nccl" --dist-timeout 120
-  "$PY" - "$d/plain/model.safetensors" "$d/nccl/model.safetensors" <<'PYEOF'
+    run 300 "$BIN" "${args[@]}" --out "$d/nccl_$step" --dist-timeout 120
+  "$PY" - "$d/plain_$step/model.safetensors" "$d/nccl_$step/model.safetensors" "$step" <<'PYEOF'
 import json, struct, sys
 import numpy as np
 def load(p):
@@ -335,8 +339,10 @@ def load(p):
             for k, v in h.items() if k != "__metadata__" and v["dtype"] == "F32"}
 a, b = load(sys.argv[1]), load(sys.argv[2])
 worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-print(f"ddp: {len(a)} tensors, max abs diff plain vs NCCL world 1: {worst:.3e} ({'ok' if worst <= 1e-5 else 'FAIL'})")
+print(f"ddp ({sys.argv[3]}): {len(a)} tensors, max abs diff plain vs NCCL world 1: {worst:.3e} ({'ok' if worst <= 1e-5 else 'FAIL'})")
+print(f"parity ddp_world1_{sys.argv[3]} {worst:.3e}")
 PYEOF
+  done
 fi
 
 if has unfused; then

@@ -1011,12 +1011,15 @@ impl PretrainStep {
         ops.upload(self.gen.all(), &self.gen_values)?;
         ops.upload(self.critic.all(), &self.critic_values)?;
         ops.upload(self.consts.all(), &self.const_values)?;
-        for b in [GEN[2], GEN[3]] {
+        // The moments, and the gradients and losses (an update reads its own only, but
+        // `gradients()` and a data-parallel reduce see them all).
+        for b in [GEN[1], GEN[2], GEN[3]] {
             ops.fill(self.gen.all().of(b), 0.0)?;
         }
-        for b in [CRITIC[2], CRITIC[3]] {
+        for b in [CRITIC[1], CRITIC[2], CRITIC[3]] {
             ops.fill(self.critic.all().of(b), 0.0)?;
         }
+        ops.fill(self.loss, 0.0)?;
         ops.upload_index(self.zeros, &vec![0; self.zeros.len])
     }
 

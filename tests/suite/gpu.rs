@@ -888,7 +888,7 @@ mod cuda {
             for p in [Precision::F32, Precision::Tf32] {
                 let tol = if p == Precision::F32 { 1e-4 } else { 1e-2 };
                 let mut ops = CudaTrainOps::new(0, p).unwrap_or_else(|e| panic!("{p}: {e}"));
-                let mut step = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
+                let step = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
                 step.load(&mut ops).unwrap();
                 step.upload_clips(&mut ops, &clip).unwrap();
                 let logits = step.forward(&mut ops).unwrap();

@@ -696,7 +696,9 @@ impl Inner {
                 .get(&g.w)
                 .and_then(|(_, bias)| bias.as_ref())
                 .map(|d| d.ptr);
-            let lg = LtGemm::new(&self.lt, &desc, bias, WORKSPACE).map_err(QueueError::Other)?;
+            // Whole buffers (cuMemAlloc's 256-byte alignment): the heuristic's default.
+            let lg =
+                LtGemm::new(&self.lt, &desc, bias, WORKSPACE, None).map_err(QueueError::Other)?;
             self.gemms.insert((b, g.w), lg);
         }
         if attention == AttentionKind::Cudnn && !self.sdpa.contains_key(&b) {

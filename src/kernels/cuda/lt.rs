@@ -190,6 +190,12 @@ mod run {
         }
     }
 
+    /// The alignment cuBLASLt may assume of a device pointer: the largest power of two that
+    /// divides it, at most 256 bytes.
+    pub fn alignment(ptr: u64) -> u32 {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+
     /// One product with its descriptors and chosen algorithm.
     pub struct LtGemm {
         desc: sys::cublasLtMatmulDesc_t,
@@ -217,12 +223,16 @@ mod run {
 
     impl LtGemm {
         /// The descriptors of `g` and the heuristic's best algorithm within `max_workspace`
-        /// bytes; `bias` is the device pointer of the bias (D's type, length n).
+        /// bytes; `bias` is the device pointer of the bias (D's type, length n). `operands`:
+        /// the device pointers A, B, C, D will have (slices of larger buffers), so that the
+        /// heuristic picks only algorithms that work at their alignment (it assumes 256
+        /// bytes otherwise, and some algorithms then fault on a slice).
         pub fn new(
             h: &LtHandle,
             g: &GemmDesc,
             bias: Option<u64>,
             max_workspace: usize,
+            operands: Option<[u64; 4]>,
         ) -> Result<Self, String> {
             let (compute, scale) = match g.compute {
                 Compute::F32 => (
@@ -292,6 +302,27 @@ mod run {
                     8,
                 )
             };
+            let align_attrs = [
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ];
+            let r = r.and_then(|_| match operands {
+                None => Ok(()),
+                Some(ptrs) => align_attrs.iter().zip(ptrs).try_fold((), |(), (&attr, p)| {
+                    let bytes = alignment(p);
+                    // SAFETY: `pref` is live; the attribute is a u32.
+                    unsafe {
+                        result::set_matmul_pref_attribute(
+                            pref,
+                            attr,
+                            &bytes as *const u32 as *const c_void,
+                            4,
+                        )
+                    }
+                }),
+            });
             // SAFETY: every descriptor is live.
             let heur = r.and_then(|_| unsafe {
                 result::get_matmul_algo_heuristic(

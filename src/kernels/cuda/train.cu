@@ -48,7 +48,7 @@
 //       (ceil(n/128), B*h), 128 threads.
 //   attention_delta_f32 (out, dout, delta, rows, h, hd)
 //       delta[(b*h + j)*n + i] = sum_d out*dout of row b*n+i, head j; rows = B*n. One thread per
-//       (row, head): grid = ceil(rows*h/256), 256 threads.
+//       (row, head), grid-stride: grid = ceil(rows*h/256) (capped), 256 threads.
 //   attention_bwd_dq_f32_hdHD (qkv, dout, lse, delta, dqkv, n, h, hd, scale)
 //       dq = scale * sum_j P_ij (dP_ij - delta_i) k_j into dqkv's q columns (overwritten); one
 //       thread per query, key tiles in shared memory. grid = (ceil(n/64), B*h), 64 threads.
@@ -445,16 +445,18 @@ __device__ void attention_bwd_dkv(const float* qkv, const float* dout, const flo
 
 extern "C" __global__ void attention_delta_f32(const float* out, const float* dout, float* delta,
                                                long long rows, int n, int h, int hd) {
-    const long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (t >= rows * h) return;
-    const long long row = t / h;
-    const int head = (int)(t % h);
-    const float* o = out + row * h * hd + (long long)head * hd;
-    const float* g = dout + row * h * hd + (long long)head * hd;
-    float s = 0.f;
-    for (int d = 0; d < hd; ++d) s += o[d] * g[d];
-    const long long b = row / n, i = row % n;
-    delta[(b * h + head) * n + i] = s;
+    // Grid-stride: the launch's grid is capped (grid_1d), the rows are not.
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < rows * h;
+         t += (long long)gridDim.x * blockDim.x) {
+        const long long row = t / h;
+        const int head = (int)(t % h);
+        const float* o = out + row * h * hd + (long long)head * hd;
+        const float* g = dout + row * h * hd + (long long)head * hd;
+        float s = 0.f;
+        for (int d = 0; d < hd; ++d) s += o[d] * g[d];
+        const long long b = row / n, i = row % n;
+        delta[(b * h + head) * n + i] = s;
+    }
 }
 
 #define ATTENTION_KERNELS(HD)                                                                    \

@@ -267,6 +267,17 @@ impl CudaTrainOps {
     }
 
     /// The register width of the attention kernels for head size `hd`.
+    /// The attention kernels' grid has one row per (clip, head): CUDA allows 65535.
+    fn attention_rows(b: usize, h: usize) -> Result<u32, DeviceError> {
+        match u32::try_from(b * h) {
+            Ok(r) if r <= 65535 => Ok(r),
+            _ => Err(DeviceError::Other(format!(
+                "the training engine's CUDA attention takes at most 65535 clips x heads per \
+                 call, not {b} x {h}: use a smaller --batch-size"
+            ))),
+        }
+    }
+
     fn attention_width(hd: usize) -> Result<usize, DeviceError> {
         ATTENTION_WIDTHS
             .iter()
@@ -315,7 +326,14 @@ impl TrainOps for CudaTrainOps {
         for (_, n) in &layout.indices {
             self.indices.push(DevBuf::new(4 * n).map_err(self.fail())?);
         }
-        Ok(())
+        // Zeroed, as the host ops' buffers are: a schedule may read a buffer it has not
+        // written this step (a gradient its update did not touch, a loss slot it skipped).
+        for b in self.floats.iter().chain(&self.indices) {
+            // SAFETY: the whole allocation of a live buffer, on this engine's stream.
+            unsafe { result::memset_d8_async(b.ptr, 0, b.bytes, self.st()) }
+                .map_err(self.fail())?;
+        }
+        self.synchronize()
     }
 
     fn upload(&mut self, t: T, values: &[f32]) -> Result<(), DeviceError> {
@@ -384,7 +402,11 @@ impl TrainOps for CudaTrainOps {
         if !self.gemms.contains_key(g) {
             let desc = lt::describe_train(g, self.precision);
             let bias = g.bias.map(|b| self.ptr(b));
-            let lg = LtGemm::new(&self.lt, &desc, bias, WORKSPACE).map_err(DeviceError::Other)?;
+            // cuBLASLt's A, B, C = D (`describe_train`): slices of the flat buffers, aligned to
+            // their offsets only.
+            let (a, b, d) = (self.ptr(g.b), self.ptr(g.a), self.ptr(g.d));
+            let lg = LtGemm::new(&self.lt, &desc, bias, WORKSPACE, Some([a, b, d, d]))
+                .map_err(DeviceError::Other)?;
             self.gemms.insert(*g, lg);
         }
         let lg = &self.gemms[g];
@@ -470,7 +492,11 @@ impl TrainOps for CudaTrainOps {
         let (q, o, l) = (self.ptr(qkv), self.ptr(out), self.ptr(lse));
         let (ni, hi, hdi) = (n as i32, h as i32, hd as i32);
         let mut a = args![q, o, l, ni, hi, hdi, scale];
-        let grid = (n.div_ceil(128).max(1) as u32, (b * h) as u32, 1);
+        let grid = (
+            n.div_ceil(128).max(1) as u32,
+            Self::attention_rows(b, h)?,
+            1,
+        );
         self.launch(self.kernels.attention[w][0], grid, 128, 0, &mut a)
     }
 
@@ -501,7 +527,7 @@ impl TrainOps for CudaTrainOps {
         let (rows, ni, hi, hdi) = ((b * n) as i64, n as i32, h as i32, hd as i32);
         let mut a = args![o, g, delta, rows, ni, hi, hdi];
         self.elementwise(self.kernels.delta, b * n * h, &mut a)?;
-        let grid = (n.div_ceil(64).max(1) as u32, (b * h) as u32, 1);
+        let grid = (n.div_ceil(64).max(1) as u32, Self::attention_rows(b, h)?, 1);
         for k in [1, 2] {
             let mut a = args![q, g, l, delta, dq, ni, hi, hdi, scale];
             self.launch(self.kernels.attention[w][k], grid, 64, 0, &mut a)?;
