@@ -14,6 +14,20 @@ use std::convert::Infallible;
 pub struct HostTrainOps {
     floats: Vec<Vec<f32>>,
     indices: Vec<Vec<u32>>,
+    /// Fill new float buffers with NaN instead of 0 (a test that the schedule writes
+    /// everything it reads: a device's fresh memory holds anything).
+    poison: bool,
+}
+
+impl HostTrainOps {
+    /// Ops whose new float buffers hold NaN: a step on them equals a step on zeroed buffers
+    /// only when the schedule writes every value before reading it.
+    pub fn poisoned() -> Self {
+        Self {
+            poison: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl HostTrainOps {
@@ -57,7 +71,8 @@ impl TrainOps for HostTrainOps {
     type Error = Infallible;
 
     fn prepare(&mut self, layout: &Layout) -> Result<(), Infallible> {
-        self.floats = layout.floats.iter().map(|(_, n)| vec![0.0; *n]).collect();
+        let fresh = if self.poison { f32::NAN } else { 0.0 };
+        self.floats = layout.floats.iter().map(|(_, n)| vec![fresh; *n]).collect();
         self.indices = layout.indices.iter().map(|(_, n)| vec![0; *n]).collect();
         Ok(())
     }

@@ -212,3 +212,41 @@ fn engine_finetune_refuses_layer_scale_and_other_batch_sizes() {
     let e = FinetuneStep::new(&cfg, &sd, batch, HeadLoss::CrossEntropy).unwrap_err();
     assert!(e.to_string().contains("layer scale"), "{e}");
 }
+
+/// The fine-tuning step writes every value it reads: on NaN-filled fresh buffers two steps
+/// give exactly what they give on zeroed ones.
+#[test]
+fn the_finetuning_step_reads_nothing_it_did_not_write() {
+    let (model, clip_t, cfg) = classifier();
+    let batch = clip_t.dims()[0];
+    let clip = to_f32_vec(clip_t);
+    let kind = HeadLoss::CrossEntropy;
+    let y = targets(kind, batch);
+    let sd = model.to_state_dict("start");
+    let run = |mut ops: HostTrainOps| {
+        let mut step = FinetuneStep::new(&cfg, &sd, batch, kind).unwrap();
+        step.load(&mut ops).unwrap();
+        step.upload_clips(&mut ops, &clip).unwrap();
+        let losses: Vec<f64> = (0..2)
+            .map(|_| {
+                step.step(&mut ops, &y, 1e-3)
+                    .unwrap()
+                    .expect("a finite loss")
+            })
+            .collect();
+        (
+            losses,
+            step.gradients(&mut ops).unwrap(),
+            step.state_dict(&mut ops).unwrap(),
+        )
+    };
+    let (l0, g0, w0) = run(HostTrainOps::default());
+    let (l1, g1, w1) = run(HostTrainOps::poisoned());
+    assert_eq!(l0, l1, "losses on zeroed vs NaN-filled buffers");
+    for (a, b) in [(&g0, &g1), (&w0, &w1)] {
+        assert_eq!(a.tensors.len(), b.tensors.len());
+        for (k, t) in &a.tensors {
+            assert_eq!(t.data, b.tensors[k].data, "{k}");
+        }
+    }
+}

@@ -231,3 +231,37 @@ fn the_engine_names_what_it_does_not_cover() {
         "the training engine needs `decoder.mask_token` in the model's weights"
     );
 }
+
+/// The step writes every value it reads: on ops whose fresh buffers hold NaN (as a device's
+/// fresh memory holds anything) two steps give exactly the losses, gradients and weights they
+/// give on zeroed buffers.
+#[test]
+fn the_step_reads_nothing_it_did_not_write() {
+    use marlin::engine::host_train::HostTrainOps;
+    let (model, _, clip, idx) = tiny_a();
+    let sd = model.to_state_dict();
+    let run = |mut ops: HostTrainOps| {
+        let mut step = PretrainStep::new(&model.config, &sd, shape(&idx), ADV).unwrap();
+        step.load(&mut ops).unwrap();
+        step.upload_batch(&mut ops, &clip, &idx).unwrap();
+        let losses: Vec<f64> = (0..2)
+            .flat_map(|_| {
+                let l = step.step(&mut ops, 1.5e-4).unwrap();
+                [l.d_loss, l.rec, l.adv, l.g_loss]
+            })
+            .collect();
+        let g = step.gradients(&mut ops).unwrap();
+        let w = step.state_dict(&mut ops).unwrap();
+        (losses, g, w)
+    };
+    let (l0, g0, w0) = run(HostTrainOps::default());
+    let (l1, g1, w1) = run(HostTrainOps::poisoned());
+    assert!(l0.iter().all(|v| v.is_finite()), "{l0:?}");
+    assert_eq!(l0, l1, "losses on zeroed vs NaN-filled buffers");
+    for (a, b) in [(&g0, &g1), (&w0, &w1)] {
+        assert_eq!(a.tensors.len(), b.tensors.len());
+        for (k, t) in &a.tensors {
+            assert_eq!(t.data, b.tensors[k].data, "{k}");
+        }
+    }
+}
