@@ -24,7 +24,8 @@
 #             rounds (TRAIN_ROUNDS, default 1) with NVML's peaks. Writes "pretrain_vitb" into
 #             $OUT/gpu-<date>-<gpu>.json.
 #   finetune  ViT-B fine-tuning steps (the encoder on whole clips, a 40-label head, BCE, Adam)
-#             at batch 8 and 32 (FINETUNE_BATCHES), ours (the engine, tf32 and fp32) and the
+#             at batch 8 and 16 (FINETUNE_BATCHES: the peer keeps every attention matrix for
+#             its backward, about 3 GB a clip in fp32), ours (the engine, tf32 and fp32) and the
 #             peer's (bf16 autocast, tf32), with NVML's peaks; its parity against the host twin
 #             runs in the pretrain section's test (`gpu::cuda::train_engine`). About 4 minutes.
 #             Writes "finetune_vitb" into $OUT/gpu-<date>-<gpu>.json.
@@ -200,7 +201,7 @@ fi
 
 if has finetune; then
   echo "== finetune: ViT-B fine-tuning step, ours (the engine) and the peer's (samples/s; NVML peak above the idle GPU)"
-  for b in ${FINETUNE_BATCHES:-8 32}; do
+  for b in ${FINETUNE_BATCHES:-8 16}; do
     for p in tf32 fp32; do
       echo "@@ finetune_vitb_b$b ours $p"
       run 120 "$PY" bench/gpu_peak.py -- "$BIN" bench --finetune --train-engine --device cuda --batch-size "$b" --iters 5 --precision "$p"

@@ -6,7 +6,7 @@
    "first_extract_s": {"ours_cold", "ours_warm", "peer"},
    "pretrain_vitb": {"b16": {"ours": {MODE: {"samples_per_s", "peak_mib", "rounds"}}, "peer": {...}},
                      "b64": {...}},
-   "finetune_vitb": {"b8": {...}, "b32": {...}} (as pretrain_vitb),
+   "finetune_vitb": {"b8": {...}, "b16": {...}} (as pretrain_vitb),
    "parity": {NAME: max_abs_diff}}
 
 MODE is fp32, tf32, bf16 (the peer also bf16_sdpa); clips_per_s is the median over the
