@@ -18,11 +18,11 @@
 //! with their gradients and Adam's moments; the positional table is a constant.
 
 use super::train::{
-    block_keys, linear, linear_backward, shape_check, weight_grad, Gemm, Layout, ParamTable,
+    encoder_keys, linear, linear_backward, shape_check, weight_grad, Gemm, Layout, ParamTable,
     Reduce, Stack, TrainEngineError, TrainOps, T,
 };
 use crate::kernels::cpu_train::AdamW;
-use crate::model::host::{HostTensor, StateDict};
+use crate::model::host::StateDict;
 use crate::MarlinConfig;
 
 /// The head's loss.
@@ -120,22 +120,10 @@ pub struct FinetuneStep {
     updates: u32,
 }
 
-/// The parameters' keys in buffer order: the tubelet embedding, the blocks, the final norm,
-/// the head.
+/// The parameters' keys in buffer order: the encoder's, then the head's.
 fn param_keys(cfg: &MarlinConfig) -> Vec<String> {
-    let mut keys = vec![
-        "encoder.patch_embedding.projection.weight".to_string(),
-        "encoder.patch_embedding.projection.bias".into(),
-    ];
-    for i in 0..cfg.encoder.depth {
-        keys.extend(block_keys("encoder", i, cfg.qkv_bias));
-    }
-    keys.extend([
-        "encoder.norm.weight".into(),
-        "encoder.norm.bias".into(),
-        "fc.weight".into(),
-        "fc.bias".into(),
-    ]);
+    let mut keys = encoder_keys(cfg);
+    keys.extend(["fc.weight".into(), "fc.bias".into()]);
     keys
 }
 
@@ -458,8 +446,7 @@ impl FinetuneStep {
     /// head's).
     pub fn state_dict<O: TrainOps>(&self, ops: &mut O) -> Result<StateDict, O::Error> {
         let mut sd = self.table(ops, &self.params, PARAMS[0])?;
-        sd.tensors
-            .extend(self.table(ops, &self.consts, CONST)?.tensors);
+        self.consts.read_into(ops, CONST, &mut sd)?;
         Ok(sd)
     }
 
@@ -484,13 +471,7 @@ impl FinetuneStep {
         buf: usize,
     ) -> Result<StateDict, O::Error> {
         let mut sd = StateDict::new("the training engine");
-        let all = ops.read(table.all().of(buf))?;
-        for (k, shape, t) in &table.entries {
-            sd.tensors.insert(
-                k.clone(),
-                HostTensor::new(shape.clone(), all[t.off..t.off + t.len].to_vec()),
-            );
-        }
+        table.read_into(ops, buf, &mut sd)?;
         Ok(sd)
     }
 }

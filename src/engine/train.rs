@@ -292,6 +292,24 @@ impl ParamTable {
             .ok_or_else(|| TrainEngineError::Missing(key.into()))
     }
 
+    /// Buffer `buf`'s values of every parameter (itself, its gradient or a moment: laid out
+    /// alike) into `sd` under their names and shapes.
+    pub fn read_into<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        buf: usize,
+        sd: &mut StateDict,
+    ) -> Result<(), O::Error> {
+        let all = ops.read(self.all().of(buf))?;
+        for (k, shape, t) in &self.entries {
+            sd.tensors.insert(
+                k.clone(),
+                HostTensor::new(shape.clone(), all[t.off..t.off + t.len].to_vec()),
+            );
+        }
+        Ok(())
+    }
+
     /// The whole buffer.
     pub fn all(&self) -> T {
         T {
@@ -437,6 +455,20 @@ pub struct PretrainStep {
     zeros: I,
     steps_gen: u32,
     steps_critic: u32,
+}
+
+/// The encoder's parameter keys in buffer order: the tubelet embedding, the blocks, the final
+/// norm (its positional table is a constant).
+pub(super) fn encoder_keys(cfg: &MarlinConfig) -> Vec<String> {
+    let mut keys = vec![
+        "encoder.patch_embedding.projection.weight".to_string(),
+        "encoder.patch_embedding.projection.bias".into(),
+    ];
+    for i in 0..cfg.encoder.depth {
+        keys.extend(block_keys("encoder", i, cfg.qkv_bias));
+    }
+    keys.extend(["encoder.norm.weight".into(), "encoder.norm.bias".into()]);
+    keys
 }
 
 pub(super) fn block_keys(prefix: &str, i: usize, qkv_bias: bool) -> Vec<String> {
@@ -841,19 +873,8 @@ impl PretrainStep {
         let hc = critic_w.data.len() / p;
         shape_check(sd, "discriminator.layers.1.linear.weight", &[1, hc])?;
 
-        let mut gen_keys = vec![
-            "encoder.patch_embedding.projection.weight".to_string(),
-            "encoder.patch_embedding.projection.bias".into(),
-        ];
-        for i in 0..cfg.encoder.depth {
-            gen_keys.extend(block_keys("encoder", i, cfg.qkv_bias));
-        }
-        gen_keys.extend([
-            "encoder.norm.weight".into(),
-            "encoder.norm.bias".into(),
-            "enc_dec_proj.weight".into(),
-            "decoder.mask_token".into(),
-        ]);
+        let mut gen_keys = encoder_keys(cfg);
+        gen_keys.extend(["enc_dec_proj.weight".into(), "decoder.mask_token".into()]);
         for i in 0..cfg.decoder.depth {
             gen_keys.extend(block_keys("decoder", i, cfg.qkv_bias));
         }
@@ -1559,13 +1580,7 @@ impl PretrainStep {
             if buf == usize::MAX {
                 continue;
             }
-            let all = ops.read(table.all().of(buf))?;
-            for (k, shape, t) in &table.entries {
-                sd.tensors.insert(
-                    k.clone(),
-                    HostTensor::new(shape.clone(), all[t.off..t.off + t.len].to_vec()),
-                );
-            }
+            table.read_into(ops, buf, &mut sd)?;
         }
         Ok(sd)
     }

@@ -10,7 +10,7 @@ use crate::engine::finetune::{FinetuneStep, HeadLoss};
 use crate::engine::train::{TrainEngineError, TrainOps, T};
 use crate::model::weights::StateDict;
 use crate::model::MarlinConfig;
-use crate::train::engine::{EngineDevice, EngineRefusal};
+use crate::train::engine::{average_across, EngineDevice, EngineRefusal};
 use std::sync::Arc;
 
 /// A fine-tuning engine with its ops' type erased: what a run asks of it.
@@ -136,11 +136,7 @@ impl<O: TrainOps> EngineFinetuner<O> {
         // loss, averaged before the update.
         let mut failure: Option<ProbeError> = None;
         let mut reduce = |ops: &mut O, grads: T, loss: &mut [f32]| -> Result<(), O::Error> {
-            let mut res = Ok(());
-            ops.on_host(grads, &mut |vals: &mut [f32]| {
-                res = grp.all_reduce_mean(vals, "the gradients");
-            })?;
-            if let Err(e) = res.and_then(|()| grp.all_reduce_mean(loss, "the loss")) {
+            if let Err(e) = average_across(&grp, ops, grads, loss)? {
                 // Every rank skips the update alike (the loss is NaN everywhere).
                 loss.fill(f32::NAN);
                 failure = Some(e.into());

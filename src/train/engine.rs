@@ -102,6 +102,22 @@ pub fn engine_step(
     }
 }
 
+/// A data-parallel update's average across `group`: the gradients `grads` (in place where the
+/// ops' buffers are host memory), then `losses`. The outer error is the ops', the inner the
+/// group's.
+pub(crate) fn average_across<O: TrainOps>(
+    group: &Group,
+    ops: &mut O,
+    grads: T,
+    losses: &mut [f32],
+) -> Result<Result<(), crate::distributed::DistError>, O::Error> {
+    let mut res = Ok(());
+    ops.on_host(grads, &mut |vals: &mut [f32]| {
+        res = group.all_reduce_mean(vals, "the gradients");
+    })?;
+    Ok(res.and_then(|()| group.all_reduce_mean(losses, "the losses")))
+}
+
 /// Where the weights and optimiser state are between steps.
 enum State {
     /// Before the first batch: the weights (and the optimisers' state of a resumed run).
@@ -201,11 +217,7 @@ impl<O: TrainOps> EngineTrainer<O> {
             if failure.is_some() {
                 return Ok(());
             }
-            let mut res = Ok(());
-            ops.on_host(grads, &mut |vals: &mut [f32]| {
-                res = grp.all_reduce_mean(vals, "the gradients");
-            })?;
-            if let Err(e) = res.and_then(|()| grp.all_reduce_mean(losses, "the losses")) {
+            if let Err(e) = average_across(&grp, ops, grads, losses)? {
                 failure = Some(e.into());
             }
             Ok(())

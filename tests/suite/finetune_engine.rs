@@ -7,8 +7,7 @@ use crate::pretrain_step::tiny_a_batch_on;
 use crate::train_engine::assert_gradients;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use marlin::backend::CpuAutodiff;
 use marlin::engine::finetune::{FinetuneStep, HeadLoss};
 use marlin::engine::host_train::HostTrainOps;
@@ -17,6 +16,7 @@ use marlin::model::load::to_f32_vec;
 use marlin::model::weights::HostTensor;
 use marlin::model::StateDict;
 use marlin::probe::classifier::Classifier;
+use marlin::probe::metrics::TaskKind;
 
 type B = CpuAutodiff;
 const K: usize = 3;
@@ -44,29 +44,13 @@ pub(crate) fn targets(kind: HeadLoss, batch: usize) -> Vec<f32> {
     }
 }
 
-/// The head's loss in burn, as `probe::train` computes it.
+/// The head's loss in burn: the one `probe::train` trains with.
 fn burn_loss(logits: Tensor<B, 2>, y: &[f32], kind: HeadLoss) -> Tensor<B, 1> {
-    let [b, k] = logits.dims();
-    let dev = logits.device();
-    match kind {
-        HeadLoss::CrossEntropy => {
-            let mut onehot = vec![0f32; b * k];
-            for (i, &c) in y.iter().enumerate() {
-                onehot[i * k + c as usize] = 1.0;
-            }
-            let oh = Tensor::<B, 2>::from_data(TensorData::new(onehot, [b, k]), &dev);
-            (log_softmax(logits, 1) * oh)
-                .sum()
-                .neg()
-                .div_scalar(b as f32)
-        }
-        HeadLoss::BinaryCrossEntropy => {
-            let yt = Tensor::<B, 2>::from_data(TensorData::new(y.to_vec(), [b, k]), &dev);
-            let l = logits.clone().clamp_min(0.0) - logits.clone() * yt
-                + logits.abs().neg().exp().add_scalar(1.0).log();
-            l.mean()
-        }
-    }
+    let task = match kind {
+        HeadLoss::CrossEntropy => TaskKind::Multiclass,
+        HeadLoss::BinaryCrossEntropy => TaskKind::Multilabel,
+    };
+    marlin::probe::train::loss(logits, y, task)
 }
 
 /// burn's gradients of `loss` for every parameter, read back as the change an SGD step with
