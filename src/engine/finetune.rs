@@ -18,8 +18,8 @@
 //! with their gradients and Adam's moments; the positional table is a constant.
 
 use super::train::{
-    encoder_keys, linear, linear_backward, shape_check, weight_grad, Gemm, Layout, ParamTable,
-    Reduce, Stack, TrainEngineError, TrainOps, T,
+    encoder_keys, linear, linear_backward, shape_check, weight_grad, DType, Gemm, Layout,
+    ParamTable, Reduce, Stack, TrainEngineError, TrainOps, T,
 };
 use crate::kernels::cpu_train::AdamW;
 use crate::model::host::StateDict;
@@ -118,6 +118,9 @@ pub struct FinetuneStep {
     df: T,
     dpooled: T,
     updates: u32,
+    /// The encoder's weights as its blocks' product operands: `PARAMS[0]` in f32, a bf16 copy
+    /// (refreshed after each update) in bf16.
+    wbuf: usize,
 }
 
 /// The parameters' keys in buffer order: the encoder's, then the head's.
@@ -146,6 +149,19 @@ impl FinetuneStep {
         batch: usize,
         loss_kind: HeadLoss,
     ) -> Result<Self, TrainEngineError> {
+        Self::new_in(cfg, sd, batch, loss_kind, DType::F32)
+    }
+
+    /// [`Self::new`] with the encoder blocks' activations stored as `act` (the ops'
+    /// [`TrainOps::activation_dtype`]; bf16 as in [`super::train::PretrainStep::new_in`]: the
+    /// blocks' products on bf16 operands, everything else f32).
+    pub fn new_in(
+        cfg: &MarlinConfig,
+        sd: &StateDict,
+        batch: usize,
+        loss_kind: HeadLoss,
+        act: DType,
+    ) -> Result<Self, TrainEngineError> {
         Self::supports(cfg)?;
         let d = cfg.encoder.embed_dim;
         let (n, p) = (cfg.num_patches(), cfg.patch_dim());
@@ -171,6 +187,10 @@ impl FinetuneStep {
         ] {
             layout.float(name, len);
         }
+        let wbuf = match act {
+            DType::F32 => PARAMS[0],
+            DType::Bf16 => layout.float_in("params.act", params.len, act).buf,
+        };
         let scale = crate::model::block::attention_scale(cfg.qk_scale, d, cfg.encoder.num_heads);
         let enc = Stack::new(
             &mut layout,
@@ -180,8 +200,9 @@ impl FinetuneStep {
             cfg.mlp_hidden(d),
             scale as f32,
             cfg.qkv_bias,
-            batch,
-            n,
+            [batch, n],
+            act,
+            wbuf,
         )?;
         let rows = batch * n;
         let clip = [batch, 3, cfg.clip_frames, cfg.img_size, cfg.img_size];
@@ -213,7 +234,17 @@ impl FinetuneStep {
             const_values,
             layout,
             updates: 0,
+            wbuf,
         })
+    }
+
+    /// The weights' copy in the products' type, after the master weights changed.
+    fn refresh_weights<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let all = self.params.all();
+        match self.wbuf == PARAMS[0] {
+            true => Ok(()),
+            false => ops.copy(all, all.of(self.wbuf)),
+        }
     }
 
     /// Allocate `ops`' buffers, upload the weights and the pooling matrix, zero Adam's state.
@@ -222,6 +253,7 @@ impl FinetuneStep {
         ops.prepare(&self.layout)?;
         ops.upload(self.params.all(), &self.param_values)?;
         ops.upload(self.consts.all(), &self.const_values)?;
+        self.refresh_weights(ops)?;
         for b in [PARAMS[2], PARAMS[3]] {
             ops.fill(self.params.all().of(b), 0.0)?;
         }
@@ -428,6 +460,7 @@ impl FinetuneStep {
             all.of(PARAMS[3]),
             &h,
         )?;
+        self.refresh_weights(ops)?;
         Ok(Some(loss))
     }
 

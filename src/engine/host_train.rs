@@ -3,17 +3,23 @@
 //! blocked backward, and the kernels of [`crate::kernels::cpu_train`]. The twin of the CUDA
 //! ops: the same steps and buffers, checked against the peer's step in the tests.
 
-use super::train::{Gather, Gemm, Layout, Rows, TrainOps, I, T};
+use super::train::{DType, Gather, Gemm, Layout, Rows, TrainOps, I, T};
+use crate::kernels::bf16::{from_bf16, to_bf16};
 use crate::kernels::cpu;
 use crate::kernels::cpu_train::{self, AdamW};
 use rayon::prelude::*;
 use std::convert::Infallible;
 
-/// Host buffers of a [`Layout`].
+/// Host buffers of a [`Layout`]. A bf16 buffer holds f32 values rounded to bf16 (round to
+/// nearest even) whenever written, as the GPU's bf16 buffers store them: the host twin of a
+/// bf16 step computes in f32 from bf16-rounded operands, as the GPU's products and kernels do.
 #[derive(Debug, Default)]
 pub struct HostTrainOps {
     floats: Vec<Vec<f32>>,
+    dtypes: Vec<DType>,
     indices: Vec<Vec<u32>>,
+    /// What [`TrainOps::activation_dtype`] answers (f32 by default).
+    act: DType,
     /// Fill new float buffers with NaN instead of 0 (a test that the schedule writes
     /// everything it reads: a device's fresh memory holds anything).
     poison: bool,
@@ -26,6 +32,21 @@ impl HostTrainOps {
         Self {
             poison: true,
             ..Self::default()
+        }
+    }
+
+    /// These ops with steps built on them keeping their activations as `act` (bf16: the CPU
+    /// twin of the GPU's bf16 step, for tests; no faster than f32 here).
+    pub fn with_activations(self, act: DType) -> Self {
+        Self { act, ..self }
+    }
+
+    /// Round the values of `t` to bf16 where its buffer stores bf16.
+    fn settle(&mut self, t: T) {
+        if self.dtypes.get(t.buf) == Some(&DType::Bf16) {
+            self.floats[t.buf][t.off..t.off + t.len]
+                .par_iter_mut()
+                .for_each(|v| *v = from_bf16(to_bf16(*v)));
         }
     }
 }
@@ -64,21 +85,28 @@ impl HostTrainOps {
         let mut v = self.take(out.buf);
         f(self, &mut v[out.off..out.off + out.len]);
         self.put(out.buf, v);
+        self.settle(out);
     }
 }
 
 impl TrainOps for HostTrainOps {
     type Error = Infallible;
 
+    fn activation_dtype(&self) -> DType {
+        self.act
+    }
+
     fn prepare(&mut self, layout: &Layout) -> Result<(), Infallible> {
         let fresh = if self.poison { f32::NAN } else { 0.0 };
         self.floats = layout.floats.iter().map(|(_, n)| vec![fresh; *n]).collect();
+        self.dtypes = (0..layout.floats.len()).map(|b| layout.dtype(b)).collect();
         self.indices = layout.indices.iter().map(|(_, n)| vec![0; *n]).collect();
         Ok(())
     }
 
     fn upload(&mut self, t: T, values: &[f32]) -> Result<(), Infallible> {
         self.floats[t.buf][t.off..t.off + t.len].copy_from_slice(&values[..t.len]);
+        self.settle(t);
         Ok(())
     }
 
@@ -95,12 +123,14 @@ impl TrainOps for HostTrainOps {
         self.floats[t.buf][t.off..t.off + t.len]
             .par_iter_mut()
             .for_each(|v| *v = value);
+        self.settle(t);
         Ok(())
     }
 
     fn copy(&mut self, src: T, dst: T) -> Result<(), Infallible> {
         if src.buf == dst.buf {
             self.floats[src.buf].copy_within(src.off..src.off + src.len, dst.off);
+            self.settle(dst);
         } else {
             self.write(dst, |me, d| d.copy_from_slice(me.s(src)));
         }
@@ -276,6 +306,7 @@ impl TrainOps for HostTrainOps {
         self.copy(x, out)?;
         let o = out;
         cpu::gelu_in_place(&mut self.floats[o.buf][o.off..o.off + o.len]);
+        self.settle(o);
         Ok(())
     }
 
@@ -317,6 +348,7 @@ impl TrainOps for HostTrainOps {
 
     fn on_host(&mut self, t: T, f: &mut dyn FnMut(&mut [f32])) -> Result<(), Infallible> {
         f(&mut self.floats[t.buf][t.off..t.off + t.len]);
+        self.settle(t);
         Ok(())
     }
 

@@ -71,8 +71,9 @@ impl Act {
 }
 
 /// How a buffer's values are stored on a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DType {
+    #[default]
     F32,
     Bf16,
 }

@@ -20,6 +20,7 @@
 //! zeroed buffer. The positional tables are constants (no gradient, no update).
 
 use super::host_train::HostTrainOps;
+pub use super::schedule::DType;
 use crate::kernels::cpu_train::AdamW;
 use crate::model::host::{HostTensor, StateDict};
 use crate::model::MaskIndices;
@@ -85,21 +86,44 @@ pub struct I {
     pub len: usize,
 }
 
-/// The buffers a schedule needs: float and index buffers by name and size.
+/// The buffers a schedule needs: float and index buffers by name and size, and each float
+/// buffer's storage type (`dtypes`, parallel to `floats`): f32, or bf16 for the activations a
+/// bf16 step keeps (values rounded to bf16 when written; read as f32).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layout {
     pub floats: Vec<(String, usize)>,
+    pub dtypes: Vec<DType>,
     pub indices: Vec<(String, usize)>,
 }
 
 impl Layout {
     pub fn float(&mut self, name: impl Into<String>, len: usize) -> T {
+        self.float_in(name, len, DType::F32)
+    }
+
+    /// A float buffer stored as `dtype`.
+    pub fn float_in(&mut self, name: impl Into<String>, len: usize, dtype: DType) -> T {
         self.floats.push((name.into(), len));
+        self.dtypes.push(dtype);
         T {
             buf: self.floats.len() - 1,
             off: 0,
             len,
         }
+    }
+
+    /// The storage type of float buffer `buf`.
+    pub fn dtype(&self, buf: usize) -> DType {
+        self.dtypes.get(buf).copied().unwrap_or(DType::F32)
+    }
+
+    /// Bytes of all float buffers in their storage types.
+    pub fn float_bytes(&self) -> usize {
+        self.floats
+            .iter()
+            .enumerate()
+            .map(|(i, (_, n))| n * self.dtype(i).bytes())
+            .sum()
     }
 
     pub fn index(&mut self, name: impl Into<String>, len: usize) -> I {
@@ -158,6 +182,12 @@ pub trait TrainOps {
     type Error: std::fmt::Display;
     /// The clips per batch of the step about to be built (device errors name it).
     fn set_batch(&mut self, _batch: usize) {}
+    /// The storage type of the activations a step on these ops keeps (its precision): f32,
+    /// or bf16 (products of bf16 operands with f32 sums, f32 residual stream, statistics,
+    /// master weights and optimiser state).
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
     /// Allocate every buffer of `layout` (values undefined until written).
     fn prepare(&mut self, layout: &Layout) -> Result<(), Self::Error>;
     fn upload(&mut self, t: T, values: &[f32]) -> Result<(), Self::Error>;
@@ -354,6 +384,15 @@ pub(super) struct Stack {
     dhid: T,
     /// The qkv bias (q_bias, 0, v_bias) of each block, assembled before the forward.
     qkv_bias: Vec<T>,
+    /// The storage type of the tapes' product operands and outputs (and of `datt`, `dqkv`,
+    /// `dhid`): the step's precision.
+    act: DType,
+    /// The buffer the products read weights (and the biases of act-typed outputs) from: the
+    /// master buffer in f32, its bf16 copy in bf16 (laid out alike).
+    wbuf: usize,
+    /// The residual stream's gradient as a product operand: `dx` itself in f32, its bf16 copy
+    /// in bf16.
+    dxa: T,
 }
 
 /// What one block's forward keeps for its backward.
@@ -455,6 +494,9 @@ pub struct PretrainStep {
     zeros: I,
     steps_gen: u32,
     steps_critic: u32,
+    /// The generator's weights as the blocks' product operands: `GEN[0]` itself in f32, its
+    /// bf16 copy (refreshed after each update) in bf16.
+    wbuf: usize,
 }
 
 /// The encoder's parameter keys in buffer order: the tubelet embedding, the blocks, the final
@@ -524,6 +566,10 @@ fn block_params(
 
 impl Stack {
     #[allow(clippy::too_many_arguments)]
+    /// The stack's buffers in `layout`: its residual stream, statistics and `dx`/`dh` in f32,
+    /// the products' operands and outputs (LayerNorm outputs, qkv, attention, MLP) in `act`;
+    /// its products read weights from buffer `wbuf` (see [`Stack::wbuf`]).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         layout: &mut Layout,
         name: &str,
@@ -532,8 +578,9 @@ impl Stack {
         hidden: usize,
         scale: f32,
         qkv_bias: bool,
-        batch: usize,
-        tokens: usize,
+        [batch, tokens]: [usize; 2],
+        act: DType,
+        wbuf: usize,
     ) -> Result<Self, TrainEngineError> {
         let (d, h) = (cfg.embed_dim, cfg.num_heads);
         let rows = batch * tokens;
@@ -544,24 +591,34 @@ impl Stack {
             blocks.push(block_params(table, name, i, qkv_bias)?);
             let f =
                 |l: &mut Layout, what: &str, len: usize| l.float(format!("{name}.{i}.{what}"), len);
+            let a = |l: &mut Layout, what: &str, len: usize| {
+                l.float_in(format!("{name}.{i}.{what}"), len, act)
+            };
             tapes.push(Tape {
                 x_in: f(layout, "x_in", rows * d),
-                h1: f(layout, "h1", rows * d),
+                h1: a(layout, "h1", rows * d),
                 st1: f(layout, "st1", rows * 2),
-                qkv: f(layout, "qkv", rows * 3 * d),
-                att: f(layout, "att", rows * d),
+                qkv: a(layout, "qkv", rows * 3 * d),
+                att: a(layout, "att", rows * d),
                 lse: f(layout, "lse", batch * h * tokens),
                 x_mid: f(layout, "x_mid", rows * d),
-                h2: f(layout, "h2", rows * d),
+                h2: a(layout, "h2", rows * d),
                 st2: f(layout, "st2", rows * 2),
-                pre: f(layout, "pre", rows * hidden),
-                act: f(layout, "act", rows * hidden),
+                pre: a(layout, "pre", rows * hidden),
+                act: a(layout, "act", rows * hidden),
             });
             if qkv_bias {
-                qkv_biases.push(f(layout, "qkv_bias", 3 * d));
+                qkv_biases.push(a(layout, "qkv_bias", 3 * d));
             }
         }
         let f = |l: &mut Layout, what: &str, len: usize| l.float(format!("{name}.{what}"), len);
+        let a =
+            |l: &mut Layout, what: &str, len: usize| l.float_in(format!("{name}.{what}"), len, act);
+        let dx = f(layout, "dx", rows * d);
+        let dxa = match act {
+            DType::F32 => dx,
+            DType::Bf16 => a(layout, "dx.act", rows * d),
+        };
         Ok(Stack {
             dim: d,
             heads: h,
@@ -571,13 +628,29 @@ impl Stack {
             blocks,
             tapes,
             out: f(layout, "out", rows * d),
-            dx: f(layout, "dx", rows * d),
+            dx,
             dh: f(layout, "dh", rows * d),
-            datt: f(layout, "datt", rows * d),
-            dqkv: f(layout, "dqkv", rows * 3 * d),
-            dhid: f(layout, "dhid", rows * hidden),
+            datt: a(layout, "datt", rows * d),
+            dqkv: a(layout, "dqkv", rows * 3 * d),
+            dhid: a(layout, "dhid", rows * hidden),
             qkv_bias: qkv_biases,
+            act,
+            wbuf,
+            dxa,
         })
+    }
+
+    /// A weight as a product operand (its copy in the products' type).
+    fn w(&self, t: T) -> T {
+        t.of(self.wbuf)
+    }
+
+    /// `dxa` = `dx` in the products' type (nothing to do in f32).
+    fn dx_operand<O: TrainOps>(&self, ops: &mut O) -> Result<T, O::Error> {
+        if self.dxa != self.dx {
+            ops.copy(self.dx, self.dxa)?;
+        }
+        Ok(self.dxa)
     }
 
     /// The input of the first block (written by the caller before [`Stack::forward`]).
@@ -607,13 +680,14 @@ impl Stack {
                 }
                 None => None,
             };
-            ops.gemm(&linear(t.qkv, t.h1, p.qkv, bias, rows, 3 * d, d, false))?;
+            let w = |t: T| self.w(t);
+            ops.gemm(&linear(t.qkv, t.h1, w(p.qkv), bias, rows, 3 * d, d, false))?;
             ops.attention(t.qkv, dims, self.scale, t.att, t.lse)?;
             ops.copy(t.x_in, t.x_mid)?;
             ops.gemm(&linear(
                 t.x_mid,
                 t.att,
-                p.proj.0,
+                w(p.proj.0),
                 Some(p.proj.1),
                 rows,
                 d,
@@ -624,8 +698,8 @@ impl Stack {
             ops.gemm(&linear(
                 t.pre,
                 t.h2,
-                p.fc1.0,
-                Some(p.fc1.1),
+                w(p.fc1.0),
+                Some(w(p.fc1.1)),
                 rows,
                 hid,
                 d,
@@ -636,7 +710,7 @@ impl Stack {
             ops.gemm(&linear(
                 next,
                 t.act,
-                p.fc2.0,
+                w(p.fc2.0),
                 Some(p.fc2.1),
                 rows,
                 d,
@@ -660,10 +734,23 @@ impl Stack {
         let dims = [batch, self.tokens, self.heads, d / self.heads];
         let g = |t: T| t.of(grads);
         for (p, t) in self.blocks.iter().zip(&self.tapes).rev() {
+            let w = |t: T| self.w(t);
             // x_out = x_mid + fc2(GELU(fc1(LN2(x_mid)))): dx flows on, and into the MLP.
-            linear_backward(ops, self.dx, t.act, p.fc2, self.dhid, rows, d, hid, grads)?;
+            let dxa = self.dx_operand(ops)?;
+            let (fc2, fc1) = ((p.fc2, w(p.fc2.0)), (p.fc1, w(p.fc1.0)));
+            let lin = |dy, a, wb, da, n, k| LinearBackward {
+                dy,
+                a,
+                wb,
+                da,
+                rows,
+                n,
+                k,
+                grads,
+            };
+            lin([self.dx, dxa], t.act, fc2, self.dhid, d, hid).run(ops)?;
             ops.gelu_backward(t.pre, self.dhid)?;
-            linear_backward(ops, self.dhid, t.h2, p.fc1, self.dh, rows, hid, d, grads)?;
+            lin([self.dhid; 2], t.h2, fc1, self.dh, hid, d).run(ops)?;
             ops.layer_norm_backward(
                 t.x_mid,
                 t.st2,
@@ -675,7 +762,9 @@ impl Stack {
                 g(p.norm2.1),
             )?;
             // x_mid = x_in + proj(attention(qkv(LN1(x_in)))).
-            linear_backward(ops, self.dx, t.att, p.proj, self.datt, rows, d, d, grads)?;
+            let dxa = self.dx_operand(ops)?;
+            let proj = (p.proj, w(p.proj.0));
+            lin([self.dx, dxa], t.att, proj, self.datt, d, d).run(ops)?;
             ops.attention_backward(t.qkv, t.att, self.datt, t.lse, dims, self.scale, self.dqkv)?;
             // The qkv product's weight and input gradients; q_bias and v_bias from the q and v
             // columns (k has no bias).
@@ -687,7 +776,7 @@ impl Stack {
             ops.gemm(&input_grad(
                 self.dh,
                 self.dqkv,
-                p.qkv,
+                w(p.qkv),
                 [rows, 3 * d, d],
                 false,
             ))?;
@@ -786,9 +875,50 @@ pub(super) fn linear_backward<O: TrainOps>(
     k: usize,
     grads: usize,
 ) -> Result<(), O::Error> {
-    ops.gemm(&weight_grad(w.of(grads), dy, a, [n, k, rows]))?;
-    ops.col_sum(dy, n, 0, b.of(grads))?;
-    ops.gemm(&input_grad(da, dy, w, [rows, n, k], false))
+    LinearBackward {
+        dy: [dy; 2],
+        a,
+        wb: ((w, b), w),
+        da,
+        rows,
+        n,
+        k,
+        grads,
+    }
+    .run(ops)
+}
+
+/// A Linear's backward whose product operands may be copies in another type: `dy` (the
+/// gradient summed into the bias, and as the products' operand), `wb` ((the master weight and
+/// bias: their gradients' places), the weight as the products' operand).
+#[derive(Debug, Clone, Copy)]
+struct LinearBackward {
+    dy: [T; 2],
+    a: T,
+    wb: ((T, T), T),
+    da: T,
+    rows: usize,
+    n: usize,
+    k: usize,
+    grads: usize,
+}
+
+impl LinearBackward {
+    fn run<O: TrainOps>(self, ops: &mut O) -> Result<(), O::Error> {
+        let Self {
+            dy: [dy_sum, dy],
+            a,
+            wb: ((w, b), w_op),
+            da,
+            rows,
+            n,
+            k,
+            grads,
+        } = self;
+        ops.gemm(&weight_grad(w.of(grads), dy, a, [n, k, rows]))?;
+        ops.col_sum(dy_sum, n, 0, b.of(grads))?;
+        ops.gemm(&input_grad(da, dy, w_op, [rows, n, k], false))
+    }
 }
 
 pub(super) fn shape_check(
@@ -835,13 +965,30 @@ impl PretrainStep {
     }
 
     /// The step for `cfg`'s model with the weights of `sd` (the peer's names: the generator
-    /// and the critic), batches of `shape`, and `losses`. Layer scale, the gradient penalty and
-    /// a projection bias stay on burn's path (an error here).
+    /// and the critic), batches of `shape`, and `losses`, in f32. Layer scale, the gradient
+    /// penalty and a projection bias stay on burn's path (an error here).
     pub fn new(
         cfg: &MarlinConfig,
         sd: &StateDict,
         shape: StepShape,
         losses: LossConfig,
+    ) -> Result<Self, TrainEngineError> {
+        Self::new_in(cfg, sd, shape, losses, DType::F32)
+    }
+
+    /// [`Self::new`] with the transformer blocks' activations stored as `act` (the ops'
+    /// [`TrainOps::activation_dtype`]). In bf16 the blocks' products take bf16 operands (the
+    /// generator's weights through a bf16 copy) with f32 sums; the residual stream, the
+    /// LayerNorm statistics, the log-sum-exps, the gradients of the residual stream and of
+    /// every weight, the master weights and AdamW's moments stay f32, as do the products
+    /// outside the blocks (the tubelet embedding, the encoder-decoder projection, the head and
+    /// the critic: under 5% of the step's arithmetic) and the losses.
+    pub fn new_in(
+        cfg: &MarlinConfig,
+        sd: &StateDict,
+        shape: StepShape,
+        losses: LossConfig,
+        act: DType,
     ) -> Result<Self, TrainEngineError> {
         Self::supports(cfg, sd, losses)?;
         let (de, dd) = (cfg.encoder.embed_dim, cfg.decoder.embed_dim);
@@ -915,6 +1062,10 @@ impl PretrainStep {
         ] {
             layout.float(name, len);
         }
+        let wbuf = match act {
+            DType::F32 => GEN[0],
+            DType::Bf16 => layout.float_in("gen.act", gen.len, act).buf,
+        };
         let scale =
             |d: usize, h: usize| crate::model::block::attention_scale(cfg.qk_scale, d, h) as f32;
         let enc = Stack::new(
@@ -925,8 +1076,9 @@ impl PretrainStep {
             he,
             scale(de, cfg.encoder.num_heads),
             cfg.qkv_bias,
-            batch,
-            nv,
+            [batch, nv],
+            act,
+            wbuf,
         )?;
         let dec = Stack::new(
             &mut layout,
@@ -936,8 +1088,9 @@ impl PretrainStep {
             hdec,
             scale(dd, cfg.decoder.num_heads),
             cfg.qkv_bias,
-            batch,
-            n,
+            [batch, n],
+            act,
+            wbuf,
         )?;
         let (rv, rm) = (batch * nv, batch * nm);
         let mut f = |name: &str, len: usize| layout.float(name, len);
@@ -1022,7 +1175,22 @@ impl PretrainStep {
             zeros,
             steps_gen: 0,
             steps_critic: 0,
+            wbuf,
         })
+    }
+
+    /// The storage type of the blocks' activations.
+    pub fn activation_dtype(&self) -> DType {
+        self.enc.act
+    }
+
+    /// The weights' copy in the products' type, after the master weights changed.
+    fn refresh_weights<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let g = self.gen.all();
+        match self.wbuf == GEN[0] {
+            true => Ok(()),
+            false => ops.copy(g, g.of(self.wbuf)),
+        }
     }
 
     /// Allocate `ops`' buffers, upload the weights and zero the optimiser state.
@@ -1032,6 +1200,7 @@ impl PretrainStep {
         ops.upload(self.gen.all(), &self.gen_values)?;
         ops.upload(self.critic.all(), &self.critic_values)?;
         ops.upload(self.consts.all(), &self.const_values)?;
+        self.refresh_weights(ops)?;
         // The moments, and the gradients and losses (an update reads its own only, but
         // `gradients()` and a data-parallel reduce see them all).
         for b in [GEN[1], GEN[2], GEN[3]] {
@@ -1515,6 +1684,7 @@ impl PretrainStep {
             self.steps_gen += 1;
             let h = self.adam(lr, self.steps_gen);
             ops.adamw(g, g.of(GEN[1]), g.of(GEN[2]), g.of(GEN[3]), &h)?;
+            self.refresh_weights(ops)?;
         }
         Ok(out)
     }

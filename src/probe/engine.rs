@@ -102,8 +102,14 @@ impl<O: TrainOps> EngineFinetuner<O> {
         let batch = clips / per_clip.max(1);
         match &self.state {
             State::Host(sd) => {
-                let step =
-                    FinetuneStep::new(&self.cfg, sd, batch, self.loss).map_err(engine_err)?;
+                let step = FinetuneStep::new_in(
+                    &self.cfg,
+                    sd,
+                    batch,
+                    self.loss,
+                    self.ops.activation_dtype(),
+                )
+                .map_err(engine_err)?;
                 step.load(&mut self.ops).map_err(engine_err)?;
                 self.state = State::Built(Box::new(step));
                 Ok(())

@@ -170,8 +170,9 @@ impl<O: TrainOps> EngineTrainer<O> {
         let rebuild = !matches!(&self.state, State::Built(s) if s.shape == shape);
         if rebuild {
             let (sd, opt) = self.state()?;
-            let mut step =
-                PretrainStep::new(&self.cfg, &sd, shape, self.losses).map_err(engine_error)?;
+            let act = self.ops.activation_dtype();
+            let mut step = PretrainStep::new_in(&self.cfg, &sd, shape, self.losses, act)
+                .map_err(engine_error)?;
             step.load(&mut self.ops).map_err(dev)?;
             if let Some(o) = &opt {
                 step.load_optimizer_state(&mut self.ops, o)
