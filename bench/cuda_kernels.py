@@ -59,7 +59,10 @@ TRAIN_KERNELS = [
     "fill_f32", "gather_rows_f32", "scatter_add_rows_f32", "col_sum_f32", "layer_norm_fwd_f32",
     "layer_norm_bwd_f32", "gelu_fwd_f32", "gelu_bwd_f32", "leaky_relu_f32", "leaky_relu_bwd_f32",
     "sq_diff_sum_f32", "sum_f32", "store_scaled_f32", "adamw_f32", "attention_delta_f32",
-] + [f"attention_{k}_f32_hd{w}" for w in (32, 64, 128) for k in ("fwd", "bwd_dq", "bwd_dkv")]
+    "fill_bf16", "convert_f32_bf16", "convert_bf16_f32", "col_sum_bf16", "layer_norm_fwd_bf16",
+    "gelu_fwd_bf16", "gelu_bwd_bf16", "attention_delta_bf16",
+] + [f"attention_{k}_{t}_hd{w}" for t in ("f32", "bf16") for w in (32, 64, 128)
+     for k in ("fwd", "bwd_dq", "bwd_dkv")]
 
 # file -> (kernels, compile-only architectures, compile-only head dims or None)
 FILES = {

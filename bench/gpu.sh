@@ -18,15 +18,16 @@
 #             Writes $OUT/gpu-<date>-<gpu>.json (bench/gpu_results.py) for bench/results/.
 #   pretrain  the training engine's step on CUDA (issue 41), sized for one call of at most 8
 #             minutes (BUDGET_S=470): its parity against the peer's step and the host twin in
-#             fp32 and tf32 (`suite gpu::cuda::train_engine`; the kernels alone are in the
-#             engine section's harness), then ViT-B pretraining steps at batch 16 and 64, ours
-#             (the engine, tf32 and fp32) and the peer's (bf16 autocast, tf32) in alternating
-#             rounds (TRAIN_ROUNDS, default 1) with NVML's peaks. Writes "pretrain_vitb" into
-#             $OUT/gpu-<date>-<gpu>.json.
+#             fp32 and tf32, and the bf16 steps (cuDNN's fused attention and the CUDA-core
+#             kernels) against their bf16 host twins (`suite gpu::cuda::train_engine`; the
+#             kernels alone are in the engine section's harness), then ViT-B pretraining steps
+#             at batch 16 and 64, ours (the engine in TRAIN_PRECISIONS, default bf16 tf32 fp32)
+#             and the peer's (bf16 autocast, tf32) in alternating rounds (TRAIN_ROUNDS, default
+#             1) with NVML's peaks. Writes "pretrain_vitb" into $OUT/gpu-<date>-<gpu>.json.
 #   finetune  ViT-B fine-tuning steps (the encoder on whole clips, a 40-label head, BCE, Adam)
 #             at batch 8 and 16 (FINETUNE_BATCHES: the peer keeps every attention matrix for
-#             its backward, about 3 GB a clip in fp32), ours (the engine, tf32 and fp32) and the
-#             peer's (bf16 autocast, tf32), with NVML's peaks; its parity against the host twin
+#             its backward, about 3 GB a clip in fp32), ours (the engine in TRAIN_PRECISIONS)
+#             and the peer's (bf16 autocast, tf32), with NVML's peaks; its parity against the host twin
 #             runs in the pretrain section's test (`gpu::cuda::train_engine`). About 4 minutes.
 #             Writes "finetune_vitb" into $OUT/gpu-<date>-<gpu>.json.
 #   parity    `suite gpu::` (features of the tiny fixtures and of the released width against
@@ -180,11 +181,11 @@ fi
 
 if has pretrain; then
   echo "== pretrain: the training engine's step on the GPU against the peer's step and the host twin"
-  run 150 "$work/suite" gpu::cuda::train_engine --test-threads 1 --nocapture
+  run 200 "$work/suite" gpu::cuda::train_engine --test-threads 1 --nocapture
   echo "== pretrain: ViT-B pretraining step, ours (the engine) and the peer's in alternating rounds (samples/s; NVML peak above the idle GPU)"
   for round in $(seq "${TRAIN_ROUNDS:-1}"); do
     for b in ${TRAIN_BATCHES:-16 64}; do
-      for p in tf32 fp32; do
+      for p in ${TRAIN_PRECISIONS:-bf16 tf32 fp32}; do
         echo "@@ pretrain_vitb_b$b ours $p"
         run 120 "$PY" bench/gpu_peak.py -- "$BIN" bench --train --train-engine --device cuda --batch-size "$b" --iters 5 --precision "$p"
       done
@@ -202,7 +203,7 @@ fi
 if has finetune; then
   echo "== finetune: ViT-B fine-tuning step, ours (the engine) and the peer's (samples/s; NVML peak above the idle GPU)"
   for b in ${FINETUNE_BATCHES:-8 16}; do
-    for p in tf32 fp32; do
+    for p in ${TRAIN_PRECISIONS:-bf16 tf32 fp32}; do
       echo "@@ finetune_vitb_b$b ours $p"
       run 120 "$PY" bench/gpu_peak.py -- "$BIN" bench --finetune --train-engine --device cuda --batch-size "$b" --iters 5 --precision "$p"
     done

@@ -37,7 +37,8 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "train")]
     pub finetune: bool,
     /// With --train or --finetune: time the training engine's step (on the CPU its host ops,
-    /// on CUDA its cuBLASLt/NVRTC ops in fp32 or tf32) instead of burn's autodiff step.
+    /// on CUDA its cuBLASLt/cuDNN/NVRTC ops in fp32, tf32 or bf16) instead of burn's autodiff
+    /// step.
     #[arg(long)]
     pub train_engine: bool,
     #[arg(long, default_value = "cpu")]
@@ -520,6 +521,9 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
         }
     });
     report_memory(watch);
+    for n in engine.iter().flat_map(|(et, _)| et.notes()) {
+        outln!("note: {n}");
+    }
     let iters = a.iters.max(1) as f64;
     let per_step = elapsed / iters;
     outln!(

@@ -57,7 +57,8 @@ pub struct PretrainArgs {
     pub precision: Option<marlin::kernels::Precision>,
     /// The training step: auto (the training engine's hand-scheduled step on the CPU in fp32,
     /// about 2x burn's there, where it covers the model; burn's autodiff step otherwise),
-    /// engine (also on --device cuda in fp32/tf32: its CUDA ops, not yet measured on a GPU),
+    /// engine (also on --device cuda in fp32, tf32 or bf16: its CUDA ops, not yet measured on
+    /// a GPU),
     /// or burn. A resumed run keeps the step that wrote its checkpoint.
     #[arg(long, default_value = "auto", value_parser = super::names::<StepPath>(&StepPath::NAMES))]
     pub step: StepPath,

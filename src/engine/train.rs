@@ -188,6 +188,11 @@ pub trait TrainOps {
     fn activation_dtype(&self) -> DType {
         DType::F32
     }
+    /// Where the ops took a slower path than they could (a library missing, an engine
+    /// refusing a layout), one line each, oldest first.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Allocate every buffer of `layout` (values undefined until written).
     fn prepare(&mut self, layout: &Layout) -> Result<(), Self::Error>;
     fn upload(&mut self, t: T, values: &[f32]) -> Result<(), Self::Error>;

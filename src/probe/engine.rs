@@ -23,6 +23,8 @@ pub trait ClassifierEngine: Send {
     fn weights(&mut self) -> Result<StateDict, ProbeError>;
     /// Average every step's gradients and loss across `group`.
     fn set_group(&mut self, group: Option<Arc<Group>>);
+    /// Where the ops took a slower path than they could, one line each, oldest first.
+    fn notes(&self) -> Vec<String>;
 }
 
 /// The head's loss of a task.
@@ -175,5 +177,8 @@ impl<O: TrainOps + Send> ClassifierEngine for EngineFinetuner<O> {
     }
     fn set_group(&mut self, group: Option<Arc<Group>>) {
         self.group = group;
+    }
+    fn notes(&self) -> Vec<String> {
+        self.ops.notes()
     }
 }

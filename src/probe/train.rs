@@ -378,6 +378,8 @@ pub fn train_with<B: AutodiffBackend>(
     let mut best: Best<Classifier<B::InnerBackend>> = None;
     let mut stop = format!("reached --max-epochs {}", opts.max_epochs);
     let eval_device = inner_device_of::<B>(device);
+    // The engine's notes already shown (a slower path its ops took, said once).
+    let mut notes_shown = 0usize;
     for epoch in 1..=opts.max_epochs {
         if hooks.stop() {
             stop = "interrupted".into();
@@ -430,6 +432,11 @@ pub fn train_with<B: AutodiffBackend>(
                 let y = targets(&data.train, b);
                 // A non-finite loss skipped its update; the epoch's loss shows it (NaN).
                 let value = e.engine.step(x, &y, sched.lr)?.unwrap_or(f64::NAN);
+                let notes = e.engine.notes();
+                for n in notes.iter().skip(notes_shown) {
+                    hooks.warning(n);
+                }
+                notes_shown = notes.len();
                 sum += value * global as f64;
                 count += global;
                 hooks.batch(bi + 1, batches.len());

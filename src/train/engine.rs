@@ -20,7 +20,7 @@ pub enum EngineDevice {
     /// The host ops (fp32).
     #[default]
     Cpu,
-    /// The CUDA ops on GPU `ordinal`, products in fp32 or tf32.
+    /// The CUDA ops on GPU `ordinal` in `precision` (fp32, tf32, or bf16 activations).
     Cuda {
         ordinal: usize,
         precision: Precision,
@@ -38,6 +38,8 @@ pub trait EngineStep: Send {
     fn state(&mut self) -> Result<(StateDict, Option<OptimizerState>), TrainError>;
     /// Average every update's gradients and losses across `group`.
     fn set_group(&mut self, group: Option<Arc<Group>>);
+    /// Where the ops took a slower path than they could, one line each, oldest first.
+    fn notes(&self) -> Vec<String>;
 }
 
 impl<O: TrainOps + Send> EngineStep for EngineTrainer<O> {
@@ -57,6 +59,9 @@ impl<O: TrainOps + Send> EngineStep for EngineTrainer<O> {
     }
     fn set_group(&mut self, group: Option<Arc<Group>>) {
         self.group = group;
+    }
+    fn notes(&self) -> Vec<String> {
+        self.ops.notes()
     }
 }
 

@@ -912,6 +912,193 @@ mod cuda {
             }
             assert!(failures.is_empty(), "{failures:#?}");
         }
+
+        /// The relative L2 distance of all of `a`'s tensors from `b`'s (NaN when any value is
+        /// not finite).
+        fn rel_l2(a: &marlin::model::StateDict, b: &marlin::model::StateDict) -> f64 {
+            let (mut e, mut n) = (0f64, 0f64);
+            for (k, t) in &b.tensors {
+                for (x, y) in a.tensors[k].data.iter().zip(&t.data) {
+                    if !x.is_finite() || !y.is_finite() {
+                        return f64::NAN;
+                    }
+                    e += ((x - y) as f64).powi(2);
+                    n += (*y as f64).powi(2);
+                }
+            }
+            (e / n.max(1e-30)).sqrt()
+        }
+
+        /// One bf16 pretraining run on `ops`: the generator's gradients of the first update,
+        /// then (from the same weights) one whole step's losses and weights.
+        fn pretrain_bf16<O: marlin::engine::train::TrainOps>(
+            ops: &mut O,
+            batch: (&[f32], &marlin::model::MaskIndices),
+            model: (&marlin::MarlinConfig, &marlin::model::StateDict, StepShape),
+            lr: f64,
+        ) -> (
+            marlin::model::StateDict,
+            marlin::train::StepLosses,
+            marlin::model::StateDict,
+        )
+        where
+            O::Error: std::fmt::Debug,
+        {
+            use marlin::engine::train::DType;
+            let (clip, idx) = batch;
+            let (cfg, sd, shape) = model;
+            let step = PretrainStep::new_in(cfg, sd, shape, ADV, DType::Bf16).unwrap();
+            step.load(ops).unwrap();
+            step.upload_batch(ops, clip, idx).unwrap();
+            step.generator_gradients(ops).unwrap();
+            let g = step.gradients(ops).unwrap();
+            let mut step = PretrainStep::new_in(cfg, sd, shape, ADV, DType::Bf16).unwrap();
+            step.load(ops).unwrap();
+            step.upload_batch(ops, clip, idx).unwrap();
+            let l = step.step(ops, lr).unwrap();
+            (g, l, step.state_dict(ops).unwrap())
+        }
+
+        /// One bf16 fine-tuning run on `ops`: logits and gradients of the first batch, then
+        /// (from the same weights) the weights after two Adam updates.
+        fn finetune_bf16<O: marlin::engine::train::TrainOps>(
+            ops: &mut O,
+            clip: &[f32],
+            y: &[f32],
+            (cfg, sd, b): (&marlin::MarlinConfig, &marlin::model::StateDict, usize),
+        ) -> (Vec<f32>, marlin::model::StateDict, marlin::model::StateDict)
+        where
+            O::Error: std::fmt::Debug,
+        {
+            use marlin::engine::finetune::{FinetuneStep, HeadLoss};
+            use marlin::engine::train::DType;
+            let kind = HeadLoss::BinaryCrossEntropy;
+            let step = FinetuneStep::new_in(cfg, sd, b, kind, DType::Bf16).unwrap();
+            step.load(ops).unwrap();
+            step.upload_clips(ops, clip).unwrap();
+            let logits = step.forward(ops).unwrap();
+            let (_, dl) = kind.loss_and_grad(&logits, y, step.classes);
+            step.backward(ops, &dl).unwrap();
+            let g = step.gradients(ops).unwrap();
+            let mut step = FinetuneStep::new_in(cfg, sd, b, kind, DType::Bf16).unwrap();
+            step.load(ops).unwrap();
+            step.upload_clips(ops, clip).unwrap();
+            for _ in 0..2 {
+                step.step(ops, y, 1e-3).unwrap();
+            }
+            (logits, g, step.state_dict(ops).unwrap())
+        }
+
+        /// The bf16 steps on CUDA (bf16 tapes and products, f32 sums; attention on cuDNN's
+        /// fused SDPA forward and backward, and on train.cu's CUDA-core kernels) against their
+        /// host twins, which round where the GPU rounds (the CPU suite checks the twins against
+        /// the f32 steps): pretraining losses within 1% of the twin's and of the peer's fp32
+        /// step, all generator gradients within 3% (L2) of the twin's, the weights after one
+        /// step within 2·lr; fine-tuning's logits (2%), gradients (3%) and weights (1%, L2).
+        #[test]
+        fn the_bf16_steps_follow_their_host_twins() {
+            use crate::finetune_engine::{classifier, targets};
+            use marlin::engine::finetune::HeadLoss;
+            use marlin::engine::host_train::HostTrainOps;
+            use marlin::engine::train::DType;
+            let _one = lock();
+            let mut failures = Vec::new();
+            let lr = 1.5e-4;
+            let (model, clip, idx) = tiny_a_batch_on::<CpuAutodiff>(&Default::default());
+            let clip = to_f32_vec(clip);
+            let (cfg, sd, b) = (model.config.clone(), model.to_state_dict(), idx.batch);
+            let shape = StepShape {
+                batch: b,
+                visible: idx.visible.len() / b,
+                masked: idx.masked.len() / b,
+            };
+            let want = read_safetensors_file(&fx("train/step.safetensors")).unwrap();
+            let mut hops = HostTrainOps::default().with_activations(DType::Bf16);
+            let pre = (&cfg, &sd, shape);
+            let (gh, lh, wh) = pretrain_bf16(&mut hops, (&clip, &idx), pre, lr);
+            let (fmodel, fclip, fcfg) = classifier();
+            let fb = fclip.dims()[0];
+            let fclip = to_f32_vec(fclip);
+            let fsd = fmodel.to_state_dict("start");
+            let y = targets(HeadLoss::BinaryCrossEntropy, fb);
+            let fine = (&fcfg, &fsd, fb);
+            let (flh, fgh, fwh) = finetune_bf16(&mut hops, &fclip, &y, fine);
+            for path in ["cudnn", "cuda_cores"] {
+                let ops =
+                    CudaTrainOps::new(0, Precision::Bf16).unwrap_or_else(|e| panic!("bf16: {e}"));
+                let mut ops = match path {
+                    "cudnn" => ops,
+                    _ => ops.without_cudnn(),
+                };
+                let (gg, lg, wg) = pretrain_bf16(&mut ops, (&clip, &idx), pre, lr);
+                let (flg, fgg, fwg) = finetune_bf16(&mut ops, &fclip, &y, fine);
+                for note in marlin::engine::train::TrainOps::notes(&ops) {
+                    println!("note bf16 {path}: {note}");
+                }
+                let dg = rel_l2(&gg, &gh);
+                let mut worst_loss = 0f64;
+                for (name, ours, twin) in [
+                    ("d_loss", lg.d_loss, lh.d_loss),
+                    ("rec", lg.rec, lh.rec),
+                    ("g_loss", lg.g_loss, lh.g_loss),
+                ] {
+                    let d = (ours - twin).abs() / twin.abs().max(1e-3);
+                    eprintln!("bf16 {path} {name}: GPU {ours:.6}, host twin {twin:.6}");
+                    worst_loss = if d.is_nan() {
+                        f64::NAN
+                    } else {
+                        worst_loss.max(d)
+                    };
+                }
+                for (name, ours, peer) in loss_pairs(&lg, &want) {
+                    let d = (ours - peer).abs() / peer.abs().max(1e-3);
+                    eprintln!("bf16 {path} {name}: GPU {ours:.6}, PyTorch fp32 {peer:.6}");
+                    worst_loss = if d.is_nan() {
+                        f64::NAN
+                    } else {
+                        worst_loss.max(d)
+                    };
+                }
+                let fold = |m: f32, d: f32| {
+                    if d.is_nan() || m.is_nan() {
+                        f32::NAN
+                    } else {
+                        m.max(d)
+                    }
+                };
+                let dw = weight_diffs(&wg, &want)
+                    .iter()
+                    .map(|(_, d)| *d)
+                    .fold(0f32, fold);
+                let dwh = wh
+                    .tensors
+                    .iter()
+                    .map(|(k, t)| common::max_abs_diff(&wg.tensors[k].data, &t.data).diff)
+                    .fold(0f32, fold);
+                println!("parity train_engine_grads_bf16_{path} {dg:.3e}");
+                println!("parity train_engine_step_loss_bf16_{path} {worst_loss:.3e}");
+                println!("parity train_engine_step_weights_bf16_{path} {dw:.3e}");
+                let two_lr = 2.0 * lr as f32 + 1e-6;
+                if !(dg <= 3e-2 && worst_loss <= 1e-2 && dw <= two_lr && dwh <= two_lr) {
+                    failures.push(format!(
+                        "bf16 {path} pretraining: gradients {dg} (L2, vs the twin), losses \
+                         {worst_loss} (relative), weights {dw} from the peer's, {dwh} from the \
+                         twin's"
+                    ));
+                }
+                let dlog = common::max_abs_diff(&flg, &flh).diff / common::max_abs(&flh).max(1e-2);
+                let (dg, dw) = (rel_l2(&fgg, &fgh), rel_l2(&fwg, &fwh));
+                println!("parity finetune_engine_logits_bf16_{path} {dlog:.3e}");
+                println!("parity finetune_engine_grads_bf16_{path} {dg:.3e}");
+                println!("parity finetune_engine_weights_bf16_{path} {dw:.3e}");
+                if !(dlog <= 2e-2 && dg <= 3e-2 && dw <= 1e-2) {
+                    failures.push(format!(
+                        "bf16 {path} fine-tuning: logits {dlog}, gradients {dg}, weights {dw}"
+                    ));
+                }
+            }
+            assert!(failures.is_empty(), "{failures:#?}");
+        }
     }
 }
 

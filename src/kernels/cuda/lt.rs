@@ -87,25 +87,35 @@ pub fn describe(g: &Gemm, precision: Precision) -> GemmDesc {
     }
 }
 
-/// The cuBLASLt description of a training product ([`crate::engine::train::Gemm`]), every
-/// operand f32: row-major `D [m, n] (+)= op(A) · op(B) (+ bias)` is the column-major
+/// The cuBLASLt description of a training product ([`crate::engine::train::Gemm`]) whose
+/// operands (A and B) are of `types[0]` and whose output (C = D, and the bias) of `types[1]`:
+/// bf16 operands compute with f32 sums (`CUBLAS_COMPUTE_32F`) whatever `precision`; f32 operands
+/// in fp32, or in TF32 when `precision` is tf32 or bf16 (a bf16 step's few f32 products).
+/// Row-major `D [m, n] (+)= op(A) · op(B) (+ bias)` is the column-major
 /// `Dᵀ [n, m] = op(B)ᵀ · op(A)ᵀ`, so cuBLASLt's first operand is the B buffer and its second
 /// the A buffer. A row-major buffer read as column-major is its transpose, so an operand the
 /// row-major product does not transpose needs no transpose here (and the reverse): the
 /// forward `x · Wᵀ` is TN as in [`describe`], the input gradient `dy · W` is NN, the weight
 /// gradient `dyᵀ · x` is NT.
-pub fn describe_train(g: &crate::engine::train::Gemm, precision: Precision) -> GemmDesc {
+pub fn describe_train(
+    g: &crate::engine::train::Gemm,
+    precision: Precision,
+    [operands, out]: [DType; 2],
+) -> GemmDesc {
     let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
     let f = |rows: u64, cols: u64| Layout {
-        dtype: DType::F32,
+        dtype: operands,
         rows,
         cols,
         ld: rows as i64,
     };
-    let d = f(n, m);
+    let d = Layout {
+        dtype: out,
+        ..f(n, m)
+    };
     GemmDesc {
-        compute: match precision {
-            Precision::Tf32 => Compute::Tf32,
+        compute: match (operands, precision) {
+            (DType::F32, Precision::Tf32 | Precision::Bf16) => Compute::Tf32,
             _ => Compute::F32,
         },
         // B: row-major [k, n] is column-major [n, k] (= op(B)ᵀ as it is); row-major [n, k]
@@ -493,7 +503,7 @@ mod tests {
                 bias: bias.then(|| t(n)),
                 accumulate: acc,
             };
-            let desc = describe_train(&g, Precision::F32);
+            let desc = describe_train(&g, Precision::F32, [DType::F32; 2]);
             let start = vals(m * n, 11);
             let mut host = start.clone();
             if bias {
@@ -529,8 +539,45 @@ mod tests {
                 accumulate: false,
             },
             Precision::Tf32,
+            [DType::F32; 2],
         );
         assert!(fwd.trans_a && !fwd.trans_b && fwd.compute == Compute::Tf32);
+    }
+
+    /// A bf16 step's products: bf16 operands with f32 sums into a bf16 or f32 output (the
+    /// residual stream, a weight gradient); its f32 products in TF32.
+    #[test]
+    fn bf16_training_products_sum_in_f32() {
+        use crate::engine::train::{Gemm as TGemm, T};
+        let t = |len: usize| T {
+            buf: 0,
+            off: 0,
+            len,
+        };
+        let g = TGemm {
+            d: t(6),
+            a: t(6),
+            ta: true,
+            b: t(9),
+            tb: false,
+            m: 2,
+            n: 3,
+            k: 3,
+            bias: None,
+            accumulate: true,
+        };
+        let grad = describe_train(&g, Precision::Bf16, [DType::Bf16, DType::F32]);
+        assert_eq!(
+            (grad.a.dtype, grad.b.dtype, grad.c.dtype, grad.d.dtype),
+            (DType::Bf16, DType::Bf16, DType::F32, DType::F32)
+        );
+        assert_eq!((grad.compute, grad.beta), (Compute::F32, 1.0));
+        let out = describe_train(&g, Precision::Bf16, [DType::Bf16; 2]);
+        assert_eq!((out.c.dtype, out.d.dtype), (DType::Bf16, DType::Bf16));
+        let f32s = describe_train(&g, Precision::Bf16, [DType::F32; 2]);
+        assert_eq!(f32s.compute, Compute::Tf32);
+        let fp32 = describe_train(&g, Precision::F32, [DType::F32; 2]);
+        assert_eq!(fp32.compute, Compute::F32);
     }
 
     #[test]

@@ -46,6 +46,16 @@ pub const UID_V: i64 = 3;
 pub const UID_O: i64 = 4;
 /// Tensor uid of the attention scale (by value).
 pub const UID_SCALE: i64 = 5;
+/// Tensor uids of the training graphs: the forward's statistics (the rows' log-sum-exps, f32),
+/// the output's gradient, and the gradients of Q, K and V.
+pub const UID_STATS: i64 = 6;
+pub const UID_DO: i64 = 7;
+pub const UID_DQ: i64 = 8;
+pub const UID_DK: i64 = 9;
+pub const UID_DV: i64 = 10;
+
+/// The oldest cuDNN with the unified SDPA backward operation (`SDPA_BWD`): 9.17.0.
+pub const MIN_CUDNN_BWD_VERSION: usize = 91700;
 
 /// Byte alignment every device pointer must have (and the graph's tensors declare): 16, the
 /// alignment of cudnn-frontend's tensors and of the engines' vector loads.
@@ -127,6 +137,11 @@ pub enum TensorRole {
     V,
     O,
     Scale,
+    Stats,
+    DO,
+    DQ,
+    DK,
+    DV,
 }
 
 impl TensorRole {
@@ -138,6 +153,11 @@ impl TensorRole {
             TensorRole::V => "tensor V",
             TensorRole::O => "tensor O",
             TensorRole::Scale => "tensor scale",
+            TensorRole::Stats => "tensor stats",
+            TensorRole::DO => "tensor dO",
+            TensorRole::DQ => "tensor dQ",
+            TensorRole::DK => "tensor dK",
+            TensorRole::DV => "tensor dV",
         }
     }
 }
@@ -204,6 +224,41 @@ pub fn sdpa_tensors(l: &SdpaLayout) -> Vec<TensorSpec> {
             is_virtual: false,
         },
     ]
+}
+
+/// Pure: the training graphs' tensors: those of [`sdpa_tensors`], then the statistics (f32
+/// [batch, heads, seq, 1], strides [heads·seq, seq, 1, 1]: the row-major [batch, heads, seq]
+/// log-sum-exps the engine keeps), dO (O's layout), and dQ, dK, dV (Q's strides, in a bf16
+/// dqkv buffer laid out as qkv).
+pub fn sdpa_train_tensors(l: &SdpaLayout) -> Vec<TensorSpec> {
+    let mut v = sdpa_tensors(l);
+    let (o, q) = (v[3].clone(), v[0].clone());
+    v.push(TensorSpec {
+        uid: UID_STATS,
+        role: TensorRole::Stats,
+        dtype: SdpaDtype::F32,
+        dims: vec![l.batch, l.heads, l.seq, 1],
+        strides: vec![l.heads * l.seq, l.seq, 1, 1],
+        by_value: false,
+        is_virtual: false,
+    });
+    v.push(TensorSpec {
+        uid: UID_DO,
+        role: TensorRole::DO,
+        ..o
+    });
+    for (uid, role) in [
+        (UID_DQ, TensorRole::DQ),
+        (UID_DK, TensorRole::DK),
+        (UID_DV, TensorRole::DV),
+    ] {
+        v.push(TensorSpec {
+            uid,
+            role,
+            ..q.clone()
+        });
+    }
+    v
 }
 
 /// Why cuDNN attention cannot be used or failed. Every message is one line that says what to
@@ -553,6 +608,256 @@ impl SdpaFwd {
             status,
             "cudnnBackendExecute",
             format_args!("the SDPA plan for {}", self.layout),
+        )
+    }
+}
+
+/// Which training graph a [`SdpaTrain`] plan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdpaPass {
+    /// O and the statistics (the rows' log-sum-exps) from Q, K, V.
+    Forward,
+    /// dQ, dK, dV from Q, K, V, O, dO and the statistics.
+    Backward,
+}
+
+/// A finalised training plan for one layout: the unified SDPA forward with its statistics, or
+/// the unified SDPA backward (cuDNN >= 9.17.0), over bf16 qkv/dqkv buffers and f32 statistics.
+#[cfg(feature = "cuda-engine")]
+pub struct SdpaTrain {
+    plan: backend::Desc,
+    _config: backend::Desc,
+    _graph: backend::Desc,
+    _op: backend::Desc,
+    _tensors: Vec<backend::Desc>,
+    layout: SdpaLayout,
+    pass: SdpaPass,
+    scale: f32,
+    workspace: usize,
+}
+
+// SAFETY: as SdpaFwd's: descriptors owned by this value alone, executed through `&Cudnn`.
+#[cfg(feature = "cuda-engine")]
+unsafe impl Send for SdpaTrain {}
+
+#[cfg(feature = "cuda-engine")]
+impl SdpaTrain {
+    /// Builds the plan of `pass` for layout `l` (see [`SdpaFwd::new`]: heuristics mode A,
+    /// then the fallback mode, the first config that finalises). The backward needs cuDNN
+    /// 9.17.0 or newer ([`SdpaError::TooOld`] otherwise).
+    pub fn new(
+        cudnn: &Cudnn,
+        l: &SdpaLayout,
+        scale: f32,
+        pass: SdpaPass,
+    ) -> Result<Self, SdpaError> {
+        use backend::{Attr, Desc, Kind};
+        use cudarc::cudnn::sys::cudnnBackendHeurMode_t as Mode;
+
+        backend::require()?;
+        if pass == SdpaPass::Backward {
+            let found = cudnn_version().unwrap_or(0);
+            if found < MIN_CUDNN_BWD_VERSION {
+                return Err(SdpaError::TooOld {
+                    found,
+                    needed: MIN_CUDNN_BWD_VERSION,
+                });
+            }
+        }
+        l.validate()?;
+        if !scale.is_finite() {
+            return Err(SdpaError::Invalid(format!(
+                "the attention scale {scale} is not finite"
+            )));
+        }
+        bind(&cudnn.stream)?;
+        let specs = sdpa_train_tensors(l);
+        let tensors = specs
+            .iter()
+            .map(backend::tensor)
+            .collect::<Result<Vec<_>, _>>()?;
+        let of = |role: TensorRole| {
+            let i = specs.iter().position(|s| s.role == role);
+            // `sdpa_train_tensors` returns one tensor of every role (a unit test checks it).
+            &tensors[i.expect("sdpa_train_tensors has every role")]
+        };
+        let (kind, attrs) = match pass {
+            SdpaPass::Forward => (
+                Kind::CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR,
+                vec![
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, TensorRole::Q),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, TensorRole::K),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, TensorRole::V),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, TensorRole::O),
+                    (
+                        Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_STATSDESC,
+                        TensorRole::Stats,
+                    ),
+                    (
+                        Attr::CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC,
+                        TensorRole::Scale,
+                    ),
+                ],
+            ),
+            SdpaPass::Backward => (
+                Kind::CUDNN_BACKEND_OPERATION_SDPA_BWD_DESCRIPTOR,
+                vec![
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_QDESC, TensorRole::Q),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_KDESC, TensorRole::K),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_VDESC, TensorRole::V),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_ODESC, TensorRole::O),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_DODDESC, TensorRole::DO),
+                    (
+                        Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_STATSDESC,
+                        TensorRole::Stats,
+                    ),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_DQDESC, TensorRole::DQ),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_DKDESC, TensorRole::DK),
+                    (Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_DVDESC, TensorRole::DV),
+                    (
+                        Attr::CUDNN_ATTR_OPERATION_SDPA_BWD_SCALEDESC,
+                        TensorRole::Scale,
+                    ),
+                ],
+            ),
+        };
+        let op = Desc::new(kind, "SDPA training operation")?;
+        for (attr, role) in attrs {
+            op.set_descs(attr, &[of(role)])?;
+        }
+        op.finalize()?;
+        let graph = Desc::new(
+            Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR,
+            "operation graph",
+        )?;
+        graph.set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &[&op])?;
+        graph.set_handle(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, cudnn.handle)?;
+        graph.finalize()?;
+        let mut failures = Vec::new();
+        for mode in [Mode::CUDNN_HEUR_MODE_A, Mode::CUDNN_HEUR_MODE_FALLBACK] {
+            let configs = match backend::heuristics(&graph, mode) {
+                Ok(configs) => configs,
+                Err(SdpaError::Unsupported(why)) | Err(SdpaError::Cudnn { status: why, .. }) => {
+                    failures.push(format!("{mode:?}: {why}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if configs.is_empty() {
+                failures.push(format!("{mode:?}: no engine config"));
+            }
+            for (rank, config) in configs.into_iter().enumerate() {
+                match backend::plan(&config, cudnn.handle) {
+                    Ok(plan) => {
+                        let bytes = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?;
+                        let workspace = usize::try_from(bytes).map_err(|_| SdpaError::Cudnn {
+                            call: "cudnnBackendGetAttribute",
+                            status: format!("a workspace size of {bytes} bytes"),
+                        })?;
+                        return Ok(SdpaTrain {
+                            plan,
+                            _config: config,
+                            _graph: graph,
+                            _op: op,
+                            _tensors: tensors,
+                            layout: *l,
+                            pass,
+                            scale,
+                            workspace,
+                        });
+                    }
+                    Err(SdpaError::Unsupported(why))
+                    | Err(SdpaError::Cudnn { status: why, .. }) => {
+                        failures.push(format!("{mode:?} config {rank}: {why}"))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let version = cudnn_version().map_or_else(|| "?".into(), |v| version_string(&v));
+        Err(SdpaError::Unsupported(format!(
+            "{pass:?} of {l}, cuDNN {version}; {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// Bytes of device workspace [`execute`](Self::execute) needs (0 is possible).
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace
+    }
+
+    /// Enqueues the pass on `cudnn`'s stream. `qkv`: the bf16 qkv buffer (Q, K, V in place);
+    /// `o`: the bf16 output [batch·seq, D]; `stats`: the f32 log-sum-exps [batch, heads, seq]
+    /// (written by the forward, read by the backward); the backward's `grads`: the bf16 dO
+    /// [batch·seq, D] and the bf16 dqkv buffer (laid out as qkv, overwritten).
+    ///
+    /// # Safety
+    /// Pointers are device pointers to buffers of the layout's sizes, valid until the stream's
+    /// work completes; outputs and `workspace` (at least [`Self::workspace_bytes`]) overlap
+    /// nothing else in flight. `cudnn` is the handle the plan was built with.
+    pub unsafe fn execute(
+        &self,
+        cudnn: &Cudnn,
+        qkv: u64,
+        o: u64,
+        stats: u64,
+        grads: Option<(u64, u64)>,
+        workspace: u64,
+    ) -> Result<(), SdpaError> {
+        use backend::{Attr, Desc, Kind};
+        use std::ffi::c_void;
+
+        let [q, k, v] = self.layout.qkv_pointers(qkv);
+        let mut named = vec![("q", q), ("k", k), ("v", v), ("o", o), ("stats", stats)];
+        let mut uids = vec![UID_Q, UID_K, UID_V, UID_O, UID_STATS];
+        match (self.pass, grads) {
+            (SdpaPass::Forward, _) => {}
+            (SdpaPass::Backward, Some((dout, dqkv))) => {
+                let [dq, dk, dv] = self.layout.qkv_pointers(dqkv);
+                named.extend([("dO", dout), ("dQ", dq), ("dK", dk), ("dV", dv)]);
+                uids.extend([UID_DO, UID_DQ, UID_DK, UID_DV]);
+            }
+            (SdpaPass::Backward, None) => {
+                return Err(SdpaError::Invalid("the backward needs dO and dqkv".into()))
+            }
+        }
+        for (name, p) in &named {
+            if *p == 0 || p % ALIGNMENT != 0 {
+                return Err(SdpaError::Invalid(format!(
+                    "pointer {name} = {p:#x} is null or not {ALIGNMENT}-byte aligned"
+                )));
+            }
+        }
+        if self.workspace > 0 && workspace == 0 {
+            return Err(SdpaError::Invalid(format!(
+                "the plan needs {} bytes of workspace and got a null pointer",
+                self.workspace
+            )));
+        }
+        bind(&cudnn.stream)?;
+        let device = |p: u64| std::ptr::with_exposed_provenance_mut::<c_void>(p as usize);
+        let mut pointers: Vec<*mut c_void> = named.iter().map(|(_, p)| device(*p)).collect();
+        // cuDNN reads by-value tensors through host pointers during this call.
+        pointers.push(std::ptr::from_ref(&self.scale).cast_mut().cast::<c_void>());
+        uids.push(UID_SCALE);
+        let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, "variant pack")?;
+        pack.set_pointers(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, &pointers)?;
+        pack.set_i64s(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &uids)?;
+        pack.set_pointers(
+            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+            &[device(workspace)],
+        )?;
+        pack.finalize()?;
+        // SAFETY: live, finalised handle, plan and variant pack; the pack's device pointers
+        // are the caller's (valid per this function's contract), its host pointer (the scale)
+        // outlives the call.
+        let status = unsafe {
+            cudarc::cudnn::sys::cudnnBackendExecute(cudnn.handle, self.plan.raw(), pack.raw())
+        };
+        backend::check(
+            status,
+            "cudnnBackendExecute",
+            format_args!("the SDPA {:?} plan for {}", self.pass, self.layout),
         )
     }
 }
@@ -1115,6 +1420,32 @@ mod tests {
             assert!(qkv_hits.iter().all(|&n| n == 1));
             assert!(out_hits.iter().all(|&n| n == 1));
         }
+    }
+
+    /// The training graphs' tensors: every role once, distinct uids, the statistics the
+    /// engine's [batch, heads, seq] log-sum-exps, dQ/dK/dV strided as Q in the dqkv buffer.
+    #[test]
+    fn training_tensors_address_the_engines_buffers() {
+        let specs = sdpa_train_tensors(&VIT_B);
+        let mut uids: Vec<i64> = specs.iter().map(|s| s.uid).collect();
+        uids.sort();
+        uids.dedup();
+        assert_eq!(uids.len(), 10);
+        let stats = spec(&specs, TensorRole::Stats);
+        assert_eq!(stats.dtype, SdpaDtype::F32);
+        let (b, h, n) = (VIT_B.batch, VIT_B.heads, VIT_B.seq);
+        assert_eq!(offset(stats, [1, 2, 3, 0]), (h + 2) * n + 3);
+        assert_eq!(offset(stats, [b - 1, h - 1, n - 1, 0]), b * h * n - 1);
+        let q = spec(&specs, TensorRole::Q);
+        for role in [TensorRole::DQ, TensorRole::DK, TensorRole::DV] {
+            let d = spec(&specs, role);
+            assert_eq!(
+                (&d.dims, &d.strides, d.dtype),
+                (&q.dims, &q.strides, q.dtype)
+            );
+        }
+        let (o, d_o) = (spec(&specs, TensorRole::O), spec(&specs, TensorRole::DO));
+        assert_eq!(o.strides, d_o.strides);
     }
 
     #[test]
