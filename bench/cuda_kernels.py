@@ -1031,6 +1031,103 @@ def gpu_mode(nvrtc, srcdir, only, quick, iters):
         if len(ran) == 2 and all(ran):
             tr_check(names[1] + "+dkv", case + " dqkv", cp.asnumpy(dqkv), dqkv_ref)
 
+    # ---- the bf16 twins (a bf16 step's activations): inputs rounded to bf16, outputs read
+    # back from bf16, against the float64 reference of the rounded inputs (TOL_BF16) ----------
+    def b16(a):
+        """float32 array -> (bf16 bits on the GPU, the rounded values as float64)."""
+        bits = bf16_bits(np.asarray(a, np.float32))
+        return cp.asarray(bits), bf16_to_f32(bits).astype(np.float64)
+
+    def back(d):
+        return bf16_to_f32(cp.asnumpy(d)).astype(np.float64)
+
+    if "convert_f32_bf16" in tr_sel or "convert_bf16_f32" in tr_sel or "fill_bf16" in tr_sel:
+        x = (rng.standard_normal(4099) * 5).astype(np.float32)
+        d_b = cp.full(x.size, 0x7FC0, cp.uint16)
+        if "convert_f32_bf16" in tr_sel and tr_run(
+                "convert_f32_bf16", (17,), (256,), (cp.asarray(x), d_b, i64(x.size))):
+            ok = np.array_equal(cp.asnumpy(d_b), bf16_bits(x))
+            tr_check("convert_f32_bf16", "round to nearest even", [0.0 if ok else 1.0], [0.0], 0)
+        if "convert_bf16_f32" in tr_sel:
+            bits, vals = b16(x)
+            d_f = cp.full(x.size, np.nan, np.float32)
+            if tr_run("convert_bf16_f32", (17,), (256,), (bits, d_f, i64(x.size))):
+                tr_check("convert_bf16_f32", "exact", cp.asnumpy(d_f), vals, 0)
+        if "fill_bf16" in tr_sel:
+            d_b = cp.zeros(1000, cp.uint16)
+            if tr_run("fill_bf16", (3,), (256,), (d_b, i64(1000), f32(0.1))):
+                tr_check("fill_bf16", "0.1", back(d_b), np.full(1000, bf16_to_f32(bf16_bits(np.float32([0.1])))[0]), 0)
+    if "col_sum_bf16" in tr_sel:
+        rows, width, col0, cols = 1000, 50, 7, 30
+        bits, vals = b16(rng.standard_normal((rows, width)))
+        d_dst = cp.ones(cols, cp.float32)
+        if tr_run("col_sum_bf16", ((cols + 255) // 256, 64), (256,),
+                  (bits, i64(rows), i32(width), i32(col0), i32(cols), d_dst)):
+            tr_check("col_sum_bf16", f"rows{rows}", cp.asnumpy(d_dst),
+                     1.0 + vals[:, col0:col0 + cols].sum(0), 1e-5)
+    if "layer_norm_fwd_bf16" in tr_sel:
+        rows, d = 37, 384
+        x, gm, bt = ln_inputs(rows, d)
+        x64 = x.astype(np.float64)
+        mean = x64.mean(1, keepdims=True)
+        rstd = 1.0 / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + eps)
+        y = cp.full(x.shape, 0x7FC0, cp.uint16)
+        st = cp.full((rows, 2), np.nan, np.float32)
+        if tr_run("layer_norm_fwd_bf16", ((rows + 7) // 8,), (256,),
+                  (cp.asarray(x), cp.asarray(gm), cp.asarray(bt), y, st, i64(rows), i32(d),
+                   f32(eps))):
+            tr_check("layer_norm_fwd_bf16", f"rows{rows} d{d}", back(y),
+                     (x64 - mean) * rstd * gm + bt, TOL_BF16)
+            tr_check("layer_norm_fwd_bf16", "stats (f32)", cp.asnumpy(st),
+                     np.concatenate([mean, rstd], 1), 1e-5)
+    if "gelu_fwd_bf16" in tr_sel or "gelu_bwd_bf16" in tr_sel:
+        bits, xv = b16(rng.standard_normal(10007) * 3)
+        erf = np.vectorize(math.erf)
+        cdf = 0.5 * (1 + erf(xv / math.sqrt(2)))
+        pdf = np.exp(-0.5 * xv * xv) / math.sqrt(2 * math.pi)
+        if "gelu_fwd_bf16" in tr_sel:
+            o = cp.full(xv.size, 0x7FC0, cp.uint16)
+            if tr_run("gelu_fwd_bf16", (40,), (256,), (bits, o, i64(xv.size))):
+                tr_check("gelu_fwd_bf16", f"n{xv.size}", back(o), xv * cdf, TOL_BF16)
+        if "gelu_bwd_bf16" in tr_sel:
+            gbits, gv = b16(rng.standard_normal(xv.size))
+            if tr_run("gelu_bwd_bf16", (40,), (256,), (bits, gbits, i64(xv.size))):
+                tr_check("gelu_bwd_bf16", f"n{xv.size}", back(gbits), gv * (cdf + xv * pdf),
+                         TOL_BF16)
+    for (b, n, h, hd, w) in [(2, 50, 3, 24, 32), (2, 197, 2, 64, 64)]:
+        names = [f"attention_{k}_bf16_hd{w}" for k in ("fwd", "bwd_dq", "bwd_dkv")]
+        if not any(k in tr_sel for k in names + ["attention_delta_bf16"]):
+            continue
+        case = f"b{b} n{n} h{h} hd{hd} bf16"
+        scale = hd ** -0.5
+        q_bits, qkv = b16(rng.standard_normal((b * n, 3 * h * hd)))
+        g_bits, dout = b16(rng.standard_normal((b * n, h * hd)))
+        o_ref, lse_ref, delta_ref, dqkv_ref = attention_train_ref(qkv, b, n, h, hd, scale, dout)
+        if names[0] in tr_sel:
+            o = cp.full((b * n, h * hd), 0x7FC0, cp.uint16)
+            lse = cp.full((b, h, n), np.nan, np.float32)
+            if tr_run(names[0], ((n + 127) // 128, b * h), (128,),
+                      (q_bits, o, lse, i32(n), i32(h), i32(hd), f32(scale))):
+                tr_check(names[0], case + " out", back(o), o_ref, TOL_BF16)
+                tr_check(names[0], case + " lse", cp.asnumpy(lse), lse_ref, 1e-5)
+        o_bits, o_vals = b16(o_ref)
+        # The backward's references from the bf16-rounded output the forward stored.
+        delta_ref = (o_vals.reshape(b, n, h, hd) * dout.reshape(b, n, h, hd)).sum(-1)
+        delta_ref = delta_ref.transpose(0, 2, 1)
+        delta = cp.full((b, h, n), np.nan, np.float32)
+        if "attention_delta_bf16" in tr_sel and \
+                tr_run("attention_delta_bf16", ((b * n * h + 255) // 256,), (256,),
+                       (o_bits, g_bits, delta, i64(b * n), i32(n), i32(h), i32(hd))):
+            tr_check("attention_delta_bf16", case, cp.asnumpy(delta), delta_ref, 1e-5)
+        d_lse = cp.asarray(lse_ref.astype(np.float32))
+        d_delta = cp.asarray(delta_ref.astype(np.float32))
+        dqkv = cp.full((b * n, 3 * h * hd), 0x7FC0, cp.uint16)
+        ran = [tr_run(k, ((n + 63) // 64, b * h), (64,),
+                      (q_bits, g_bits, d_lse, d_delta, dqkv, i32(n), i32(h), i32(hd), f32(scale)))
+               for k in names[1:] if k in tr_sel]
+        if len(ran) == 2 and all(ran):
+            tr_check(names[1] + "+dkv", case + " dqkv", back(dqkv), dqkv_ref, TOL_BF16)
+
     # ---- summary ---------------------------------------------------------------------------
     print("\n" + "=" * 100)
     print(f"SUMMARY on {gpu_name} ({arch})")

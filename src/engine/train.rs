@@ -481,9 +481,9 @@ pub struct PretrainStep {
     hd_st: T,
     pred: T,
     dpred: T,
-    /// Critic activations on the prediction and the target: pre-activation, activation, score.
+    /// Critic activations (pre-activation, activation, score) on the prediction, then (the
+    /// critic update's second pass, after the first one's backward) on the target.
     c_fake: (T, T, T),
-    c_real: (T, T, T),
     /// The critic's score gradient, hidden gradient.
     ds: T,
     dch: T,
@@ -1117,11 +1117,6 @@ impl PretrainStep {
             f("c_fake.a", rm * hc),
             f("c_fake.s", rm),
         );
-        let c_real = (
-            f("c_real.h", rm * hc),
-            f("c_real.a", rm * hc),
-            f("c_real.s", rm),
-        );
         let ds = f("ds", rm);
         let dch = f("dch", rm * hc);
         let dhd = f("dhd", rm * dd);
@@ -1167,7 +1162,6 @@ impl PretrainStep {
             pred,
             dpred,
             c_fake,
-            c_real,
             ds,
             dch,
             dhd,
@@ -1609,21 +1603,28 @@ impl PretrainStep {
         let rm = self.shape.batch * self.shape.masked;
         self.generator_forward(ops)?;
         ops.fill(self.critic.all().of(CRITIC[1]), 0.0)?;
+        // The prediction's pass, then the target's in the same buffers.
         self.critic_forward(ops, self.pred, self.c_fake)?;
-        self.critic_forward(ops, self.target, self.c_real)?;
         ops.mean(self.c_fake.2, self.loss.at(0, 1))?;
-        ops.mean(self.c_real.2, self.loss.at(1, 1))?;
         ops.fill(self.ds, 1.0 / rm as f32)?;
         self.critic_backward(ops, self.pred, self.c_fake, true, None)?;
+        self.critic_forward(ops, self.target, self.c_fake)?;
+        ops.mean(self.c_fake.2, self.loss.at(1, 1))?;
         ops.fill(self.ds, -1.0 / rm as f32)?;
-        self.critic_backward(ops, self.target, self.c_real, true, None)
+        self.critic_backward(ops, self.target, self.c_fake, true, None)
     }
 
     /// The gradients of the generator loss (`gen.grad`) with the current critic; loss slots 2
     /// and 3 hold the reconstruction MSE and mean C(pred).
     pub fn generator_gradients<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
-        let rm = self.shape.batch * self.shape.masked;
         self.generator_forward(ops)?;
+        self.generator_gradients_on_tape(ops)
+    }
+
+    /// [`Self::generator_gradients`] from the activations the last generator forward kept
+    /// (which must be of the current generator weights and batch).
+    fn generator_gradients_on_tape<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+        let rm = self.shape.batch * self.shape.masked;
         ops.fill(self.gen.all().of(GEN[1]), 0.0)?;
         ops.mse(self.pred, self.target, Some(self.dpred), self.loss.at(2, 1))?;
         if self.cfg_losses.adv_loss {
@@ -1654,9 +1655,14 @@ impl PretrainStep {
     ) -> Result<StepLosses, O::Error> {
         let mut out = StepLosses::default();
         let l = self.cfg_losses;
+        // Whether the generator's activations are those of its current weights on this batch:
+        // the critic update's forward is then the generator update's too (the critic's updates
+        // leave the generator alone), one generator forward per step instead of two.
+        let mut tape = false;
         if l.adv_loss {
             for _ in 0..l.d_steps {
                 self.critic_gradients(ops)?;
+                tape = true;
                 let mut v = ops.read(self.loss.at(0, 2))?;
                 let c = self.critic.all();
                 reduce(ops, c.of(CRITIC[1]), &mut v)?;
@@ -1671,7 +1677,10 @@ impl PretrainStep {
             }
         }
         for _ in 0..l.g_steps {
-            self.generator_gradients(ops)?;
+            match std::mem::take(&mut tape) {
+                true => self.generator_gradients_on_tape(ops)?,
+                false => self.generator_gradients(ops)?,
+            }
             let mut v = ops.read(self.loss.at(2, 2))?;
             let g = self.gen.all();
             reduce(ops, g.of(GEN[1]), &mut v)?;
