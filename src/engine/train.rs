@@ -1112,13 +1112,11 @@ impl PretrainStep {
         let hd_st = f("hd_st", rm * 2);
         let pred = f("pred", rm * p);
         let dpred = f("dpred", rm * p);
-        let c_fake = (
-            f("c_fake.h", rm * hc),
-            f("c_fake.a", rm * hc),
-            f("c_fake.s", rm),
-        );
-        let ds = f("ds", rm);
+        // The critic's activation lives in its hidden gradient's buffer: a backward reads it
+        // (the second layer's weight gradient) before it writes that gradient there.
         let dch = f("dch", rm * hc);
+        let c_fake = (f("c_fake.h", rm * hc), dch, f("c_fake.s", rm));
+        let ds = f("ds", rm);
         let dhd = f("dhd", rm * dd);
         let dzm = f("dzm", rm * dd);
         let dy = f("dy", rv * dd);
