@@ -14,6 +14,10 @@
 //! generator update: g_loss = rec - adv_weight·mean C(Pred)
 //! ```
 //!
+//! The generator runs forward once per step: the critic update's forward keeps the activations
+//! the generator update's backward starts from (the critic's update leaves the generator
+//! alone). In bf16 ([`PretrainStep::new_in`]) the blocks' activations are stored as bf16.
+//!
 //! Parameters live in flat buffers per optimiser (generator, critic) in the peer's names and
 //! layouts (a Linear's weight `[out, in]`), so an update is one fused AdamW over one buffer and
 //! gradients are contiguous for bucketed all-reduces. Every gradient accumulates into a
