@@ -47,6 +47,12 @@
 #   profile   the engine's forward step by step (ms and TFLOP/s of each step kind), each precision
 #   unfused   burn's path: parity and speed with its unfused attention instead of its flash kernel
 #   step      the pretraining-step parity test alone, with whatever time is left
+#   curve     the bf16 loss curve (issue 41): `marlin prepare` of the shared samples (.gpu/samples,
+#             on the CPU), a dataset of 320 entries over them (bench/curve_data.py), then ViT-B
+#             `marlin pretrain --step engine` for CURVE_EPOCHS (20) epochs of 10 steps at batch 16
+#             (base LR 1.5e-3, 2 warm-up epochs, so that the loss moves), fp32 then bf16, same
+#             seed; bench/loss_curve.py compares the two metrics.csv (each epoch's train loss
+#             within 5%) and writes $OUT/curve.svg, $OUT/curve-fp32.csv, $OUT/curve-bf16.csv.
 #   ddp       data-parallel pretraining at world size 1 under torchrun's variables: NCCL's id
 #             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5), on
 #             burn's step and on the training engine's
@@ -300,6 +306,29 @@ if has large; then
     run 300 "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision "$p"
   done
   run 300 "$PY" bench/peer_features.py --model marlin_vit_large_ytf --device cuda --batch-size 64 --iters 3 --precision bf16 --sdpa
+fi
+
+if has curve; then
+  echo "== curve: ViT-B pretraining on the shared samples, the engine in fp32 and in bf16 (loss curves)"
+  d=$work/curve
+  rm -rf "$d" && mkdir -p "$d"
+  if [ -d .gpu/samples ]; then
+    run 180 "$BIN" prepare .gpu/samples/*.mp4 --out "$d/prep" --parser template --val-ratio 0.25 \
+      --detect-every 5 --quiet &&
+      "$PY" bench/curve_data.py "$d/prep" "$d/data" 320 &&
+      "$BIN" config marlin_vit_base_ytf |
+      sed -e 's/^  base: 0.00015$/  base: 0.0015/' -e 's/^  warmup_epochs: 40$/  warmup_epochs: 2/' > "$d/vitb.yaml"
+    for p in fp32 bf16; do
+      echo "@@ curve $p -"
+      run 300 "$BIN" pretrain --config "$d/vitb.yaml" --data "$d/data" --out "$d/$p" \
+        --epochs "${CURVE_EPOCHS:-20}" --steps-per-epoch 10 --batch-size 16 --val-clips 8 \
+        --device cuda --step engine --precision "$p" --quiet
+      cp "$d/$p/metrics.csv" "$OUT/curve-$p.csv" 2>/dev/null
+    done
+    "$PY" bench/loss_curve.py "$OUT/curve-fp32.csv" "$OUT/curve-bf16.csv" --svg "$OUT/curve.svg"
+  else
+    echo "(no .gpu/samples: run bench/gpu_prepare.sh where the shared samples are)"
+  fi
 fi
 
 if has ddp; then

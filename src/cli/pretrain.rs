@@ -236,6 +236,9 @@ pub fn run(args: PretrainArgs) -> Result<i32, String> {
         eprintln!("note: {n}");
     }
     let (step, engine_device) = args.step.resolve(device, precision)?;
+    if let (Some(n), false) = (step.keep_burn_in_fp32(engine_device), args.quiet) {
+        eprintln!("note: {n}");
+    }
     args.step = step;
     if let (Some(g), false) = (&group, args.quiet) {
         eprintln!(

@@ -273,6 +273,9 @@ pub fn finetune(args: FinetuneArgs) -> Result<i32, String> {
         eprintln!("note: {n}");
     }
     let (step, engine_device) = args.step.resolve(device, precision)?;
+    if let (Some(n), false) = (step.keep_burn_in_fp32(engine_device), quiet) {
+        eprintln!("note: {n}");
+    }
     let (cfg, weights) = args.model.resolve(false, !quiet)?;
     let mut opts = FinetuneOptions::new(cfg, weights, &t.out);
     opts.step = step;

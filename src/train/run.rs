@@ -68,6 +68,23 @@ pub enum StepPath {
 impl StepPath {
     pub const NAMES: [&'static str; 3] = ["auto", "engine", "burn"];
 
+    /// Where the engine trains on CUDA in tf32 or bf16 (in its own buffers), burn's ops beside
+    /// it (validation, the sample picture) go back to fp32, whose kernels burn's CUDA backend
+    /// builds without a long first compile; the note to print. Call after [`Self::resolve`].
+    pub fn keep_burn_in_fp32(self, engine: EngineDevice) -> Option<String> {
+        use crate::kernels::Precision;
+        match (self, engine) {
+            (Self::Engine, EngineDevice::Cuda { precision, .. }) if precision != Precision::F32 => {
+                crate::kernels::set_gpu_precision(Precision::F32);
+                Some(format!(
+                    "the training engine computes in {precision:?}; validation and the sample \
+                     picture run on burn's ops in fp32"
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// The step for a run on `device` at `precision`, and where the engine's step runs.
     /// `Auto` picks the engine on the CPU in fp32 (measured: about 2x burn's step there);
     /// `Engine` also runs on CUDA in fp32, tf32 or bf16 (bf16 activations, f32 master weights)
@@ -801,6 +818,24 @@ mod tests {
                 "{e}"
             );
         }
+        // burn's ops beside the engine's tf32/bf16 CUDA step go to fp32 (with a note); nothing
+        // changes elsewhere.
+        let cuda = |precision| EngineDevice::Cuda {
+            ordinal: 0,
+            precision,
+        };
+        assert_eq!(
+            StepPath::Burn.keep_burn_in_fp32(cuda(Precision::Bf16)),
+            None
+        );
+        assert_eq!(StepPath::Engine.keep_burn_in_fp32(cpu), None);
+        assert_eq!(
+            StepPath::Engine.keep_burn_in_fp32(cuda(Precision::F32)),
+            None
+        );
+        let note = StepPath::Engine.keep_burn_in_fp32(cuda(Precision::Bf16));
+        assert!(note.is_some_and(|n| n.contains("burn's ops in fp32")));
+        assert_eq!(crate::kernels::gpu_precision(), Precision::F32);
         assert_eq!("engine".parse::<StepPath>(), Ok(StepPath::Engine));
         assert!("fast"
             .parse::<StepPath>()
