@@ -632,6 +632,12 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         eprintln!("note: {n}");
     }
     outln!("precision: {p}");
+    if args.train_engine && matches!(args.device, DeviceSpec::Cuda(_)) {
+        // The engine computes in `p` in its own buffers (`engine_device` reads the flag);
+        // burn's model beside it (random weights, read once) stays in fp32, as in
+        // `marlin pretrain` (StepPath::keep_burn_in_fp32).
+        marlin::kernels::set_gpu_precision(marlin::kernels::Precision::F32);
+    }
     let precision = p;
     let device = args.device;
     let peak = args.peak.then(|| {
