@@ -435,7 +435,6 @@ impl SdpaFwd {
     /// in their ranked order until one finalises into an execution plan.
     pub fn new(cudnn: &Cudnn, l: &SdpaLayout, scale: f32) -> Result<Self, SdpaError> {
         use backend::{Attr, Desc, Kind};
-        use cudarc::cudnn::sys::cudnnBackendHeurMode_t as Mode;
 
         backend::require()?;
         l.validate()?;
@@ -475,63 +474,17 @@ impl SdpaFwd {
             op.set_descs(attr, &[of(role)])?;
         }
         op.finalize()?;
-
-        let graph = Desc::new(
-            Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR,
-            "operation graph",
-        )?;
-        graph.set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &[&op])?;
-        graph.set_handle(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, cudnn.handle)?;
-        graph.finalize()?;
-
-        let mut failures = Vec::new();
-        for mode in [Mode::CUDNN_HEUR_MODE_A, Mode::CUDNN_HEUR_MODE_FALLBACK] {
-            let configs = match backend::heuristics(&graph, mode) {
-                Ok(configs) => configs,
-                // A mode that fails is one that offers nothing; the next mode may still.
-                Err(SdpaError::Unsupported(why)) | Err(SdpaError::Cudnn { status: why, .. }) => {
-                    failures.push(format!("{mode:?}: {why}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if configs.is_empty() {
-                failures.push(format!("{mode:?}: no engine config"));
-            }
-            for (rank, config) in configs.into_iter().enumerate() {
-                match backend::plan(&config, cudnn.handle) {
-                    Ok(plan) => {
-                        let bytes = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?;
-                        let workspace = usize::try_from(bytes).map_err(|_| SdpaError::Cudnn {
-                            call: "cudnnBackendGetAttribute",
-                            status: format!("a workspace size of {bytes} bytes"),
-                        })?;
-                        return Ok(SdpaFwd {
-                            plan,
-                            _config: config,
-                            _graph: graph,
-                            _op: op,
-                            _tensors: tensors,
-                            layout: *l,
-                            scale,
-                            workspace,
-                        });
-                    }
-                    // Any config may fail to finalise (cudnn-frontend's check_support moves on
-                    // to the next one as well); the reasons go into the error if none does.
-                    Err(SdpaError::Unsupported(why))
-                    | Err(SdpaError::Cudnn { status: why, .. }) => {
-                        failures.push(format!("{mode:?} config {rank}: {why}"))
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let version = cudnn_version().map_or_else(|| "?".into(), |v| version_string(&v));
-        Err(SdpaError::Unsupported(format!(
-            "{l}, cuDNN {version}; {}",
-            failures.join("; ")
-        )))
+        let p = plan_graph(cudnn, &op, format!("{l}"))?;
+        Ok(SdpaFwd {
+            plan: p.plan,
+            _config: p.config,
+            _graph: p.graph,
+            _op: op,
+            _tensors: tensors,
+            layout: *l,
+            scale,
+            workspace: p.workspace,
+        })
     }
 
     /// Bytes of device workspace [`execute`](Self::execute) needs (0 is possible).
@@ -563,53 +516,145 @@ impl SdpaFwd {
         o: u64,
         workspace: u64,
     ) -> Result<(), SdpaError> {
-        use backend::{Attr, Desc, Kind};
-        use std::ffi::c_void;
+        let named = [("q", q), ("k", k), ("v", v), ("o", o)];
+        let uids = [UID_Q, UID_K, UID_V, UID_O, UID_SCALE];
+        // SAFETY: the caller's pointers, per this function's contract.
+        unsafe {
+            run_plan(
+                cudnn,
+                &self.plan,
+                &named,
+                &uids,
+                &self.scale,
+                (workspace, self.workspace),
+                format_args!("the SDPA plan for {}", self.layout),
+            )
+        }
+    }
+}
 
-        for (name, p) in [("q", q), ("k", k), ("v", v), ("o", o)] {
-            if p == 0 || p % ALIGNMENT != 0 {
-                return Err(SdpaError::Invalid(format!(
-                    "pointer {name} = {p:#x} is null or not {ALIGNMENT}-byte aligned"
-                )));
+/// An execution plan of one finalised operation, with what it was built from (drop the plan
+/// first: fields drop in this order).
+#[cfg(feature = "cuda-engine")]
+struct Planned {
+    plan: backend::Desc,
+    config: backend::Desc,
+    graph: backend::Desc,
+    workspace: usize,
+}
+
+/// The operation graph of `op`, then the engine configs of heuristics mode A (then the
+/// fallback mode) in their ranked order until one finalises into an execution plan; `what`
+/// names the layout in the error when none does.
+#[cfg(feature = "cuda-engine")]
+fn plan_graph(cudnn: &Cudnn, op: &backend::Desc, what: String) -> Result<Planned, SdpaError> {
+    use backend::{Attr, Desc, Kind};
+    use cudarc::cudnn::sys::cudnnBackendHeurMode_t as Mode;
+
+    let graph = Desc::new(
+        Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR,
+        "operation graph",
+    )?;
+    graph.set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &[op])?;
+    graph.set_handle(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, cudnn.handle)?;
+    graph.finalize()?;
+
+    let mut failures = Vec::new();
+    for mode in [Mode::CUDNN_HEUR_MODE_A, Mode::CUDNN_HEUR_MODE_FALLBACK] {
+        let configs = match backend::heuristics(&graph, mode) {
+            Ok(configs) => configs,
+            // A mode that fails is one that offers nothing; the next mode may still.
+            Err(SdpaError::Unsupported(why)) | Err(SdpaError::Cudnn { status: why, .. }) => {
+                failures.push(format!("{mode:?}: {why}"));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if configs.is_empty() {
+            failures.push(format!("{mode:?}: no engine config"));
+        }
+        for (rank, config) in configs.into_iter().enumerate() {
+            match backend::plan(&config, cudnn.handle) {
+                Ok(plan) => {
+                    let bytes = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?;
+                    let workspace = usize::try_from(bytes).map_err(|_| SdpaError::Cudnn {
+                        call: "cudnnBackendGetAttribute",
+                        status: format!("a workspace size of {bytes} bytes"),
+                    })?;
+                    return Ok(Planned {
+                        plan,
+                        config,
+                        graph,
+                        workspace,
+                    });
+                }
+                // Any config may fail to finalise (cudnn-frontend's check_support moves on to
+                // the next one as well); the reasons go into the error if none does.
+                Err(SdpaError::Unsupported(why)) | Err(SdpaError::Cudnn { status: why, .. }) => {
+                    failures.push(format!("{mode:?} config {rank}: {why}"))
+                }
+                Err(e) => return Err(e),
             }
         }
-        if self.workspace > 0 && workspace == 0 {
+    }
+    let version = cudnn_version().map_or_else(|| "?".into(), |v| version_string(&v));
+    Err(SdpaError::Unsupported(format!(
+        "{what}, cuDNN {version}; {}",
+        failures.join("; ")
+    )))
+}
+
+/// Check the device pointers `named` (null or misaligned is an error) and the workspace, then
+/// execute `plan` on `cudnn`'s stream with the pointers bound to `uids` (one more uid at the
+/// end: the by-value `scale`).
+///
+/// # Safety
+/// As the plans' `execute`: device pointers of the plan's layout, valid until the stream's
+/// work completes; `plan` built with `cudnn`.
+#[cfg(feature = "cuda-engine")]
+unsafe fn run_plan(
+    cudnn: &Cudnn,
+    plan: &backend::Desc,
+    named: &[(&str, u64)],
+    uids: &[i64],
+    scale: &f32,
+    (workspace, needed): (u64, usize),
+    what: fmt::Arguments<'_>,
+) -> Result<(), SdpaError> {
+    use backend::{Attr, Desc, Kind};
+    use std::ffi::c_void;
+
+    for (name, p) in named {
+        if *p == 0 || p % ALIGNMENT != 0 {
             return Err(SdpaError::Invalid(format!(
-                "the plan needs {} bytes of workspace and got a null pointer",
-                self.workspace
+                "pointer {name} = {p:#x} is null or not {ALIGNMENT}-byte aligned"
             )));
         }
-        bind(&cudnn.stream)?;
-        let device = |p: u64| std::ptr::with_exposed_provenance_mut::<c_void>(p as usize);
-        let pointers = [
-            device(q),
-            device(k),
-            device(v),
-            device(o),
-            // cuDNN reads by-value tensors through host pointers during this call.
-            std::ptr::from_ref(&self.scale).cast_mut().cast::<c_void>(),
-        ];
-        let uids = [UID_Q, UID_K, UID_V, UID_O, UID_SCALE];
-        let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, "variant pack")?;
-        pack.set_pointers(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, &pointers)?;
-        pack.set_i64s(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &uids)?;
-        pack.set_pointers(
-            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
-            &[device(workspace)],
-        )?;
-        pack.finalize()?;
-        // SAFETY: the handle, the plan and the variant pack are live, finalised descriptors;
-        // the pack's device pointers are the caller's (valid per this function's contract), its
-        // host pointer (the scale) outlives the call.
-        let status = unsafe {
-            cudarc::cudnn::sys::cudnnBackendExecute(cudnn.handle, self.plan.raw(), pack.raw())
-        };
-        backend::check(
-            status,
-            "cudnnBackendExecute",
-            format_args!("the SDPA plan for {}", self.layout),
-        )
     }
+    if needed > 0 && workspace == 0 {
+        return Err(SdpaError::Invalid(format!(
+            "the plan needs {needed} bytes of workspace and got a null pointer"
+        )));
+    }
+    bind(&cudnn.stream)?;
+    let device = |p: u64| std::ptr::with_exposed_provenance_mut::<c_void>(p as usize);
+    let mut pointers: Vec<*mut c_void> = named.iter().map(|(_, p)| device(*p)).collect();
+    // cuDNN reads by-value tensors through host pointers during this call.
+    pointers.push(std::ptr::from_ref(scale).cast_mut().cast::<c_void>());
+    let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, "variant pack")?;
+    pack.set_pointers(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, &pointers)?;
+    pack.set_i64s(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, uids)?;
+    pack.set_pointers(
+        Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
+        &[device(workspace)],
+    )?;
+    pack.finalize()?;
+    // SAFETY: the handle, the plan and the variant pack are live, finalised descriptors; the
+    // pack's device pointers are the caller's (valid per this function's contract), its host
+    // pointer (the scale) outlives the call.
+    let status =
+        unsafe { cudarc::cudnn::sys::cudnnBackendExecute(cudnn.handle, plan.raw(), pack.raw()) };
+    backend::check(status, "cudnnBackendExecute", what)
 }
 
 /// Which training graph a [`SdpaTrain`] plan runs.
@@ -652,7 +697,6 @@ impl SdpaTrain {
         pass: SdpaPass,
     ) -> Result<Self, SdpaError> {
         use backend::{Attr, Desc, Kind};
-        use cudarc::cudnn::sys::cudnnBackendHeurMode_t as Mode;
 
         backend::require()?;
         if pass == SdpaPass::Backward {
@@ -726,59 +770,18 @@ impl SdpaTrain {
             op.set_descs(attr, &[of(role)])?;
         }
         op.finalize()?;
-        let graph = Desc::new(
-            Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR,
-            "operation graph",
-        )?;
-        graph.set_descs(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, &[&op])?;
-        graph.set_handle(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, cudnn.handle)?;
-        graph.finalize()?;
-        let mut failures = Vec::new();
-        for mode in [Mode::CUDNN_HEUR_MODE_A, Mode::CUDNN_HEUR_MODE_FALLBACK] {
-            let configs = match backend::heuristics(&graph, mode) {
-                Ok(configs) => configs,
-                Err(SdpaError::Unsupported(why)) | Err(SdpaError::Cudnn { status: why, .. }) => {
-                    failures.push(format!("{mode:?}: {why}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if configs.is_empty() {
-                failures.push(format!("{mode:?}: no engine config"));
-            }
-            for (rank, config) in configs.into_iter().enumerate() {
-                match backend::plan(&config, cudnn.handle) {
-                    Ok(plan) => {
-                        let bytes = plan.get_i64(Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE)?;
-                        let workspace = usize::try_from(bytes).map_err(|_| SdpaError::Cudnn {
-                            call: "cudnnBackendGetAttribute",
-                            status: format!("a workspace size of {bytes} bytes"),
-                        })?;
-                        return Ok(SdpaTrain {
-                            plan,
-                            _config: config,
-                            _graph: graph,
-                            _op: op,
-                            _tensors: tensors,
-                            layout: *l,
-                            pass,
-                            scale,
-                            workspace,
-                        });
-                    }
-                    Err(SdpaError::Unsupported(why))
-                    | Err(SdpaError::Cudnn { status: why, .. }) => {
-                        failures.push(format!("{mode:?} config {rank}: {why}"))
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let version = cudnn_version().map_or_else(|| "?".into(), |v| version_string(&v));
-        Err(SdpaError::Unsupported(format!(
-            "{pass:?} of {l}, cuDNN {version}; {}",
-            failures.join("; ")
-        )))
+        let p = plan_graph(cudnn, &op, format!("{pass:?} of {l}"))?;
+        Ok(SdpaTrain {
+            plan: p.plan,
+            _config: p.config,
+            _graph: p.graph,
+            _op: op,
+            _tensors: tensors,
+            layout: *l,
+            pass,
+            scale,
+            workspace: p.workspace,
+        })
     }
 
     /// Bytes of device workspace [`execute`](Self::execute) needs (0 is possible).
@@ -804,9 +807,6 @@ impl SdpaTrain {
         grads: Option<(u64, u64)>,
         workspace: u64,
     ) -> Result<(), SdpaError> {
-        use backend::{Attr, Desc, Kind};
-        use std::ffi::c_void;
-
         let [q, k, v] = self.layout.qkv_pointers(qkv);
         let mut named = vec![("q", q), ("k", k), ("v", v), ("o", o), ("stats", stats)];
         let mut uids = vec![UID_Q, UID_K, UID_V, UID_O, UID_STATS];
@@ -821,44 +821,19 @@ impl SdpaTrain {
                 return Err(SdpaError::Invalid("the backward needs dO and dqkv".into()))
             }
         }
-        for (name, p) in &named {
-            if *p == 0 || p % ALIGNMENT != 0 {
-                return Err(SdpaError::Invalid(format!(
-                    "pointer {name} = {p:#x} is null or not {ALIGNMENT}-byte aligned"
-                )));
-            }
-        }
-        if self.workspace > 0 && workspace == 0 {
-            return Err(SdpaError::Invalid(format!(
-                "the plan needs {} bytes of workspace and got a null pointer",
-                self.workspace
-            )));
-        }
-        bind(&cudnn.stream)?;
-        let device = |p: u64| std::ptr::with_exposed_provenance_mut::<c_void>(p as usize);
-        let mut pointers: Vec<*mut c_void> = named.iter().map(|(_, p)| device(*p)).collect();
-        // cuDNN reads by-value tensors through host pointers during this call.
-        pointers.push(std::ptr::from_ref(&self.scale).cast_mut().cast::<c_void>());
         uids.push(UID_SCALE);
-        let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, "variant pack")?;
-        pack.set_pointers(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, &pointers)?;
-        pack.set_i64s(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, &uids)?;
-        pack.set_pointers(
-            Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE,
-            &[device(workspace)],
-        )?;
-        pack.finalize()?;
-        // SAFETY: live, finalised handle, plan and variant pack; the pack's device pointers
-        // are the caller's (valid per this function's contract), its host pointer (the scale)
-        // outlives the call.
-        let status = unsafe {
-            cudarc::cudnn::sys::cudnnBackendExecute(cudnn.handle, self.plan.raw(), pack.raw())
-        };
-        backend::check(
-            status,
-            "cudnnBackendExecute",
-            format_args!("the SDPA {:?} plan for {}", self.pass, self.layout),
-        )
+        // SAFETY: the caller's pointers, per this function's contract.
+        unsafe {
+            run_plan(
+                cudnn,
+                &self.plan,
+                &named,
+                &uids,
+                &self.scale,
+                (workspace, self.workspace),
+                format_args!("the SDPA {:?} plan for {}", self.pass, self.layout),
+            )
+        }
     }
 }
 
