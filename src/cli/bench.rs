@@ -633,10 +633,9 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
     }
     outln!("precision: {p}");
     if args.train_engine && matches!(args.device, DeviceSpec::Cuda(_)) {
-        // The engine computes in `p` in its own buffers (`engine_device` reads the flag);
-        // burn's model beside it (random weights, read once) stays in fp32, as in
-        // `marlin pretrain` (StepPath::keep_burn_in_fp32).
-        marlin::kernels::set_gpu_precision(marlin::kernels::Precision::F32);
+        // The engine computes in `p` in its own buffers; burn's model beside it (random
+        // weights, read once) stays in fp32, as in `marlin pretrain`.
+        let _ = marlin::train::run::StepPath::Engine.keep_burn_in_fp32(engine_device(&args));
     }
     let precision = p;
     let device = args.device;

@@ -18,8 +18,8 @@
 //! with their gradients and Adam's moments; the positional table is a constant.
 
 use super::train::{
-    encoder_keys, linear, linear_backward, shape_check, weight_grad, DType, Gemm, Layout,
-    ParamTable, Reduce, Stack, TrainEngineError, TrainOps, T,
+    encoder_keys, linear, linear_backward, refresh_copy, shape_check, weight_grad, DType, Gemm,
+    Layout, ParamTable, Reduce, Stack, TrainEngineError, TrainOps, T,
 };
 use crate::kernels::cpu_train::AdamW;
 use crate::model::host::StateDict;
@@ -238,13 +238,8 @@ impl FinetuneStep {
         })
     }
 
-    /// The weights' copy in the products' type, after the master weights changed.
     fn refresh_weights<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
-        let all = self.params.all();
-        match self.wbuf == PARAMS[0] {
-            true => Ok(()),
-            false => ops.copy(all, all.of(self.wbuf)),
-        }
+        refresh_copy(ops, self.params.all(), self.wbuf)
     }
 
     /// Allocate `ops`' buffers, upload the weights and the pooling matrix, zero Adam's state.

@@ -930,6 +930,15 @@ impl LinearBackward {
     }
 }
 
+/// The master weights `all` into their copy in the products' type in buffer `wbuf`, after they
+/// changed (nothing when `wbuf` is the master buffer: an f32 step).
+pub(super) fn refresh_copy<O: TrainOps>(ops: &mut O, all: T, wbuf: usize) -> Result<(), O::Error> {
+    match all.buf == wbuf {
+        true => Ok(()),
+        false => ops.copy(all, all.of(wbuf)),
+    }
+}
+
 pub(super) fn shape_check(
     sd: &StateDict,
     key: &str,
@@ -1185,13 +1194,8 @@ impl PretrainStep {
         self.enc.act
     }
 
-    /// The weights' copy in the products' type, after the master weights changed.
     fn refresh_weights<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
-        let g = self.gen.all();
-        match self.wbuf == GEN[0] {
-            true => Ok(()),
-            false => ops.copy(g, g.of(self.wbuf)),
-        }
+        refresh_copy(ops, self.gen.all(), self.wbuf)
     }
 
     /// Allocate `ops`' buffers, upload the weights and zero the optimiser state.

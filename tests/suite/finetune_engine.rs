@@ -268,16 +268,7 @@ fn the_bf16_finetuning_step_follows_the_f32_step() {
     let (l16, g16, w16) = run(DType::Bf16);
     eprintln!("loss: bf16 {l16:.6}, f32 {l32:.6}");
     assert!((l16 - l32).abs() <= 1e-2 * l32.abs(), "{l16} vs {l32}");
-    let (mut err2, mut norm2) = (0f64, 0f64);
-    for (k, g) in &g32.tensors {
-        let o = &g16.tensors[k].data;
-        crate::common::max_abs_diff(o, &g.data);
-        for (a, b) in o.iter().zip(&g.data) {
-            err2 += ((a - b) as f64).powi(2);
-            norm2 += (*b as f64).powi(2);
-        }
-    }
-    let rel = (err2 / norm2).sqrt();
+    let rel = crate::common::rel_l2(&g16, &g32);
     eprintln!("bf16 gradients: relative L2 error {rel:.2e}");
     assert!(rel <= 3e-2 && rel > 0.0, "relative L2 error {rel}");
     for (k, w) in &w32.tensors {

@@ -913,22 +913,6 @@ mod cuda {
             assert!(failures.is_empty(), "{failures:#?}");
         }
 
-        /// The relative L2 distance of all of `a`'s tensors from `b`'s (NaN when any value is
-        /// not finite).
-        fn rel_l2(a: &marlin::model::StateDict, b: &marlin::model::StateDict) -> f64 {
-            let (mut e, mut n) = (0f64, 0f64);
-            for (k, t) in &b.tensors {
-                for (x, y) in a.tensors[k].data.iter().zip(&t.data) {
-                    if !x.is_finite() || !y.is_finite() {
-                        return f64::NAN;
-                    }
-                    e += ((x - y) as f64).powi(2);
-                    n += (*y as f64).powi(2);
-                }
-            }
-            (e / n.max(1e-30)).sqrt()
-        }
-
         /// One bf16 pretraining run on `ops`: the generator's gradients of the first update,
         /// then (from the same weights) one whole step's losses and weights.
         fn pretrain_bf16<O: marlin::engine::train::TrainOps>(
@@ -1035,7 +1019,7 @@ mod cuda {
                 for note in marlin::engine::train::TrainOps::notes(&ops) {
                     println!("note bf16 {path}: {note}");
                 }
-                let dg = rel_l2(&gg, &gh);
+                let dg = common::rel_l2(&gg, &gh);
                 let mut worst_loss = 0f64;
                 for (name, ours, twin) in [
                     ("d_loss", lg.d_loss, lh.d_loss),
@@ -1087,7 +1071,7 @@ mod cuda {
                     ));
                 }
                 let dlog = common::max_abs_diff(&flg, &flh).diff / common::max_abs(&flh).max(1e-2);
-                let (dg, dw) = (rel_l2(&fgg, &fgh), rel_l2(&fwg, &fwh));
+                let (dg, dw) = (common::rel_l2(&fgg, &fgh), common::rel_l2(&fwg, &fwh));
                 println!("parity finetune_engine_logits_bf16_{path} {dlog:.3e}");
                 println!("parity finetune_engine_grads_bf16_{path} {dg:.3e}");
                 println!("parity finetune_engine_weights_bf16_{path} {dw:.3e}");

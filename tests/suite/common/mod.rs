@@ -196,6 +196,22 @@ pub fn assert_close(what: &str, ours: &[f32], peer: &[f32], tol: f32) -> Worst {
     w
 }
 
+/// The relative L2 distance of all of `ours`' tensors from `reference`'s, over the reference's
+/// keys (NaN when any value is not finite, so that a tolerance check fails on it).
+pub fn rel_l2(ours: &marlin::model::StateDict, reference: &marlin::model::StateDict) -> f64 {
+    let (mut e, mut n) = (0f64, 0f64);
+    for (k, t) in &reference.tensors {
+        for (x, y) in ours.tensors[k].data.iter().zip(&t.data) {
+            if !x.is_finite() || !y.is_finite() {
+                return f64::NAN;
+            }
+            e += ((x - y) as f64).powi(2);
+            n += (*y as f64).powi(2);
+        }
+    }
+    (e / n.max(1e-30)).sqrt()
+}
+
 /// The largest absolute value (the scale of a relative tolerance); fails on a non-finite one.
 pub fn max_abs(x: &[f32]) -> f32 {
     x.iter().enumerate().fold(0f32, |m, (i, v)| {
