@@ -55,7 +55,9 @@
 #             within 5%) and writes $OUT/curve.svg, $OUT/curve-fp32.csv, $OUT/curve-bf16.csv.
 #   ddp       data-parallel pretraining at world size 1 under torchrun's variables: NCCL's id
 #             exchange and all-reduce on the GPU, the weights against a plain run's (1e-5), on
-#             burn's step and on the training engine's
+#             burn's step and on the training engine's (its gradients averaged in place on the
+#             device by NCCL on its own stream: one bucket, then each layer on its own with
+#             --bucket-mb 0)
 # burn compiles its kernels with NVRTC and autotunes them on first use: every timing below
 # comes after an untimed first pass.
 #
@@ -352,14 +354,17 @@ PYEOF
   "$BIN" config tiny_smoke | sed 's/mask_strategy: fasking/mask_strategy: random/' > "$d/tiny.yaml"
   nccl=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
   echo "NCCL: ${nccl:-system}"
-  # burn's step (--step auto on CUDA) and the training engine's CUDA step.
-  for step in auto engine; do
+  # burn's step (--step auto on CUDA) and the training engine's CUDA step (one bucket; each
+  # layer's gradients on their own: engine-layers).
+  for v in auto engine engine-layers; do
+  step=${v%-layers}; extra=()
+  if [ "$v" = engine-layers ]; then extra=(--bucket-mb 0); fi
   args=(pretrain --config "$d/tiny.yaml" --data "$d/data" --epochs 2 --batch-size 2 --device cuda --quiet --step "$step")
-  echo "@@ ddp $step -"
-  run 300 "$BIN" "${args[@]}" --out "$d/plain_$step"
+  echo "@@ ddp $v -"
+  [ -f "$d/plain_$step/model.safetensors" ] || run 300 "$BIN" "${args[@]}" --out "$d/plain_$step"
   RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 MARLIN_NCCL_LIBRARY=$nccl \
-    run 300 "$BIN" "${args[@]}" --out "$d/nccl_$step" --dist-timeout 120
-  "$PY" - "$d/plain_$step/model.safetensors" "$d/nccl_$step/model.safetensors" "$step" <<'PYEOF'
+    run 300 "$BIN" "${args[@]}" "${extra[@]}" --out "$d/nccl_$v" --dist-timeout 120
+  "$PY" - "$d/plain_$step/model.safetensors" "$d/nccl_$v/model.safetensors" "$v" <<'PYEOF'
 import json, struct, sys
 import numpy as np
 def load(p):

@@ -533,10 +533,12 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     if let (Some(g), Some(w)) = (&group, after_warmup) {
         let s = g.stats();
         outln!(
-            "all-reduce per step: {:.3} s, {:.1} MB in {} calls (waits for slower ranks included)",
+            "all-reduce per step: {:.3} s, {:.1} MB in {} calls (waits for slower ranks included); \
+             the step waited {:.3} s for it",
             (s.seconds - w.seconds) / iters,
             (s.values - w.values) as f64 * 4e-6 / iters,
-            (s.calls - w.calls) as f64 / iters
+            (s.calls - w.calls) as f64 / iters,
+            (s.waited - w.waited) / iters
         );
     }
 }

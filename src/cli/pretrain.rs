@@ -75,6 +75,12 @@ pub struct DistArgs {
     /// all-reduce) before every rank stops with the name of the one that is gone or late.
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub dist_timeout: u64,
+    /// Under torchrun or srun: the training engine all-reduces the gradients in buckets of at
+    /// least this size as its backward finishes them, overlapped with the rest of the backward
+    /// (torch DDP's bucket_cap_mb). Default: 25 on CUDA (NCCL, on its own stream); on the CPU
+    /// one all-reduce after the backward (Gloo sums on the cores the backward uses).
+    #[arg(long, value_name = "MIB")]
+    pub bucket_mb: Option<f64>,
 }
 
 impl DistArgs {
@@ -82,6 +88,7 @@ impl DistArgs {
     pub fn join(&self, device: DeviceSpec) -> Result<(Option<Arc<Group>>, DeviceSpec), String> {
         let opts = DistOptions {
             timeout: std::time::Duration::from_secs(self.dist_timeout.max(1)),
+            bucket_mb: self.bucket_mb,
         };
         marlin::distributed::join(device, &opts).map_err(|e| e.to_string())
     }

@@ -82,7 +82,11 @@ pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         false => to_f32(Tensor::cat(flat, 0)),
     };
     host.extend_from_slice(extra);
-    group.all_reduce_mean(&mut host, what)?;
+    // After the backward, not overlapped: the step waits for all of it.
+    let t0 = std::time::Instant::now();
+    let res = group.all_reduce_mean(&mut host, what);
+    group.add_waited(t0.elapsed().as_secs_f64());
+    res?;
     extra.copy_from_slice(&host[len..]);
     host.truncate(len);
     if let Some(device) = device {

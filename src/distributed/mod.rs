@@ -71,6 +71,28 @@ pub trait Engine: Send {
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), String>;
     fn barrier(&mut self) -> Result<(), String>;
     fn name(&self) -> &'static str;
+    /// Whether [`Engine::all_reduce_mean_device`] works (NCCL 2.10 or newer, for `ncclAvg`).
+    #[cfg(feature = "cuda-engine")]
+    fn on_device(&self) -> bool {
+        false
+    }
+    /// In-place mean across the ranks of `n` f32 values at device address `ptr` (on this
+    /// engine's GPU), queued on the engine's own stream after the work `after` holds now:
+    /// returns without waiting, the all-reduce overlapping what `after` runs next.
+    #[cfg(feature = "cuda-engine")]
+    fn all_reduce_mean_device(
+        &mut self,
+        _ptr: u64,
+        _n: usize,
+        _after: &cudarc::driver::CudaStream,
+    ) -> Result<(), String> {
+        Err(format!("{} averages host memory only", self.name()))
+    }
+    /// `stream`'s next work waits (on the device) for every collective queued so far.
+    #[cfg(feature = "cuda-engine")]
+    fn join_device(&mut self, _stream: &cudarc::driver::CudaStream) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Which engine a group runs its collectives on.
@@ -87,12 +109,23 @@ pub enum Collectives {
 pub struct DistOptions {
     /// How long any wait for the other ranks may take (meeting, each collective).
     pub timeout: Duration,
+    /// The least the training engine's gradients are all-reduced in at a time, in MiB
+    /// (torch DDP's `bucket_cap_mb`): the backward hands on each bucket once it is final, and
+    /// its all-reduce overlaps the rest of the backward. None: [`DEFAULT_BUCKET_MB`] on NCCL
+    /// (on the device, on a stream of its own: the overlap costs the GPU nothing); on Gloo one
+    /// all-reduce after the backward (Gloo sums on the CPU cores the backward is using:
+    /// overlapped it made 2 ranks on 2 cores 1.11x slower, BENCHMARKS.md).
+    pub bucket_mb: Option<f64>,
 }
+
+/// torch DDP's default `bucket_cap_mb`.
+pub const DEFAULT_BUCKET_MB: f64 = 25.0;
 
 impl Default for DistOptions {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(600),
+            bucket_mb: None,
         }
     }
 }
@@ -130,6 +163,7 @@ pub struct Group {
     store: Arc<store::Client>,
     engine: Mutex<Box<dyn Engine>>,
     timeout: Duration,
+    bucket_len: usize,
     stats: Mutex<CommStats>,
     // Rank 0 serves the store for as long as the group lives.
     _server: Option<store::Server>,
@@ -143,6 +177,9 @@ pub struct CommStats {
     pub values: u64,
     /// Wall time inside the collectives (the wait for slower ranks included).
     pub seconds: f64,
+    /// Of the training engine's steps: the time they waited for their all-reduces (the part
+    /// not overlapped with the backward).
+    pub waited: f64,
 }
 
 impl std::fmt::Debug for Group {
@@ -182,6 +219,13 @@ impl Group {
             store: client,
             engine: Mutex::new(engine),
             timeout: opts.timeout,
+            bucket_len: match (opts.bucket_mb, which) {
+                (Some(mb), _) => (mb.max(0.0) * (1 << 20) as f64 / 4.0) as usize,
+                (None, Collectives::Nccl { .. }) => {
+                    (DEFAULT_BUCKET_MB * (1 << 20) as f64 / 4.0) as usize
+                }
+                (None, Collectives::Gloo) => usize::MAX,
+            },
             stats: Mutex::default(),
             _server: server,
         };
@@ -206,8 +250,21 @@ impl Group {
         self.launch.rank == 0
     }
 
+    /// The least number of f32 gradients an all-reduce of the training engine carries (the
+    /// last of an update excepted): [`DistOptions::bucket_mb`].
+    pub fn bucket_len(&self) -> usize {
+        self.bucket_len
+    }
+
     pub fn engine_name(&self) -> &'static str {
         self.engine.lock().map(|e| e.name()).unwrap_or("?")
+    }
+
+    /// Count `seconds` as time a training step waited for its all-reduces.
+    pub fn add_waited(&self, seconds: f64) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.waited += seconds;
+        }
     }
 
     /// The collectives' calls, volume and time so far.
@@ -246,6 +303,39 @@ impl Group {
         let inv = 1.0 / self.world() as f32;
         data.iter_mut().for_each(|v| *v *= inv);
         Ok(())
+    }
+
+    /// Whether this group averages device memory in place ([`Group::all_reduce_mean_device`]):
+    /// NCCL 2.10 or newer.
+    #[cfg(feature = "cuda-engine")]
+    pub fn device_collectives(&self) -> bool {
+        self.engine.lock().is_ok_and(|e| e.on_device())
+    }
+
+    /// In-place mean of `n` f32 values at device address `ptr`, queued after the work `after`
+    /// holds now and overlapping what it runs next; [`Group::join_device`] makes a stream
+    /// wait for it. A failure to queue is an error here, a failure of the collective itself
+    /// one at the next synchronisation.
+    #[cfg(feature = "cuda-engine")]
+    pub fn all_reduce_mean_device(
+        &self,
+        ptr: u64,
+        n: usize,
+        after: &cudarc::driver::CudaStream,
+        what: &str,
+    ) -> Result<(), DistError> {
+        self.with_engine(what, n, |e| e.all_reduce_mean_device(ptr, n, after))
+    }
+
+    /// `stream` waits (on the device) for the collectives queued so far.
+    #[cfg(feature = "cuda-engine")]
+    pub fn join_device(&self, stream: &cudarc::driver::CudaStream) -> Result<(), DistError> {
+        let mut e = self.engine.lock().map_err(|_| {
+            DistError::Unavailable("a thread failed while holding the collectives engine".into())
+        })?;
+        let name = e.name();
+        e.join_device(stream)
+            .map_err(|msg| self.failed(name, "the wait for the gradients", msg))
     }
 
     /// Rank 0's `data` into every rank's.

@@ -3,9 +3,12 @@
 //! `libnccl.so.2`. Looked for: `MARLIN_NCCL_LIBRARY` (a path), `libnccl.so.2`, `libnccl.so`.
 //!
 //! Rank 0 makes the unique id and publishes it in the store; every rank joins with
-//! `ncclCommInitRank` on its own device. The training step's buffers are in host memory (the
-//! same bucket Gloo reduces), so each collective stages it through one device buffer of
-//! cudarc's on this device: sum in NCCL, the mean on the host (any NCCL 2.x, no `ncclAvg`).
+//! `ncclCommInitRank` on its own device. Host buffers (burn's step: the same bucket Gloo
+//! reduces; the losses) are staged through one device buffer of cudarc's on this device: sum
+//! in NCCL, the mean on the host (any NCCL 2.x, no `ncclAvg`). The training engine's gradients
+//! stay on the device: averaged in place (`ncclAvg`, NCCL 2.10 or newer) on this engine's own
+//! stream, which waits for the engine's stream and which the engine's stream waits for before
+//! the update, so each bucket's all-reduce overlaps the rest of the backward.
 
 use super::env::Launch;
 use super::store::Client;
@@ -22,6 +25,10 @@ struct UniqueId([c_char; 128]);
 type Comm = *mut c_void;
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
+/// `ncclAvg` (NCCL 2.10 and newer).
+const NCCL_AVG: c_int = 4;
+/// The first NCCL version with `ncclAvg` (`NCCL_VERSION(2, 10, 0)`).
+const NCCL_AVG_VERSION: c_int = 21000;
 
 /// The NCCL functions this engine calls, from the opened library.
 struct Api {
@@ -108,6 +115,8 @@ impl Api {
 /// A communicator on one device, with the device buffer collectives stage through.
 pub struct Nccl {
     api: Api,
+    /// `ncclGetVersion`'s code (2.10.0 is 21000).
+    version: c_int,
     comm: Comm,
     stream: Arc<CudaStream>,
     buffer: Option<CudaSlice<f32>>,
@@ -171,6 +180,7 @@ impl Nccl {
         })?;
         Ok(Self {
             api,
+            version: v,
             comm,
             stream,
             buffer: None,
@@ -246,6 +256,38 @@ impl Engine for Nccl {
 
     fn name(&self) -> &'static str {
         "NCCL"
+    }
+
+    fn on_device(&self) -> bool {
+        self.version >= NCCL_AVG_VERSION
+    }
+
+    fn all_reduce_mean_device(
+        &mut self,
+        ptr: u64,
+        n: usize,
+        after: &CudaStream,
+    ) -> Result<(), String> {
+        if !self.on_device() {
+            return Err(format!(
+                "NCCL {} has no ncclAvg (2.10 or newer)",
+                self.version
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // After the gradients' producer, on this engine's stream.
+        self.stream.join(after).map_err(|e| e.to_string())?;
+        let p = ptr as *mut c_void;
+        let s = self.stream.cu_stream() as *mut c_void;
+        // In place on `n` floats of the caller's device buffer (the communicator's device).
+        let rc = unsafe { (self.api.all_reduce)(p, p, n, NCCL_FLOAT32, NCCL_AVG, self.comm, s) };
+        self.api.check(rc, "ncclAllReduce (device buffer)")
+    }
+
+    fn join_device(&mut self, stream: &CudaStream) -> Result<(), String> {
+        stream.join(&self.stream).map_err(|e| e.to_string())
     }
 }
 

@@ -19,7 +19,7 @@
 
 use super::train::{
     encoder_keys, linear, linear_backward, refresh_copy, shape_check, weight_grad, DType, Gemm,
-    Layout, ParamTable, Reduce, Stack, TrainEngineError, TrainOps, T,
+    GradSync, Layout, NoSync, ParamTable, Pieces, Stack, TrainEngineError, TrainOps, T,
 };
 use crate::kernels::cpu_train::AdamW;
 use crate::model::host::StateDict;
@@ -362,6 +362,18 @@ impl FinetuneStep {
     /// The gradients (`params.grad`, zeroed first) from `dlogits` `[B, K]` after
     /// [`Self::forward`].
     pub fn backward<O: TrainOps>(&self, ops: &mut O, dlogits: &[f32]) -> Result<(), O::Error> {
+        let mut one = NoSync;
+        let mut pieces = Pieces::new(&mut one, self.params.all().of(PARAMS[1]));
+        self.backward_into(ops, dlogits, &mut pieces)
+    }
+
+    /// [`Self::backward`], each layer's gradients handed to `pieces` once final.
+    fn backward_into<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        dlogits: &[f32],
+        pieces: &mut Pieces<'_, O>,
+    ) -> Result<(), O::Error> {
         let (b, n, p, d) = (self.batch, self.tokens, self.patch_dim, self.enc.dim);
         let rows = b * n;
         let g = PARAMS[1];
@@ -379,6 +391,7 @@ impl FinetuneStep {
             d,
             g,
         )?;
+        pieces.final_from(ops, fc.0.of(g))?;
         ops.fill(self.dpooled, 0.0)?;
         let (nw, nb) = (self.p("encoder.norm.weight"), self.p("encoder.norm.bias"));
         ops.layer_norm_backward(
@@ -391,6 +404,7 @@ impl FinetuneStep {
             nw.of(g),
             nb.of(g),
         )?;
+        pieces.final_from(ops, nw.of(g))?;
         // Each token of a clip gets 1/N of its pooled gradient.
         ops.gemm(&Gemm {
             d: self.enc.dx,
@@ -404,7 +418,7 @@ impl FinetuneStep {
             bias: None,
             accumulate: false,
         })?;
-        self.enc.backward(ops, b, g)?;
+        self.enc.backward(ops, b, g, pieces)?;
         // The tubelet embedding (the positions are constants).
         let w = self.p("encoder.patch_embedding.projection.weight");
         let bias = self.p("encoder.patch_embedding.projection.bias");
@@ -418,22 +432,23 @@ impl FinetuneStep {
     }
 
     /// One step on the uploaded clips with `targets` (a class index per clip, or `B·K` 0/1
-    /// values) at learning rate `lr`: forward, loss, backward, `reduce` (a data-parallel
-    /// run's average of the gradients and the loss), Adam. A non-finite loss skips the update
-    /// (`None`); otherwise the loss.
+    /// values) at learning rate `lr`: forward, loss, backward (the gradients handed to
+    /// `sync` as it finishes them: a data-parallel run's average, with the loss's), Adam. A
+    /// non-finite loss skips the update (`None`); otherwise the loss.
     pub fn step_with<O: TrainOps>(
         &mut self,
         ops: &mut O,
         targets: &[f32],
         lr: f64,
-        reduce: &mut Reduce<'_, O>,
+        sync: &mut dyn GradSync<O>,
     ) -> Result<Option<f64>, O::Error> {
         let logits = self.forward(ops)?;
         let (loss, dlogits) = self.loss_kind.loss_and_grad(&logits, targets, self.classes);
-        self.backward(ops, &dlogits)?;
         let all = self.params.all();
+        let mut pieces = Pieces::new(sync, all.of(PARAMS[1]));
+        self.backward_into(ops, &dlogits, &mut pieces)?;
         let mut v = [loss as f32];
-        reduce(ops, all.of(PARAMS[1]), &mut v)?;
+        pieces.finish(ops, &mut v)?;
         let loss = if v[0].is_finite() {
             v[0] as f64
         } else {
@@ -466,8 +481,7 @@ impl FinetuneStep {
         targets: &[f32],
         lr: f64,
     ) -> Result<Option<f64>, O::Error> {
-        let mut keep = |_: &mut O, _: T, _: &mut [f32]| Ok(());
-        self.step_with(ops, targets, lr, &mut keep)
+        self.step_with(ops, targets, lr, &mut NoSync)
     }
 
     /// The current weights (the encoder's official names with its positional table, and the

@@ -4,11 +4,15 @@
 //! ops: the same steps and buffers, checked against the peer's step in the tests.
 
 use super::train::{DType, Gather, Gemm, Layout, Rows, TrainOps, I, T};
+use crate::distributed::{DistError, Group};
 use crate::kernels::bf16::{from_bf16, to_bf16};
 use crate::kernels::cpu;
 use crate::kernels::cpu_train::{self, AdamW};
 use rayon::prelude::*;
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 
 /// Host buffers of a [`Layout`]. A bf16 buffer holds f32 values rounded to bf16 (round to
 /// nearest even) whenever written, as the GPU's bf16 buffers store them: the host twin of a
@@ -23,6 +27,76 @@ pub struct HostTrainOps {
     /// Fill new float buffers with NaN instead of 0 (a test that the schedule writes
     /// everything it reads: a device's fresh memory holds anything).
     poison: bool,
+    /// A data-parallel run's all-reduces, on a thread of their own.
+    comm: Option<CommThread>,
+}
+
+/// The all-reduces of a data-parallel run on a thread of their own, so that the average of
+/// the gradients the backward has finished overlaps the backward of the layers before them:
+/// each piece is copied out when started, averaged on the thread, and copied back when waited
+/// for (no buffer is shared with the thread).
+struct CommThread {
+    group: Arc<Group>,
+    jobs: Option<mpsc::Sender<Vec<f32>>>,
+    done: mpsc::Receiver<(Vec<f32>, Result<(), DistError>)>,
+    /// The pieces started and not yet waited for, oldest first.
+    pending: VecDeque<T>,
+    /// The copies' vectors of the last update, in the order its pieces were started (the
+    /// next update's pieces are alike: no allocation after the first).
+    spare: VecDeque<Vec<f32>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for CommThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CommThread({:?}, {} pending)",
+            self.group,
+            self.pending.len()
+        )
+    }
+}
+
+impl CommThread {
+    fn spawn(group: Arc<Group>) -> Result<Self, DistError> {
+        let (jobs, inbox) = mpsc::channel::<Vec<f32>>();
+        let (outbox, done) = mpsc::channel();
+        let g = group.clone();
+        let thread = std::thread::Builder::new()
+            .name("marlin-allreduce".into())
+            .spawn(move || {
+                for mut v in inbox {
+                    let r = g.all_reduce_mean(&mut v, "the gradients");
+                    if outbox.send((v, r)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| DistError::Unavailable(format!("the all-reduce thread: {e}")))?;
+        Ok(Self {
+            group,
+            jobs: Some(jobs),
+            done,
+            pending: VecDeque::new(),
+            spare: VecDeque::new(),
+            thread: Some(thread),
+        })
+    }
+
+    fn gone() -> DistError {
+        DistError::Unavailable("the all-reduce thread stopped".into())
+    }
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread after the piece in flight.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl HostTrainOps {
@@ -350,6 +424,61 @@ impl TrainOps for HostTrainOps {
         f(&mut self.floats[t.buf][t.off..t.off + t.len]);
         self.settle(t);
         Ok(())
+    }
+
+    fn all_reduce_start(
+        &mut self,
+        t: T,
+        group: &Arc<Group>,
+    ) -> Result<Result<(), DistError>, Infallible> {
+        if !self
+            .comm
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.group, group))
+        {
+            match CommThread::spawn(group.clone()) {
+                Ok(c) => self.comm = Some(c),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        let Some(comm) = self.comm.as_mut() else {
+            return Ok(Err(CommThread::gone()));
+        };
+        let mut v = comm.spare.pop_front().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(&self.floats[t.buf][t.off..t.off + t.len]);
+        match comm.jobs.as_ref().map(|j| j.send(v)) {
+            Some(Ok(())) => {
+                comm.pending.push_back(t);
+                Ok(Ok(()))
+            }
+            _ => Ok(Err(CommThread::gone())),
+        }
+    }
+
+    fn all_reduce_wait(&mut self) -> Result<Result<(), DistError>, Infallible> {
+        let Some(comm) = self.comm.as_mut() else {
+            return Ok(Ok(()));
+        };
+        let mut res = Ok(());
+        while let Some(t) = comm.pending.pop_front() {
+            match comm.done.recv() {
+                Ok((v, r)) => {
+                    if r.is_ok() {
+                        self.floats[t.buf][t.off..t.off + t.len].copy_from_slice(&v);
+                    }
+                    comm.spare.push_back(v);
+                    if res.is_ok() {
+                        res = r;
+                    }
+                }
+                Err(_) => {
+                    comm.pending.clear();
+                    return Ok(Err(CommThread::gone()));
+                }
+            }
+        }
+        Ok(res)
     }
 
     fn adamw(&mut self, p: T, g: T, m: T, v: T, h: &AdamW) -> Result<(), Infallible> {

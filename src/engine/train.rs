@@ -25,12 +25,14 @@
 
 use super::host_train::HostTrainOps;
 pub use super::schedule::DType;
+use crate::distributed::{DistError, Group};
 use crate::kernels::cpu_train::AdamW;
 use crate::model::host::{HostTensor, StateDict};
 use crate::model::MaskIndices;
 use crate::train::{LossConfig, StepLosses};
 use crate::MarlinConfig;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Why the training engine cannot take a model (it stays on burn's path).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -286,6 +288,24 @@ pub trait TrainOps {
         f(&mut v);
         self.upload(t, &v)
     }
+    /// Start averaging the f32 values of `t` across `group`'s ranks; the ops that follow
+    /// leave `t` alone until [`TrainOps::all_reduce_wait`]. The outer error is the ops', the
+    /// inner the group's. By default at once, through host memory ([`TrainOps::on_host`]).
+    fn all_reduce_start(
+        &mut self,
+        t: T,
+        group: &Arc<Group>,
+    ) -> Result<Result<(), DistError>, Self::Error> {
+        let mut res = Ok(());
+        self.on_host(t, &mut |v: &mut [f32]| {
+            res = group.all_reduce_mean(v, "the gradients");
+        })?;
+        Ok(res)
+    }
+    /// Wait until every average started is in its place: the first failure among them.
+    fn all_reduce_wait(&mut self) -> Result<Result<(), DistError>, Self::Error> {
+        Ok(Ok(()))
+    }
 }
 
 /// The parameters of one optimiser in one flat buffer: key → slice, in a fixed order.
@@ -435,10 +455,83 @@ pub struct OptimizerState {
     pub updates: [u32; 2],
 }
 
-/// What a data-parallel run does with an update's gradients (the optimiser's whole gradient
-/// buffer) and its loss values before the update (see [`PretrainStep::step_with`]).
-pub type Reduce<'a, O> =
-    dyn FnMut(&mut O, T, &mut [f32]) -> Result<(), <O as TrainOps>::Error> + 'a;
+/// Where a data-parallel step averages an update's gradients across its ranks (see
+/// [`PretrainStep::step_with`]): each piece of the optimiser's gradient buffer as soon as the
+/// backward has finished it, so the all-reduce of the last layers' gradients overlaps the
+/// backward of the first (torch DDP's buckets), then the update's losses before the update.
+pub trait GradSync<O: TrainOps> {
+    /// The least a piece handed to [`GradSync::ready`] holds (f32 values), except the last:
+    /// smaller pieces are gathered until they reach it (DDP's `bucket_cap_mb`).
+    fn bucket_len(&self) -> usize;
+    /// The gradients in `t` are final for this update: their average may start. The ops
+    /// that follow leave `t` alone until [`GradSync::finish`].
+    fn ready(&mut self, ops: &mut O, t: T) -> Result<(), O::Error>;
+    /// Every gradient of the update (`all`, each value handed to [`GradSync::ready`] once)
+    /// is final: wait for their averages, and average `losses` (the update's loss values).
+    fn finish(&mut self, ops: &mut O, all: T, losses: &mut [f32]) -> Result<(), O::Error>;
+}
+
+/// One process: nothing to average.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSync;
+
+impl<O: TrainOps> GradSync<O> for NoSync {
+    fn bucket_len(&self) -> usize {
+        usize::MAX
+    }
+    fn ready(&mut self, _: &mut O, _: T) -> Result<(), O::Error> {
+        Ok(())
+    }
+    fn finish(&mut self, _: &mut O, _: T, _: &mut [f32]) -> Result<(), O::Error> {
+        Ok(())
+    }
+}
+
+/// The backward's progress through one gradient buffer, handed to a [`GradSync`] in buckets.
+/// The parameters are laid out in the forward's order, so the backward finishes the buffer
+/// from its end down: after each layer the gradients from that layer's first parameter to the
+/// end are final.
+pub(super) struct Pieces<'s, O: TrainOps> {
+    sync: &'s mut dyn GradSync<O>,
+    /// The whole gradient buffer of the update.
+    all: T,
+    /// The gradients from here to the end of `all` were handed on.
+    sent: usize,
+}
+
+impl<'s, O: TrainOps> Pieces<'s, O> {
+    pub(super) fn new(sync: &'s mut dyn GradSync<O>, all: T) -> Self {
+        Self {
+            sync,
+            all,
+            sent: all.len,
+        }
+    }
+
+    /// The gradients of every parameter from `t`'s first value to the end of the buffer are
+    /// final: hand them on once they fill a bucket.
+    pub(super) fn final_from(&mut self, ops: &mut O, t: T) -> Result<(), O::Error> {
+        debug_assert_eq!(t.buf, self.all.buf, "a piece of another buffer");
+        let from = t.off - self.all.off;
+        if from < self.sent && self.sent - from >= self.sync.bucket_len() {
+            let piece = self.all.at(from, self.sent - from);
+            self.sent = from;
+            self.sync.ready(ops, piece)?;
+        }
+        Ok(())
+    }
+
+    /// Every gradient is final: the rest handed on, then the averages waited for and
+    /// `losses` averaged.
+    pub(super) fn finish(mut self, ops: &mut O, losses: &mut [f32]) -> Result<(), O::Error> {
+        if self.sent > 0 {
+            let piece = self.all.at(0, self.sent);
+            self.sent = 0;
+            self.sync.ready(ops, piece)?;
+        }
+        self.sync.finish(ops, self.all, losses)
+    }
+}
 
 /// The sizes of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -731,12 +824,14 @@ impl Stack {
     }
 
     /// From `self.dx` (the gradient of the stack's output) to the gradient of its input (left
-    /// in `self.dx`), the weights' gradients accumulated into buffer `grads`.
+    /// in `self.dx`), the weights' gradients accumulated into buffer `grads`, last block
+    /// first; each block's are then final and handed to `pieces`.
     pub(super) fn backward<O: TrainOps>(
         &self,
         ops: &mut O,
         batch: usize,
         grads: usize,
+        pieces: &mut Pieces<'_, O>,
     ) -> Result<(), O::Error> {
         let (d, hid) = (self.dim, self.hidden);
         let rows = batch * self.tokens;
@@ -799,6 +894,8 @@ impl Stack {
                 g(p.norm1.0),
                 g(p.norm1.1),
             )?;
+            // norm1.weight is the block's first parameter.
+            pieces.final_from(ops, g(p.norm1.0))?;
         }
         Ok(())
     }
@@ -1470,8 +1567,13 @@ impl PretrainStep {
         Ok(())
     }
 
-    /// The generator's backward from `self.dpred` to every generator gradient.
-    fn generator_backward<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+    /// The generator's backward from `self.dpred` to every generator gradient, each layer's
+    /// handed to `pieces` once final.
+    fn generator_backward<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        pieces: &mut Pieces<'_, O>,
+    ) -> Result<(), O::Error> {
         let StepShape {
             batch,
             visible: nv,
@@ -1483,6 +1585,7 @@ impl PretrainStep {
         let g = GEN[1];
         let head = (self.p("decoder.head.weight"), self.p("decoder.head.bias"));
         linear_backward(ops, self.dpred, self.hd, head, self.dhd, rm, p, dd, g)?;
+        pieces.final_from(ops, head.0.of(g))?;
         ops.fill(self.dzm, 0.0)?;
         let (nw, nb) = (self.p("decoder.norm.weight"), self.p("decoder.norm.bias"));
         ops.layer_norm_backward(
@@ -1495,6 +1598,7 @@ impl PretrainStep {
             nw.of(g),
             nb.of(g),
         )?;
+        pieces.final_from(ops, nw.of(g))?;
         // Only the masked rows reach the head: the decoder's output gradient is zero elsewhere.
         let rows = |t: T, per_batch: usize, start: usize| Rows {
             t,
@@ -1518,7 +1622,7 @@ impl PretrainStep {
             nm,
             dd,
         ))?;
-        self.dec.backward(ops, batch, g)?;
+        self.dec.backward(ops, batch, g, pieces)?;
         // The decoder's input: visible rows to the projection, masked rows to the mask token.
         ops.fill(self.dy, 0.0)?;
         ops.scatter_add(&gather(
@@ -1539,6 +1643,8 @@ impl PretrainStep {
         let proj = self.p("enc_dec_proj.weight");
         ops.gemm(&weight_grad(proj.of(g), self.dy, self.e, [dd, de, rv]))?;
         ops.gemm(&input_grad(self.de, self.dy, proj, [rv, dd, de], false))?;
+        // enc_dec_proj.weight, then the mask token.
+        pieces.final_from(ops, proj.of(g))?;
         ops.fill(self.enc.dx, 0.0)?;
         let (nw, nb) = (self.p("encoder.norm.weight"), self.p("encoder.norm.bias"));
         ops.layer_norm_backward(
@@ -1551,7 +1657,8 @@ impl PretrainStep {
             nw.of(g),
             nb.of(g),
         )?;
-        self.enc.backward(ops, batch, g)?;
+        pieces.final_from(ops, nw.of(g))?;
+        self.enc.backward(ops, batch, g, pieces)?;
         // The tubelet embedding (the positions are constants).
         let w = self.p("encoder.patch_embedding.projection.weight");
         let b = self.p("encoder.patch_embedding.projection.bias");
@@ -1624,12 +1731,19 @@ impl PretrainStep {
     /// and 3 hold the reconstruction MSE and mean C(pred).
     pub fn generator_gradients<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
         self.generator_forward(ops)?;
-        self.generator_gradients_on_tape(ops)
+        let mut one = NoSync;
+        let mut pieces = Pieces::new(&mut one, self.gen.all().of(GEN[1]));
+        self.generator_gradients_on_tape(ops, &mut pieces)
     }
 
     /// [`Self::generator_gradients`] from the activations the last generator forward kept
-    /// (which must be of the current generator weights and batch).
-    fn generator_gradients_on_tape<O: TrainOps>(&self, ops: &mut O) -> Result<(), O::Error> {
+    /// (which must be of the current generator weights and batch), each layer's handed to
+    /// `pieces` once final.
+    fn generator_gradients_on_tape<O: TrainOps>(
+        &self,
+        ops: &mut O,
+        pieces: &mut Pieces<'_, O>,
+    ) -> Result<(), O::Error> {
         let rm = self.shape.batch * self.shape.masked;
         ops.fill(self.gen.all().of(GEN[1]), 0.0)?;
         ops.mse(self.pred, self.target, Some(self.dpred), self.loss.at(2, 1))?;
@@ -1639,25 +1753,24 @@ impl PretrainStep {
             ops.fill(self.ds, -(self.cfg_losses.adv_weight as f32) / rm as f32)?;
             self.critic_backward(ops, self.pred, self.c_fake, false, Some(self.dpred))?;
         }
-        self.generator_backward(ops)
+        self.generator_backward(ops, pieces)
     }
 
     /// One training step on the uploaded batch at learning rate `lr`: `d_steps` critic
     /// updates, then `g_steps` generator updates, as [`crate::train::Pretrainer::step`]. A
     /// non-finite loss skips its update.
     pub fn step<O: TrainOps>(&mut self, ops: &mut O, lr: f64) -> Result<StepLosses, O::Error> {
-        let mut keep = |_: &mut O, _: T, _: &mut [f32]| Ok(());
-        self.step_with(ops, lr, &mut keep)
+        self.step_with(ops, lr, &mut NoSync)
     }
 
-    /// [`Self::step`] with `reduce` called on each update's gradients (the whole buffer of
-    /// the optimiser) and its loss values before the update: a data-parallel run averages
-    /// both across its ranks there, so every rank makes the same update (or skips it).
+    /// [`Self::step`] with each update's gradients handed to `sync` as the backward finishes
+    /// them, and its loss values before the update: a data-parallel run averages both across
+    /// its ranks there, so every rank makes the same update (or skips it).
     pub fn step_with<O: TrainOps>(
         &mut self,
         ops: &mut O,
         lr: f64,
-        reduce: &mut Reduce<'_, O>,
+        sync: &mut dyn GradSync<O>,
     ) -> Result<StepLosses, O::Error> {
         let mut out = StepLosses::default();
         let l = self.cfg_losses;
@@ -1671,7 +1784,8 @@ impl PretrainStep {
                 tape = true;
                 let mut v = ops.read(self.loss.at(0, 2))?;
                 let c = self.critic.all();
-                reduce(ops, c.of(CRITIC[1]), &mut v)?;
+                // The critic's gradients are small: one piece after its backward.
+                Pieces::new(sync, c.of(CRITIC[1])).finish(ops, &mut v)?;
                 out.d_loss = v[0] as f64 - v[1] as f64;
                 if !out.d_loss.is_finite() {
                     out.skipped = true;
@@ -1683,13 +1797,14 @@ impl PretrainStep {
             }
         }
         for _ in 0..l.g_steps {
-            match std::mem::take(&mut tape) {
-                true => self.generator_gradients_on_tape(ops)?,
-                false => self.generator_gradients(ops)?,
-            }
-            let mut v = ops.read(self.loss.at(2, 2))?;
             let g = self.gen.all();
-            reduce(ops, g.of(GEN[1]), &mut v)?;
+            let mut pieces = Pieces::new(sync, g.of(GEN[1]));
+            if !std::mem::take(&mut tape) {
+                self.generator_forward(ops)?;
+            }
+            self.generator_gradients_on_tape(ops, &mut pieces)?;
+            let mut v = ops.read(self.loss.at(2, 2))?;
+            pieces.finish(ops, &mut v)?;
             out.rec = v[0] as f64;
             out.adv = if l.adv_loss {
                 -(v[1] as f64) * l.adv_weight

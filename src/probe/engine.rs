@@ -7,10 +7,10 @@ use super::inputs::ProbeError;
 use super::metrics::TaskKind;
 use crate::distributed::Group;
 use crate::engine::finetune::{FinetuneStep, HeadLoss};
-use crate::engine::train::{TrainEngineError, TrainOps, T};
+use crate::engine::train::{TrainEngineError, TrainOps};
 use crate::model::weights::StateDict;
 use crate::model::MarlinConfig;
-use crate::train::engine::{average_across, EngineDevice, EngineRefusal};
+use crate::train::engine::{Averager, EngineDevice, EngineRefusal};
 use std::sync::Arc;
 
 /// A fine-tuning engine with its ops' type erased: what a run asks of it.
@@ -140,22 +140,14 @@ impl<O: TrainOps> EngineFinetuner<O> {
         let Some(grp) = group else {
             return step.step(&mut self.ops, targets, lr).map_err(engine_err);
         };
-        // The ranks' gradients (in place where the ops' buffers are host memory), then the
-        // loss, averaged before the update.
-        let mut failure: Option<ProbeError> = None;
-        let mut reduce = |ops: &mut O, grads: T, loss: &mut [f32]| -> Result<(), O::Error> {
-            if let Err(e) = average_across(&grp, ops, grads, loss)? {
-                // Every rank skips the update alike (the loss is NaN everywhere).
-                loss.fill(f32::NAN);
-                failure = Some(e.into());
-            }
-            Ok(())
-        };
+        // The ranks' gradients as the backward finishes them, then the loss, averaged before
+        // the update (a failed collective: every rank skips it, the loss NaN everywhere).
+        let mut avg = Averager::new(&grp);
         let out = step
-            .step_with(&mut self.ops, targets, lr, &mut reduce)
+            .step_with(&mut self.ops, targets, lr, &mut avg)
             .map_err(engine_err);
-        match failure {
-            Some(e) => Err(e),
+        match avg.failure {
+            Some(e) => Err(e.into()),
             None => out,
         }
     }

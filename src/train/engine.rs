@@ -5,14 +5,15 @@
 //! the ranks before the update, as burn's path does.
 
 use super::{LossConfig, StepLosses, TrainError};
-use crate::distributed::Group;
+use crate::distributed::{DistError, Group};
 use crate::engine::train::{
-    OptimizerState, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
+    GradSync, OptimizerState, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
 };
 use crate::kernels::Precision;
 use crate::model::weights::StateDict;
 use crate::model::{MarlinConfig, MaskIndices};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Where the training engine's step runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -107,20 +108,56 @@ pub fn engine_step(
     }
 }
 
-/// A data-parallel update's average across `group`: the gradients `grads` (in place where the
-/// ops' buffers are host memory), then `losses`. The outer error is the ops', the inner the
-/// group's.
-pub(crate) fn average_across<O: TrainOps>(
-    group: &Group,
-    ops: &mut O,
-    grads: T,
-    losses: &mut [f32],
-) -> Result<Result<(), crate::distributed::DistError>, O::Error> {
-    let mut res = Ok(());
-    ops.on_host(grads, &mut |vals: &mut [f32]| {
-        res = group.all_reduce_mean(vals, "the gradients");
-    })?;
-    Ok(res.and_then(|()| group.all_reduce_mean(losses, "the losses")))
+/// A data-parallel update's average across a group: the gradients in buckets as the backward
+/// finishes them (overlapped with the rest of the backward where the ops can:
+/// [`TrainOps::all_reduce_start`]), then the losses. A failed collective makes the losses NaN,
+/// so no rank updates, and is kept in `failure` for the caller.
+pub(crate) struct Averager<'g> {
+    group: &'g Arc<Group>,
+    pub(crate) failure: Option<DistError>,
+}
+
+impl<'g> Averager<'g> {
+    pub(crate) fn new(group: &'g Arc<Group>) -> Self {
+        Self {
+            group,
+            failure: None,
+        }
+    }
+}
+
+impl<O: TrainOps> GradSync<O> for Averager<'_> {
+    fn bucket_len(&self) -> usize {
+        self.group.bucket_len()
+    }
+
+    fn ready(&mut self, ops: &mut O, t: T) -> Result<(), O::Error> {
+        if self.failure.is_none() {
+            let t0 = Instant::now();
+            if let Err(e) = ops.all_reduce_start(t, self.group)? {
+                self.failure = Some(e);
+            }
+            self.group.add_waited(t0.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, ops: &mut O, _all: T, losses: &mut [f32]) -> Result<(), O::Error> {
+        let t0 = Instant::now();
+        if let Err(e) = ops.all_reduce_wait()? {
+            self.failure.get_or_insert(e);
+        }
+        if self.failure.is_none() {
+            if let Err(e) = self.group.all_reduce_mean(losses, "the losses") {
+                self.failure = Some(e);
+            }
+        }
+        self.group.add_waited(t0.elapsed().as_secs_f64());
+        if self.failure.is_some() {
+            losses.fill(f32::NAN);
+        }
+        Ok(())
+    }
 }
 
 /// Where the weights and optimiser state are between steps.
@@ -216,21 +253,12 @@ impl<O: TrainOps> EngineTrainer<O> {
         let Some(grp) = group else {
             return step.step(&mut self.ops, lr).map_err(dev);
         };
-        // The ranks' gradients (in place where the ops' buffers are host memory), then the
-        // losses, averaged before each update.
-        let mut failure: Option<TrainError> = None;
-        let mut reduce = |ops: &mut O, grads: T, losses: &mut [f32]| -> Result<(), O::Error> {
-            if failure.is_some() {
-                return Ok(());
-            }
-            if let Err(e) = average_across(&grp, ops, grads, losses)? {
-                failure = Some(e.into());
-            }
-            Ok(())
-        };
-        let out = step.step_with(&mut self.ops, lr, &mut reduce).map_err(dev);
-        match failure {
-            Some(e) => Err(e),
+        // The ranks' gradients as the backward finishes them, then the losses, averaged
+        // before each update.
+        let mut avg = Averager::new(&grp);
+        let out = step.step_with(&mut self.ops, lr, &mut avg).map_err(dev);
+        match avg.failure {
+            Some(e) => Err(e.into()),
             None => out,
         }
     }

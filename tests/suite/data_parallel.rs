@@ -189,12 +189,14 @@ fn two_ranks_pretrain_like_one_process_at_the_global_batch_and_resume_with_any_w
     let whole = d.join("whole");
     single(&pretrain_args(&cfg, &data, &whole, 3, 2));
 
-    // Two ranks at batch 1. Rank 1 is given its own run folder: it must write nothing there.
+    // Two ranks at batch 1, each layer's gradients all-reduced on their own while the
+    // backward goes on (--bucket-mb 0; the runs below: one bucket of the tiny model). Rank 1
+    // is given its own run folder: it must write nothing there.
     let dp = d.join("dp");
     let rank1_out = d.join("dp_rank1");
     let o = two_ranks(|r| {
         let out = if r == 0 { &dp } else { &rank1_out };
-        pretrain_args(&cfg, &data, out, 3, 1)
+        with(pretrain_args(&cfg, &data, out, 3, 1), &["--bucket-mb", "0"])
     });
     assert_ok(&o);
     assert!(!rank1_out.exists(), "rank 1 wrote {}", rank1_out.display());
@@ -432,7 +434,11 @@ fn two_ranks_finetune_like_one_process_at_the_global_batch() {
     single(&args(&whole, 2));
     let dp = d.join("dp");
     let rank1_out = d.join("dp_rank1");
-    let o = two_ranks(|r| args(if r == 0 { &dp } else { &rank1_out }, 1));
+    // Each layer's gradients all-reduced on their own while the backward goes on.
+    let o = two_ranks(|r| {
+        let out = if r == 0 { &dp } else { &rank1_out };
+        with(args(out, 1), &["--bucket-mb", "0"])
+    });
     assert_ok(&o);
     assert!(!rank1_out.exists(), "rank 1 wrote {}", rank1_out.display());
     // Rank 0 alone prints the test table.

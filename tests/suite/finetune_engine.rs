@@ -276,3 +276,29 @@ fn the_bf16_finetuning_step_follows_the_f32_step() {
         assert!(d <= 4.0 * lr as f32 + 1e-6, "{k}: weights differ by {d}");
     }
 }
+
+/// The fine-tuning backward hands each layer's gradients on once final, as the pretraining
+/// step's (see `train_engine::the_backward_hands_on_each_layer_once_final`), and a step that
+/// hands them on is the plain step.
+#[test]
+fn the_finetuning_backward_hands_on_each_layer_once_final() {
+    let (model, clip_t, cfg) = classifier();
+    let clip = to_f32_vec(clip_t.clone());
+    let batch = clip_t.dims()[0];
+    let kind = HeadLoss::CrossEntropy;
+    let y = targets(kind, batch);
+    let (mut plain, mut plain_ops) = engine(&cfg, &model, &clip, batch, kind);
+    let want = plain.step(&mut plain_ops, &y, 1e-3).unwrap();
+    let want_w = plain.state_dict(&mut plain_ops).unwrap();
+    let (mut step, mut ops) = engine(&cfg, &model, &clip, batch, kind);
+    let mut check = crate::train_engine::PieceCheck::new(0);
+    let got = step.step_with(&mut ops, &y, 1e-3, &mut check).unwrap();
+    assert_eq!(check.updates.len(), 1);
+    let pieces = check.updates[0].len();
+    assert!(pieces > cfg.encoder.depth + 2, "{pieces} pieces");
+    assert_eq!(got, want);
+    let w = step.state_dict(&mut ops).unwrap();
+    for (k, t) in &want_w.tensors {
+        assert_eq!(t.data, w.tensors[k].data, "{k}");
+    }
+}

@@ -8,13 +8,16 @@ use crate::pretrain_step::{fx, loss_pairs, tiny_a_batch_on, weight_diffs};
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::backend::AutodiffBackend;
 use marlin::backend::CpuAutodiff;
-use marlin::engine::train::TrainOps;
-use marlin::engine::train::{host_step, DType, PretrainStep, StepShape, TrainEngineError};
+use marlin::engine::host_train::HostTrainOps;
+use marlin::engine::train::{
+    host_step, DType, GradSync, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
+};
 use marlin::model::load::to_f32_vec;
 use marlin::model::weights::read_safetensors_file;
 use marlin::model::MaskIndices;
 use marlin::train::LossConfig;
 use marlin::{Marlin, MarlinConfig};
+use std::convert::Infallible;
 
 /// The released configs' losses (critic on, adv_weight 0.01, no penalty), as the step fixture.
 pub(crate) const ADV: LossConfig = LossConfig {
@@ -244,7 +247,6 @@ fn the_step_reads_nothing_it_did_not_write() {
 }
 
 fn reads_nothing_it_did_not_write(act: DType) {
-    use marlin::engine::host_train::HostTrainOps;
     let (model, _, clip, idx) = tiny_a();
     let sd = model.to_state_dict();
     let run = |ops: HostTrainOps| {
@@ -284,7 +286,6 @@ fn reads_nothing_it_did_not_write(act: DType) {
 /// sign holds).
 #[test]
 fn the_bf16_step_follows_the_f32_step() {
-    use marlin::engine::host_train::HostTrainOps;
     let (model, _, clip, idx) = tiny_a();
     let sd = model.to_state_dict();
     let lr = 1.5e-4;
@@ -360,5 +361,116 @@ fn the_bf16_step_follows_the_f32_step() {
             d <= 2.0 * lr as f32 + 1e-6,
             "{k}: updated weights differ by {d}"
         );
+    }
+}
+
+/// A [`GradSync`] that checks what the backward hands on: each piece's values when handed on
+/// (which must be their final values), the pieces of each update in order from the buffer's
+/// end down, together the whole buffer once.
+pub(crate) struct PieceCheck {
+    pub bucket: usize,
+    pending: Vec<(T, Vec<f32>)>,
+    /// The pieces of each update so far.
+    pub updates: Vec<Vec<T>>,
+}
+
+impl PieceCheck {
+    pub fn new(bucket: usize) -> Self {
+        Self {
+            bucket,
+            pending: Vec::new(),
+            updates: Vec::new(),
+        }
+    }
+}
+
+impl GradSync<HostTrainOps> for PieceCheck {
+    fn bucket_len(&self) -> usize {
+        self.bucket
+    }
+
+    fn ready(&mut self, ops: &mut HostTrainOps, t: T) -> Result<(), Infallible> {
+        let v = ops.read(t)?;
+        self.pending.push((t, v));
+        Ok(())
+    }
+
+    fn finish(&mut self, ops: &mut HostTrainOps, all: T, _: &mut [f32]) -> Result<(), Infallible> {
+        let pieces = std::mem::take(&mut self.pending);
+        let end = all.off + all.len;
+        let mut next = end;
+        for (t, when_handed_on) in &pieces {
+            assert_eq!(t.buf, all.buf, "{t:?} is not in {all:?}");
+            assert_eq!(
+                t.off + t.len,
+                next,
+                "{t:?} does not end where the last piece began"
+            );
+            assert!(t.len > 0, "an empty piece {t:?}");
+            if t.off > all.off {
+                assert!(
+                    t.len >= self.bucket,
+                    "{t:?} is under the bucket size {}",
+                    self.bucket
+                );
+            }
+            next = t.off;
+            let now = ops.read(*t)?;
+            assert!(
+                now == *when_handed_on,
+                "{t:?} changed after it was handed on as final"
+            );
+        }
+        assert_eq!(next, all.off, "the pieces of {all:?} stop at {next}");
+        self.updates
+            .push(pieces.into_iter().map(|(t, _)| t).collect());
+        Ok(())
+    }
+}
+
+/// The backward hands each layer's gradients on as soon as they are final (what a
+/// data-parallel run starts averaging while the backward goes on): every piece keeps its values
+/// to the end of the backward, the pieces cover the gradient buffer once, layer by layer
+/// without buckets (more pieces than the generator's blocks) and in buckets of at least the
+/// bucket size; and a step that hands them on is the plain step.
+#[test]
+fn the_backward_hands_on_each_layer_once_final() {
+    let (model, _, clip, idx) = tiny_a();
+    let (mut plain, mut plain_ops) = engine(&model, &clip, &idx, ADV);
+    let want = plain.step(&mut plain_ops, 1.5e-4).unwrap();
+    let want_w = plain.state_dict(&mut plain_ops).unwrap();
+    let blocks = model.config.encoder.depth + model.config.decoder.depth;
+    let mut layer_by_layer = 0;
+    for bucket in [0, 3000] {
+        let (mut step, mut ops) = engine(&model, &clip, &idx, ADV);
+        let mut check = PieceCheck::new(bucket);
+        let got = step.step_with(&mut ops, 1.5e-4, &mut check).unwrap();
+        // The critic's update (one piece), then the generator's.
+        assert_eq!(check.updates.len(), 2, "bucket {bucket}");
+        assert_eq!(check.updates[0].len(), 1, "bucket {bucket}");
+        let gen = &check.updates[1];
+        eprintln!(
+            "bucket {bucket}: the generator's gradients in {} pieces",
+            gen.len()
+        );
+        match bucket {
+            0 => {
+                assert!(gen.len() > blocks + 3, "{} pieces", gen.len());
+                layer_by_layer = gen.len();
+            }
+            _ => assert!(
+                gen.len() > 1 && gen.len() < layer_by_layer,
+                "{} pieces",
+                gen.len()
+            ),
+        }
+        assert_eq!(
+            [got.d_loss, got.rec, got.adv, got.g_loss],
+            [want.d_loss, want.rec, want.adv, want.g_loss]
+        );
+        let w = step.state_dict(&mut ops).unwrap();
+        for (k, t) in &want_w.tensors {
+            assert_eq!(t.data, w.tensors[k].data, "bucket {bucket}: {k}");
+        }
     }
 }

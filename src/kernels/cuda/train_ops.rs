@@ -12,6 +12,7 @@ use super::lt::{self, LtGemm, LtHandle};
 use super::nvrtc;
 use super::sdpa::{Cudnn, SdpaLayout, SdpaPass, SdpaTrain};
 use crate::device_error::DeviceError;
+use crate::distributed::{DistError, Group};
 use crate::engine::train::{DType, Gather, Gemm, Layout, TrainOps, I, T};
 use crate::kernels::cpu_train::AdamW;
 use crate::kernels::Precision;
@@ -144,6 +145,9 @@ pub struct CudaTrainOps {
     name: String,
     /// Clips per batch of the step built last (out-of-memory errors name it).
     batch: usize,
+    /// The group whose device all-reduces of this update's gradients are queued (NCCL on its
+    /// own stream), until [`TrainOps::all_reduce_wait`] joins them.
+    collectives: Option<Arc<Group>>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
 }
@@ -232,6 +236,7 @@ impl CudaTrainOps {
             precision,
             name,
             batch: 0,
+            collectives: None,
             stream,
             ctx,
         })
@@ -535,6 +540,33 @@ impl TrainOps for CudaTrainOps {
         unsafe { result::memcpy_htod_async(self.iptr(i), &values[..i.len], self.st()) }
             .map_err(self.fail())?;
         self.synchronize()
+    }
+
+    fn all_reduce_start(
+        &mut self,
+        t: T,
+        group: &Arc<Group>,
+    ) -> Result<Result<(), DistError>, DeviceError> {
+        self.need_f32("all_reduce", &[t])?;
+        if !group.device_collectives() {
+            // Gloo (or an NCCL without ncclAvg): through host memory, at once.
+            let mut res = Ok(());
+            self.on_host(t, &mut |v: &mut [f32]| {
+                res = group.all_reduce_mean(v, "the gradients");
+            })?;
+            return Ok(res);
+        }
+        self.ctx.bind_to_thread().map_err(self.fail())?;
+        let r = group.all_reduce_mean_device(self.ptr(t), t.len, &self.stream, "the gradients");
+        self.collectives = Some(group.clone());
+        Ok(r)
+    }
+
+    fn all_reduce_wait(&mut self) -> Result<Result<(), DistError>, DeviceError> {
+        match self.collectives.take() {
+            None => Ok(Ok(())),
+            Some(g) => Ok(g.join_device(&self.stream)),
+        }
     }
 
     fn read(&mut self, t: T) -> Result<Vec<f32>, DeviceError> {
