@@ -436,8 +436,10 @@ struct Tape {
     x_mid: T,
     h2: T,
     st2: T,
+    /// The MLP's pre-activation. Its GELU is not kept: the forward writes it to the stack's
+    /// `dhid` (free until the backward) for fc2, and the backward recomputes it there for
+    /// fc2's weight gradient, before `dhid` takes the MLP's gradient.
     pre: T,
-    act: T,
 }
 
 /// Buffer numbers of the parameters, their gradients and moments.
@@ -707,7 +709,6 @@ impl Stack {
                 h2: a(layout, "h2", rows * d),
                 st2: f(layout, "st2", rows * 2),
                 pre: a(layout, "pre", rows * hidden),
-                act: a(layout, "act", rows * hidden),
             });
             if qkv_bias {
                 qkv_biases.push(a(layout, "qkv_bias", 3 * d));
@@ -807,11 +808,12 @@ impl Stack {
                 d,
                 false,
             ))?;
-            ops.gelu(t.pre, t.act)?;
+            // GELU(pre) in the backward's scratch: recomputed there by the backward.
+            ops.gelu(t.pre, self.dhid)?;
             ops.copy(t.x_mid, next)?;
             ops.gemm(&linear(
                 next,
-                t.act,
+                self.dhid,
                 w(p.fc2.0),
                 Some(p.fc2.1),
                 rows,
@@ -852,7 +854,10 @@ impl Stack {
                 k,
                 grads,
             };
-            lin([self.dx, dxa], t.act, fc2, self.dhid, d, hid).run(ops)?;
+            // fc2's input GELU(pre), recomputed into dhid: its weight gradient reads it before
+            // its input gradient overwrites dhid.
+            ops.gelu(t.pre, self.dhid)?;
+            lin([self.dx, dxa], self.dhid, fc2, self.dhid, d, hid).run(ops)?;
             ops.gelu_backward(t.pre, self.dhid)?;
             lin([self.dhid; 2], t.h2, fc1, self.dh, hid, d).run(ops)?;
             ops.layer_norm_backward(

@@ -309,7 +309,7 @@ fn the_bf16_step_follows_the_f32_step() {
             ops.read(marlin::engine::train::T { buf, off: 0, len })
                 .unwrap()
         };
-        let tapes = ["encoder.0.qkv", "decoder.1.act", "decoder.0.h1"].map(tape);
+        let tapes = ["encoder.0.qkv", "decoder.1.pre", "decoder.0.h1"].map(tape);
         let bytes = step.layout.float_bytes();
         let l = step.step(&mut ops, lr).unwrap();
         let w = step.state_dict(&mut ops).unwrap();
