@@ -524,6 +524,16 @@ fn train_bench<B: burn::tensor::backend::AutodiffBackend>(
     for n in engine.iter().flat_map(|(et, _)| et.notes()) {
         outln!("note: {n}");
     }
+    if let Some((state, act)) = engine.as_ref().and_then(|(et, _)| et.buffer_bytes()) {
+        let mib = |x: f64| x / (1 << 20) as f64;
+        outln!(
+            "the engine's step buffers: {:.0} MiB of parameters and their state (weights, \
+             gradients, AdamW's moments), {:.0} MiB of activations ({:.1} MiB per clip)",
+            mib(state as f64),
+            mib(act as f64),
+            mib(act as f64 / b as f64)
+        );
+    }
     let iters = a.iters.max(1) as f64;
     let per_step = elapsed / iters;
     outln!(

@@ -18,8 +18,9 @@
 //! with their gradients and Adam's moments; the positional table is a constant.
 
 use super::train::{
-    encoder_keys, linear, linear_backward, refresh_copy, shape_check, weight_grad, DType, Gemm,
-    GradSync, Layout, NoSync, ParamTable, Pieces, Stack, TrainEngineError, TrainOps, T,
+    encoder_keys, linear, linear_backward, refresh_copy, shape_check, weight_grad, Activations,
+    DType, Gemm, GradSync, Layout, NoSync, ParamTable, Pieces, Stack, TrainEngineError, TrainOps,
+    T,
 };
 use crate::kernels::cpu_train::AdamW;
 use crate::model::host::StateDict;
@@ -152,16 +153,18 @@ impl FinetuneStep {
         Self::new_in(cfg, sd, batch, loss_kind, DType::F32)
     }
 
-    /// [`Self::new`] with the encoder blocks' activations stored as `act` (the ops'
-    /// [`TrainOps::activation_dtype`]; bf16 as in [`super::train::PretrainStep::new_in`]: the
-    /// blocks' products on bf16 operands, everything else f32).
+    /// [`Self::new`] with the encoder blocks' activations kept as `act` says (as in
+    /// [`super::train::PretrainStep::new_in`]: in bf16 the blocks' products on bf16 operands,
+    /// everything else f32; the LayerNorm and GELU outputs kept or recomputed).
     pub fn new_in(
         cfg: &MarlinConfig,
         sd: &StateDict,
         batch: usize,
         loss_kind: HeadLoss,
-        act: DType,
+        act: impl Into<Activations>,
     ) -> Result<Self, TrainEngineError> {
+        let acts = act.into();
+        let act = acts.dtype;
         Self::supports(cfg)?;
         let d = cfg.encoder.embed_dim;
         let (n, p) = (cfg.num_patches(), cfg.patch_dim());
@@ -201,7 +204,7 @@ impl FinetuneStep {
             scale as f32,
             cfg.qkv_bias,
             [batch, n],
-            act,
+            acts,
             wbuf,
         )?;
         let rows = batch * n;
@@ -418,7 +421,7 @@ impl FinetuneStep {
             bias: None,
             accumulate: false,
         })?;
-        self.enc.backward(ops, b, g, pieces)?;
+        self.enc.backward(ops, b, self.ln_eps, g, pieces)?;
         // The tubelet embedding (the positions are constants).
         let w = self.p("encoder.patch_embedding.projection.weight");
         let bias = self.p("encoder.patch_embedding.projection.bias");

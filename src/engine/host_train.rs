@@ -24,6 +24,9 @@ pub struct HostTrainOps {
     indices: Vec<Vec<u32>>,
     /// What [`TrainOps::activation_dtype`] answers (f32 by default).
     act: DType,
+    /// What [`TrainOps::recompute_activations`] answers (no by default: the CPU keeps them,
+    /// which is faster here; the GPU's ops recompute them).
+    recompute: bool,
     /// Fill new float buffers with NaN instead of 0 (a test that the schedule writes
     /// everything it reads: a device's fresh memory holds anything).
     poison: bool,
@@ -115,6 +118,12 @@ impl HostTrainOps {
         Self { act, ..self }
     }
 
+    /// These ops with steps built on them recomputing the blocks' LayerNorm and GELU outputs
+    /// in the backward (as the CUDA ops' steps do) instead of keeping them.
+    pub fn recomputing(self, recompute: bool) -> Self {
+        Self { recompute, ..self }
+    }
+
     /// Round the values of `t` to bf16 where its buffer stores bf16.
     fn settle(&mut self, t: T) {
         if self.dtypes.get(t.buf) == Some(&DType::Bf16) {
@@ -168,6 +177,10 @@ impl TrainOps for HostTrainOps {
 
     fn activation_dtype(&self) -> DType {
         self.act
+    }
+
+    fn recompute_activations(&self) -> bool {
+        self.recompute
     }
 
     fn prepare(&mut self, layout: &Layout) -> Result<(), Infallible> {

@@ -183,6 +183,35 @@ pub struct Gemm {
     pub accumulate: bool,
 }
 
+/// How a step keeps what its backward reads of the blocks: the storage type of the kept
+/// activations, and whether the LayerNorms' outputs and the MLP's GELU are kept per block or
+/// recomputed by the backward from the kept inputs and statistics (three memory-bound passes per
+/// block; on ViT-B a third less activation memory per clip). Both give the same values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activations {
+    pub dtype: DType,
+    pub recompute: bool,
+}
+
+impl From<DType> for Activations {
+    fn from(dtype: DType) -> Self {
+        Self {
+            dtype,
+            recompute: false,
+        }
+    }
+}
+
+impl Activations {
+    /// What `ops` asks of the steps built on them.
+    pub fn of<O: TrainOps>(ops: &O) -> Self {
+        Self {
+            dtype: ops.activation_dtype(),
+            recompute: ops.recompute_activations(),
+        }
+    }
+}
+
 /// What runs the training schedule. Steps run in order; an implementation may queue them.
 pub trait TrainOps {
     type Error: std::fmt::Display;
@@ -193,6 +222,12 @@ pub trait TrainOps {
     /// master weights and optimiser state).
     fn activation_dtype(&self) -> DType {
         DType::F32
+    }
+    /// Whether steps built on these ops recompute the blocks' LayerNorm and GELU outputs in
+    /// the backward instead of keeping them ([`Activations::recompute`]): where memory is
+    /// scarcer than those passes are dear.
+    fn recompute_activations(&self) -> bool {
+        false
     }
     /// Where the ops took a slower path than they could (a library missing, an engine
     /// refusing a layout), one line each, oldest first.
@@ -424,22 +459,25 @@ pub(super) struct Stack {
     dxa: T,
 }
 
-/// What one block's forward keeps for its backward.
+/// What one block's forward keeps for its backward. With [`Activations::recompute`] the
+/// LayerNorms' outputs and the MLP's GELU are not kept (None): the forward writes them to the
+/// stack's backward scratch (`datt`, `dhid`: free until the backward) for the products that
+/// read them, and the backward recomputes them there from the kept input, statistics and
+/// pre-activation for those products' weight gradients (the same kernels on the same values:
+/// the same outputs).
 #[derive(Debug, Clone, Copy)]
 struct Tape {
     x_in: T,
-    h1: T,
+    h1: Option<T>,
     st1: T,
     qkv: T,
     att: T,
     lse: T,
     x_mid: T,
-    h2: T,
+    h2: Option<T>,
     st2: T,
-    /// The MLP's pre-activation. Its GELU is not kept: the forward writes it to the stack's
-    /// `dhid` (free until the backward) for fc2, and the backward recomputes it there for
-    /// fc2's weight gradient, before `dhid` takes the MLP's gradient.
     pre: T,
+    act: Option<T>,
 }
 
 /// Buffer numbers of the parameters, their gradients and moments.
@@ -601,6 +639,9 @@ pub struct PretrainStep {
     /// The generator's weights as the blocks' product operands: `GEN[0]` itself in f32, its
     /// bf16 copy (refreshed after each update) in bf16.
     wbuf: usize,
+    /// The layout's first buffers hold the parameters and their state (weights, their copy,
+    /// gradients, moments, constants); the rest the batch's activations and scratch.
+    state_buffers: usize,
 }
 
 /// The encoder's parameter keys in buffer order: the tubelet embedding, the blocks, the final
@@ -671,8 +712,9 @@ fn block_params(
 impl Stack {
     #[allow(clippy::too_many_arguments)]
     /// The stack's buffers in `layout`: its residual stream, statistics and `dx`/`dh` in f32,
-    /// the products' operands and outputs (LayerNorm outputs, qkv, attention, MLP) in `act`;
-    /// its products read weights from buffer `wbuf` (see [`Stack::wbuf`]).
+    /// the products' operands and outputs (LayerNorm outputs, qkv, attention, MLP) in
+    /// `act.dtype`, the LayerNorm and GELU outputs per block unless `act.recompute`; its
+    /// products read weights from buffer `wbuf` (see [`Stack::wbuf`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         layout: &mut Layout,
@@ -683,9 +725,10 @@ impl Stack {
         scale: f32,
         qkv_bias: bool,
         [batch, tokens]: [usize; 2],
-        act: DType,
+        acts: Activations,
         wbuf: usize,
     ) -> Result<Self, TrainEngineError> {
+        let act = acts.dtype;
         let (d, h) = (cfg.embed_dim, cfg.num_heads);
         let rows = batch * tokens;
         let mut blocks = Vec::new();
@@ -698,17 +741,22 @@ impl Stack {
             let a = |l: &mut Layout, what: &str, len: usize| {
                 l.float_in(format!("{name}.{i}.{what}"), len, act)
             };
+            let kept = |l: &mut Layout, what: &str, len: usize| match acts.recompute {
+                true => None,
+                false => Some(a(l, what, len)),
+            };
             tapes.push(Tape {
                 x_in: f(layout, "x_in", rows * d),
-                h1: a(layout, "h1", rows * d),
+                h1: kept(layout, "h1", rows * d),
                 st1: f(layout, "st1", rows * 2),
                 qkv: a(layout, "qkv", rows * 3 * d),
                 att: a(layout, "att", rows * d),
                 lse: f(layout, "lse", batch * h * tokens),
                 x_mid: f(layout, "x_mid", rows * d),
-                h2: a(layout, "h2", rows * d),
+                h2: kept(layout, "h2", rows * d),
                 st2: f(layout, "st2", rows * 2),
                 pre: a(layout, "pre", rows * hidden),
+                act: kept(layout, "act", rows * hidden),
             });
             if qkv_bias {
                 qkv_biases.push(a(layout, "qkv_bias", 3 * d));
@@ -772,7 +820,9 @@ impl Stack {
         let dims = [batch, self.tokens, self.heads, d / self.heads];
         for (i, (p, t)) in self.blocks.iter().zip(&self.tapes).enumerate() {
             let next = self.tapes.get(i + 1).map_or(self.out, |n| n.x_in);
-            ops.layer_norm(t.x_in, p.norm1.0, p.norm1.1, ln_eps, d, t.h1, t.st1)?;
+            // Where not kept, LN1(x_in), LN2(x_mid) and GELU(pre) go to the backward's scratch.
+            let h = t.h1.unwrap_or(self.datt);
+            ops.layer_norm(t.x_in, p.norm1.0, p.norm1.1, ln_eps, d, h, t.st1)?;
             let bias = match p.qv_bias {
                 Some((q, v)) => {
                     let b = self.qkv_bias[i];
@@ -784,7 +834,7 @@ impl Stack {
                 None => None,
             };
             let w = |t: T| self.w(t);
-            ops.gemm(&linear(t.qkv, t.h1, w(p.qkv), bias, rows, 3 * d, d, false))?;
+            ops.gemm(&linear(t.qkv, h, w(p.qkv), bias, rows, 3 * d, d, false))?;
             ops.attention(t.qkv, dims, self.scale, t.att, t.lse)?;
             ops.copy(t.x_in, t.x_mid)?;
             ops.gemm(&linear(
@@ -797,10 +847,11 @@ impl Stack {
                 d,
                 true,
             ))?;
-            ops.layer_norm(t.x_mid, p.norm2.0, p.norm2.1, ln_eps, d, t.h2, t.st2)?;
+            let h = t.h2.unwrap_or(self.datt);
+            ops.layer_norm(t.x_mid, p.norm2.0, p.norm2.1, ln_eps, d, h, t.st2)?;
             ops.gemm(&linear(
                 t.pre,
-                t.h2,
+                h,
                 w(p.fc1.0),
                 Some(w(p.fc1.1)),
                 rows,
@@ -808,12 +859,12 @@ impl Stack {
                 d,
                 false,
             ))?;
-            // GELU(pre) in the backward's scratch: recomputed there by the backward.
-            ops.gelu(t.pre, self.dhid)?;
+            let act = t.act.unwrap_or(self.dhid);
+            ops.gelu(t.pre, act)?;
             ops.copy(t.x_mid, next)?;
             ops.gemm(&linear(
                 next,
-                self.dhid,
+                act,
                 w(p.fc2.0),
                 Some(p.fc2.1),
                 rows,
@@ -832,6 +883,7 @@ impl Stack {
         &self,
         ops: &mut O,
         batch: usize,
+        ln_eps: f32,
         grads: usize,
         pieces: &mut Pieces<'_, O>,
     ) -> Result<(), O::Error> {
@@ -854,12 +906,27 @@ impl Stack {
                 k,
                 grads,
             };
-            // fc2's input GELU(pre), recomputed into dhid: its weight gradient reads it before
-            // its input gradient overwrites dhid.
-            ops.gelu(t.pre, self.dhid)?;
-            lin([self.dx, dxa], self.dhid, fc2, self.dhid, d, hid).run(ops)?;
+            // fc2's input GELU(pre), where not kept recomputed into dhid: its weight gradient
+            // reads it before its input gradient overwrites dhid.
+            let act = match t.act {
+                Some(a) => a,
+                None => {
+                    ops.gelu(t.pre, self.dhid)?;
+                    self.dhid
+                }
+            };
+            lin([self.dx, dxa], act, fc2, self.dhid, d, hid).run(ops)?;
             ops.gelu_backward(t.pre, self.dhid)?;
-            lin([self.dhid; 2], t.h2, fc1, self.dh, hid, d).run(ops)?;
+            // fc1's input LN2(x_mid), where not kept recomputed into datt (free until the
+            // attention's part).
+            let h = match t.h2 {
+                Some(h) => h,
+                None => {
+                    ops.layer_norm(t.x_mid, p.norm2.0, p.norm2.1, ln_eps, d, self.datt, t.st2)?;
+                    self.datt
+                }
+            };
+            lin([self.dhid; 2], h, fc1, self.dh, hid, d).run(ops)?;
             ops.layer_norm_backward(
                 t.x_mid,
                 t.st2,
@@ -875,9 +942,17 @@ impl Stack {
             let proj = (p.proj, w(p.proj.0));
             lin([self.dx, dxa], t.att, proj, self.datt, d, d).run(ops)?;
             ops.attention_backward(t.qkv, t.att, self.datt, t.lse, dims, self.scale, self.dqkv)?;
-            // The qkv product's weight and input gradients; q_bias and v_bias from the q and v
-            // columns (k has no bias).
-            ops.gemm(&weight_grad(g(p.qkv), self.dqkv, t.h1, [3 * d, d, rows]))?;
+            // qkv's input LN1(x_in), where not kept recomputed into datt (read by the
+            // attention's backward just above, free now). Then the qkv product's weight and
+            // input gradients; q_bias and v_bias from the q and v columns (k has no bias).
+            let h = match t.h1 {
+                Some(h) => h,
+                None => {
+                    ops.layer_norm(t.x_in, p.norm1.0, p.norm1.1, ln_eps, d, self.datt, t.st1)?;
+                    self.datt
+                }
+            };
+            ops.gemm(&weight_grad(g(p.qkv), self.dqkv, h, [3 * d, d, rows]))?;
             if let Some((q, v)) = p.qv_bias {
                 ops.col_sum(self.dqkv, 3 * d, 0, g(q))?;
                 ops.col_sum(self.dqkv, 3 * d, 2 * d, g(v))?;
@@ -1096,8 +1171,9 @@ impl PretrainStep {
         Self::new_in(cfg, sd, shape, losses, DType::F32)
     }
 
-    /// [`Self::new`] with the transformer blocks' activations stored as `act` (the ops'
-    /// [`TrainOps::activation_dtype`]). In bf16 the blocks' products take bf16 operands (the
+    /// [`Self::new`] with the transformer blocks' activations kept as `act` says (a [`DType`],
+    /// or [`Activations::of`] the ops: their [`TrainOps::activation_dtype`], and whether they
+    /// recompute the LayerNorm and GELU outputs). In bf16 the blocks' products take bf16 operands (the
     /// generator's weights through a bf16 copy) with f32 sums; the residual stream, the
     /// LayerNorm statistics, the log-sum-exps, the gradients of the residual stream and of
     /// every weight, the master weights and AdamW's moments stay f32, as do the products
@@ -1108,8 +1184,10 @@ impl PretrainStep {
         sd: &StateDict,
         shape: StepShape,
         losses: LossConfig,
-        act: DType,
+        act: impl Into<Activations>,
     ) -> Result<Self, TrainEngineError> {
+        let acts = act.into();
+        let act = acts.dtype;
         Self::supports(cfg, sd, losses)?;
         let (de, dd) = (cfg.encoder.embed_dim, cfg.decoder.embed_dim);
         let (n, p) = (cfg.num_patches(), cfg.patch_dim());
@@ -1186,6 +1264,7 @@ impl PretrainStep {
             DType::F32 => GEN[0],
             DType::Bf16 => layout.float_in("gen.act", gen.len, act).buf,
         };
+        let state_buffers = layout.floats.len();
         let scale =
             |d: usize, h: usize| crate::model::block::attention_scale(cfg.qk_scale, d, h) as f32;
         let enc = Stack::new(
@@ -1197,7 +1276,7 @@ impl PretrainStep {
             scale(de, cfg.encoder.num_heads),
             cfg.qkv_bias,
             [batch, nv],
-            act,
+            acts,
             wbuf,
         )?;
         let dec = Stack::new(
@@ -1209,7 +1288,7 @@ impl PretrainStep {
             scale(dd, cfg.decoder.num_heads),
             cfg.qkv_bias,
             [batch, n],
-            act,
+            acts,
             wbuf,
         )?;
         let (rv, rm) = (batch * nv, batch * nm);
@@ -1226,7 +1305,10 @@ impl PretrainStep {
         let hd = f("hd", rm * dd);
         let hd_st = f("hd_st", rm * 2);
         let pred = f("pred", rm * p);
-        let dpred = f("dpred", rm * p);
+        // The prediction's gradient lives in the tokens' buffer: the forward reads the tokens
+        // (into the visible tokens and the target) before the losses write that gradient,
+        // and a forward run again makes them again from the clips.
+        let dpred = tokens_all.at(0, rm * p);
         // The critic's activation lives in its hidden gradient's buffer: a backward reads it
         // (the second layer's weight gradient) before it writes that gradient there.
         let dch = f("dch", rm * hc);
@@ -1288,7 +1370,20 @@ impl PretrainStep {
             steps_gen: 0,
             steps_critic: 0,
             wbuf,
+            state_buffers,
         })
+    }
+
+    /// Bytes of the step's float buffers: (the parameters and their state: weights, their
+    /// product copy, gradients, AdamW's moments, constants; the batch's activations and
+    /// scratch).
+    pub fn buffer_bytes(&self) -> (usize, usize) {
+        let bytes = |b: usize| self.layout.floats[b].1 * self.layout.dtype(b).bytes();
+        let n = self.layout.floats.len();
+        (
+            (0..self.state_buffers).map(bytes).sum(),
+            (self.state_buffers..n).map(bytes).sum(),
+        )
     }
 
     /// The storage type of the blocks' activations.
@@ -1627,7 +1722,7 @@ impl PretrainStep {
             nm,
             dd,
         ))?;
-        self.dec.backward(ops, batch, g, pieces)?;
+        self.dec.backward(ops, batch, self.ln_eps, g, pieces)?;
         // The decoder's input: visible rows to the projection, masked rows to the mask token.
         ops.fill(self.dy, 0.0)?;
         ops.scatter_add(&gather(
@@ -1663,7 +1758,7 @@ impl PretrainStep {
             nb.of(g),
         )?;
         pieces.final_from(ops, nw.of(g))?;
-        self.enc.backward(ops, batch, g, pieces)?;
+        self.enc.backward(ops, batch, self.ln_eps, g, pieces)?;
         // The tubelet embedding (the positions are constants).
         let w = self.p("encoder.patch_embedding.projection.weight");
         let b = self.p("encoder.patch_embedding.projection.bias");

@@ -7,7 +7,7 @@ use super::inputs::ProbeError;
 use super::metrics::TaskKind;
 use crate::distributed::Group;
 use crate::engine::finetune::{FinetuneStep, HeadLoss};
-use crate::engine::train::{TrainEngineError, TrainOps};
+use crate::engine::train::{Activations, TrainEngineError, TrainOps};
 use crate::model::weights::StateDict;
 use crate::model::MarlinConfig;
 use crate::train::engine::{Averager, EngineDevice, EngineRefusal};
@@ -109,7 +109,7 @@ impl<O: TrainOps> EngineFinetuner<O> {
                     sd,
                     batch,
                     self.loss,
-                    self.ops.activation_dtype(),
+                    Activations::of(&self.ops),
                 )
                 .map_err(engine_err)?;
                 step.load(&mut self.ops).map_err(engine_err)?;

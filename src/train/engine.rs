@@ -7,7 +7,7 @@
 use super::{LossConfig, StepLosses, TrainError};
 use crate::distributed::{DistError, Group};
 use crate::engine::train::{
-    GradSync, OptimizerState, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
+    Activations, GradSync, OptimizerState, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
 };
 use crate::kernels::Precision;
 use crate::model::weights::StateDict;
@@ -41,6 +41,9 @@ pub trait EngineStep: Send {
     fn set_group(&mut self, group: Option<Arc<Group>>);
     /// Where the ops took a slower path than they could, one line each, oldest first.
     fn notes(&self) -> Vec<String>;
+    /// The bytes of the step's float buffers, counted from its layout, once a batch has built
+    /// it: (parameters and their state, the batch's activations and scratch).
+    fn buffer_bytes(&self) -> Option<(usize, usize)>;
 }
 
 impl<O: TrainOps + Send> EngineStep for EngineTrainer<O> {
@@ -63,6 +66,12 @@ impl<O: TrainOps + Send> EngineStep for EngineTrainer<O> {
     }
     fn notes(&self) -> Vec<String> {
         self.ops.notes()
+    }
+    fn buffer_bytes(&self) -> Option<(usize, usize)> {
+        match &self.state {
+            State::Built(s) => Some(s.buffer_bytes()),
+            State::Host(..) => None,
+        }
     }
 }
 
@@ -212,7 +221,7 @@ impl<O: TrainOps> EngineTrainer<O> {
         let rebuild = !matches!(&self.state, State::Built(s) if s.shape == shape);
         if rebuild {
             let (sd, opt) = self.state()?;
-            let act = self.ops.activation_dtype();
+            let act = Activations::of(&self.ops);
             let mut step = PretrainStep::new_in(&self.cfg, &sd, shape, self.losses, act)
                 .map_err(engine_error)?;
             step.load(&mut self.ops).map_err(dev)?;

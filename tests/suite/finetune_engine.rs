@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use marlin::backend::CpuAutodiff;
 use marlin::engine::finetune::{FinetuneStep, HeadLoss};
 use marlin::engine::host_train::HostTrainOps;
-use marlin::engine::train::{DType, TrainEngineError};
+use marlin::engine::train::{Activations, DType, TrainEngineError};
 use marlin::model::load::to_f32_vec;
 use marlin::model::weights::HostTensor;
 use marlin::model::StateDict;
@@ -201,12 +201,25 @@ fn engine_finetune_refuses_layer_scale_and_other_batch_sizes() {
 /// give exactly what they give on zeroed ones.
 #[test]
 fn the_finetuning_step_reads_nothing_it_did_not_write() {
-    for act in [DType::F32, DType::Bf16] {
-        finetuning_reads_nothing_it_did_not_write(act);
+    for dtype in [DType::F32, DType::Bf16] {
+        let kept = finetuning_reads_nothing_it_did_not_write(Activations::from(dtype));
+        // Recomputing the LayerNorm and GELU outputs (the CUDA ops' way): the same step.
+        let again = finetuning_reads_nothing_it_did_not_write(Activations {
+            dtype,
+            recompute: true,
+        });
+        assert_eq!(kept.0, again.0, "{dtype:?}: losses");
+        for (a, b) in [(&kept.1, &again.1), (&kept.2, &again.2)] {
+            for (k, t) in &a.tensors {
+                assert_eq!(t.data, b.tensors[k].data, "{dtype:?} recomputing: {k}");
+            }
+        }
     }
 }
 
-fn finetuning_reads_nothing_it_did_not_write(act: DType) {
+/// Two steps on zeroed and on NaN-filled fresh buffers, which must agree: their losses, last
+/// gradients and weights.
+fn finetuning_reads_nothing_it_did_not_write(act: Activations) -> (Vec<f64>, StateDict, StateDict) {
     let (model, clip_t, cfg) = classifier();
     let batch = clip_t.dims()[0];
     let clip = to_f32_vec(clip_t);
@@ -214,7 +227,7 @@ fn finetuning_reads_nothing_it_did_not_write(act: DType) {
     let y = targets(kind, batch);
     let sd = model.to_state_dict("start");
     let run = |ops: HostTrainOps| {
-        let mut ops = ops.with_activations(act);
+        let mut ops = ops.with_activations(act.dtype).recomputing(act.recompute);
         let mut step = FinetuneStep::new_in(&cfg, &sd, batch, kind, act).unwrap();
         step.load(&mut ops).unwrap();
         step.upload_clips(&mut ops, &clip).unwrap();
@@ -240,6 +253,7 @@ fn finetuning_reads_nothing_it_did_not_write(act: DType) {
             assert_eq!(t.data, b.tensors[k].data, "{act:?}: {k}");
         }
     }
+    (l0, g0, w0)
 }
 
 /// The bf16 fine-tuning step (the encoder blocks on bf16 operands, f32 sums and master

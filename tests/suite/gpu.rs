@@ -764,7 +764,7 @@ mod cuda {
         use crate::pretrain_step::{fx, loss_pairs, tiny_a_batch_on, weight_diffs};
         use crate::train_engine::ADV;
         use marlin::backend::CpuAutodiff;
-        use marlin::engine::train::{host_step, PretrainStep, StepShape};
+        use marlin::engine::train::{host_step, Activations, PretrainStep, StepShape};
         use marlin::kernels::cuda::CudaTrainOps;
         use marlin::model::load::to_f32_vec;
 
@@ -792,8 +792,11 @@ mod cuda {
                 let tol = if p == Precision::F32 { 1e-4 } else { 1e-2 };
                 let mut ops = CudaTrainOps::new(0, p).unwrap_or_else(|e| panic!("{p}: {e}"));
                 eprintln!("{ops:?}");
-                // Gradients first (no update), then a whole step from the same weights.
-                let step = PretrainStep::new(&cfg, &sd, shape, ADV).unwrap();
+                // Gradients first (no update), then a whole step from the same weights; the
+                // CUDA steps recompute the LayerNorm and GELU outputs (as a run's do), the host
+                // twin keeps them.
+                let acts = Activations::of(&ops);
+                let step = PretrainStep::new_in(&cfg, &sd, shape, ADV, acts).unwrap();
                 step.load(&mut ops).unwrap();
                 step.upload_batch(&mut ops, &clip, &idx).unwrap();
                 step.generator_gradients(&mut ops).unwrap();
@@ -814,7 +817,7 @@ mod cuda {
                 if !(worst_grad <= tol) {
                     failures.push(format!("{p}: gradients vs the host twin {worst_grad}"));
                 }
-                let mut step = PretrainStep::new(&cfg, &sd, shape, ADV).unwrap();
+                let mut step = PretrainStep::new_in(&cfg, &sd, shape, ADV, acts).unwrap();
                 step.load(&mut ops).unwrap();
                 step.upload_batch(&mut ops, &clip, &idx).unwrap();
                 let got = step.step(&mut ops, 1.5e-4).unwrap();
@@ -888,7 +891,9 @@ mod cuda {
             for p in [Precision::F32, Precision::Tf32] {
                 let tol = if p == Precision::F32 { 1e-4 } else { 1e-2 };
                 let mut ops = CudaTrainOps::new(0, p).unwrap_or_else(|e| panic!("{p}: {e}"));
-                let step = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
+                // Recomputing the LayerNorm and GELU outputs, as a run on the ops does.
+                let acts = Activations::of(&ops);
+                let step = FinetuneStep::new_in(&cfg, &sd, b, kind, acts).unwrap();
                 step.load(&mut ops).unwrap();
                 step.upload_clips(&mut ops, &clip).unwrap();
                 let logits = step.forward(&mut ops).unwrap();
@@ -896,7 +901,7 @@ mod cuda {
                 step.backward(&mut ops, &dl).unwrap();
                 let dg = worst(&step.gradients(&mut ops).unwrap(), &hgrads);
                 // The same two updates from the start (a fresh step: Adam's state at zero).
-                let mut step = FinetuneStep::new(&cfg, &sd, b, kind).unwrap();
+                let mut step = FinetuneStep::new_in(&cfg, &sd, b, kind, acts).unwrap();
                 step.load(&mut ops).unwrap();
                 step.upload_clips(&mut ops, &clip).unwrap();
                 for _ in 0..2 {
@@ -928,15 +933,20 @@ mod cuda {
         where
             O::Error: std::fmt::Debug,
         {
-            use marlin::engine::train::DType;
+            use marlin::engine::train::{Activations, DType};
             let (clip, idx) = batch;
             let (cfg, sd, shape) = model;
-            let step = PretrainStep::new_in(cfg, sd, shape, ADV, DType::Bf16).unwrap();
+            // As the ops' runs keep them (the CUDA ops recompute, the host twin keeps).
+            let acts = Activations {
+                dtype: DType::Bf16,
+                recompute: ops.recompute_activations(),
+            };
+            let step = PretrainStep::new_in(cfg, sd, shape, ADV, acts).unwrap();
             step.load(ops).unwrap();
             step.upload_batch(ops, clip, idx).unwrap();
             step.generator_gradients(ops).unwrap();
             let g = step.gradients(ops).unwrap();
-            let mut step = PretrainStep::new_in(cfg, sd, shape, ADV, DType::Bf16).unwrap();
+            let mut step = PretrainStep::new_in(cfg, sd, shape, ADV, acts).unwrap();
             step.load(ops).unwrap();
             step.upload_batch(ops, clip, idx).unwrap();
             let l = step.step(ops, lr).unwrap();
@@ -955,16 +965,20 @@ mod cuda {
             O::Error: std::fmt::Debug,
         {
             use marlin::engine::finetune::{FinetuneStep, HeadLoss};
-            use marlin::engine::train::DType;
+            use marlin::engine::train::{Activations, DType};
             let kind = HeadLoss::BinaryCrossEntropy;
-            let step = FinetuneStep::new_in(cfg, sd, b, kind, DType::Bf16).unwrap();
+            let acts = Activations {
+                dtype: DType::Bf16,
+                recompute: ops.recompute_activations(),
+            };
+            let step = FinetuneStep::new_in(cfg, sd, b, kind, acts).unwrap();
             step.load(ops).unwrap();
             step.upload_clips(ops, clip).unwrap();
             let logits = step.forward(ops).unwrap();
             let (_, dl) = kind.loss_and_grad(&logits, y, step.classes);
             step.backward(ops, &dl).unwrap();
             let g = step.gradients(ops).unwrap();
-            let mut step = FinetuneStep::new_in(cfg, sd, b, kind, DType::Bf16).unwrap();
+            let mut step = FinetuneStep::new_in(cfg, sd, b, kind, acts).unwrap();
             step.load(ops).unwrap();
             step.upload_clips(ops, clip).unwrap();
             for _ in 0..2 {

@@ -10,11 +10,12 @@ use burn::tensor::backend::AutodiffBackend;
 use marlin::backend::CpuAutodiff;
 use marlin::engine::host_train::HostTrainOps;
 use marlin::engine::train::{
-    host_step, DType, GradSync, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
+    host_step, Activations, DType, GradSync, PretrainStep, StepShape, TrainEngineError, TrainOps, T,
 };
 use marlin::model::load::to_f32_vec;
 use marlin::model::weights::read_safetensors_file;
 use marlin::model::MaskIndices;
+use marlin::model::StateDict;
 use marlin::train::LossConfig;
 use marlin::{Marlin, MarlinConfig};
 use std::convert::Infallible;
@@ -242,30 +243,73 @@ fn the_engine_names_what_it_does_not_cover() {
 #[test]
 fn the_step_reads_nothing_it_did_not_write() {
     for act in [DType::F32, DType::Bf16] {
-        reads_nothing_it_did_not_write(act);
+        for recompute in [false, true] {
+            reads_nothing_it_did_not_write(Activations {
+                dtype: act,
+                recompute,
+            });
+        }
     }
 }
 
-fn reads_nothing_it_did_not_write(act: DType) {
+/// Two steps of the tiny model on `ops` (fresh buffers): (losses, last gradients, weights, the
+/// bytes of the buffers (parameters' state, activations)).
+type TwoSteps = (Vec<f64>, StateDict, StateDict, (usize, usize));
+
+fn two_steps(acts: Activations, ops: HostTrainOps) -> TwoSteps {
     let (model, _, clip, idx) = tiny_a();
     let sd = model.to_state_dict();
-    let run = |ops: HostTrainOps| {
-        let mut ops = ops.with_activations(act);
-        let mut step = PretrainStep::new_in(&model.config, &sd, shape(&idx), ADV, act).unwrap();
-        step.load(&mut ops).unwrap();
-        step.upload_batch(&mut ops, &clip, &idx).unwrap();
-        let losses: Vec<f64> = (0..2)
-            .flat_map(|_| {
-                let l = step.step(&mut ops, 1.5e-4).unwrap();
-                [l.d_loss, l.rec, l.adv, l.g_loss]
-            })
-            .collect();
-        let g = step.gradients(&mut ops).unwrap();
-        let w = step.state_dict(&mut ops).unwrap();
-        (losses, g, w)
-    };
-    let (l0, g0, w0) = run(HostTrainOps::default());
-    let (l1, g1, w1) = run(HostTrainOps::poisoned());
+    let mut ops = ops.with_activations(acts.dtype).recomputing(acts.recompute);
+    let mut step = PretrainStep::new_in(&model.config, &sd, shape(&idx), ADV, acts).unwrap();
+    step.load(&mut ops).unwrap();
+    step.upload_batch(&mut ops, &clip, &idx).unwrap();
+    let losses: Vec<f64> = (0..2)
+        .flat_map(|_| {
+            let l = step.step(&mut ops, 1.5e-4).unwrap();
+            [l.d_loss, l.rec, l.adv, l.g_loss]
+        })
+        .collect();
+    let g = step.gradients(&mut ops).unwrap();
+    let w = step.state_dict(&mut ops).unwrap();
+    (losses, g, w, step.buffer_bytes())
+}
+
+/// Recomputing the blocks' LayerNorm and GELU outputs in the backward (what the CUDA ops'
+/// steps do, for memory) gives the step that keeps them bit for bit, in f32 and in bf16, in
+/// fewer bytes of activations.
+#[test]
+fn recomputing_the_layernorm_and_gelu_outputs_changes_nothing_but_memory() {
+    for dtype in [DType::F32, DType::Bf16] {
+        let keep = two_steps(Activations::from(dtype), HostTrainOps::default());
+        let again = two_steps(
+            Activations {
+                dtype,
+                recompute: true,
+            },
+            HostTrainOps::default(),
+        );
+        assert!(
+            keep.0.iter().all(|v| v.is_finite()),
+            "{dtype:?}: {:?}",
+            keep.0
+        );
+        assert_eq!(keep.0, again.0, "{dtype:?}: losses");
+        for (a, b) in [(&keep.1, &again.1), (&keep.2, &again.2)] {
+            assert_eq!(a.tensors.len(), b.tensors.len());
+            for (k, t) in &a.tensors {
+                assert_eq!(t.data, b.tensors[k].data, "{dtype:?}: {k}");
+            }
+        }
+        let ((s0, a0), (s1, a1)) = (keep.3, again.3);
+        eprintln!("{dtype:?}: activations {a0} bytes kept, {a1} recomputing");
+        assert_eq!(s0, s1, "{dtype:?}: the parameters' state");
+        assert!(a1 < a0, "{dtype:?}: {a1} vs {a0} bytes of activations");
+    }
+}
+
+fn reads_nothing_it_did_not_write(act: Activations) {
+    let (l0, g0, w0, _) = two_steps(act, HostTrainOps::default());
+    let (l1, g1, w1, _) = two_steps(act, HostTrainOps::poisoned());
     assert!(l0.iter().all(|v| v.is_finite()), "{act:?}: {l0:?}");
     assert_eq!(l0, l1, "{act:?}: losses on zeroed vs NaN-filled buffers");
     for (a, b) in [(&g0, &g1), (&w0, &w1)] {
@@ -309,7 +353,7 @@ fn the_bf16_step_follows_the_f32_step() {
             ops.read(marlin::engine::train::T { buf, off: 0, len })
                 .unwrap()
         };
-        let tapes = ["encoder.0.qkv", "decoder.1.pre", "decoder.0.h1"].map(tape);
+        let tapes = ["encoder.0.qkv", "decoder.1.pre", "decoder.0.att"].map(tape);
         let bytes = step.layout.float_bytes();
         let l = step.step(&mut ops, lr).unwrap();
         let w = step.state_dict(&mut ops).unwrap();

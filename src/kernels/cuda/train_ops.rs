@@ -542,6 +542,12 @@ impl TrainOps for CudaTrainOps {
         self.synchronize()
     }
 
+    /// GPU memory is scarcer than the three memory-bound passes per block that recomputing
+    /// the LayerNorm and GELU outputs costs.
+    fn recompute_activations(&self) -> bool {
+        true
+    }
+
     fn all_reduce_start(
         &mut self,
         t: T,
