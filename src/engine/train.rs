@@ -125,11 +125,12 @@ impl Layout {
 
     /// Bytes of all float buffers in their storage types.
     pub fn float_bytes(&self) -> usize {
-        self.floats
-            .iter()
-            .enumerate()
-            .map(|(i, (_, n))| n * self.dtype(i).bytes())
-            .sum()
+        (0..self.floats.len()).map(|b| self.bytes(b)).sum()
+    }
+
+    /// Bytes of float buffer `buf` in its storage type.
+    pub fn bytes(&self, buf: usize) -> usize {
+        self.floats[buf].1 * self.dtype(buf).bytes()
     }
 
     pub fn index(&mut self, name: impl Into<String>, len: usize) -> I {
@@ -331,11 +332,7 @@ pub trait TrainOps {
         t: T,
         group: &Arc<Group>,
     ) -> Result<Result<(), DistError>, Self::Error> {
-        let mut res = Ok(());
-        self.on_host(t, &mut |v: &mut [f32]| {
-            res = group.all_reduce_mean(v, "the gradients");
-        })?;
-        Ok(res)
+        all_reduce_on_host(self, t, group)
     }
     /// Wait until every average started is in its place: the first failure among them.
     fn all_reduce_wait(&mut self) -> Result<Result<(), DistError>, Self::Error> {
@@ -509,6 +506,21 @@ pub trait GradSync<O: TrainOps> {
     /// Every gradient of the update (`all`, each value handed to [`GradSync::ready`] once)
     /// is final: wait for their averages, and average `losses` (the update's loss values).
     fn finish(&mut self, ops: &mut O, all: T, losses: &mut [f32]) -> Result<(), O::Error>;
+}
+
+/// The mean of `t` across `group`'s ranks at once, through host memory
+/// ([`TrainOps::on_host`]): [`TrainOps::all_reduce_start`]'s default, and the fallback of ops
+/// whose group cannot average their memory in place. The outer error is the ops'.
+pub fn all_reduce_on_host<O: TrainOps + ?Sized>(
+    ops: &mut O,
+    t: T,
+    group: &Group,
+) -> Result<Result<(), DistError>, O::Error> {
+    let mut res = Ok(());
+    ops.on_host(t, &mut |v: &mut [f32]| {
+        res = group.all_reduce_mean(v, "the gradients");
+    })?;
+    Ok(res)
 }
 
 /// One process: nothing to average.
@@ -1378,7 +1390,7 @@ impl PretrainStep {
     /// product copy, gradients, AdamW's moments, constants; the batch's activations and
     /// scratch).
     pub fn buffer_bytes(&self) -> (usize, usize) {
-        let bytes = |b: usize| self.layout.floats[b].1 * self.layout.dtype(b).bytes();
+        let bytes = |b: usize| self.layout.bytes(b);
         let n = self.layout.floats.len();
         (
             (0..self.state_buffers).map(bytes).sum(),

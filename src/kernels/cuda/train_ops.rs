@@ -13,7 +13,7 @@ use super::nvrtc;
 use super::sdpa::{Cudnn, SdpaLayout, SdpaPass, SdpaTrain};
 use crate::device_error::DeviceError;
 use crate::distributed::{DistError, Group};
-use crate::engine::train::{DType, Gather, Gemm, Layout, TrainOps, I, T};
+use crate::engine::train::{all_reduce_on_host, DType, Gather, Gemm, Layout, TrainOps, I, T};
 use crate::kernels::cpu_train::AdamW;
 use crate::kernels::Precision;
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
@@ -556,11 +556,7 @@ impl TrainOps for CudaTrainOps {
         self.need_f32("all_reduce", &[t])?;
         if !group.device_collectives() {
             // Gloo (or an NCCL without ncclAvg): through host memory, at once.
-            let mut res = Ok(());
-            self.on_host(t, &mut |v: &mut [f32]| {
-                res = group.all_reduce_mean(v, "the gradients");
-            })?;
-            return Ok(res);
+            return all_reduce_on_host(self, t, group);
         }
         self.ctx.bind_to_thread().map_err(self.fail())?;
         let r = group.all_reduce_mean_device(self.ptr(t), t.len, &self.stream, "the gradients");
